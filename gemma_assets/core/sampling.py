@@ -1,0 +1,140 @@
+"""Sampling documents into fixed-length token windows, BOS first, and splitting them into partitions.
+
+Each document is taken with probability `document_rate`, decided by a hash of (seed,
+doc_id) so the choice is independent of stream order and of the other documents: every
+stratum is sampled at the same rate, so the sample keeps the corpus' source mix. A
+document is cut into windows of `context_len - 1` tokens, each prefixed with BOS; the
+partial tail is dropped, so a window never spans two documents. The collected windows
+are shuffled with the seed and dealt to partitions: partition i always holds the same
+windows, whatever order partitions are later extracted in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from gemma_assets.core.corpus import CorpusError, Document
+from gemma_assets.core.profiles import SampleSpec
+
+_TOKENIZE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class TokenSample:
+    tokens: np.ndarray  # [n_windows, context_len] int32, column 0 is BOS
+    doc_ids: np.ndarray  # [n_windows] int64
+    starts: np.ndarray  # [n_windows] int64, offset of column 1 within its document's tokens
+    strata: np.ndarray  # [n_windows] int16, index into stratum_names
+    stratum_names: tuple[str, ...]
+
+    def partition(self, index: int, windows_per_partition: int) -> TokenSample:
+        rows = slice(index * windows_per_partition, (index + 1) * windows_per_partition)
+        return TokenSample(
+            self.tokens[rows], self.doc_ids[rows], self.starts[rows], self.strata[rows], self.stratum_names
+        )
+
+
+def _keep(seed: int, doc_id: int, rate: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < rate
+
+
+def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -> tuple[TokenSample, dict]:
+    """Draw spec.n_windows windows from the document stream; returns the sample and a census."""
+    if not 0 < spec.document_rate <= 1:
+        raise CorpusError(f"document_rate must be in (0, 1], got {spec.document_rate}")
+    if spec.context_len < 2:
+        raise CorpusError(f"context_len must be at least 2 (BOS + one token), got {spec.context_len}")
+    body = spec.context_len - 1
+    bos = tokenizer.bos_token_id
+    scanned, taken = Counter(), Counter()
+    windows: list[tuple[np.ndarray, int, int, str]] = []
+    for batch in _batched(documents, _TOKENIZE_BATCH):
+        scanned.update(doc.stratum for doc in batch)
+        chosen = [doc for doc in batch if _keep(spec.seed, doc.doc_id, spec.document_rate)]
+        if not chosen:
+            continue
+        taken.update(doc.stratum for doc in chosen)
+        encoded = tokenizer([doc.text for doc in chosen], add_special_tokens=False)["input_ids"]
+        for doc, ids in zip(chosen, encoded):
+            for start in range(0, len(ids) - body + 1, body):
+                windows.append((np.asarray(ids[start : start + body], np.int32), doc.doc_id, start, doc.stratum))
+        if len(windows) >= spec.n_windows:
+            break
+    if not scanned:
+        raise CorpusError("the corpus has no documents: check its data_files and that the shards are not empty")
+    if len(windows) < spec.n_windows:
+        raise CorpusError(
+            f"the corpus gave {len(windows)} windows of {spec.context_len} tokens from "
+            f"{sum(scanned.values())} documents, but the profile needs {spec.n_windows} "
+            f"({spec.n_partitions} partitions x {spec.windows_per_partition}): raise "
+            "document_rate, use a larger corpus, or lower n_partitions/windows_per_partition"
+        )
+    windows = windows[: spec.n_windows]
+    order = np.random.default_rng(spec.seed).permutation(spec.n_windows)
+    names = tuple(sorted(scanned))
+    tokens = np.empty((spec.n_windows, spec.context_len), np.int32)
+    tokens[:, 0] = bos
+    tokens[:, 1:] = np.stack([windows[i][0] for i in order])
+    sample = TokenSample(
+        tokens=tokens,
+        doc_ids=np.array([windows[i][1] for i in order], np.int64),
+        starts=np.array([windows[i][2] for i in order], np.int64),
+        strata=np.array([names.index(windows[i][3]) for i in order], np.int16),
+        stratum_names=names,
+    )
+    return sample, stratum_census(sample, scanned, taken)
+
+
+def stratum_census(sample: TokenSample, scanned: Counter, taken: Counter) -> dict:
+    """Per stratum: documents scanned and taken, and the share of the sample's windows."""
+    window_counts = np.bincount(sample.strata, minlength=len(sample.stratum_names))
+    total_scanned = sum(scanned.values())
+    return {
+        name: {
+            "documents_scanned": scanned[name],
+            "documents_taken": taken[name],
+            "corpus_document_share": scanned[name] / total_scanned,
+            "sample_window_share": float(window_counts[i] / len(sample.strata)),
+        }
+        for i, name in enumerate(sample.stratum_names)
+    }
+
+
+def save_sample(path: Path, sample: TokenSample) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.npz")
+    np.savez(
+        staging,
+        tokens=sample.tokens,
+        doc_ids=sample.doc_ids,
+        starts=sample.starts,
+        strata=sample.strata,
+        stratum_names=np.array(sample.stratum_names),
+    )
+    os.replace(staging, path)
+
+
+def load_sample(path: Path) -> TokenSample:
+    if not path.exists():
+        raise FileNotFoundError(f"no token sample at {path}: materialise pile_sample first")
+    with np.load(path) as data:
+        return TokenSample(
+            data["tokens"], data["doc_ids"], data["starts"], data["strata"], tuple(data["stratum_names"].tolist())
+        )

@@ -1,0 +1,216 @@
+"""Activation partitions as zarr v3 groups, committed atomically, on a local path or fsspec URL.
+
+Layout under `<root>/activations/part-<key>/`:
+    COMMIT.json        pointer to the committed version + per-file CRC32 + shapes
+    v-<uuid>/          the zarr group of that version
+
+A partition is written into a fresh `v-<uuid>` folder, checksummed, and only then made
+visible by writing COMMIT.json in one atomic step (rename locally, a single PUT on object
+storage). A crash leaves an unreferenced folder that the next write of that partition
+removes; readers only ever see committed versions. Partitions never share files, so
+concurrent writers of different partitions cannot interfere.
+
+bf16 has no zarr dtype: activations are stored as their exact uint16 bit pattern, with
+`dtype: bfloat16` in the array attributes. The codec chain (whole-chunk byte shuffle,
+then zstd level 1) was chosen by measurement: see docs/experimental_setup.md.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+import zarr.storage
+from fsspec.implementations.local import LocalFileSystem
+
+# Shuffle is a numcodecs codec, not (yet) in the zarr v3 spec; zarr-python reads it fine
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+COMMIT_FILE = "COMMIT.json"
+CHUNK_BYTES = 4 * 2**20
+ACTIVATIONS = "activations"
+
+
+class StorageError(RuntimeError):
+    """Stored data is missing or corrupt; the message names the partition and the fix."""
+
+
+def _compressors() -> list:
+    import numcodecs.zarr3
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numcodecs.zarr3 marks its codecs as experimental
+        return [numcodecs.zarr3.Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=1)]
+
+
+def bf16_to_bits(tensor: torch.Tensor) -> np.ndarray:
+    """The exact bit pattern of a tensor cast to bf16, as uint16."""
+    return tensor.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def bits_to_float(bits: np.ndarray) -> torch.Tensor:
+    """bf16 bit patterns back to a float32 tensor (exact: bf16 is a prefix of float32)."""
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
+
+
+@dataclass(frozen=True)
+class Partition:
+    key: str
+    group: zarr.Group
+    manifest: dict
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest["n_tokens"]
+
+    def activations(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return bits_to_float(self.group["activations"][start:stop])
+
+    def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.group[name][start:stop]
+
+
+class ActivationStore:
+    """Committed activation partitions of one profile under a local path or fsspec URL."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self._base = fsspec.core.url_to_fs(self.root)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self._base, ACTIVATIONS, *parts])
+
+    def _zarr_store(self, path: str, read_only: bool) -> zarr.storage.StoreLike:
+        if isinstance(self.fs, LocalFileSystem):
+            return zarr.storage.LocalStore(path, read_only=read_only)
+        return zarr.storage.FsspecStore(self.fs, path=path, read_only=read_only)
+
+    def write_partition(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
+        """Write one partition and commit it; returns the commit manifest.
+
+        `arrays` must hold "activations" ([tokens, d] uint16 bf16 bits) and per-token
+        arrays of the same length.
+        """
+        acts = arrays["activations"]
+        n_tokens, d_model = acts.shape
+        if any(len(values) != n_tokens for values in arrays.values()):
+            raise StorageError(f"partition {key}: per-token arrays differ in length from activations")
+        version = f"v-{uuid.uuid4().hex}"
+        version_path = self._path(f"part-{key}", version)
+        group = zarr.open_group(self._zarr_store(version_path, read_only=False), mode="w")
+        chunk_rows = max(1, CHUNK_BYTES // (2 * d_model))
+        for name, values in arrays.items():
+            chunks = (chunk_rows, d_model) if values.ndim == 2 else (chunk_rows,)
+            array = group.create_array(
+                name,
+                shape=values.shape,
+                chunks=chunks,
+                dtype=values.dtype,
+                compressors=_compressors() if name == "activations" else zarr.codecs.ZstdCodec(level=3),
+            )
+            array[...] = values
+        group["activations"].attrs["dtype"] = "bfloat16"
+        group.attrs.update(attrs)
+        manifest = {
+            "version": version,
+            "n_tokens": int(n_tokens),
+            "d_model": int(d_model),
+            "checksums": self._checksums(version_path),
+            "attrs": attrs,
+        }
+        self._commit(key, manifest)
+        return manifest
+
+    def _checksums(self, version_path: str) -> dict[str, int]:
+        files = sorted(self.fs.find(version_path))
+        return {path[len(version_path) + 1 :]: zlib.crc32(self.fs.cat_file(path)) for path in files}
+
+    def _commit(self, key: str, manifest: dict) -> None:
+        pointer = self._path(f"part-{key}", COMMIT_FILE)
+        payload = json.dumps(manifest, indent=1).encode()
+        if isinstance(self.fs, LocalFileSystem):
+            staging = f"{pointer}.{uuid.uuid4().hex}.tmp"
+            self.fs.pipe_file(staging, payload)
+            self.fs.mv(staging, pointer)  # rename: atomic on a local file system
+        else:
+            self.fs.pipe_file(pointer, payload)  # a single PUT: atomic on object stores
+        for stale in self.fs.ls(self._path(f"part-{key}"), detail=False):
+            name = stale.rstrip("/").rsplit("/", 1)[-1]
+            if name != manifest["version"] and name != COMMIT_FILE:
+                self.fs.rm(stale, recursive=True)
+
+    def manifest(self, key: str) -> dict:
+        pointer = self._path(f"part-{key}", COMMIT_FILE)
+        if not self.fs.exists(pointer):
+            raise StorageError(
+                f"activation partition {key} is not committed under {self.root}: materialise "
+                f"activations partition {key}"
+            )
+        return json.loads(self.fs.cat_file(pointer))
+
+    def committed_keys(self) -> list[str]:
+        if not self.fs.exists(self._path()):
+            return []
+        return sorted(
+            name.rstrip("/").rsplit("/", 1)[-1][len("part-") :]
+            for name in self.fs.ls(self._path(), detail=False)
+            if self.fs.exists(f"{name.rstrip('/')}/{COMMIT_FILE}")
+        )
+
+    def open(self, key: str) -> Partition:
+        manifest = self.manifest(key)
+        store = self._zarr_store(self._path(f"part-{key}", manifest["version"]), read_only=True)
+        return Partition(key, zarr.open_group(store, mode="r"), manifest)
+
+    def verify(self, key: str) -> list[str]:
+        """Problems found in a committed partition's files (empty list: intact)."""
+        manifest = self.manifest(key)
+        version_path = self._path(f"part-{key}", manifest["version"])
+        problems = []
+        for name, expected in manifest["checksums"].items():
+            path = f"{version_path}/{name}"
+            if not self.fs.exists(path):
+                problems.append(f"partition {key}: chunk file {name} is missing")
+            elif zlib.crc32(self.fs.cat_file(path)) != expected:
+                problems.append(f"partition {key}: chunk file {name} fails its CRC32 checksum")
+        return problems
+
+    def iter_tokens(
+        self, keys: list[str], batch_tokens: int = 8192, exclude_bos: bool = True
+    ) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
+        """Stream (activations [n, d] float32, per-token arrays) in batches of bounded size.
+
+        With exclude_bos, position 0 and any BOS token are dropped: their norm is ~10x
+        the others' (massive activations) and would dominate every statistic.
+        """
+        for key in keys:
+            part = self.open(key)
+            bos = part.manifest["attrs"].get("bos_token_id")
+            for start in range(0, part.n_tokens, batch_tokens):
+                stop = min(start + batch_tokens, part.n_tokens)
+                info = {name: part.array(name, start, stop) for name in ("token_ids", "positions", "doc_ids", "strata")}
+                info["partition"] = np.full(stop - start, int(key), np.int32)
+                info["row"] = np.arange(start, stop)
+                acts = part.activations(start, stop)
+                if exclude_bos:
+                    keep = (info["positions"] != 0) & (info["token_ids"] != bos)
+                    acts = acts[torch.from_numpy(keep)]
+                    info = {name: values[keep] for name, values in info.items()}
+                yield acts, info
+
+    def load_tokens(self, keys: list[str], exclude_bos: bool = True) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """All tokens of `keys` in memory (for data that fits; streaming callers use iter_tokens)."""
+        batches = list(self.iter_tokens(keys, exclude_bos=exclude_bos))
+        if not batches:
+            raise StorageError(f"no tokens in partitions {keys}")
+        acts = torch.cat([b[0] for b in batches])
+        info = {name: np.concatenate([b[1][name] for b in batches]) for name in batches[0][1]}
+        return acts, info

@@ -1,0 +1,56 @@
+"""The code location: one Definitions object for the profile named by $GEMMA_ASSETS_PROFILE."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from gemma_assets.core.profiles import Profile, get_profile
+from gemma_assets.defs.activations import build_activations_asset
+from gemma_assets.defs.clustering import build_clustering_assets
+from gemma_assets.defs.report import build_report_asset
+from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource, default_data_root
+from gemma_assets.defs.sae import build_sae_assets
+from gemma_assets.defs.sampling import pile_sample
+from gemma_assets.defs.stats import build_stats_assets
+
+PROFILE_TAG = "gemma_assets/profile"
+
+
+def activation_partitions(profile: Profile) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(profile.partition_keys)
+
+
+def k_partitions(profile: Profile) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([str(k) for k in profile.kmeans.ks])
+
+
+def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Definitions:
+    activations = build_activations_asset(activation_partitions(profile))
+    activation_stats, *stats_checks = build_stats_assets(activations)
+    whitening, cluster_models = build_clustering_assets(activation_stats, k_partitions(profile))
+    sae_dictionary, sae_evaluation = build_sae_assets(activation_stats)
+    comparison_report = build_report_asset(cluster_models, sae_evaluation)
+    assets = [pile_sample, activations, activation_stats, whitening, cluster_models, sae_dictionary,
+              sae_evaluation, comparison_report]
+    tags = {PROFILE_TAG: profile.name}
+    # Dagster jobs cannot span assets with different partition definitions, so there is one
+    # job per definition; `gemma-assets materialize` and the UI's "Materialize all" run them all.
+    jobs = [
+        dg.define_asset_job("extract_activations", selection=[activations], tags=tags),
+        dg.define_asset_job("fit_cluster_models", selection=[cluster_models], tags=tags),
+        dg.define_asset_job(
+            "analyse",
+            selection=dg.AssetSelection.assets(pile_sample, activation_stats, whitening, sae_dictionary,
+                                               sae_evaluation, comparison_report),
+            tags=tags,
+        ),
+    ]
+    resources = {
+        "profile": ProfileResource(name=profile.name),
+        "storage": StorageResource(data_root=data_root or default_data_root(), profile=profile.name),
+        "compute": ComputeResource(),
+    }
+    return dg.Definitions(assets=assets, asset_checks=stats_checks, jobs=jobs, resources=resources)
+
+
+defs = build_definitions(get_profile())

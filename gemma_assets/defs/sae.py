@@ -1,0 +1,92 @@
+"""sae_dictionary and sae_evaluation: the SAE side of the comparison, through SAELens."""
+
+
+import json
+import time
+
+import dagster as dg
+import polars as pl
+
+from gemma_assets.core import metrics, sae
+from gemma_assets.core.stats import ActivationMoments
+from gemma_assets.defs.common import table_md
+from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
+
+
+def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
+    @dg.asset(deps=[activation_stats], code_version="1", group_name="sae", kinds={"pytorch"})
+    def sae_dictionary(
+        context: dg.AssetExecutionContext,
+        profile: ProfileResource,
+        storage: StorageResource,
+        compute: ComputeResource,
+    ) -> dg.MaterializeResult:
+        """The profile's SAEs: TopK SAEs trained with SAELens' SAETrainer on the stored train
+        split (tiny/demo), or pretrained Gemma Scope SAEs loaded with SAE.from_pretrained."""
+        prof = profile.profile
+        store = storage.activation_store()
+        moments = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
+        scale = sae.activation_scale(moments.norm_sum / moments.count, moments.d_model)
+        rows = []
+        for spec in prof.saes:
+            out = storage.path("saes", spec.name)
+            if spec.architecture == "pretrained":
+                started = time.perf_counter()
+                dictionary, facts = sae.load_pretrained(spec, compute.resolved_device), {}
+                facts["load_seconds"] = time.perf_counter() - started
+            else:
+                dictionary, facts = sae.train_topk(
+                    spec,
+                    lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys)),
+                    d_in=moments.d_model,
+                    n_tokens=moments.count,
+                    scale=scale,
+                    epochs=prof.sae_train_epochs,
+                    batch_size=prof.sae_batch_size,
+                    device=compute.resolved_device,
+                )
+                facts["train_partitions"] = prof.train_partition_keys
+            out.mkdir(parents=True, exist_ok=True)
+            dictionary.save(out)
+            record = {"name": spec.name, "architecture": spec.architecture, "width": spec.width or dictionary.sae.cfg.d_sae,
+                      "k": spec.k, "scale": dictionary.scale, "parameters": dictionary.n_parameters, **facts}
+            (out / "training.json").write_text(json.dumps(record, indent=1))
+            context.log.info(f"SAE {spec.name}: {json.dumps({k: v for k, v in record.items() if k != 'train_partitions'})}")
+            rows.append({k: v for k, v in record.items() if k != "train_partitions"})
+        return dg.MaterializeResult(metadata={"saes": table_md(pl.DataFrame(rows))})
+
+    @dg.asset(deps=[sae_dictionary], code_version="1", group_name="sae", kinds={"pytorch"})
+    def sae_evaluation(
+        context: dg.AssetExecutionContext,
+        profile: ProfileResource,
+        storage: StorageResource,
+        compute: ComputeResource,
+    ) -> dg.MaterializeResult:
+        """FVU, MSE, cosine and L0 of every SAE on held-out non-BOS tokens (our own FVU)."""
+        prof = profile.profile
+        store = storage.activation_store()
+        records = []
+        for spec in prof.saes:
+            path = storage.path("saes", spec.name)
+            dictionary = sae.load_dictionary(path, compute.resolved_device)
+            training = json.loads((path / "training.json").read_text())
+            started = time.perf_counter()
+            device = compute.resolved_device
+            heldout = metrics.evaluate(
+                (x for x, _ in store.iter_tokens(prof.heldout_partition_keys)),
+                lambda x: tuple(t.cpu() for t in dictionary.reconstruct(x.to(device))),
+            )
+            record = {
+                "name": spec.name,
+                "family": f"SAE ({spec.architecture})",
+                **training,
+                "encode_tokens_per_s": heldout["n_tokens"] / (time.perf_counter() - started),
+                **{f"heldout_{name}": value for name, value in heldout.items()},
+            }
+            records.append(record)
+            context.log.info(f"SAE {spec.name}: held-out FVU {heldout['fvu']:.4f}, L0 {heldout['l0']:.1f}")
+        storage.path("saes", "evaluation.json").write_text(json.dumps(records, indent=1))
+        table = pl.DataFrame([{k: r[k] for k in ("name", "heldout_fvu", "heldout_mse", "heldout_l0")} for r in records])
+        return dg.MaterializeResult(metadata={"heldout_metrics": table_md(table)})
+
+    return [sae_dictionary, sae_evaluation]
