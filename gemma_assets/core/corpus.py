@@ -51,7 +51,10 @@ def iter_documents(data_files: str | list[str]) -> Iterator[Document]:
             "pile_sample) or point the profile at existing jsonl.zst shards"
         )
     try:
-        stream = datasets.load_dataset("json", data_files=patterns, split="train", streaming=True)
+        try:
+            stream = datasets.load_dataset("json", data_files=patterns, split="train", streaming=True)
+        except StopIteration:  # the json builder finds no first record to infer features from
+            raise CorpusError(f"the corpus has no documents: {data_files!r} holds no records") from None
         for doc_id, record in enumerate(stream):
             meta = record.get("meta") or {}
             yield Document(doc_id, record["text"], meta.get("pile_set_name", "unknown"))

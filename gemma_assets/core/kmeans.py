@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,16 +39,21 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) with one candidate per step."""
+    """Greedy k-means++ seeding (as scikit-learn): 2 + log(k) candidates per step, keep the best."""
+    trials = 2 + int(math.log(k))
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = torch.randint(len(x), (1,), generator=generator).item()
-    centroids[0] = x[first]
+    centroids[0] = x[torch.randint(len(x), (1,), generator=generator).item()]
     closest = ((x - centroids[0]) ** 2).sum(1)
+    x_sq = (x**2).sum(1)
     for i in range(1, k):
         weights = closest.double().cpu()
-        pick = torch.multinomial(weights / weights.sum(), 1, generator=generator).item()
-        centroids[i] = x[pick]
-        closest = torch.minimum(closest, ((x - centroids[i]) ** 2).sum(1))
+        picks = torch.multinomial(weights / weights.sum(), trials, replacement=True, generator=generator)
+        candidates = x[picks.to(x.device)]  # [trials, d]
+        dist = (x_sq[:, None] - 2 * x @ candidates.T + (candidates**2).sum(1)).clamp_min_(0)  # [n, trials]
+        updated = torch.minimum(closest[:, None], dist)
+        best = updated.double().sum(0).argmin()
+        centroids[i] = candidates[best]
+        closest = updated[:, best]
     return centroids
 
 

@@ -1,0 +1,49 @@
+"""The metric suite on cases with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma_assets.core.metrics import ReconstructionMetrics, evaluate, fvu
+from gemma_assets.core.report import LeakageError, check_no_leakage
+
+X = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])  # mean 0, total variance 10
+
+
+def test_fvu_known_answer():
+    x_hat = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # misses 8 of 10
+    assert fvu(X, x_hat) == pytest.approx(0.8)
+    assert fvu(X, X) == 0.0
+    assert fvu(X, X.mean(0).expand_as(X)) == pytest.approx(1.0)
+    # the mean is the held-out set's own: shifting data and reconstruction changes nothing
+    assert fvu(X + 1000.0, x_hat + 1000.0) == pytest.approx(0.8)
+
+
+def test_streaming_suite_equals_direct_formula():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 16, generator=generator) * 5 + 3
+    x_hat = x + torch.randn(1000, 16, generator=generator)
+    batches = [x[i : i + 128] for i in range(0, 1000, 128)]
+    perfect = evaluate(batches, lambda b: (b, torch.ones(len(b))))
+    assert perfect["fvu"] == 0.0 and perfect["l0"] == 1.0
+    metrics = ReconstructionMetrics()
+    for start in range(0, 1000, 128):
+        rows = slice(start, start + 128)
+        metrics.update(x[rows], x_hat[rows], torch.full((len(x[rows]),), 3))
+    streamed = metrics.result()
+    assert streamed["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-9)
+    assert streamed["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-6)
+    assert streamed["l0"] == 3 and streamed["n_tokens"] == 1000
+
+
+def test_empty_heldout_split_is_an_error():
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        evaluate([], lambda b: (b, torch.ones(len(b))))
+
+
+def test_leakage_guard_names_model_and_partitions():
+    records = [{"name": "kmeans-64", "train_partitions": ["0000", "0003"]}]
+    with pytest.raises(LeakageError, match=r"kmeans-64 was fitted on held-out partitions \['0003'\]"):
+        check_no_leakage(records, ["0003"])
+    check_no_leakage([{"name": "ok", "train_partitions": ["0000"]}], ["0003"])

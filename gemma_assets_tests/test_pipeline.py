@@ -1,0 +1,81 @@
+"""The whole asset graph, materialised through Dagster on the tiny profile."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dagster as dg
+import numpy as np
+import torch
+
+from gemma_assets.core import model, sampling
+from gemma_assets.core.storage import bf16_to_bits
+
+ASSETS = ["pile_sample", "activations", "activation_stats", "whitening", "cluster_models",
+          "sae_dictionary", "sae_evaluation", "comparison_report"]
+
+
+def test_every_asset_materialised_and_recorded(tiny_run):
+    instance = tiny_run.instance
+    for name in ASSETS:
+        assert instance.get_latest_materialization_event(dg.AssetKey(name)) is not None, name
+    assert instance.get_materialized_partitions(dg.AssetKey("activations")) == set(tiny_run.profile.partition_keys)
+    assert instance.get_materialized_partitions(dg.AssetKey("cluster_models")) == {"64", "128", "256"}
+    assert all(result.success for result in tiny_run.results)
+
+
+def test_data_checks_pass_on_clean_data(tiny_run):
+    evaluations = [e for result in tiny_run.results for e in result.get_asset_check_evaluations()]
+    names = {e.check_name for e in evaluations}
+    assert {"activations_integrity", "activations_finite"} <= names
+    assert all(e.passed for e in evaluations), [e.description for e in evaluations if not e.passed]
+
+
+def test_report_lists_every_dictionary_with_heldout_metrics(tiny_run):
+    report = tiny_run.storage.path("report", "report.md").read_text()
+    for name in ["kmeans-64", "kmeans-128", "kmeans-256", *[s.name for s in tiny_run.profile.saes]]:
+        assert f"| {name} |" in report
+    assert (tiny_run.storage.path("report", "l0_fvu_frontier.png")).stat().st_size > 1000
+    evaluation = json.loads(tiny_run.storage.path("saes", "evaluation.json").read_text())
+    for record in evaluation:
+        assert 0 < record["heldout_fvu"] < 1.5 and math.isfinite(record["heldout_mse"])
+        assert record["heldout_l0"] <= record["k"]
+
+
+def test_stored_activations_equal_hidden_states_bit_for_bit(tiny_run):
+    profile, storage = tiny_run.profile, tiny_run.storage
+    source = str(storage.models_dir / "tiny-gemma2")
+    lm = model.load_model(source, profile.model.layer, "cpu", torch.float32)
+    sample = sampling.load_sample(storage.path("sample", "windows.npz"))
+    store = storage.activation_store()
+    batch_size = tiny_run.defs.resources["compute"].batch_size
+    for index, key in enumerate(profile.partition_keys):
+        tokens = sample.partition(index, profile.sample.windows_per_partition).tokens
+        stored = store.open(key).array("activations")
+        assert stored.dtype == np.uint16
+        reference = []
+        for start in range(0, len(tokens), batch_size):
+            with torch.no_grad():
+                out = lm(torch.from_numpy(tokens[start : start + batch_size]).long(), output_hidden_states=True)
+            reference.append(bf16_to_bits(out.hidden_states[profile.model.layer + 1].reshape(-1, lm.config.hidden_size)))
+        assert np.array_equal(stored, np.concatenate(reference)), f"partition {key} differs"
+        assert np.array_equal(store.open(key).array("token_ids"), tokens.reshape(-1))
+
+
+def test_heldout_partitions_never_used_for_fitting(tiny_run):
+    heldout = set(tiny_run.profile.heldout_partition_keys)
+    for k in tiny_run.profile.kmeans.ks:
+        record = json.loads(tiny_run.storage.path("clusters", f"k-{k:05d}", "metrics.json").read_text())
+        assert not heldout & set(record["train_partitions"])
+    for spec in tiny_run.profile.saes:
+        record = json.loads(tiny_run.storage.path("saes", spec.name, "training.json").read_text())
+        assert not heldout & set(record["train_partitions"])
+
+
+def test_definitions_load_for_every_profile(monkeypatch):
+    from gemma_assets.core.profiles import PROFILES
+    from gemma_assets.definitions import build_definitions
+
+    for name, profile in PROFILES.items():
+        dg.Definitions.validate_loadable(build_definitions(profile, data_root="/nonexistent"))
