@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from gemma_assets.core import model, sampling
-from gemma_assets.core.storage import bf16_to_bits
+from gemma_assets.core.bf16 import bf16_to_bits
 
 ASSETS = ["pile_sample", "activations", "activation_stats", "whitening", "cluster_models",
           "sae_dictionary", "sae_evaluation", "comparison_report"]

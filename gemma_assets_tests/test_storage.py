@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_assets.core.storage import ActivationStore, StorageError, bf16_to_bits, bits_to_float
+from gemma_assets.core.bf16 import bf16_to_bits, bits_to_float
+from gemma_assets.core.storage import ActivationStore, StorageError
 
 
 def _arrays(n: int = 600, d: int = 32, seed: int = 0) -> dict[str, np.ndarray]:

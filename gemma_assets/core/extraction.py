@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from gemma_assets.core.storage import bf16_to_bits
+from gemma_assets.core.bf16 import bf16_to_bits
 
 
 class NonFiniteActivationsError(RuntimeError):

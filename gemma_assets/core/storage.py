@@ -31,6 +31,8 @@ import zarr
 import zarr.storage
 from fsspec.implementations.local import LocalFileSystem
 
+from gemma_assets.core.bf16 import bits_to_float
+
 # Shuffle is a numcodecs codec, not (yet) in the zarr v3 spec; zarr-python reads it fine
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
@@ -49,16 +51,6 @@ def _compressors() -> list:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numcodecs.zarr3 marks its codecs as experimental
         return [numcodecs.zarr3.Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=1)]
-
-
-def bf16_to_bits(tensor: torch.Tensor) -> np.ndarray:
-    """The exact bit pattern of a tensor cast to bf16, as uint16."""
-    return tensor.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-
-
-def bits_to_float(bits: np.ndarray) -> torch.Tensor:
-    """bf16 bit patterns back to a float32 tensor (exact: bf16 is a prefix of float32)."""
-    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,181 @@
+"""GPU benchmark: early-exit extraction at the real Gemma-2-2b width, and torch k-means at scale.
+
+Run on a CUDA machine (weights are random when google/gemma-2-2b is not available there:
+speed does not depend on the values). Prints a table and writes JSON:
+
+    python benchmarks/gpu.py --json benchmarks/results/gpu_h100.json
+    python benchmarks/gpu.py --smoke          # tiny sizes, any device: checks the script runs
+
+Figures:
+- extraction tokens/s of the project's early-exit extractor vs a full forward with
+  output_hidden_states=True (same model, inputs, batch, device), and against the FLOP bound
+  (FLOPs of blocks 0..L per token / measured bf16 matmul throughput);
+- bit-exactness of early exit vs hidden_states[L+1] on the GPU;
+- k-means (torch backend) seconds per Lloyd iteration at N>=1M, D=2304, k=256 and 16384.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gemma_assets.core.extraction import extract_windows, residual_stream  # noqa: E402
+from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
+
+GEMMA2_2B = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+    sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+)
+SMOKE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+    sliding_window=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of fn() after one warm-up."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, 5)
+    return 2 * n**3 / seconds / 1e12
+
+
+def flops_per_token(config, layers: int, context_len: int) -> float:
+    """Forward FLOPs per token through `layers` blocks: 2 x weights + attention (eager: full ctx)."""
+    d, hd = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    weights = d * (q + 2 * kv) + q * d + 3 * d * config.intermediate_size
+    attention = 2 * 2 * context_len * q  # QK^T and AV
+    return layers * (2 * weights + attention)
+
+
+def bench_extraction(args, device: str) -> dict:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(**(SMOKE if args.smoke else GEMMA2_2B))
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype).eval()
+    layer = args.layer if not args.smoke else 2
+    peak = matmul_tflops(device, torch.bfloat16, 8192 if not args.smoke else 256)
+    rows = []
+    for context_len, batch in args.shapes:
+        tokens = torch.randint(3, config.vocab_size, (batch, context_len), device=device)
+        tokens[:, 0] = 2
+
+        def early():
+            return residual_stream(model, tokens, layer)
+
+        def full():
+            with torch.no_grad():
+                return model(tokens, output_hidden_states=True, use_cache=False).hidden_states[layer + 1]
+
+        exact = bool(torch.equal(early().to(torch.bfloat16), full().to(torch.bfloat16)))
+        t_early, t_full = timed(early, device, args.repeats), timed(full, device, args.repeats)
+        n = batch * context_len
+        bound = peak * 1e12 / flops_per_token(config, layer + 1, context_len)
+        rows.append({
+            "context_len": context_len, "batch": batch,
+            "early_exit_tokens_per_s": n / t_early, "full_forward_tokens_per_s": n / t_full,
+            "early_exit_speedup": t_full / t_early, "bit_exact": exact,
+            "flop_bound_tokens_per_s": bound, "fraction_of_flop_bound": n / t_early / bound,
+        })
+        print(f"ctx {context_len:4d} batch {batch:4d}: early exit {n / t_early:12,.0f} tok/s, full "
+              f"{n / t_full:12,.0f} tok/s, speedup {t_full / t_early:5.2f}x, {100 * n / t_early / bound:5.1f}% "
+              f"of FLOP bound, bit-exact {exact}", flush=True)
+    # the project's whole path for a partition: batches, early exit, bf16 bits on the host
+    windows = torch.randint(3, config.vocab_size, (args.partition_windows, 128)).numpy().astype(np.int32)
+    windows[:, 0] = 2
+    batch = args.shapes[0][1]
+    started = time.perf_counter()
+    extract_windows(model, windows, layer, batch, device)
+    sync(device)
+    seconds = time.perf_counter() - started
+    partition = {"windows": args.partition_windows, "context_len": 128, "batch": batch,
+                 "tokens_per_s": windows.size / seconds}
+    print(f"extract_windows (to host bf16 bits): {windows.size / seconds:,.0f} tok/s", flush=True)
+    del model
+    return {"layer": layer, "bf16_matmul_tflops": peak, "shapes": rows, "partition": partition}
+
+
+def bench_kmeans(args, device: str) -> list[dict]:
+    n, d = (args.kmeans_n, 2304) if not args.smoke else (4096, 64)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for k in args.ks if not args.smoke else (16, 64):
+        centres = torch.randn(k, d, device=device, generator=generator) * 4
+        labels = torch.randint(k, (n,), device=device, generator=generator)
+        x = centres[labels] + torch.randn(n, d, device=device, generator=generator)
+        init = x[torch.randperm(n, device=device, generator=generator)[:k]].clone()
+        sync(device)
+        result = fit_kmeans(x, k, max_iter=args.kmeans_iters, tol=0.0, init=init)
+        sync(device)
+        per_iter = result.fit_seconds / result.n_iter
+        rows.append({"n": n, "d": d, "k": k, "iterations": result.n_iter, "fit_seconds": result.fit_seconds,
+                     "seconds_per_iteration": per_iter,
+                     "distance_tflops": 2 * n * k * d / per_iter / 1e12,
+                     "final_inertia": result.inertia_curve[-1]})
+        print(f"k-means torch N={n:,} D={d} k={k:6d}: {per_iter:7.3f} s/iteration "
+              f"({2 * n * k * d / per_iter / 1e12:6.1f} TFLOP/s in the distance GEMM)", flush=True)
+        del x, labels, centres, init
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script on any machine")
+    parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes", type=lambda s: [tuple(map(int, p.split("x"))) for p in s.split(",")],
+                        default=[(128, 64), (128, 128), (512, 16)], help="CTXxBATCH,...")
+    parser.add_argument("--partition-windows", type=int, default=2048)
+    parser.add_argument("--kmeans-n", type=int, default=1 << 20)
+    parser.add_argument("--kmeans-iters", type=int, default=5)
+    parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=[256, 16384])
+    args = parser.parse_args()
+    if args.smoke:
+        args.shapes, args.partition_windows = [(32, 4)], 8
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    figures = {"device": name, "torch": torch.__version__, "extraction": bench_extraction(args, device),
+               "kmeans": bench_kmeans(args, device)}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
