@@ -115,7 +115,8 @@ def bench_extraction(args, device: str) -> dict:
     # the project's whole path for a partition: batches, early exit, bf16 bits on the host
     windows = torch.randint(3, config.vocab_size, (args.partition_windows, 128)).numpy().astype(np.int32)
     windows[:, 0] = 2
-    batch = args.shapes[0][1]
+    batch = args.partition_batch
+    extract_windows(model, windows[:batch], layer, batch, device)  # warm-up
     started = time.perf_counter()
     extract_windows(model, windows, layer, batch, device)
     sync(device)
@@ -161,12 +162,13 @@ def main() -> None:
     parser.add_argument("--shapes", type=lambda s: [tuple(map(int, p.split("x"))) for p in s.split(",")],
                         default=[(128, 64), (128, 128), (512, 16)], help="CTXxBATCH,...")
     parser.add_argument("--partition-windows", type=int, default=2048)
+    parser.add_argument("--partition-batch", type=int, default=128)
     parser.add_argument("--kmeans-n", type=int, default=1 << 20)
     parser.add_argument("--kmeans-iters", type=int, default=5)
     parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=[256, 16384])
     args = parser.parse_args()
     if args.smoke:
-        args.shapes, args.partition_windows = [(32, 4)], 8
+        args.shapes, args.partition_windows, args.partition_batch = [(32, 4)], 8, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"device: {name}; torch {torch.__version__}", flush=True)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from gemma_assets.core.bf16 import bf16_to_bits
 
 
 class NonFiniteActivationsError(RuntimeError):
@@ -56,23 +55,36 @@ def extract_windows(
     device: str,
     on_progress: Callable[[int, float], None] | None = None,
 ) -> np.ndarray:
-    """bf16 bit patterns [windows * context_len, d_model] of block `layer` for token windows."""
+    """bf16 bit patterns [windows * context_len, d_model] of block `layer` for token windows.
+
+    On CUDA the bf16 results are copied into pinned host memory without blocking, and the
+    NaN/Inf test stays on the device: the GPU is synchronised only for the ~10 progress reports.
+    """
     n_windows, context_len = tokens.shape
     d_model = model.config.hidden_size
-    out = np.empty((n_windows * context_len, d_model), np.uint16)
+    cuda = device.startswith("cuda")
+    out = torch.empty((n_windows * context_len, d_model), dtype=torch.int16, pin_memory=cuda)
+    nonfinite = []  # per window, on the device
+    n_batches = -(-n_windows // batch_size)
+    report_every = max(1, n_batches // 10)
     started = time.perf_counter()
-    for start in range(0, n_windows, batch_size):
+    for number, start in enumerate(range(0, n_windows, batch_size), start=1):
         batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
         hidden = residual_stream(model, batch, layer)
-        if not torch.isfinite(hidden).all():
-            bad = (~torch.isfinite(hidden)).flatten(1).any(1).nonzero().flatten() + start
-            raise NonFiniteActivationsError(
-                f"block {layer} produced NaN/Inf activations in windows {bad.tolist()[:10]}: the "
-                "model weights or dtype are broken (try dtype float32, or reload the model)"
-            )
+        nonfinite.append((~torch.isfinite(hidden)).flatten(1).any(1))
         rows = slice(start * context_len, (start + len(batch)) * context_len)
-        out[rows] = bf16_to_bits(hidden.reshape(-1, d_model))
-        if on_progress is not None:
-            done = min(start + batch_size, n_windows) * context_len
+        out[rows].copy_(hidden.reshape(-1, d_model).to(torch.bfloat16).view(torch.int16), non_blocking=cuda)
+        if on_progress is not None and (number % report_every == 0 or number == n_batches):
+            if cuda:
+                torch.cuda.synchronize(device)
+            done = rows.stop
             on_progress(done, done / (time.perf_counter() - started))
-    return out
+    if cuda:
+        torch.cuda.synchronize(device)
+    bad = torch.cat(nonfinite).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteActivationsError(
+            f"block {layer} produced NaN/Inf activations in windows {bad[:10]}: the model weights "
+            "or dtype are broken (try dtype float32, or reload the model)"
+        )
+    return out.numpy().view(np.uint16)
