@@ -14,7 +14,7 @@ def _arrays(n: int = 600, d: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 1000
     return {
         "activations": bf16_to_bits(x),
-        "token_ids": np.arange(n, dtype=np.int32) % 50,
+        "token_ids": 3 + np.arange(n, dtype=np.int32) % 50,  # 3+: never the BOS id 2
         "positions": np.tile(np.arange(30, dtype=np.int32), n // 30),
         "doc_ids": np.repeat(np.arange(n // 30), 30),
         "strata": np.zeros(n, np.int16),

@@ -62,14 +62,16 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
         raise CorpusError(f"context_len must be at least 2 (BOS + one token), got {spec.context_len}")
     body = spec.context_len - 1
     bos = tokenizer.bos_token_id
-    scanned, taken = Counter(), Counter()
+    scanned, taken = Counter(), Counter()  # characters per stratum: population vs sample
     windows: list[tuple[np.ndarray, int, int, str]] = []
     for batch in _batched(documents, _TOKENIZE_BATCH):
-        scanned.update(doc.stratum for doc in batch)
+        for doc in batch:
+            scanned[doc.stratum] += len(doc.text)
         chosen = [doc for doc in batch if _keep(spec.seed, doc.doc_id, spec.document_rate)]
         if not chosen:
             continue
-        taken.update(doc.stratum for doc in chosen)
+        for doc in chosen:
+            taken[doc.stratum] += len(doc.text)
         encoded = tokenizer([doc.text for doc in chosen], add_special_tokens=False)["input_ids"]
         for doc, ids in zip(chosen, encoded):
             for start in range(0, len(ids) - body + 1, body):
@@ -81,7 +83,7 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
     if len(windows) < spec.n_windows:
         raise CorpusError(
             f"the corpus gave {len(windows)} windows of {spec.context_len} tokens from "
-            f"{sum(scanned.values())} documents, but the profile needs {spec.n_windows} "
+            f"{sum(scanned.values()):,} characters of text, but the profile needs {spec.n_windows} "
             f"({spec.n_partitions} partitions x {spec.windows_per_partition}): raise "
             "document_rate, use a larger corpus, or lower n_partitions/windows_per_partition"
         )
@@ -102,15 +104,15 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
 
 
 def stratum_census(sample: TokenSample, scanned: Counter, taken: Counter) -> dict:
-    """Per stratum: documents scanned and taken, and the share of the sample's windows."""
+    """Per stratum: its share of the corpus read (requested), of the documents taken, and of
+    the sample's windows (achieved); shares of text are counted in characters."""
     window_counts = np.bincount(sample.strata, minlength=len(sample.stratum_names))
-    total_scanned = sum(scanned.values())
+    total_scanned, total_taken = sum(scanned.values()), sum(taken.values())
     return {
         name: {
-            "documents_scanned": scanned[name],
-            "documents_taken": taken[name],
-            "corpus_document_share": scanned[name] / total_scanned,
-            "sample_window_share": float(window_counts[i] / len(sample.strata)),
+            "corpus_text_share": scanned[name] / total_scanned,
+            "sampled_text_share": taken[name] / total_taken,
+            "window_share": float(window_counts[i] / len(sample.strata)),
         }
         for i, name in enumerate(sample.stratum_names)
     }

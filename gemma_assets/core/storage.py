@@ -37,7 +37,7 @@ from gemma_assets.core.bf16 import bits_to_float
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 COMMIT_FILE = "COMMIT.json"
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 2 * 2**20  # 2 MiB chunks: measured faster to write than 4 MiB, same ratio
 ACTIVATIONS = "activations"
 
 
