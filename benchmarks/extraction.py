@@ -134,7 +134,8 @@ def main() -> None:
     try:
         store = ActivationStore(str(scratch / "store"))
         arrays = partition_arrays(sample, bits)
-        store_seconds = median_seconds(lambda: store.write_partition("0000", arrays, {}))
+        keys = iter(range(3))  # a fresh partition per write: no old version to delete
+        store_seconds = median_seconds(lambda: store.write_partition(f"{next(keys):04d}", arrays, {}))
         manifest = store.manifest("0000")
         on_disk = folder_bytes(scratch / "store" / "activations" / "part-0000" / manifest["version"] / "activations")
         npz_seconds = median_seconds(lambda: np.savez_compressed(scratch / "acts.npz", activations=bits))

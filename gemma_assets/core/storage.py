@@ -83,7 +83,12 @@ class ActivationStore:
     def _zarr_store(self, path: str, read_only: bool) -> zarr.storage.StoreLike:
         if isinstance(self.fs, LocalFileSystem):
             return zarr.storage.LocalStore(path, read_only=read_only)
-        return zarr.storage.FsspecStore(self.fs, path=path, read_only=read_only)
+        fs = self.fs
+        if not fs.async_impl:  # s3fs/gcsfs are async; wrap sync ones (memory://, ...) for zarr
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+        return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
 
     def write_partition(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
         """Write one partition and commit it; returns the commit manifest.
