@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import resource
 import shutil
@@ -101,8 +102,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
-    files = [str(p) for p in corpus.build_offline_corpus(args.data_root / profile.name / "corpus", profile.corpus.max_documents)]
-    texts = [d.text for _, d in zip(range(400), corpus.iter_documents(files))]
+    files = [
+        str(p)
+        for p in corpus.build_offline_corpus(args.data_root / profile.name / "corpus", profile.corpus.max_documents)
+    ]
+    texts = [d.text for d in itertools.islice(corpus.iter_documents(files), 400)]
     source = model.model_source(profile.model, args.data_root / "models", texts)
     tokenizer = model.load_tokenizer(source)
     spec = dataclasses.replace(profile.sample, n_partitions=1, windows_per_partition=args.windows)
@@ -124,7 +128,9 @@ def main() -> None:
     reference = []
     for start in range(0, len(compared), args.batch):
         with torch.no_grad():
-            out = lm(torch.from_numpy(compared[start : start + args.batch]).long().to(device), output_hidden_states=True)
+            out = lm(
+                torch.from_numpy(compared[start : start + args.batch]).long().to(device), output_hidden_states=True
+            )
         reference.append(bf16_to_bits(out.hidden_states[layer + 1].reshape(-1, lm.config.hidden_size)))
     full_seconds = time.perf_counter() - started
     bit_exact = bool(np.array_equal(compared_bits, np.concatenate(reference)))
@@ -167,9 +173,19 @@ def main() -> None:
         "codecs": codec_table(bits, chunk_rows),
     }
     print(f"\nextraction benchmark — {profile.model.name}, block {layer}, {n_tokens:,} tokens on {figures['device']}")
-    for key in ("tokens_per_s", "full_forward_tokens_per_s", "early_exit_speedup", "bit_exact", "compression_ratio",
-                "order0_entropy_bound", "npz_compression_ratio", "store_write_mb_per_s", "npz_write_mb_per_s",
-                "write_speedup_vs_npz", "peak_rss_mb"):
+    for key in (
+        "tokens_per_s",
+        "full_forward_tokens_per_s",
+        "early_exit_speedup",
+        "bit_exact",
+        "compression_ratio",
+        "order0_entropy_bound",
+        "npz_compression_ratio",
+        "store_write_mb_per_s",
+        "npz_write_mb_per_s",
+        "write_speedup_vs_npz",
+        "peak_rss_mb",
+    ):
         value = figures[key]
         print(f"  {key:28s} {value:12.3f}" if isinstance(value, float) else f"  {key:28s} {value!s:>12}")
     print(f"\n  codec chain (same {CHUNK_BYTES >> 20} MiB chunks)       ratio     MB/s")

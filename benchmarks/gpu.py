@@ -32,14 +32,30 @@ from gemma_assets.core.extraction import extract_windows, residual_stream  # noq
 from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
 
 GEMMA2_2B = dict(
-    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-    sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
 )
 SMOKE = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-    sliding_window=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=64,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
 )
 
 
@@ -103,15 +119,24 @@ def bench_extraction(args, device: str) -> dict:
         t_early, t_full = timed(early, device, args.repeats), timed(full, device, args.repeats)
         n = batch * context_len
         bound = peak * 1e12 / flops_per_token(config, layer + 1, context_len)
-        rows.append({
-            "context_len": context_len, "batch": batch,
-            "early_exit_tokens_per_s": n / t_early, "full_forward_tokens_per_s": n / t_full,
-            "early_exit_speedup": t_full / t_early, "bit_exact": exact,
-            "flop_bound_tokens_per_s": bound, "fraction_of_flop_bound": n / t_early / bound,
-        })
-        print(f"ctx {context_len:4d} batch {batch:4d}: early exit {n / t_early:12,.0f} tok/s, full "
-              f"{n / t_full:12,.0f} tok/s, speedup {t_full / t_early:5.2f}x, {100 * n / t_early / bound:5.1f}% "
-              f"of FLOP bound, bit-exact {exact}", flush=True)
+        rows.append(
+            {
+                "context_len": context_len,
+                "batch": batch,
+                "early_exit_tokens_per_s": n / t_early,
+                "full_forward_tokens_per_s": n / t_full,
+                "early_exit_speedup": t_full / t_early,
+                "bit_exact": exact,
+                "flop_bound_tokens_per_s": bound,
+                "fraction_of_flop_bound": n / t_early / bound,
+            }
+        )
+        print(
+            f"ctx {context_len:4d} batch {batch:4d}: early exit {n / t_early:12,.0f} tok/s, full "
+            f"{n / t_full:12,.0f} tok/s, speedup {t_full / t_early:5.2f}x, {100 * n / t_early / bound:5.1f}% "
+            f"of FLOP bound, bit-exact {exact}",
+            flush=True,
+        )
     # the project's whole path for a partition: batches, early exit, bf16 bits on the host
     windows = torch.randint(3, config.vocab_size, (args.partition_windows, 128)).numpy().astype(np.int32)
     windows[:, 0] = 2
@@ -121,10 +146,13 @@ def bench_extraction(args, device: str) -> dict:
     extract_windows(model, windows, layer, batch, device)
     sync(device)
     seconds = time.perf_counter() - started
-    partition = {"windows": args.partition_windows, "context_len": 128, "batch": batch,
-                 "tokens_per_s": windows.size / seconds}
+    partition = {
+        "windows": args.partition_windows,
+        "context_len": 128,
+        "batch": batch,
+        "tokens_per_s": windows.size / seconds,
+    }
     print(f"extract_windows (to host bf16 bits): {windows.size / seconds:,.0f} tok/s", flush=True)
-    del model
     return {"layer": layer, "bf16_matmul_tflops": peak, "shapes": rows, "partition": partition}
 
 
@@ -141,12 +169,23 @@ def bench_kmeans(args, device: str) -> list[dict]:
         result = fit_kmeans(x, k, max_iter=args.kmeans_iters, tol=0.0, init=init)
         sync(device)
         per_iter = result.fit_seconds / result.n_iter
-        rows.append({"n": n, "d": d, "k": k, "iterations": result.n_iter, "fit_seconds": result.fit_seconds,
-                     "seconds_per_iteration": per_iter,
-                     "distance_tflops": 2 * n * k * d / per_iter / 1e12,
-                     "final_inertia": result.inertia_curve[-1]})
-        print(f"k-means torch N={n:,} D={d} k={k:6d}: {per_iter:7.3f} s/iteration "
-              f"({2 * n * k * d / per_iter / 1e12:6.1f} TFLOP/s in the distance GEMM)", flush=True)
+        rows.append(
+            {
+                "n": n,
+                "d": d,
+                "k": k,
+                "iterations": result.n_iter,
+                "fit_seconds": result.fit_seconds,
+                "seconds_per_iteration": per_iter,
+                "distance_tflops": 2 * n * k * d / per_iter / 1e12,
+                "final_inertia": result.inertia_curve[-1],
+            }
+        )
+        print(
+            f"k-means torch N={n:,} D={d} k={k:6d}: {per_iter:7.3f} s/iteration "
+            f"({2 * n * k * d / per_iter / 1e12:6.1f} TFLOP/s in the distance GEMM)",
+            flush=True,
+        )
         del x, labels, centres, init
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -159,8 +198,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script on any machine")
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--shapes", type=lambda s: [tuple(map(int, p.split("x"))) for p in s.split(",")],
-                        default=[(128, 64), (128, 128), (512, 16)], help="CTXxBATCH,...")
+    parser.add_argument(
+        "--shapes",
+        type=lambda s: [tuple(map(int, p.split("x"))) for p in s.split(",")],
+        default=[(128, 64), (128, 128), (512, 16)],
+        help="CTXxBATCH,...",
+    )
     parser.add_argument("--partition-windows", type=int, default=2048)
     parser.add_argument("--partition-batch", type=int, default=128)
     parser.add_argument("--kmeans-n", type=int, default=1 << 20)
@@ -172,8 +215,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    figures = {"device": name, "torch": torch.__version__, "extraction": bench_extraction(args, device),
-               "kmeans": bench_kmeans(args, device)}
+    figures = {
+        "device": name,
+        "torch": torch.__version__,
+        "extraction": bench_extraction(args, device),
+        "kmeans": bench_kmeans(args, device),
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))

@@ -30,17 +30,30 @@ def ensure_dagster_home() -> Path:
 
 def _stages(defs: dg.Definitions, profile) -> list[tuple[str, str, list[str] | None, dict]]:
     """(label, job, asset keys or None for the whole job, extra tags) in dependency order."""
+
     def whole_range(keys: list[str]) -> dict:
         return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
 
     return [
         ("sample token windows", "analyse", ["pile_sample"], {}),
-        (f"extract activations ({profile.sample.n_partitions} partitions)", "extract_activations", None,
-         whole_range(profile.partition_keys)),
-        ("statistics, checks, whitening, SAEs", "analyse",
-         ["activation_stats", "whitening", "sae_dictionary", "sae_evaluation"], {}),
-        (f"k-means for k in {list(profile.kmeans.ks)}", "fit_cluster_models", None,
-         whole_range([str(k) for k in profile.kmeans.ks])),
+        (
+            f"extract activations ({profile.sample.n_partitions} partitions)",
+            "extract_activations",
+            None,
+            whole_range(profile.partition_keys),
+        ),
+        (
+            "statistics, checks, whitening, SAEs",
+            "analyse",
+            ["activation_stats", "whitening", "sae_dictionary", "sae_evaluation"],
+            {},
+        ),
+        (
+            f"k-means for k in {list(profile.kmeans.ks)}",
+            "fit_cluster_models",
+            None,
+            whole_range([str(k) for k in profile.kmeans.ks]),
+        ),
         ("comparison report", "analyse", ["comparison_report"], {}),
     ]
 
@@ -96,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     with dg.DagsterInstance.get() as instance:
         materialize_all(defs, instance, args.log_level)
     storage = defs.resources["storage"]
-    print(f"\nall stages done in {time.perf_counter() - started:.0f}s (profile {profile.name}; runs recorded in {home})")
+    print(
+        f"\nall stages done in {time.perf_counter() - started:.0f}s (profile {profile.name}; runs recorded in {home})"
+    )
     print(f"report: {storage.path('report', 'report.md')}")
 
 

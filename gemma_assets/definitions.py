@@ -30,8 +30,16 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
     whitening, cluster_models = build_clustering_assets(activation_stats, k_partitions(profile))
     sae_dictionary, sae_evaluation = build_sae_assets(activation_stats)
     comparison_report = build_report_asset(cluster_models, sae_evaluation)
-    assets = [pile_sample, activations, activation_stats, whitening, cluster_models, sae_dictionary,
-              sae_evaluation, comparison_report]
+    assets = [
+        pile_sample,
+        activations,
+        activation_stats,
+        whitening,
+        cluster_models,
+        sae_dictionary,
+        sae_evaluation,
+        comparison_report,
+    ]
     tags = {PROFILE_TAG: profile.name}
     # Dagster jobs cannot span assets with different partition definitions, so there is one
     # job per definition; `gemma-assets materialize` and the UI's "Materialize all" run them all.
@@ -40,8 +48,9 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
         dg.define_asset_job("fit_cluster_models", selection=[cluster_models], tags=tags),
         dg.define_asset_job(
             "analyse",
-            selection=dg.AssetSelection.assets(pile_sample, activation_stats, whitening, sae_dictionary,
-                                               sae_evaluation, comparison_report),
+            selection=dg.AssetSelection.assets(
+                pile_sample, activation_stats, whitening, sae_dictionary, sae_evaluation, comparison_report
+            ),
             tags=tags,
         ),
     ]

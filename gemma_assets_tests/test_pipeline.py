@@ -12,8 +12,16 @@ import torch
 from gemma_assets.core import model, sampling
 from gemma_assets.core.bf16 import bf16_to_bits
 
-ASSETS = ["pile_sample", "activations", "activation_stats", "whitening", "cluster_models",
-          "sae_dictionary", "sae_evaluation", "comparison_report"]
+ASSETS = [
+    "pile_sample",
+    "activations",
+    "activation_stats",
+    "whitening",
+    "cluster_models",
+    "sae_dictionary",
+    "sae_evaluation",
+    "comparison_report",
+]
 
 
 def test_every_asset_materialised_and_recorded(tiny_run):
@@ -58,7 +66,9 @@ def test_stored_activations_equal_hidden_states_bit_for_bit(tiny_run):
         for start in range(0, len(tokens), batch_size):
             with torch.no_grad():
                 out = lm(torch.from_numpy(tokens[start : start + batch_size]).long(), output_hidden_states=True)
-            reference.append(bf16_to_bits(out.hidden_states[profile.model.layer + 1].reshape(-1, lm.config.hidden_size)))
+            reference.append(
+                bf16_to_bits(out.hidden_states[profile.model.layer + 1].reshape(-1, lm.config.hidden_size))
+            )
         assert np.array_equal(stored, np.concatenate(reference)), f"partition {key} differs"
         assert np.array_equal(store.open(key).array("token_ids"), tokens.reshape(-1))
 
@@ -77,5 +87,5 @@ def test_definitions_load_for_every_profile(monkeypatch):
     from gemma_assets.core.profiles import PROFILES
     from gemma_assets.definitions import build_definitions
 
-    for name, profile in PROFILES.items():
+    for profile in PROFILES.values():
         dg.Definitions.validate_loadable(build_definitions(profile, data_root="/nonexistent"))

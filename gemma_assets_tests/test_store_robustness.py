@@ -36,7 +36,9 @@ WRITER = textwrap.dedent(
 
 
 def _run_writer(root: Path, key: str, seed: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(root), key, str(seed)], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), key, str(seed)], stdout=subprocess.PIPE, text=True
+    )
 
 
 def _small(seed: int) -> dict[str, np.ndarray]:

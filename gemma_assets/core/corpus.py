@@ -74,9 +74,7 @@ def _stdlib_dir() -> Path:
 
 def _stdlib_modules() -> list[Path]:
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    return sorted(
-        path for path in _stdlib_dir().rglob("*.py") if not skip.intersection(path.parts)
-    )
+    return sorted(path for path in _stdlib_dir().rglob("*.py") if not skip.intersection(path.parts))
 
 
 def _docstrings(source: str) -> str:
@@ -85,9 +83,7 @@ def _docstrings(source: str) -> str:
     except SyntaxError:
         return ""
     nodes = [tree] + [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
     ]
     return "\n\n".join(doc for node in nodes if (doc := ast.get_docstring(node)))
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 
-
 class NonFiniteActivationsError(RuntimeError):
     """The model produced NaN/Inf activations; the message names the windows."""
 

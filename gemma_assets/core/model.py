@@ -91,9 +91,7 @@ def _cache_gguf_demo(target: Path) -> None:
     gguf_path = assemble()
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer.save_pretrained(staging)
     # save_pretrained refuses GGUF-loaded weights; the dequantised tensors save as-is, and
     # the config without its GGUF marker loads them as ordinary float weights

@@ -28,7 +28,10 @@ def check_no_leakage(records: list[dict], heldout_keys: list[str]) -> None:
 def git_revision() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -65,9 +68,7 @@ def findings(records: list[dict]) -> list[str]:
     return lines
 
 
-def render_markdown(
-    profile: Profile, records: list[dict], data: dict, frontier_png: str, config: dict
-) -> str:
+def render_markdown(profile: Profile, records: list[dict], data: dict, frontier_png: str, config: dict) -> str:
     rows = "\n".join("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in records)
     findings_md = "\n".join(f"- {line}" for line in findings(records)) or "- (not enough models to compare)"
     return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
@@ -75,18 +76,18 @@ def render_markdown(
 Profile `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revision()}`.
 
 ## Data
-- {data['train_tokens']:,} train tokens (partitions {', '.join(profile.train_partition_keys)}) and
-  {data['heldout_tokens']:,} held-out tokens (partitions {', '.join(profile.heldout_partition_keys)}),
+- {data["train_tokens"]:,} train tokens (partitions {", ".join(profile.train_partition_keys)}) and
+  {data["heldout_tokens"]:,} held-out tokens (partitions {", ".join(profile.heldout_partition_keys)}),
   windows of {profile.sample.context_len} tokens.
 - Every metric is computed on held-out tokens no model was fitted on. BOS tokens (position 0)
   are excluded from statistics, whitening, clustering and every metric: their norm is
-  {data['bos_ratio']:.1f}x that of other tokens (massive activations).
+  {data["bos_ratio"]:.1f}x that of other tokens (massive activations).
 - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, computed by this project in float64.
 
 ## Reconstruction on held-out tokens
 
-| {' | '.join(COLUMNS)} |
-|{'---|' * len(COLUMNS)}
+| {" | ".join(COLUMNS)} |
+|{"---|" * len(COLUMNS)}
 {rows}
 
 ![L0-FVU frontier]({frontier_png})

@@ -73,7 +73,7 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
         for doc in chosen:
             taken[doc.stratum] += len(doc.text)
         encoded = tokenizer([doc.text for doc in chosen], add_special_tokens=False)["input_ids"]
-        for doc, ids in zip(chosen, encoded):
+        for doc, ids in zip(chosen, encoded, strict=True):
             for start in range(0, len(ids) - body + 1, body):
                 windows.append((np.asarray(ids[start : start + body], np.int32), doc.doc_id, start, doc.stratum))
         if len(windows) >= spec.n_windows:

@@ -1,6 +1,5 @@
 """activations: block-L residual stream of every sampled token, one zarr partition per work unit."""
 
-
 import time
 
 import dagster as dg

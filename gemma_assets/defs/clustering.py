@@ -1,6 +1,5 @@
 """whitening and cluster_models[k]: the clustering side of the comparison."""
 
-
 import json
 
 import dagster as dg
@@ -10,12 +9,18 @@ from gemma_assets.core import metrics, plots
 from gemma_assets.core.kmeans import KMeansDictionary, fit_kmeans
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
-from gemma_assets.defs.common import image_md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
 
 
 def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions: dg.PartitionsDefinition) -> list:
-    @dg.asset(deps=[activation_stats], code_version="1", group_name="clustering", kinds={"numpy"})
+    @dg.asset(
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[activation_stats],
+        code_version="1",
+        group_name="clustering",
+        kinds={"numpy"},
+    )
     def whitening(
         context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
     ) -> dg.MaterializeResult:
@@ -46,6 +51,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         backfill_policy=dg.BackfillPolicy.single_run(),  # load the training tokens once for all k
         deps=[whitening],
         code_version="1",
+        automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},
     )
@@ -85,8 +91,12 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             }
             out = storage.path("clusters", f"k-{k:05d}")
             out.mkdir(parents=True, exist_ok=True)
-            np.savez(out / "model.npz", centroids=result.centroids.numpy(), sizes=result.sizes.numpy(),
-                     inertia_curve=np.array(result.inertia_curve))
+            np.savez(
+                out / "model.npz",
+                centroids=result.centroids.numpy(),
+                sizes=result.sizes.numpy(),
+                inertia_curve=np.array(result.inertia_curve),
+            )
             (out / "metrics.json").write_text(json.dumps(record, indent=1))
             context.log.info(
                 f"k={k}: {result.n_iter} iterations in {result.fit_seconds:.1f}s, held-out FVU {heldout['fvu']:.4f}"
@@ -112,4 +122,3 @@ def load_cluster_metrics(storage: StorageResource, keys: list[str]) -> list[dict
             raise FileNotFoundError(f"no k-means model for k={key} at {path}: materialise cluster_models[{key}]")
         records.append(json.loads(path.read_text()))
     return records
-

@@ -1,6 +1,5 @@
 """Helpers shared by the asset modules: metadata rendering and the model source."""
 
-
 import base64
 import itertools
 from pathlib import Path
@@ -12,6 +11,8 @@ from gemma_assets.core import corpus, model
 from gemma_assets.defs.resources import ProfileResource, StorageResource
 
 TOKENIZER_CORPUS_DOCUMENTS = 400
+# downstream stages recompute by themselves (automation daemon) once their inputs change
+FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
 def corpus_files(profile: ProfileResource, storage: StorageResource) -> str | list[str]:

@@ -1,6 +1,5 @@
 """comparison_report: every dictionary side by side on the same held-out tokens."""
 
-
 import dataclasses
 import json
 
@@ -10,12 +9,18 @@ import polars as pl
 from gemma_assets.core import plots, report
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.defs.clustering import load_cluster_metrics
-from gemma_assets.defs.common import image_md, markdown_table
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table
 from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
 
 
 def build_report_asset(cluster_models: dg.AssetsDefinition, sae_evaluation: dg.AssetsDefinition) -> dg.AssetsDefinition:
-    @dg.asset(deps=[cluster_models, sae_evaluation], code_version="1", group_name="report", kinds={"markdown"})
+    @dg.asset(
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[cluster_models, sae_evaluation],
+        code_version="1",
+        group_name="report",
+        kinds={"markdown"},
+    )
     def comparison_report(
         context: dg.AssetExecutionContext,
         profile: ProfileResource,
@@ -33,7 +38,10 @@ def build_report_asset(cluster_models: dg.AssetsDefinition, sae_evaluation: dg.A
         heldout = ActivationMoments.load(storage.path("stats", "heldout_moments.npz"))
         bos_ratio = json.loads(storage.path("stats", "bos.json").read_text())["bos_to_token_norm_ratio"]
         frontier = plots.l0_fvu_frontier(
-            [{"name": r["name"], "family": r["family"], "l0": r["heldout_l0"], "fvu": r["heldout_fvu"]} for r in records],
+            [
+                {"name": r["name"], "family": r["family"], "l0": r["heldout_l0"], "fvu": r["heldout_fvu"]}
+                for r in records
+            ],
             storage.path("report", "l0_fvu_frontier.png"),
         )
         config = {

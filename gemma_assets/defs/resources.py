@@ -1,6 +1,5 @@
 """Resources: which profile, where data lives, where compute runs. Frozen: derive, don't mutate."""
 
-
 import os
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """sae_dictionary and sae_evaluation: the SAE side of the comparison, through SAELens."""
 
-
 import json
 import time
 
@@ -9,12 +8,18 @@ import polars as pl
 
 from gemma_assets.core import metrics, sae
 from gemma_assets.core.stats import ActivationMoments
-from gemma_assets.defs.common import table_md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, table_md
 from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
 
 
 def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
-    @dg.asset(deps=[activation_stats], code_version="1", group_name="sae", kinds={"pytorch"})
+    @dg.asset(
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[activation_stats],
+        code_version="1",
+        group_name="sae",
+        kinds={"pytorch"},
+    )
     def sae_dictionary(
         context: dg.AssetExecutionContext,
         profile: ProfileResource,
@@ -48,14 +53,29 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
                 facts["train_partitions"] = prof.train_partition_keys
             out.mkdir(parents=True, exist_ok=True)
             dictionary.save(out)
-            record = {"name": spec.name, "architecture": spec.architecture, "width": spec.width or dictionary.sae.cfg.d_sae,
-                      "k": spec.k, "scale": dictionary.scale, "parameters": dictionary.n_parameters, **facts}
+            record = {
+                "name": spec.name,
+                "architecture": spec.architecture,
+                "width": spec.width or dictionary.sae.cfg.d_sae,
+                "k": spec.k,
+                "scale": dictionary.scale,
+                "parameters": dictionary.n_parameters,
+                **facts,
+            }
             (out / "training.json").write_text(json.dumps(record, indent=1))
-            context.log.info(f"SAE {spec.name}: {json.dumps({k: v for k, v in record.items() if k != 'train_partitions'})}")
+            context.log.info(
+                f"SAE {spec.name}: {json.dumps({k: v for k, v in record.items() if k != 'train_partitions'})}"
+            )
             rows.append({k: v for k, v in record.items() if k != "train_partitions"})
         return dg.MaterializeResult(metadata={"saes": table_md(pl.DataFrame(rows))})
 
-    @dg.asset(deps=[sae_dictionary], code_version="1", group_name="sae", kinds={"pytorch"})
+    @dg.asset(
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[sae_dictionary],
+        code_version="1",
+        group_name="sae",
+        kinds={"pytorch"},
+    )
     def sae_evaluation(
         context: dg.AssetExecutionContext,
         profile: ProfileResource,

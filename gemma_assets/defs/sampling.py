@@ -1,6 +1,5 @@
 """pile_sample: stratified token windows from the profile's corpus."""
 
-
 import dagster as dg
 import polars as pl
 

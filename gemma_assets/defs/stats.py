@@ -1,6 +1,5 @@
 """activation_stats: one streaming pass over every partition, plus the blocking data checks."""
 
-
 import json
 
 import dagster as dg
@@ -10,12 +9,18 @@ import torch
 
 from gemma_assets.core import plots
 from gemma_assets.core.stats import NORM_BIN_EDGES, ActivationMoments
-from gemma_assets.defs.common import image_md, table_md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, table_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
 
 
 def build_stats_assets(activations: dg.AssetsDefinition) -> list:
-    @dg.asset(deps=[activations], code_version="1", group_name="statistics", kinds={"numpy", "parquet"})
+    @dg.asset(
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[activations],
+        code_version="1",
+        group_name="statistics",
+        kinds={"numpy", "parquet"},
+    )
     def activation_stats(
         context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
     ) -> dg.MaterializeResult:
@@ -65,7 +70,9 @@ def build_stats_assets(activations: dg.AssetsDefinition) -> list:
         massive = massive.sort("peak", descending=True).head(5)
         bos_norm = float(torch.cat(bos_norms).mean())
         bos_ratio = bos_norm / summary_rows[0]["mean_token_norm"]
-        storage.path("stats", "bos.json").write_text(json.dumps({"bos_mean_norm": bos_norm, "bos_to_token_norm_ratio": bos_ratio}))
+        storage.path("stats", "bos.json").write_text(
+            json.dumps({"bos_mean_norm": bos_norm, "bos_to_token_norm_ratio": bos_ratio})
+        )
         plot = plots.norm_histogram(NORM_BIN_EDGES, train.norm_histogram, storage.path("stats", "norm_histogram.png"))
         return dg.MaterializeResult(
             metadata={
@@ -90,9 +97,7 @@ def build_stats_assets(activations: dg.AssetsDefinition) -> list:
                 problems.append(f"partition {key}: {error}")
                 continue
             if part.n_tokens != prof.sample.tokens_per_partition:
-                problems.append(
-                    f"partition {key}: {part.n_tokens} tokens, expected {prof.sample.tokens_per_partition}"
-                )
+                problems.append(f"partition {key}: {part.n_tokens} tokens, expected {prof.sample.tokens_per_partition}")
             if part.group["activations"].attrs.get("dtype") != "bfloat16":
                 problems.append(f"partition {key}: activations lack the bfloat16 dtype attribute")
             vocab = part.manifest["attrs"]["vocab_size"]
