@@ -88,3 +88,14 @@ def test_compression_is_lossless_and_effective_on_structured_data(tmp_path):
     version_dir = tmp_path / "activations" / "part-0000" / store.manifest("0000")["version"] / "activations"
     stored = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
     assert arrays["activations"].nbytes / stored > 1.2
+
+
+def test_reader_streams_bounded_batches_and_applies_a_transform(tmp_path):
+    store = ActivationStore(str(tmp_path))
+    store.write_partition("0000", _arrays(), {"bos_token_id": 2})
+    store.write_partition("0001", _arrays(seed=1), {"bos_token_id": 2})
+    batches = list(store.iter_tokens(["0000", "0001"], batch_tokens=128))
+    assert max(len(x) for x, _ in batches) <= 128 and sum(len(x) for x, _ in batches) == 2 * (600 - 20)
+    plain, _ = store.load_tokens(["0001"])
+    shifted, info = store.load_tokens(["0001"], transform=lambda x: 2 * x - 1)
+    assert torch.equal(shifted, 2 * plain - 1) and set(info["partition"]) == {1}

@@ -56,3 +56,18 @@ def eigen_spectrum(eigenvalues: np.ndarray, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def variance_spectrum(variance: np.ndarray, path: Path) -> Path:
+    """Per-dimension variance, sorted: a few dominant dimensions show as a cliff at the left."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(np.arange(1, len(variance) + 1), np.sort(variance)[::-1])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("dimension (sorted by variance)")
+    ax.set_ylabel("variance")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -76,12 +76,22 @@ class KMeansSpec:
 
 
 @dataclass(frozen=True)
+class QualitySpec:
+    outlier_z: float = 8.0  # robust z-score of log token norm beyond which a token is an outlier
+    max_outlier_share: float = 0.005  # WARN when more tokens than this are outliers
+    absurd_z: float = 30.0  # WARN on any single token this far out, whatever the share
+    max_drift_sd: float = 0.5  # WARN when a partition's mean moves this many SDs on any dimension
+    quantile_sample_per_partition: int = 2048  # tokens kept per partition for approximate quantiles
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     model: ModelSpec
     corpus: CorpusSpec
     sample: SampleSpec
     kmeans: KMeansSpec = field(default_factory=KMeansSpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
     saes: tuple[SaeSpec, ...] = ()
     sae_train_epochs: int = 1
     sae_batch_size: int = 1024

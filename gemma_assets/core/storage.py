@@ -21,7 +21,7 @@ import json
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -181,19 +181,25 @@ class ActivationStore:
         return problems
 
     def iter_tokens(
-        self, keys: list[str], batch_tokens: int = 8192, exclude_bos: bool = True
+        self,
+        keys: list[str],
+        batch_tokens: int = 8192,
+        exclude_bos: bool = True,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
         """Stream (activations [n, d] float32, per-token arrays) in batches of bounded size.
 
         With exclude_bos, position 0 and any BOS token are dropped: their norm is ~10x
-        the others' (massive activations) and would dominate every statistic.
+        the others' (massive activations) and would dominate every statistic. `transform`
+        (e.g. a whitening Preprocessor's forward) is applied to each batch.
         """
         for key in keys:
             part = self.open(key)
             bos = part.manifest["attrs"].get("bos_token_id")
+            per_token = sorted(name for name in part.group.array_keys() if name != "activations")
             for start in range(0, part.n_tokens, batch_tokens):
                 stop = min(start + batch_tokens, part.n_tokens)
-                info = {name: part.array(name, start, stop) for name in ("token_ids", "positions", "doc_ids", "strata")}
+                info = {name: part.array(name, start, stop) for name in per_token}
                 info["partition"] = np.full(stop - start, int(key), np.int32)
                 info["row"] = np.arange(start, stop)
                 acts = part.activations(start, stop)
@@ -201,11 +207,16 @@ class ActivationStore:
                     keep = (info["positions"] != 0) & (info["token_ids"] != bos)
                     acts = acts[torch.from_numpy(keep)]
                     info = {name: values[keep] for name, values in info.items()}
-                yield acts, info
+                yield (acts if transform is None else transform(acts)), info
 
-    def load_tokens(self, keys: list[str], exclude_bos: bool = True) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    def load_tokens(
+        self,
+        keys: list[str],
+        exclude_bos: bool = True,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         """All tokens of `keys` in memory (for data that fits; streaming callers use iter_tokens)."""
-        batches = list(self.iter_tokens(keys, exclude_bos=exclude_bos))
+        batches = list(self.iter_tokens(keys, exclude_bos=exclude_bos, transform=transform))
         if not batches:
             raise StorageError(f"no tokens in partitions {keys}")
         acts = torch.cat([b[0] for b in batches])

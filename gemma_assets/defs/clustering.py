@@ -64,8 +64,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         preprocessor = Preprocessor.from_whitening(
             prof.kmeans.preprocessing, Whitening.load(storage.path("whitening", "whitening.npz"))
         )
-        train, _ = store.load_tokens(prof.train_partition_keys)
-        train = preprocessor.forward(train)
+        train, _ = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)
         summary = {}
         for key in context.partition_keys:
             k = int(key)

@@ -1,0 +1,140 @@
+"""Statistics-pass benchmark: throughput and peak memory at two data sizes.
+
+    python benchmarks/stats.py --json benchmarks/results/stats_cpu.json
+
+Writes synthetic bf16 partitions (per-dimension scales over three decades plus a few
+massive dimensions, like real residual streams) and runs the per-partition statistics pass
+(moments with covariance, norms, quantile sample, largest activations) over them, merging
+partitions exactly. Baseline in the same process: a plain read-and-decode pass over the same
+store. Memory is the RSS high-water mark above the level before each pass, sampled every 5
+ms: it should not grow with the number of partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gemma_assets.core.bf16 import bf16_to_bits  # noqa: E402
+from gemma_assets.core.stats import ActivationMoments, PartitionStats  # noqa: E402
+from gemma_assets.core.storage import ActivationStore  # noqa: E402
+
+
+class PeakRss:
+    """RSS high-water mark (MB) above the starting level while the block runs."""
+
+    def __enter__(self) -> PeakRss:
+        self._process = psutil.Process()
+        self.start = self._process.memory_info().rss
+        self.peak = self.start
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def write_store(root: Path, n_partitions: int, tokens: int, d_model: int, context_len: int = 128) -> ActivationStore:
+    store = ActivationStore(str(root))
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-1, 2, d_model)
+    scales[:3] = 1e3  # massive dimensions
+    for index in range(n_partitions):
+        x = torch.randn(tokens, d_model, generator=generator) * scales
+        positions = np.arange(tokens, dtype=np.int32) % context_len
+        arrays = {
+            "activations": bf16_to_bits(x),
+            "token_ids": np.full(tokens, 7, np.int32),
+            "positions": positions,
+            "doc_ids": np.repeat(np.arange(tokens // context_len) + index * tokens, context_len),
+            "doc_offsets": positions.astype(np.int64) - 1,
+            "strata": np.zeros(tokens, np.int16),
+        }
+        store.write_partition(f"{index:04d}", arrays, {"context_len": context_len, "bos_token_id": 2})
+    return store
+
+
+def measure(store: ActivationStore, keys: list[str], d_model: int) -> dict:
+    gb = sum(store.manifest(k)["n_tokens"] for k in keys) * d_model * 2 / 1e9
+    with PeakRss() as read_rss:
+        started = time.perf_counter()
+        for _ in store.iter_tokens(keys, exclude_bos=False):
+            pass
+        read_seconds = time.perf_counter() - started
+    with PeakRss() as stats_rss:
+        started = time.perf_counter()
+        total = ActivationMoments(d_model)
+        for key in keys:
+            total.merge(PartitionStats.compute(store, key, sample_size=2048).moments)
+        stats_seconds = time.perf_counter() - started
+    return {
+        "partitions": len(keys),
+        "gb": gb,
+        "read_gb_per_s": gb / read_seconds,
+        "gb_per_s": gb / stats_seconds,
+        "stats_vs_read_speed": read_seconds / stats_seconds,
+        "read_peak_rss_mb": read_rss.mb,
+        "peak_rss_mb": stats_rss.mb,
+        "tokens": total.count,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--d-model", type=int, default=640)
+    parser.add_argument("--tokens-per-partition", type=int, default=1 << 16)
+    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[2, 8])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        store = write_store(Path(scratch), max(args.sizes), args.tokens_per_partition, args.d_model)
+        keys = store.committed_keys()
+        rows = [measure(store, keys[:size], args.d_model) for size in args.sizes]
+    figures = {
+        "d_model": args.d_model,
+        "tokens_per_partition": args.tokens_per_partition,
+        "torch_threads": torch.get_num_threads(),
+        "sizes": rows,
+        "gb_per_s": rows[-1]["gb_per_s"],
+        "peak_rss_mb": rows[-1]["peak_rss_mb"],
+        "memory_growth_ratio": rows[-1]["peak_rss_mb"] / max(rows[0]["peak_rss_mb"], 1e-9),
+        "data_growth_ratio": rows[-1]["gb"] / rows[0]["gb"],
+    }
+    print(f"\nstatistics pass, d_model {args.d_model}, {args.tokens_per_partition:,} tokens per partition")
+    print("  partitions      GB   read GB/s  stats GB/s  stats/read  peak RSS MB (read / stats)")
+    for row in rows:
+        print(
+            f"  {row['partitions']:10d} {row['gb']:7.3f} {row['read_gb_per_s']:11.3f} {row['gb_per_s']:11.3f} "
+            f"{row['stats_vs_read_speed']:11.2f}  {row['read_peak_rss_mb']:8.0f} / {row['peak_rss_mb']:.0f}"
+        )
+    print(f"  data grew {figures['data_growth_ratio']:.1f}x, stats peak memory {figures['memory_growth_ratio']:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Data-quality findings on stored activations. Each finding names what is at fault.
+
+Integrity and finiteness are per partition (corruption: the data must not be used);
+norm outliers, drift and duplicates look across partitions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gemma_assets.core.storage import ActivationStore, StorageError
+
+_SCAN_ROWS = 16384
+
+
+def partition_integrity(store: ActivationStore, key: str, expected_tokens: int, context_len: int) -> list[str]:
+    """Commit present, checksums match, shapes/dtypes/attributes and positions as written."""
+    try:
+        problems = store.verify(key)
+        part = store.open(key)
+    except (StorageError, OSError, KeyError, ValueError) as error:
+        return [f"partition {key}: {error}"]
+    if problems:
+        return problems
+    try:
+        acts = part.group["activations"]
+        if acts.attrs.get("dtype") != "bfloat16" or acts.dtype != np.uint16:
+            problems.append(f"partition {key}: activations are {acts.dtype} without the bfloat16 attribute")
+        if acts.shape[0] != expected_tokens:
+            problems.append(
+                f"partition {key}: {acts.shape[0]} tokens stored, {expected_tokens} expected (truncated array)"
+            )
+        for name in ("token_ids", "positions", "doc_ids", "strata"):
+            if part.group[name].shape[0] != acts.shape[0]:
+                problems.append(
+                    f"partition {key}: {name} has {part.group[name].shape[0]} rows, activations {acts.shape[0]}"
+                )
+        token_ids, positions = part.array("token_ids"), part.array("positions")
+        vocab_size = part.manifest["attrs"]["vocab_size"]
+    except (KeyError, ValueError, OSError) as error:
+        return problems + [f"partition {key}: unreadable ({error})"]
+    if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
+        bad = np.flatnonzero((token_ids < 0) | (token_ids >= vocab_size))[:5].tolist()
+        problems.append(f"partition {key}: token ids outside the vocabulary of {vocab_size} at rows {bad}")
+    expected_positions = np.arange(len(positions)) % context_len
+    if not np.array_equal(positions, expected_positions):
+        bad = np.flatnonzero(positions != expected_positions)[:5].tolist()
+        problems.append(f"partition {key}: positions are not 0..{context_len - 1} per window at rows {bad}")
+    bos = part.manifest["attrs"].get("bos_token_id")
+    if bos is not None and len(token_ids) and not (token_ids[positions == 0] == bos).all():
+        problems.append(f"partition {key}: a window does not start with BOS")
+    return problems
+
+
+def partition_nonfinite(store: ActivationStore, key: str, context_len: int) -> list[str]:
+    """Rows, positions and dimensions of NaN/Inf activations in one partition."""
+    part = store.open(key)
+    problems = []
+    for start in range(0, part.n_tokens, _SCAN_ROWS):
+        acts = part.activations(start, start + _SCAN_ROWS)
+        bad = ~torch.isfinite(acts)
+        if bad.any():
+            rows, dims = bad.nonzero(as_tuple=True)
+            positions = part.array("positions", start, start + _SCAN_ROWS)
+            for row, dim in list(zip(rows.tolist(), dims.tolist(), strict=True))[:5]:
+                problems.append(
+                    f"partition {key}: {acts[row, dim].item()} at row {start + row} "
+                    f"(window {(start + row) // context_len}, position {positions[row]}), dim {dim}"
+                )
+    return problems
+
+
+def robust_log_norm_z(norms: np.ndarray, median: float, mad: float) -> np.ndarray:
+    """Robust z-score of log norms: (log n - median) / (1.4826 MAD)."""
+    return (np.log(norms) - median) / (1.4826 * max(mad, 1e-12))
+
+
+def log_norm_bounds(norms: np.ndarray) -> tuple[float, float]:
+    """(median, MAD) of log token norms: bounds learned from the data, robust to the outliers."""
+    logs = np.log(norms[norms > 0])
+    median = float(np.median(logs))
+    return median, float(np.median(np.abs(logs - median)))
+
+
+def duplicate_windows(windows: dict[str, np.ndarray]) -> list[str]:
+    """Windows sampled twice: the same (document, offset) in two places. `windows[key]` is
+    [n_windows, 2] of (doc_id, offset of the first non-BOS token) per partition."""
+    seen: dict[tuple[int, int], tuple[str, int]] = {}
+    problems = []
+    for key, rows in windows.items():
+        for index, (doc, offset) in enumerate(rows.tolist()):
+            first = seen.setdefault((doc, offset), (key, index))
+            if first != (key, index):
+                problems.append(
+                    f"window {index} of partition {key} repeats window {first[1]} of partition {first[0]} "
+                    f"(document {doc}, offset {offset})"
+                )
+    return problems
+
+
+def mean_drift(partition_means: dict[str, np.ndarray], pooled_mean: np.ndarray, pooled_std: np.ndarray) -> dict:
+    """Per partition: the largest per-dimension mean shift from the pooled mean, in pooled
+    standard deviations, and the dimension where it happens."""
+    drift = {}
+    for key, mean in partition_means.items():
+        shift = np.abs(mean - pooled_mean) / np.maximum(pooled_std, 1e-12)
+        dim = int(shift.argmax())
+        drift[key] = {"max_shift_sd": float(shift[dim]), "dim": dim}
+    return drift

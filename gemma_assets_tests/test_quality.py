@@ -1,0 +1,152 @@
+"""Real faults injected into stored partitions are caught by the right check, named, with a fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+
+from gemma_assets.core.bf16 import bf16_to_bits, bits_to_float
+from gemma_assets.definitions import build_definitions
+
+ACTIVATIONS, STATS = dg.AssetKey("activations"), dg.AssetKey("activation_stats")
+
+
+@pytest.fixture
+def copy(tiny_run, tmp_path):
+    """A private copy of the tiny run's data to corrupt, with its own Definitions."""
+    shutil.copytree(tiny_run.data_root / "tiny", tmp_path / "tiny")
+    (tmp_path / "models").symlink_to(tiny_run.data_root / "models")
+    defs = build_definitions(tiny_run.profile, data_root=str(tmp_path))
+    return defs, defs.resources["storage"].activation_store(), tmp_path
+
+
+def _run_checks(defs, instance, asset_key: dg.AssetKey, partition: str | None = None, with_asset: bool = False):
+    asset = next(a for a in defs.assets if asset_key in a.keys)
+    checks = [c for c in defs.asset_checks if any(k.asset_key == asset_key for k in c.check_keys)]
+    selection = dg.AssetSelection.checks(*checks) | (
+        dg.AssetSelection.assets(asset) if with_asset else dg.AssetSelection.assets()
+    )
+    result = dg.materialize(
+        [asset, *checks],
+        selection=selection,
+        tags={"dagster/partition": partition} if partition else None,
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def _chunk_file(root, store, key: str):
+    version = store.manifest(key)["version"]
+    files = sorted(
+        p
+        for p in (root / "tiny" / "activations" / f"part-{key}" / version / "activations" / "c").rglob("*")
+        if p.is_file()
+    )
+    return files[0]
+
+
+def _rewrite(store, key: str, change) -> None:
+    """Commit a partition whose values were changed by a (buggy) writer: checksums stay valid."""
+    part = store.open(key)
+    arrays = {name: part.array(name) for name in part.group.array_keys()}
+    change(arrays)
+    store.write_partition(key, arrays, part.manifest["attrs"])
+
+
+def test_flipped_bytes_in_a_chunk(copy, tiny_run):
+    defs, store, root = copy
+    chunk = _chunk_file(root, store, "0001")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    found = _run_checks(defs, tiny_run.instance, ACTIVATIONS, "0001")
+    check = found["activations_integrity"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert "partition 0001" in check.description and "CRC32" in check.description
+    assert "rematerialise activations partition(s) 0001" in check.description
+    assert _run_checks(defs, tiny_run.instance, ACTIVATIONS, "0000")["activations_integrity"].passed
+
+
+def test_deleted_chunk(copy, tiny_run):
+    defs, store, root = copy
+    chunk = _chunk_file(root, store, "0002")
+    chunk.unlink()
+    check = _run_checks(defs, tiny_run.instance, ACTIVATIONS, "0002")["activations_integrity"]
+    assert not check.passed and "partition 0002: chunk file" in check.description and "is missing" in check.description
+
+
+def test_nan_value(copy, tiny_run):
+    defs, store, _ = copy
+
+    def plant_nan(arrays):
+        arrays["activations"][70, 5] = bf16_to_bits(torch.tensor([float("nan")]))[0]
+
+    _rewrite(store, "0000", plant_nan)
+    found = _run_checks(defs, tiny_run.instance, ACTIVATIONS, "0000")
+    assert found["activations_integrity"].passed  # the files are intact; the values are not
+    check = found["activations_finite"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert (
+        "partition 0000: nan at row 70" in check.description
+        and "position 6" in check.description
+        and "dim 5" in check.description
+    )
+
+
+def test_absurd_norm_token(copy, tiny_run):
+    defs, store, _ = copy
+
+    def blow_up(arrays):
+        arrays["activations"][100] = bf16_to_bits(bits_to_float(arrays["activations"][100:101]) * 1e6)[0]
+
+    _rewrite(store, "0003", blow_up)
+    found = _run_checks(defs, tiny_run.instance, STATS, with_asset=True)
+    check = found["token_norms_in_bounds"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "partition 0003 row 100 (position 4)" in check.description
+    assert found["inputs_intact"].passed and found["no_duplicate_windows"].passed
+
+
+def test_truncated_array(copy, tiny_run):
+    defs, store, _ = copy
+
+    def truncate(arrays):
+        for name in arrays:
+            arrays[name] = arrays[name][:-64]
+
+    _rewrite(store, "0001", truncate)
+    check = _run_checks(defs, tiny_run.instance, ACTIVATIONS, "0001")["activations_integrity"]
+    expected = tiny_run.profile.sample.tokens_per_partition
+    assert not check.passed
+    assert f"partition 0001: {expected - 64} tokens stored, {expected} expected (truncated array)" in check.description
+
+
+def test_corruption_blocks_downstream_in_the_same_run(copy, tiny_run):
+    defs, store, root = copy
+    chunk = _chunk_file(root, store, "0002")
+    chunk.write_bytes(b"\x00" * 16)
+    result = defs.resolve_job_def("analyse").execute_in_process(
+        instance=tiny_run.instance,
+        asset_selection=[STATS, dg.AssetKey("whitening")],
+        raise_on_error=False,
+    )
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["inputs_intact"].passed and "partition 0002" in evaluations["inputs_intact"].description
+    assert not result.success
+    whitening_done = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("whitening")]
+    assert not whitening_done
+
+
+def test_duplicate_windows_are_named():
+    from gemma_assets.core.quality import duplicate_windows
+
+    windows = {"0000": np.array([[1, 0], [2, 31]]), "0001": np.array([[3, 0], [2, 31]])}
+    assert duplicate_windows(windows) == [
+        "window 1 of partition 0001 repeats window 1 of partition 0000 (document 2, offset 31)"
+    ]
