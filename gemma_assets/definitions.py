@@ -7,6 +7,13 @@ import dagster as dg
 from gemma_assets.core.profiles import Profile, get_profile
 from gemma_assets.defs.activations import build_activations_asset
 from gemma_assets.defs.clustering import build_clustering_assets
+from gemma_assets.defs.operations import (
+    CRASH_ONLY_RETRY_TAGS,
+    TRANSIENT_RETRY_TAGS,
+    automation_sensor,
+    build_check_alert_sensor,
+    build_extraction_schedule,
+)
 from gemma_assets.defs.report import build_report_asset
 from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource, default_data_root
 from gemma_assets.defs.sae import build_sae_assets
@@ -25,8 +32,9 @@ def k_partitions(profile: Profile) -> dg.StaticPartitionsDefinition:
 
 
 def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Definitions:
-    activations = build_activations_asset(activation_partitions(profile))
-    activation_stats, *stats_checks = build_stats_assets(activations)
+    partitions = activation_partitions(profile)
+    activations = build_activations_asset(partitions)
+    activation_stats, *stats_checks = build_stats_assets(activations, partitions)
     whitening, cluster_models = build_clustering_assets(activation_stats, k_partitions(profile))
     sae_dictionary, sae_evaluation = build_sae_assets(activation_stats)
     comparison_report = build_report_asset(cluster_models, sae_evaluation)
@@ -44,14 +52,14 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
     # Dagster jobs cannot span assets with different partition definitions, so there is one
     # job per definition; `gemma-assets materialize` and the UI's "Materialize all" run them all.
     jobs = [
-        dg.define_asset_job("extract_activations", selection=[activations], tags=tags),
-        dg.define_asset_job("fit_cluster_models", selection=[cluster_models], tags=tags),
+        dg.define_asset_job("extract_activations", selection=[activations], tags={**tags, **TRANSIENT_RETRY_TAGS}),
+        dg.define_asset_job("fit_cluster_models", selection=[cluster_models], tags={**tags, **TRANSIENT_RETRY_TAGS}),
         dg.define_asset_job(
             "analyse",
             selection=dg.AssetSelection.assets(
                 pile_sample, activation_stats, whitening, sae_dictionary, sae_evaluation, comparison_report
             ),
-            tags=tags,
+            tags={**tags, **CRASH_ONLY_RETRY_TAGS},
         ),
     ]
     resources = {
@@ -59,7 +67,14 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
         "storage": StorageResource(data_root=data_root or default_data_root(), profile=profile.name),
         "compute": ComputeResource(),
     }
-    return dg.Definitions(assets=assets, asset_checks=stats_checks, jobs=jobs, resources=resources)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=stats_checks,
+        jobs=jobs,
+        schedules=[build_extraction_schedule(activations)],
+        sensors=[automation_sensor, build_check_alert_sensor()],
+        resources=resources,
+    )
 
 
 defs = build_definitions(get_profile())

@@ -27,7 +27,6 @@ def _suite(gx, per_dim_rows: int):
 def run_suite(tables: dict[str, pl.DataFrame]) -> tuple[bool, pl.DataFrame]:
     """Validate the per-dimension and summary tables; returns (success, one row per expectation)."""
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

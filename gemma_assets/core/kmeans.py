@@ -1,9 +1,18 @@
-"""K-means in torch: k-means++ seeding, exact Lloyd iterations with batched distance GEMMs."""
+"""K-means: greedy k-means++ seeding and exact Lloyd iterations, in memory or streamed.
+
+Backends behind one results contract (`KMeansResult`):
+- "torch": exact Lloyd over batches (CPU or CUDA) with Hamerly's bounds, which skip the
+  distance GEMM for every point whose assignment provably cannot change; data may be a
+  tensor or a callable that streams batches (larger than memory);
+- "minibatch": Sculley's mini-batch k-means for very large N (approximate by design);
+- "cuml": cuML's KMeans on a CUDA GPU, when importable.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +20,8 @@ import torch
 from gemma_assets.core.profiles import ConfigError
 from gemma_assets.core.whitening import Preprocessor
 
+BACKENDS = ("torch", "minibatch", "cuml")
+Batches = Callable[[], Iterable[torch.Tensor]]
 _ROWS_PER_GEMM = 8192
 
 
@@ -22,20 +33,39 @@ class KMeansResult:
     converged: bool
     fit_seconds: float
     sizes: torch.Tensor  # [k] points per cluster at the last assignment
+    distance_rows_computed: int = 0  # rows that went through the full distance GEMM (bounds skip the rest)
+
+
+def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
+    """A tensor as a re-iterable stream of row batches; a callable is returned as is."""
+    if callable(data):
+        return data
+    return lambda: (data[start : start + rows] for start in range(0, len(data), rows))
+
+
+def _top2(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(label, squared distance to nearest, squared distance to second nearest) per row."""
+    labels, first, second = [], [], []
+    for start in range(0, len(x), _ROWS_PER_GEMM):
+        rows = x[start : start + _ROWS_PER_GEMM]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
+        dist = torch.addmm(c_sq, rows, centroids.T, alpha=-2.0).add_((rows**2).sum(1, keepdim=True))
+        if dist.shape[1] > 1:
+            best, index = dist.topk(2, dim=1, largest=False)
+            labels.append(index[:, 0])
+            first.append(best[:, 0])
+            second.append(best[:, 1])
+        else:
+            labels.append(torch.zeros(len(rows), dtype=torch.long, device=x.device))
+            first.append(dist[:, 0])
+            second.append(torch.full_like(dist[:, 0], float("inf")))
+    return torch.cat(labels), torch.cat(first).clamp_min_(0), torch.cat(second).clamp_min_(0)
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of x [n, d]: (labels [n], squared distances [n])."""
-    c_sq = (centroids**2).sum(1)
-    labels, dist = [], []
-    for start in range(0, len(x), _ROWS_PER_GEMM):
-        rows = x[start : start + _ROWS_PER_GEMM]
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; argmin does not need ||x||^2
-        partial = torch.addmm(c_sq, rows, centroids.T, alpha=-2.0)
-        best, label = partial.min(1)
-        labels.append(label)
-        dist.append((best + (rows**2).sum(1)).clamp_min_(0))
-    return torch.cat(labels), torch.cat(dist)
+    labels, first, _ = _top2(x, centroids, (centroids**2).sum(1))
+    return labels, first
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -57,50 +87,202 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     return centroids
 
 
+def init_centroids(batches: Batches, k: int, seed: int, sample_rows: int = 100_000) -> torch.Tensor:
+    """k-means++ on a uniform sample of at most sample_rows rows of the stream."""
+    generator = torch.Generator().manual_seed(seed)
+    kept: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    for batch in batches():  # bottom-k of random keys = a uniform sample without replacement
+        batch_keys = torch.rand(len(batch), generator=generator)
+        kept = batch if kept is None else torch.cat([kept, batch])
+        keys = batch_keys if keys is None else torch.cat([keys, batch_keys])
+        if len(kept) > sample_rows:
+            order = keys.argsort()[:sample_rows]
+            kept, keys = kept[order.to(kept.device)], keys[order]
+    if kept is None or len(kept) < k:
+        raise ConfigError(f"k={k} exceeds the {0 if kept is None else len(kept)} training tokens: lower k or sample more tokens")
+    return kmeans_plusplus(kept, k, generator)
+
+
+def _validate(k: int, backend: str, device: str) -> None:
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown k-means backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if (backend == "cuml" or device.startswith("cuda")) and not torch.cuda.is_available():
+        raise ConfigError(f"backend {backend!r} on {device!r} needs a CUDA GPU and none is visible: use backend 'torch' on 'cpu'")
+
+
 def fit_kmeans(
-    x: torch.Tensor,
+    data: torch.Tensor | Batches,
     k: int,
     max_iter: int = 50,
     tol: float = 1e-4,
     seed: int = 0,
     init: torch.Tensor | None = None,
+    backend: str = "torch",
+    device: str = "cpu",
+    minibatch_steps: int = 200,
 ) -> KMeansResult:
-    """Lloyd's algorithm until the relative inertia change is below tol, or max_iter steps.
-
-    Empty clusters are re-seeded with the points farthest from their centroids.
-    """
-    n = len(x)
-    if k < 1:
-        raise ConfigError(f"k must be at least 1, got {k}")
-    if k > n:
-        raise ConfigError(f"k={k} exceeds the {n} training tokens: lower k or sample more tokens")
+    """Fit k centroids to `data` (a tensor [n, d] or a callable streaming [n_i, d] batches)."""
+    _validate(k, backend, device)
+    batches = as_batches(data)
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    centroids = init.clone() if init is not None else kmeans_plusplus(x, k, generator)
+    if init is None:
+        init = init_centroids(batches, k, seed)
+    elif len(init) != k:
+        raise ConfigError(f"init has {len(init)} centroids, k={k}")
+    init = init.to(device)
+    if backend == "cuml":
+        result = _fit_cuml(batches, init, max_iter, tol)
+    elif backend == "minibatch":
+        result = _fit_minibatch(batches, init, minibatch_steps, seed)
+    else:
+        result = _fit_lloyd(batches, init, max_iter, tol)
+    result.fit_seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class _Bounds:
+    """Hamerly's per-point state for one batch: label, upper bound on the distance to its
+    centroid, lower bound on the distance to every other centroid."""
+
+    labels: torch.Tensor
+    upper: torch.Tensor
+    lower: torch.Tensor
+
+
+def _lloyd_chunk(
+    x: torch.Tensor, state: _Bounds, centroids: torch.Tensor, c_sq: torch.Tensor, shift: torch.Tensor, sums: torch.Tensor
+) -> int:
+    """Reassign rows x (a chunk of a batch; `state` is the matching view) after the centroids
+    moved by `shift`, moving changed rows between the running cluster sums. Returns how many
+    rows needed the full distance GEMM."""
+    state.upper += shift[state.labels]
+    state.lower -= shift.max()
+    # tighten the upper bound where the assignment may have changed, then recompute the full
+    # distances only where it still exceeds the lower bound (Hamerly 2010)
+    maybe = (state.upper > state.lower).nonzero().flatten()
+    if not len(maybe):
+        return 0
+    state.upper[maybe] = (x[maybe] - centroids[state.labels[maybe]]).norm(dim=1)
+    redo = maybe[state.upper[maybe] > state.lower[maybe]]
+    if not len(redo):
+        return 0
+    old = state.labels[redo]
+    labels, first, second = _top2(x[redo], centroids, c_sq)
+    state.labels[redo], state.upper[redo], state.lower[redo] = labels, first.sqrt(), second.sqrt()
+    moved = (labels != old).nonzero().flatten()
+    if len(moved):
+        rows = x[redo[moved]]
+        delta = torch.zeros_like(centroids).index_add_(0, labels[moved], rows).index_add_(0, old[moved], -rows)
+        sums += delta.double()
+    return len(redo)
+
+
+def _fit_lloyd(batches: Batches, centroids: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+    """Exact Lloyd. Cluster sums are kept across iterations and only the rows that change
+    cluster move between them; inertia follows from the sums:
+    sum ||x - c_a||^2 = sum ||x||^2 - 2 sum_j c_j . S_j + sum_j n_j ||c_j||^2."""
+    k, device = len(centroids), centroids.device
+    bounds: list[_Bounds] = []
+    sums = torch.zeros(centroids.shape, dtype=torch.float64, device=device)
+    x_sq_total, full_rows = 0.0, 0
     curve: list[float] = []
     converged = False
-    for _ in range(max_iter):
-        labels, dist = assign(x, centroids)
-        curve.append(float(dist.double().sum()))
-        sizes = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        empty = (sizes == 0).nonzero().flatten()
-        centroids = sums / sizes.clamp_min(1).unsqueeze(1).to(x.dtype)
-        if len(empty):
-            centroids[empty] = x[dist.topk(len(empty)).indices]
-        if len(curve) > 1 and abs(curve[-2] - curve[-1]) <= tol * curve[-2]:
-            converged = True
+    for iteration in range(max_iter + 1):
+        c_sq = (centroids**2).sum(1)
+        for index, batch in enumerate(batches()):
+            x = batch.to(device, torch.float32)
+            if iteration == 0:
+                labels, first, second = _top2(x, centroids, c_sq)
+                bounds.append(_Bounds(labels, first.sqrt(), second.sqrt()))
+                sums += torch.zeros_like(centroids).index_add_(0, labels, x).double()
+                x_sq_total += float((x.double() ** 2).sum())
+                full_rows += len(x)
+                continue
+            state = bounds[index]
+            # cache-sized row chunks: whole-batch temporaries cost more than the arithmetic
+            for start in range(0, len(x), _ROWS_PER_GEMM):
+                rows = slice(start, start + _ROWS_PER_GEMM)
+                chunk = _Bounds(state.labels[rows], state.upper[rows], state.lower[rows])
+                full_rows += _lloyd_chunk(x[rows], chunk, centroids, c_sq, shift, sums)
+        counts = torch.bincount(torch.cat([b.labels for b in bounds]), minlength=k)
+        c64 = centroids.double()
+        curve.append(x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum()))
+        if iteration == max_iter or (len(curve) > 1 and abs(curve[-2] - curve[-1]) <= tol * curve[-2]):
+            converged = iteration < max_iter
             break
-    labels, dist = assign(x, centroids)
-    curve.append(float(dist.double().sum()))
+        updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            updated[empty] = _farthest_rows(batches, bounds, len(empty), device)
+        shift = (updated - centroids).norm(dim=1)
+        centroids = updated
     return KMeansResult(
         centroids=centroids,
         inertia_curve=curve,
         n_iter=len(curve) - 1,
         converged=converged,
-        fit_seconds=time.perf_counter() - started,
-        sizes=torch.bincount(labels, minlength=k),
+        fit_seconds=0.0,
+        sizes=counts.cpu(),
+        distance_rows_computed=full_rows,
     )
+
+
+def _farthest_rows(batches: Batches, bounds: list[_Bounds], n: int, device) -> torch.Tensor:
+    """The n rows farthest from their centroids (by upper bound): seeds for empty clusters."""
+    best_dist, best_rows = torch.empty(0, device=device), None
+    for state, batch in zip(bounds, batches(), strict=True):
+        top = state.upper.topk(min(n, len(state.upper))).indices
+        rows = batch.to(device, torch.float32)[top]
+        best_rows = rows if best_rows is None else torch.cat([best_rows, rows])
+        best_dist, order = torch.cat([best_dist, state.upper[top]]).topk(min(n, len(best_dist) + len(top)))
+        best_rows = best_rows[order]
+    return best_rows
+
+
+def _fit_minibatch(batches: Batches, centroids: torch.Tensor, steps: int, seed: int, batch_size: int = 4096) -> KMeansResult:
+    """Sculley (2010): per-centre learning rate 1/count, over random mini-batches of the stream."""
+    centroids = centroids.clone()
+    counts = torch.zeros(len(centroids), device=centroids.device)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < steps:
+        for batch in batches():
+            for rows in torch.randperm(len(batch), generator=generator).split(batch_size):
+                x = batch[rows].to(centroids.device, torch.float32)
+                labels, _ = assign(x, centroids)
+                counts += torch.bincount(labels, minlength=len(centroids))
+                sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+                hits = torch.bincount(labels, minlength=len(centroids)).unsqueeze(1)
+                rate = (hits / counts.clamp_min(1).unsqueeze(1)).float()
+                centroids += rate * (sums / hits.clamp_min(1) - centroids) * (hits > 0)
+                step += 1
+                if step >= steps:
+                    break
+            if step >= steps:
+                break
+    final = _fit_lloyd(batches, centroids, max_iter=0, tol=0.0)  # one exact pass: inertia and sizes
+    final.n_iter, final.converged = steps, False
+    return final
+
+
+def _fit_cuml(batches: Batches, init: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+    """cuML KMeans on the GPU (float32; the data must fit on the device)."""
+    try:
+        import cupy
+        from cuml.cluster import KMeans
+    except ImportError as error:
+        raise ConfigError("backend 'cuml' needs cuML: pip install '.[gpu]' on a CUDA machine") from error
+    x = cupy.asarray(torch.cat([b.to("cuda", torch.float32) for b in batches()]))
+    model = KMeans(n_clusters=len(init), init=cupy.asarray(init.float()), n_init=1, max_iter=max_iter, tol=tol, output_type="cupy")
+    model.fit(x)
+    centroids = torch.as_tensor(model.cluster_centers_, device="cuda")
+    final = _fit_lloyd(batches, centroids, max_iter=0, tol=0.0)  # same inertia definition as the other backends
+    final.n_iter, final.converged = int(model.n_iter_), int(model.n_iter_) < max_iter
+    return final
 
 
 @dataclass(frozen=True)

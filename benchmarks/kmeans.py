@@ -1,0 +1,140 @@
+"""K-means benchmark: the project's torch k-means against scikit-learn and faiss, same process.
+
+    python benchmarks/kmeans.py --json benchmarks/results/kmeans_cpu.json [--demo-data data/demo]
+
+Same data, same initial centroids, same iteration count for all three, on (a) a synthetic
+Gaussian mixture (N=65536, D=2304, k=256) and (b) stored demo activations when a demo
+store is given. Figures: speedup_vs_sklearn (sklearn KMeans(algorithm="lloyd") seconds /
+ours), speedup_vs_faiss (faiss.Kmeans with max_points_per_centroid high enough to use every
+point / ours), inertia_rel_diff_vs_sklearn, and out_of_core_peak_rss_mb: peak RSS growth of a
+streamed fit over a zarr store at least 4x larger than the memory budget given to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.stats import PeakRss, write_store  # noqa: E402
+from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
+from gemma_assets.core.storage import ActivationStore  # noqa: E402
+
+
+def gaussian_mixture(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)).astype(np.float32) * 2
+    return centres[rng.integers(k, size=n)] + rng.normal(size=(n, d)).astype(np.float32)
+
+
+def compare(name: str, x: np.ndarray, k: int, iterations: int, seed: int = 0) -> dict:
+    import faiss
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(seed)
+    init = x[rng.choice(len(x), k, replace=False)].copy()
+    xt = torch.from_numpy(x)
+
+    started = time.perf_counter()
+    ours = fit_kmeans(xt, k, max_iter=iterations, tol=0.0, init=torch.from_numpy(init))
+    ours_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    reference = KMeans(k, init=init, n_init=1, max_iter=iterations, tol=0.0, algorithm="lloyd").fit(x)
+    sklearn_seconds = time.perf_counter() - started
+
+    index_kmeans = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, max_points_per_centroid=len(x) // k + 1, verbose=False)
+    started = time.perf_counter()
+    index_kmeans.train(x, init_centroids=init)
+    faiss_seconds = time.perf_counter() - started
+
+    row = {
+        "data": name,
+        "n": len(x),
+        "d": x.shape[1],
+        "k": k,
+        "iterations": iterations,
+        "ours_seconds": ours_seconds,
+        "sklearn_seconds": sklearn_seconds,
+        "faiss_seconds": faiss_seconds,
+        "speedup_vs_sklearn": sklearn_seconds / ours_seconds,
+        "speedup_vs_faiss": faiss_seconds / ours_seconds,
+        "ours_inertia": ours.inertia_curve[-1],
+        "sklearn_inertia": float(reference.inertia_),
+        "inertia_rel_diff_vs_sklearn": abs(ours.inertia_curve[-1] - reference.inertia_) / reference.inertia_,
+        "distance_rows_skipped_share": 1 - ours.distance_rows_computed / (len(x) * (iterations + 1)),
+    }
+    print(
+        f"  {name:24s} ours {ours_seconds:7.2f}s  sklearn {sklearn_seconds:7.2f}s ({row['speedup_vs_sklearn']:.2f}x)  "
+        f"faiss {faiss_seconds:7.2f}s ({row['speedup_vs_faiss']:.2f}x)  inertia rel diff {row['inertia_rel_diff_vs_sklearn']:.1e}  "
+        f"bounds skipped {row['distance_rows_skipped_share']:.0%} of distance rows",
+        flush=True,
+    )
+    return row
+
+
+def out_of_core(budget_mb: int, k: int, iterations: int, d: int = 640) -> dict:
+    """A streamed fit over a store >= 4x the budget: batches of budget/8 rows, nothing else held."""
+    tokens_per_partition = 1 << 16
+    data_mb = 4 * budget_mb
+    n_partitions = max(1, int(np.ceil(data_mb * 2**20 / (tokens_per_partition * d * 4))))
+    with tempfile.TemporaryDirectory() as scratch:
+        store = write_store(Path(scratch), n_partitions, tokens_per_partition, d)
+        keys = store.committed_keys()
+        batch_tokens = max(1024, budget_mb * 2**20 // 8 // (4 * d))
+
+        def batches():
+            return (x for x, _ in store.iter_tokens(keys, batch_tokens=batch_tokens, exclude_bos=False))
+
+        with PeakRss() as rss:
+            result = fit_kmeans(batches, k, max_iter=iterations, tol=0.0, seed=0)
+        float32_mb = n_partitions * tokens_per_partition * d * 4 / 2**20
+    print(f"  out-of-core: {float32_mb:.0f} MB of float32 data, budget {budget_mb} MB, peak RSS growth {rss.mb:.0f} MB", flush=True)
+    return {
+        "data_float32_mb": float32_mb,
+        "budget_mb": budget_mb,
+        "out_of_core_peak_rss_mb": rss.mb,
+        "iterations": result.n_iter,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--n", type=int, default=65536)
+    parser.add_argument("--d", type=int, default=2304)
+    parser.add_argument("--k", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--demo-data", type=Path, help="a demo profile folder (data/demo) with stored activations")
+    parser.add_argument("--budget-mb", type=int, default=256)
+    args = parser.parse_args()
+    print(f"k-means benchmark on {torch.get_num_threads()} torch threads (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')})")
+    rows = [compare("synthetic mixture", gaussian_mixture(args.n, args.d, args.k), args.k, args.iterations)]
+    if args.demo_data:
+        store = ActivationStore(str(args.demo_data))
+        x, _ = store.load_tokens(store.committed_keys())
+        x = (x - x.mean(0)).numpy()
+        rows.append(compare("demo activations (centred)", np.ascontiguousarray(x), args.k, args.iterations))
+    figures = {
+        "runs": rows,
+        "speedup_vs_sklearn": rows[0]["speedup_vs_sklearn"],
+        "speedup_vs_faiss": rows[0]["speedup_vs_faiss"],
+        "inertia_rel_diff_vs_sklearn": max(r["inertia_rel_diff_vs_sklearn"] for r in rows),
+        **out_of_core(args.budget_mb, 64, 3),
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
