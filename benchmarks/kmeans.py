@@ -52,7 +52,9 @@ def compare(name: str, x: np.ndarray, k: int, iterations: int, seed: int = 0) ->
     reference = KMeans(k, init=init, n_init=1, max_iter=iterations, tol=0.0, algorithm="lloyd").fit(x)
     sklearn_seconds = time.perf_counter() - started
 
-    index_kmeans = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, max_points_per_centroid=len(x) // k + 1, verbose=False)
+    index_kmeans = faiss.Kmeans(
+        x.shape[1], k, niter=iterations, seed=seed, max_points_per_centroid=len(x) // k + 1, verbose=False
+    )
     started = time.perf_counter()
     index_kmeans.train(x, init_centroids=init)
     faiss_seconds = time.perf_counter() - started
@@ -98,7 +100,10 @@ def out_of_core(budget_mb: int, k: int, iterations: int, d: int = 640) -> dict:
         with PeakRss() as rss:
             result = fit_kmeans(batches, k, max_iter=iterations, tol=0.0, seed=0)
         float32_mb = n_partitions * tokens_per_partition * d * 4 / 2**20
-    print(f"  out-of-core: {float32_mb:.0f} MB of float32 data, budget {budget_mb} MB, peak RSS growth {rss.mb:.0f} MB", flush=True)
+    print(
+        f"  out-of-core: {float32_mb:.0f} MB of float32 data, budget {budget_mb} MB, peak RSS growth {rss.mb:.0f} MB",
+        flush=True,
+    )
     return {
         "data_float32_mb": float32_mb,
         "budget_mb": budget_mb,
@@ -117,7 +122,9 @@ def main() -> None:
     parser.add_argument("--demo-data", type=Path, help="a demo profile folder (data/demo) with stored activations")
     parser.add_argument("--budget-mb", type=int, default=256)
     args = parser.parse_args()
-    print(f"k-means benchmark on {torch.get_num_threads()} torch threads (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')})")
+    print(
+        f"k-means benchmark on {torch.get_num_threads()} torch threads (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')})"
+    )
     rows = [compare("synthetic mixture", gaussian_mixture(args.n, args.d, args.k), args.k, args.iterations)]
     if args.demo_data:
         store = ActivationStore(str(args.demo_data))

@@ -43,7 +43,9 @@ def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
     return lambda: (data[start : start + rows] for start in range(0, len(data), rows))
 
 
-def _top2(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top2(
+    x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(label, squared distance to nearest, squared distance to second nearest) per row."""
     labels, first, second = [], [], []
     for start in range(0, len(x), _ROWS_PER_GEMM):
@@ -100,7 +102,9 @@ def init_centroids(batches: Batches, k: int, seed: int, sample_rows: int = 100_0
             order = keys.argsort()[:sample_rows]
             kept, keys = kept[order.to(kept.device)], keys[order]
     if kept is None or len(kept) < k:
-        raise ConfigError(f"k={k} exceeds the {0 if kept is None else len(kept)} training tokens: lower k or sample more tokens")
+        raise ConfigError(
+            f"k={k} exceeds the {0 if kept is None else len(kept)} training tokens: lower k or sample more tokens"
+        )
     return kmeans_plusplus(kept, k, generator)
 
 
@@ -110,7 +114,9 @@ def _validate(k: int, backend: str, device: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown k-means backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if (backend == "cuml" or device.startswith("cuda")) and not torch.cuda.is_available():
-        raise ConfigError(f"backend {backend!r} on {device!r} needs a CUDA GPU and none is visible: use backend 'torch' on 'cpu'")
+        raise ConfigError(
+            f"backend {backend!r} on {device!r} needs a CUDA GPU and none is visible: use backend 'torch' on 'cpu'"
+        )
 
 
 def fit_kmeans(
@@ -154,7 +160,12 @@ class _Bounds:
 
 
 def _lloyd_chunk(
-    x: torch.Tensor, state: _Bounds, centroids: torch.Tensor, c_sq: torch.Tensor, shift: torch.Tensor, sums: torch.Tensor
+    x: torch.Tensor,
+    state: _Bounds,
+    centroids: torch.Tensor,
+    c_sq: torch.Tensor,
+    shift: torch.Tensor,
+    sums: torch.Tensor,
 ) -> int:
     """Reassign rows x (a chunk of a batch; `state` is the matching view) after the centroids
     moved by `shift`, moving changed rows between the running cluster sums. Returns how many
@@ -189,6 +200,7 @@ def _fit_lloyd(batches: Batches, centroids: torch.Tensor, max_iter: int, tol: fl
     bounds: list[_Bounds] = []
     sums = torch.zeros(centroids.shape, dtype=torch.float64, device=device)
     x_sq_total, full_rows = 0.0, 0
+    shift = torch.zeros(k, device=device)  # how far each centroid moved in the last update
     curve: list[float] = []
     converged = False
     for iteration in range(max_iter + 1):
@@ -243,7 +255,9 @@ def _farthest_rows(batches: Batches, bounds: list[_Bounds], n: int, device) -> t
     return best_rows
 
 
-def _fit_minibatch(batches: Batches, centroids: torch.Tensor, steps: int, seed: int, batch_size: int = 4096) -> KMeansResult:
+def _fit_minibatch(
+    batches: Batches, centroids: torch.Tensor, steps: int, seed: int, batch_size: int = 4096
+) -> KMeansResult:
     """Sculley (2010): per-centre learning rate 1/count, over random mini-batches of the stream."""
     centroids = centroids.clone()
     counts = torch.zeros(len(centroids), device=centroids.device)
@@ -277,7 +291,9 @@ def _fit_cuml(batches: Batches, init: torch.Tensor, max_iter: int, tol: float) -
     except ImportError as error:
         raise ConfigError("backend 'cuml' needs cuML: pip install '.[gpu]' on a CUDA machine") from error
     x = cupy.asarray(torch.cat([b.to("cuda", torch.float32) for b in batches()]))
-    model = KMeans(n_clusters=len(init), init=cupy.asarray(init.float()), n_init=1, max_iter=max_iter, tol=tol, output_type="cupy")
+    model = KMeans(
+        n_clusters=len(init), init=cupy.asarray(init.float()), n_init=1, max_iter=max_iter, tol=tol, output_type="cupy"
+    )
     model.fit(x)
     centroids = torch.as_tensor(model.cluster_centers_, device="cuda")
     final = _fit_lloyd(batches, centroids, max_iter=0, tol=0.0)  # same inertia definition as the other backends

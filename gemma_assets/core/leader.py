@@ -1,0 +1,143 @@
+"""Leader clustering on the centred unit sphere, as in Exemplar Partitioning (Rumbelow, arXiv 2605.14347).
+
+Each token is centred by a fixed mean and L2-normalised. In stream order, a token whose
+cosine distance to every exemplar so far exceeds the threshold becomes a new exemplar (opens
+a region); any other token joins its nearest exemplar. The threshold is a percentile of the
+within-batch pairwise cosine distances of the first batch, and streaming stops at the first
+batch that opens no region (saturation). Exemplars are observed tokens and never move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gemma_assets.core.profiles import ConfigError
+
+_ROWS_PER_GEMM = 8192
+
+
+def directions(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Centred unit directions [n, d] of raw activations x [n, d]."""
+    return F.normalize(x.float() - mean, dim=1)
+
+
+def percentile_threshold(u: torch.Tensor, percentile: float) -> float:
+    """The percentile (linear interpolation, as np.percentile) of pairwise cosine distances of unit rows u [n, d]."""
+    n = len(u)
+    upper = torch.ones(n, n, dtype=torch.bool, device=u.device).triu_(1)
+    dist = (1 - u @ u.T)[upper]  # [n (n - 1) / 2]
+    # kthvalue rather than torch.quantile, which refuses more than 2^24 values (n > ~5800)
+    pos = percentile / 100 * (len(dist) - 1)
+    below = int(pos)
+    lo = torch.kthvalue(dist, below + 1).values
+    hi = torch.kthvalue(dist, min(below + 2, len(dist))).values
+    return float(lo + (pos - below) * (hi - lo))
+
+
+def _nearest(u: torch.Tensor, exemplars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Highest cosine similarity [n] of unit rows u [n, d] to exemplars [r, d], and its exemplar [n]."""
+    sims, labels = [], []
+    for start in range(0, len(u), _ROWS_PER_GEMM):
+        best, label = (u[start : start + _ROWS_PER_GEMM] @ exemplars.T).max(1)
+        sims.append(best)
+        labels.append(label)
+    return torch.cat(sims), torch.cat(labels)
+
+
+def open_regions(u: torch.Tensor, exemplars: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of leader clustering, with the result of visiting its tokens one at a time.
+
+    u [n, d]: unit directions in stream order; exemplars [r, d]. Returns (exemplars [r + m, d]
+    with the m regions this batch opened appended, labels [n]: the nearest exemplar among those
+    that existed when the token arrived; an opener's label is its own region).
+    """
+    n, r = len(u), len(exemplars)
+    sims = u @ exemplars.T  # [n, r]
+    best = sims.max(1).values if r else torch.full((n,), -torch.inf, device=u.device)
+    # Only tokens far from every earlier exemplar can open a region; one of them opens a region
+    # unless an opener earlier in this batch is within the threshold: a sequential pass over those few.
+    candidates = (1 - best > threshold).nonzero().flatten()  # [c], ascending
+    close = (1 - u[candidates] @ u[candidates].T <= threshold).cpu().numpy()  # [c, c]
+    covered = np.zeros(len(candidates), dtype=bool)
+    openers = []
+    for i in range(len(candidates)):
+        if not covered[i]:
+            openers.append(i)
+            covered |= close[i]
+    opened = candidates[openers]  # [m] batch positions, ascending
+    new = u[opened]  # [m, d]
+    # A token may join a region opened earlier in its batch, never one opened after it
+    later = opened[None, :] > torch.arange(n, device=u.device)[:, None]  # [n, m]
+    new_sims = (u @ new.T).masked_fill_(later, -torch.inf)
+    labels = torch.cat([sims, new_sims], 1).argmax(1)
+    labels[opened] = torch.arange(r, r + len(opened), device=u.device)
+    return torch.cat([exemplars, new]), labels
+
+
+@dataclass(frozen=True)
+class LeaderResult:
+    exemplars: torch.Tensor  # [r, d] unit directions in centred space
+    mean: torch.Tensor  # [d] subtracted before normalising
+    threshold: float  # cosine distance
+    counts: torch.Tensor  # [r] tokens that joined each region (or opened it) while streaming
+    n_tokens_seen: int
+    n_batches: int
+    stopped_early: bool  # a batch opened no region (saturation) before the data ran out
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest exemplar [n] of raw activations x [n, d]: the Voronoi region on the sphere."""
+        return _nearest(directions(x, self.mean), self.exemplars)[1]
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in raw units [n, d], active features per token [n] = 1).
+
+        Gain-shape: a token is its projection onto its exemplar's direction, so the exemplar
+        gives the shape and the token keeps its own gain.
+        """
+        e = self.exemplars[self.assign(x)]  # [n, d]
+        scale = ((x.float() - self.mean) * e).sum(1, keepdim=True)  # [n, 1]
+        return self.mean + scale * e, torch.ones(len(x))
+
+
+def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float = 5.0) -> LeaderResult:
+    """Leader clustering of a stream of raw activation batches [n, d] until a batch opens no region.
+
+    The first batch sets the threshold (O(n^2) memory in its size) and needs at least 2 tokens.
+    """
+    if not 0 < percentile < 100:
+        raise ConfigError(f"leader percentile must be in (0, 100), got {percentile}")
+    exemplars, threshold = None, 0.0
+    counts = torch.zeros(0, dtype=torch.long)
+    n_tokens = n_batches = 0
+    saturated = False
+    for x in batches:
+        if not len(x):  # e.g. a batch that held only BOS tokens
+            continue
+        u = directions(x, mean)
+        if exemplars is None:
+            if len(u) < 2:
+                raise ConfigError("the first leader batch needs at least 2 tokens to set the threshold")
+            threshold = percentile_threshold(u, percentile)
+            if threshold <= 0:
+                raise ConfigError(
+                    f"percentile {percentile} of the first batch's cosine distances is 0 (duplicate "
+                    "tokens): raise the percentile or the batch size"
+                )
+            exemplars = u[:0]
+        n_before = len(exemplars)
+        exemplars, labels = open_regions(u, exemplars, threshold)
+        counts = torch.cat([counts, counts.new_zeros(len(exemplars) - n_before)])
+        counts += torch.bincount(labels.cpu(), minlength=len(exemplars))
+        n_tokens += len(u)
+        n_batches += 1
+        if len(exemplars) == n_before:
+            saturated = True
+            break
+    if exemplars is None:
+        raise ValueError("leader clustering got no tokens")
+    return LeaderResult(exemplars, mean, threshold, counts, n_tokens, n_batches, saturated)
