@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.stats import PeakRss, write_store  # noqa: E402
+from benchmarks.stats import write_store  # noqa: E402
 from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
+from gemma_assets.core.memory import PeakRss  # noqa: E402
 from gemma_assets.core.storage import ActivationStore  # noqa: E402
 
 

@@ -16,45 +16,18 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gemma_assets.core.bf16 import bf16_to_bits  # noqa: E402
+from gemma_assets.core.memory import PeakRss  # noqa: E402
 from gemma_assets.core.stats import ActivationMoments, PartitionStats  # noqa: E402
 from gemma_assets.core.storage import ActivationStore  # noqa: E402
-
-
-class PeakRss:
-    """RSS high-water mark (MB) above the starting level while the block runs."""
-
-    def __enter__(self) -> PeakRss:
-        self._process = psutil.Process()
-        self.start = self._process.memory_info().rss
-        self.peak = self.start
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self._running = False
-        self._thread.join()
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def write_store(root: Path, n_partitions: int, tokens: int, d_model: int, context_len: int = 128) -> ActivationStore:

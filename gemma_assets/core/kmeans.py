@@ -43,7 +43,7 @@ def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
     return lambda: (data[start : start + rows] for start in range(0, len(data), rows))
 
 
-def _top2(
+def nearest_two(
     x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(label, squared distance to nearest, squared distance to second nearest) per row."""
@@ -66,7 +66,7 @@ def _top2(
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of x [n, d]: (labels [n], squared distances [n])."""
-    labels, first, _ = _top2(x, centroids, (centroids**2).sum(1))
+    labels, first, _ = nearest_two(x, centroids, (centroids**2).sum(1))
     return labels, first
 
 
@@ -182,7 +182,7 @@ def _lloyd_chunk(
     if not len(redo):
         return 0
     old = state.labels[redo]
-    labels, first, second = _top2(x[redo], centroids, c_sq)
+    labels, first, second = nearest_two(x[redo], centroids, c_sq)
     state.labels[redo], state.upper[redo], state.lower[redo] = labels, first.sqrt(), second.sqrt()
     moved = (labels != old).nonzero().flatten()
     if len(moved):
@@ -208,7 +208,7 @@ def _fit_lloyd(batches: Batches, centroids: torch.Tensor, max_iter: int, tol: fl
         for index, batch in enumerate(batches()):
             x = batch.to(device, torch.float32)
             if iteration == 0:
-                labels, first, second = _top2(x, centroids, c_sq)
+                labels, first, second = nearest_two(x, centroids, c_sq)
                 bounds.append(_Bounds(labels, first.sqrt(), second.sqrt()))
                 sums += torch.zeros_like(centroids).index_add_(0, labels, x).double()
                 x_sq_total += float((x.double() ** 2).sum())

@@ -9,6 +9,16 @@ from pathlib import Path
 from gemma_assets.core.profiles import Profile
 
 COLUMNS = ("name", "family", "heldout_l0", "heldout_fvu", "heldout_mse", "heldout_cosine", "parameters", "fit_seconds")
+QUALITY_COLUMNS = (
+    "name",
+    "heldout_simplified_silhouette",
+    "heldout_silhouette_sampled",
+    "heldout_davies_bouldin",
+    "heldout_size_entropy",
+    "heldout_dead_clusters",
+    "heldout_tiny_clusters",
+    "iterations",
+)
 
 
 class LeakageError(RuntimeError):
@@ -44,6 +54,12 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
+def _table(records: list[dict], columns: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in records]
+    return "\n".join(lines)
+
+
 def findings(records: list[dict]) -> list[str]:
     """Statements that follow from the numbers; nothing is claimed that they do not show."""
     kmeans = sorted((r for r in records if r["family"] == "k-means"), key=lambda r: r["k"])
@@ -69,7 +85,8 @@ def findings(records: list[dict]) -> list[str]:
 
 
 def render_markdown(profile: Profile, records: list[dict], data: dict, frontier_png: str, config: dict) -> str:
-    rows = "\n".join("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in records)
+    rows = _table(records, COLUMNS)
+    quality = _table([r for r in records if r["family"] == "k-means"], QUALITY_COLUMNS)
     findings_md = "\n".join(f"- {line}" for line in findings(records)) or "- (not enough models to compare)"
     return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
 
@@ -86,9 +103,14 @@ Profile `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_r
 
 ## Reconstruction on held-out tokens
 
-| {" | ".join(COLUMNS)} |
-|{"---|" * len(COLUMNS)}
+Gain-shape: spherical k-means, a token is its best direction times its projection (L0 = 1).
+top-m: greedy residual coding with m of the k-means directions (L0 = m).
+
 {rows}
+
+## Clustering quality across k (held-out tokens, in the space k-means was fitted in)
+
+{quality}
 
 ![L0-FVU frontier]({frontier_png})
 

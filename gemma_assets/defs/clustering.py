@@ -6,11 +6,16 @@ import dagster as dg
 import numpy as np
 
 from gemma_assets.core import metrics, plots
+from gemma_assets.core.cluster_metrics import cluster_quality
+from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape, unit_rows
 from gemma_assets.core.kmeans import KMeansDictionary, fit_kmeans
+from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
+
+TOP_M = (4, 16)  # atoms per token for the greedy residual code over k-means directions
 
 
 def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions: dg.PartitionsDefinition) -> list:
@@ -50,7 +55,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         partitions_def=k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # load the training tokens once for all k
         deps=[whitening],
-        code_version="1",
+        code_version="2",
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},
@@ -65,29 +70,80 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             prof.kmeans.preprocessing, Whitening.load(storage.path("whitening", "whitening.npz"))
         )
         train, _ = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)
+        mean = preprocessor.shift
+        heldout_batches = lambda: (x for x, _ in store.iter_tokens(prof.heldout_partition_keys))  # noqa: E731
+        common = {"train_partitions": prof.train_partition_keys, "train_tokens": len(train)}
         summary = {}
         for key in context.partition_keys:
             k = int(key)
-            result = fit_kmeans(train, k, prof.kmeans.max_iter, prof.kmeans.tol, prof.kmeans.seed)
+            peak = PeakRss()
+            with peak:
+                result = fit_kmeans(train, k, prof.kmeans.max_iter, prof.kmeans.tol, prof.kmeans.seed)
             dictionary = KMeansDictionary(result.centroids, preprocessor)
-            heldout = metrics.evaluate(
-                (x for x, _ in store.iter_tokens(prof.heldout_partition_keys)), dictionary.reconstruct
-            )
+            quality = cluster_quality((preprocessor.forward(x) for x in heldout_batches()), result.centroids)
             record = {
                 "name": f"kmeans-{k}",
                 "family": "k-means",
                 "k": k,
                 "preprocessing": prof.kmeans.preprocessing,
-                "train_partitions": prof.train_partition_keys,
-                "train_tokens": len(train),
+                **common,
                 "iterations": result.n_iter,
                 "converged": result.converged,
                 "fit_seconds": result.fit_seconds,
+                "fit_peak_rss_mb": peak.mb,
                 "train_inertia": result.inertia_curve[-1],
-                "dead_clusters": int((result.sizes == 0).sum()),
+                "dead_clusters_train": int((result.sizes == 0).sum()),
                 "parameters": result.centroids.numel(),
-                **{f"heldout_{name}": value for name, value in heldout.items()},
+                **{f"heldout_{name}": value for name, value in quality.items()},
+                **{
+                    f"heldout_{name}": value
+                    for name, value in metrics.evaluate(heldout_batches(), dictionary.reconstruct).items()
+                },
             }
+            # the same clustering read as dictionaries with more shapes: gain-shape (L0 = 1 with a
+            # free scale) and greedy residual coding over the k-means directions (L0 = m)
+            gain_shape, spherical = fit_gain_shape(
+                preprocessor.inverse(train),
+                mean,
+                k,
+                max_iter=prof.kmeans.max_iter,
+                tol=prof.kmeans.tol,
+                seed=prof.kmeans.seed,
+            )
+            atoms = unit_rows(preprocessor.inverse(result.centroids) - mean)
+            variants = [
+                {
+                    "name": f"gain-shape-{k}",
+                    "family": "gain-shape",
+                    "k": k,
+                    **common,
+                    "fit_seconds": spherical.fit_seconds,
+                    "parameters": spherical.centroids.numel(),
+                    **{
+                        f"heldout_{n}": v
+                        for n, v in metrics.evaluate(heldout_batches(), gain_shape.reconstruct).items()
+                    },
+                },
+                *[
+                    {
+                        "name": f"top{m}-kmeans-{k}",
+                        "family": f"top-m over k-means-{k}",
+                        "k": k,
+                        "m": m,
+                        **common,
+                        "fit_seconds": result.fit_seconds,
+                        "parameters": atoms.numel(),
+                        **{
+                            f"heldout_{n}": v
+                            for n, v in metrics.evaluate(
+                                heldout_batches(), MatchingPursuitDictionary(atoms, mean, m).reconstruct
+                            ).items()
+                        },
+                    }
+                    for m in TOP_M
+                    if m < k
+                ],
+            ]
             out = storage.path("clusters", f"k-{k:05d}")
             out.mkdir(parents=True, exist_ok=True)
             np.savez(
@@ -95,10 +151,13 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 centroids=result.centroids.numpy(),
                 sizes=result.sizes.numpy(),
                 inertia_curve=np.array(result.inertia_curve),
+                gain_shape_directions=gain_shape.directions.numpy(),
             )
             (out / "metrics.json").write_text(json.dumps(record, indent=1))
+            (out / "variants.json").write_text(json.dumps(variants, indent=1))
             context.log.info(
-                f"k={k}: {result.n_iter} iterations in {result.fit_seconds:.1f}s, held-out FVU {heldout['fvu']:.4f}"
+                f"k={k}: {result.n_iter} iterations in {result.fit_seconds:.1f}s, held-out FVU {record['heldout_fvu']:.4f}, "
+                + ", ".join(f"{v['name']} {v['heldout_fvu']:.4f}" for v in variants)
             )
             summary[key] = record
         return dg.MaterializeResult(
@@ -114,10 +173,12 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
 
 
 def load_cluster_metrics(storage: StorageResource, keys: list[str]) -> list[dict]:
+    """Metric records of every k-means model and its variants, for the report."""
     records = []
     for key in keys:
-        path = storage.path("clusters", f"k-{int(key):05d}", "metrics.json")
-        if not path.exists():
-            raise FileNotFoundError(f"no k-means model for k={key} at {path}: materialise cluster_models[{key}]")
-        records.append(json.loads(path.read_text()))
+        folder = storage.path("clusters", f"k-{int(key):05d}")
+        if not (folder / "variants.json").exists():
+            raise FileNotFoundError(f"no k-means model for k={key} in {folder}: materialise cluster_models[{key}]")
+        records.append(json.loads((folder / "metrics.json").read_text()))
+        records += json.loads((folder / "variants.json").read_text())
     return records

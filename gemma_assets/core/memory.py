@@ -1,0 +1,34 @@
+"""Peak resident memory of a block of code (RSS high-water mark, sampled)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+
+class PeakRss:
+    """RSS high-water mark (MB) above the starting level while the block runs."""
+
+    def __enter__(self) -> PeakRss:
+        self._process = psutil.Process()
+        self.start = self._process.memory_info().rss
+        self.peak = self.start
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2**20

@@ -1,0 +1,88 @@
+"""K-means backends and streaming, the clustering dictionaries and the cluster-quality metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+
+from gemma_assets.core.cluster_metrics import cluster_quality
+from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape, unit_rows
+from gemma_assets.core.kmeans import fit_kmeans
+from gemma_assets.core.metrics import evaluate
+from gemma_assets.core.profiles import ConfigError
+
+
+def _blobs(n=3000, d=16, k=6, seed=0):
+    x, truth = make_blobs(n_samples=n, n_features=d, centers=k, cluster_std=0.5, random_state=seed)
+    return torch.from_numpy(x).float(), truth
+
+
+def test_streamed_fit_equals_in_memory_fit():
+    x, _ = _blobs()
+    init = x[:6].clone()
+    in_memory = fit_kmeans(x, 6, max_iter=15, tol=0.0, init=init)
+    streamed = fit_kmeans(lambda: (x[i : i + 250] for i in range(0, len(x), 250)), 6, max_iter=15, tol=0.0, init=init)
+    assert torch.allclose(in_memory.centroids, streamed.centroids, atol=1e-4)  # float32 batch sums round differently
+    assert in_memory.inertia_curve == pytest.approx(streamed.inertia_curve, rel=1e-5)
+    assert torch.equal(in_memory.sizes, streamed.sizes)
+
+
+def test_bounds_skip_work_but_not_exactness():
+    x, _ = _blobs(n=4000, k=10)
+    init = x[:10].clone()
+    result = fit_kmeans(x, 10, max_iter=30, tol=0.0, init=init)
+    assert result.distance_rows_computed < 0.5 * len(x) * (result.n_iter + 1)
+    # inertia from the running sums equals the directly computed one
+    labels = torch.cdist(x, result.centroids).argmin(1)
+    direct = float(((x - result.centroids[labels]) ** 2).sum())
+    assert result.inertia_curve[-1] == pytest.approx(direct, rel=1e-5)
+
+
+def test_minibatch_backend_honours_the_contract():
+    x, _ = _blobs()
+    full = fit_kmeans(x, 6, seed=0)
+    mini = fit_kmeans(x, 6, seed=0, backend="minibatch", minibatch_steps=50)
+    assert mini.centroids.shape == full.centroids.shape and mini.sizes.sum() == len(x)
+    assert mini.inertia_curve[-1] <= 1.05 * full.inertia_curve[-1]
+
+
+def test_bad_backend_config_fails_clearly():
+    x, _ = _blobs(n=100)
+    with pytest.raises(ConfigError, match="unknown k-means backend 'faiss'; valid: torch, minibatch, cuml"):
+        fit_kmeans(x, 4, backend="faiss")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU and none is visible"):
+            fit_kmeans(x, 4, backend="cuml")
+
+
+def test_gain_shape_reconstructs_tokens_on_rays():
+    generator = torch.Generator().manual_seed(0)
+    directions = unit_rows(torch.randn(5, 32, generator=generator))
+    scale = torch.rand(2000, 1, generator=generator) * 10 + 1
+    mean = torch.full((32,), 3.0)
+    x = mean + scale * directions[torch.randint(5, (2000,), generator=generator)]
+    dictionary, _ = fit_gain_shape(x, mean, 5, seed=0)
+    result = evaluate([x], dictionary.reconstruct)
+    assert result["fvu"] < 1e-6 and result["l0"] == 1
+
+
+def test_matching_pursuit_uses_m_atoms():
+    atoms = torch.eye(8)[:6]
+    mean = torch.zeros(8)
+    x = 3 * atoms[1] - 2 * atoms[4] + 0.1 * atoms[0]
+    x_hat, active = MatchingPursuitDictionary(atoms, mean, 2).reconstruct(x[None])
+    assert torch.allclose(x_hat[0], 3 * atoms[1] - 2 * atoms[4]) and active.item() == 2
+    x_hat, active = MatchingPursuitDictionary(atoms, mean, 3).reconstruct(x[None])
+    assert torch.allclose(x_hat[0], x[None][0]) and active.item() == 3
+
+
+def test_cluster_quality_on_separated_blobs():
+    x, _ = _blobs(n=3000, k=6)
+    result = fit_kmeans(x, 6, seed=0)
+    quality = cluster_quality([x[:1500], x[1500:]], result.centroids)
+    assert quality["simplified_silhouette"] > 0.8 and quality["silhouette_sampled"] > 0.8
+    assert quality["davies_bouldin"] < 0.3 and quality["size_entropy"] > 0.95
+    assert quality["dead_clusters"] == 0 and quality["inertia"] == pytest.approx(result.inertia_curve[-1], rel=1e-4)
+    far = torch.cat([result.centroids, torch.full((1, 16), 1e4)])
+    assert cluster_quality([x], far)["dead_clusters"] == 1
