@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,31 +86,50 @@ def compare(name: str, x: np.ndarray, k: int, iterations: int, seed: int = 0) ->
     return row
 
 
-def out_of_core(budget_mb: int, k: int, iterations: int, d: int = 640) -> dict:
-    """A streamed fit over a store >= 4x the budget: batches of budget/8 rows, nothing else held."""
-    tokens_per_partition = 1 << 16
-    data_mb = 4 * budget_mb
-    n_partitions = max(1, int(np.ceil(data_mb * 2**20 / (tokens_per_partition * d * 4))))
+def out_of_core_child(budget_mb: int, factor: int, k: int, iterations: int, d: int = 640) -> dict:
+    """One streamed fit over a store `factor` times the budget (run in its own process)."""
+    tokens_per_partition = 1 << 15
+    n_partitions = int(np.ceil(factor * budget_mb * 2**20 / (tokens_per_partition * d * 4)))
     with tempfile.TemporaryDirectory() as scratch:
         store = write_store(Path(scratch), n_partitions, tokens_per_partition, d)
         keys = store.committed_keys()
-        batch_tokens = max(1024, budget_mb * 2**20 // 8 // (4 * d))
+        batch_tokens = budget_mb * 2**20 // 8 // (4 * d)
 
         def batches():
             return (x for x, _ in store.iter_tokens(keys, batch_tokens=batch_tokens, exclude_bos=False))
 
         with PeakRss() as rss:
-            result = fit_kmeans(batches, k, max_iter=iterations, tol=0.0, seed=0)
-        float32_mb = n_partitions * tokens_per_partition * d * 4 / 2**20
-    print(
-        f"  out-of-core: {float32_mb:.0f} MB of float32 data, budget {budget_mb} MB, peak RSS growth {rss.mb:.0f} MB",
-        flush=True,
-    )
+            fit_kmeans(
+                batches, k, max_iter=iterations, tol=0.0, seed=0, init_sample_rows=budget_mb * 2**20 // 4 // (4 * d)
+            )
+    return {"data_float32_mb": n_partitions * tokens_per_partition * d * 4 / 2**20, "peak_rss_mb": rss.mb}
+
+
+def out_of_core(budget_mb: int, k: int, iterations: int) -> dict:
+    """Streamed fits over stores 4x and 8x the budget (batches of budget/8, a k-means++ sample
+    of budget/4), each in a fresh process whose allocator returns freed buffers to the system
+    (MALLOC_MMAP_THRESHOLD_), so RSS follows live memory. It should stay flat as data doubles."""
+    runs = []
+    for factor in (4, 8):
+        child = subprocess.run(
+            [sys.executable, __file__, "--out-of-core-child", f"{budget_mb},{factor},{k},{iterations}"],
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        run = json.loads(child.stdout.strip().splitlines()[-1])
+        runs.append(run)
+        print(
+            f"  out-of-core: {run['data_float32_mb']:.0f} MB of float32 data, budget {budget_mb} MB, "
+            f"peak RSS growth {run['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     return {
-        "data_float32_mb": float32_mb,
         "budget_mb": budget_mb,
-        "out_of_core_peak_rss_mb": rss.mb,
-        "iterations": result.n_iter,
+        "out_of_core_runs": runs,
+        "out_of_core_peak_rss_mb": runs[0]["peak_rss_mb"],
+        "out_of_core_memory_growth_ratio": runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"],
     }
 
 
@@ -121,8 +141,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--demo-data", type=Path, help="a demo profile folder (data/demo) with stored activations")
-    parser.add_argument("--budget-mb", type=int, default=256)
+    parser.add_argument("--budget-mb", type=int, default=128)
+    parser.add_argument("--out-of-core-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.out_of_core_child:
+        print(json.dumps(out_of_core_child(*map(int, args.out_of_core_child.split(",")))))
+        return
     print(
         f"k-means benchmark on {torch.get_num_threads()} torch threads (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')})"
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PREPROCESSINGS = ("center", "zca")
+PREPROCESSINGS = ("none", "center", "standardize", "pca", "zca")
 
 
 @dataclass(frozen=True)
@@ -44,21 +44,40 @@ class Preprocessor:
     """An affine map into the space a clustering is fitted in, and its inverse."""
 
     shift: torch.Tensor  # [d]
-    forward_matrix: torch.Tensor | None  # [d, d]; None = identity
-    inverse_matrix: torch.Tensor | None
+    forward_matrix: torch.Tensor | None  # [d, r]; None = identity
+    inverse_matrix: torch.Tensor | None  # [r, d]
 
     @classmethod
-    def from_whitening(cls, kind: str, whitening: Whitening) -> Preprocessor:
-        shift = torch.from_numpy(whitening.mean).float()
-        if kind == "center":
+    def from_whitening(cls, kind: str, whitening: Whitening, n_components: int = 0) -> Preprocessor:
+        """none | center | standardize (per-dim) | pca (whitened principal components) | zca.
+
+        n_components > 0 keeps only the leading principal components: with "center" a plain PCA
+        projection, with "pca" a whitened one (the inverse maps back into that subspace).
+        """
+        if kind not in PREPROCESSINGS:
+            raise ValueError(f"unknown preprocessing {kind!r}; valid: {', '.join(PREPROCESSINGS)}")
+        if n_components and kind not in ("center", "pca"):
+            raise ValueError(f"n_components applies to 'center' and 'pca', not {kind!r}")
+        d = len(whitening.mean)
+        shift = torch.from_numpy(whitening.mean).float() if kind != "none" else torch.zeros(d)
+        vectors = whitening.eigenvectors[:, : n_components or d]
+        values = whitening.eigenvalues[: n_components or d]
+        if kind in ("none", "center") and not n_components:
             return cls(shift, None, None)
-        if kind == "zca":
-            return cls(
-                shift,
-                torch.from_numpy(whitening.zca_matrix()).float(),
-                torch.from_numpy(whitening.zca_inverse_matrix()).float(),
-            )
-        raise ValueError(f"unknown preprocessing {kind!r}; valid: {', '.join(PREPROCESSINGS)}")
+        if kind == "center":
+            forward, inverse = vectors, vectors.T
+        elif kind == "standardize":
+            std = np.sqrt((whitening.eigenvectors**2 * whitening.eigenvalues).sum(1))
+            forward, inverse = np.diag(1 / std), np.diag(std)
+        elif kind == "pca":
+            forward, inverse = vectors / np.sqrt(values), (vectors * np.sqrt(values)).T
+        else:
+            forward, inverse = whitening.zca_matrix(), whitening.zca_inverse_matrix()
+        return cls(
+            shift,
+            torch.from_numpy(np.ascontiguousarray(forward)).float(),
+            torch.from_numpy(np.ascontiguousarray(inverse)).float(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - self.shift
