@@ -45,11 +45,11 @@ def _stages(defs: dg.Definitions, profile) -> list[tuple[str, str, list[str] | N
         (
             "statistics, checks, whitening, SAEs",
             "analyse",
-            ["activation_stats", "whitening", "sae_dictionary", "sae_evaluation"],
+            ["activation_stats", "whitening", "leader_clusters", "sae_dictionary", "sae_evaluation"],
             {},
         ),
         (
-            f"k-means for k in {list(profile.kmeans.ks)}",
+            f"k-means, variants and density for k in {list(profile.kmeans.ks)}",
             "fit_cluster_models",
             None,
             whole_range([str(k) for k in profile.kmeans.ks]),

@@ -7,6 +7,7 @@ import dagster as dg
 from gemma_assets.core.profiles import Profile, get_profile
 from gemma_assets.defs.activations import build_activations_asset
 from gemma_assets.defs.clustering import build_clustering_assets
+from gemma_assets.defs.density import build_density_assets
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,
     TRANSIENT_RETRY_TAGS,
@@ -36,14 +37,17 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
     activations = build_activations_asset(partitions)
     activation_stats, *stats_checks = build_stats_assets(activations, partitions)
     whitening, cluster_models = build_clustering_assets(activation_stats, k_partitions(profile))
+    cluster_density, leader_clusters = build_density_assets(cluster_models, whitening, k_partitions(profile))
     sae_dictionary, sae_evaluation = build_sae_assets(activation_stats)
-    comparison_report = build_report_asset(cluster_models, sae_evaluation)
+    comparison_report = build_report_asset(cluster_models, leader_clusters, sae_evaluation)
     assets = [
         pile_sample,
         activations,
         activation_stats,
         whitening,
         cluster_models,
+        cluster_density,
+        leader_clusters,
         sae_dictionary,
         sae_evaluation,
         comparison_report,
@@ -53,11 +57,19 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
     # job per definition; `gemma-assets materialize` and the UI's "Materialize all" run them all.
     jobs = [
         dg.define_asset_job("extract_activations", selection=[activations], tags={**tags, **TRANSIENT_RETRY_TAGS}),
-        dg.define_asset_job("fit_cluster_models", selection=[cluster_models], tags={**tags, **TRANSIENT_RETRY_TAGS}),
+        dg.define_asset_job(
+            "fit_cluster_models", selection=[cluster_models, cluster_density], tags={**tags, **TRANSIENT_RETRY_TAGS}
+        ),
         dg.define_asset_job(
             "analyse",
             selection=dg.AssetSelection.assets(
-                pile_sample, activation_stats, whitening, sae_dictionary, sae_evaluation, comparison_report
+                pile_sample,
+                activation_stats,
+                whitening,
+                leader_clusters,
+                sae_dictionary,
+                sae_evaluation,
+                comparison_report,
             ),
             tags={**tags, **CRASH_ONLY_RETRY_TAGS},
         ),

@@ -66,6 +66,14 @@ def nearest_two(
     return torch.cat(labels), torch.cat(first).clamp_min_(0), torch.cat(second).clamp_min_(0)
 
 
+def cluster_sums(labels: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the rows of each cluster [k, d] as one GEMM with a one-hot matrix: on CPU this
+    is several times faster than index_add_."""
+    onehot = torch.zeros(len(rows), k, dtype=rows.dtype, device=rows.device)
+    onehot.scatter_(1, labels[:, None], 1.0)
+    return onehot.T @ rows
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of x [n, d]: (labels [n], squared distances [n])."""
     labels, first, _ = nearest_two(x, centroids, (centroids**2).sum(1))
@@ -191,8 +199,8 @@ def _lloyd_chunk(
     state.labels[redo], state.upper[redo], state.lower[redo] = labels, first.sqrt(), second.sqrt()
     moved = (labels != old).nonzero().flatten()
     if len(moved):
-        delta = torch.zeros_like(centroids).index_add_(0, labels[moved], rows[moved])
-        sums += delta.index_add_(0, old[moved], -rows[moved]).double()
+        gained = cluster_sums(labels[moved], rows[moved], len(centroids))
+        sums += (gained - cluster_sums(old[moved], rows[moved], len(centroids))).double()
     return len(redo)
 
 
@@ -215,7 +223,10 @@ def _fit_lloyd(batches: Batches, centroids: torch.Tensor, max_iter: int, tol: fl
                 x_sq = (x**2).sum(1)
                 labels, first, second = nearest_two(x, centroids, c_sq, x_sq)
                 bounds.append(_Bounds(labels, first.sqrt(), second.sqrt(), x_sq))
-                sums += torch.zeros_like(centroids).index_add_(0, labels, x).double()
+                for start in range(0, len(x), _ROWS_PER_GEMM):
+                    sums += cluster_sums(
+                        labels[start : start + _ROWS_PER_GEMM], x[start : start + _ROWS_PER_GEMM], k
+                    ).double()
                 x_sq_total += float(x_sq.double().sum())
                 full_rows += len(x)
                 continue

@@ -69,10 +69,21 @@ class SaeSpec:
 @dataclass(frozen=True)
 class KMeansSpec:
     ks: tuple[int, ...] = (64, 128, 256)
-    preprocessing: str = "center"  # "center" | "zca": space in which k-means is fitted
+    preprocessing: str = "center"  # none | center | standardize | pca | zca: space k-means is fitted in
+    n_components: int = 0  # > 0: keep only the leading principal components (center or pca)
+    backend: str = "torch"  # torch | minibatch | cuml
     max_iter: int = 50
     tol: float = 1e-4
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class DensitySpec:
+    components: int = 32  # whitened principal components the Gaussian mixture is fitted in
+    max_iter: int = 50
+    tol: float = 1e-5
+    anomalies: int = 20  # lowest-density held-out tokens surfaced with their context
+    leader_percentile: float = 5.0  # Exemplar Partitioning: threshold percentile of pairwise distances
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Profile:
     sample: SampleSpec
     kmeans: KMeansSpec = field(default_factory=KMeansSpec)
     quality: QualitySpec = field(default_factory=QualitySpec)
+    density: DensitySpec = field(default_factory=DensitySpec)
     saes: tuple[SaeSpec, ...] = ()
     sae_train_epochs: int = 1
     sae_batch_size: int = 1024

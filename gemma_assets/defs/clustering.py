@@ -67,7 +67,9 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         prof = profile.profile
         store = storage.activation_store()
         preprocessor = Preprocessor.from_whitening(
-            prof.kmeans.preprocessing, Whitening.load(storage.path("whitening", "whitening.npz"))
+            prof.kmeans.preprocessing,
+            Whitening.load(storage.path("whitening", "whitening.npz")),
+            prof.kmeans.n_components,
         )
         train, _ = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)
         mean = preprocessor.shift
@@ -78,7 +80,9 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             k = int(key)
             peak = PeakRss()
             with peak:
-                result = fit_kmeans(train, k, prof.kmeans.max_iter, prof.kmeans.tol, prof.kmeans.seed)
+                result = fit_kmeans(
+                    train, k, prof.kmeans.max_iter, prof.kmeans.tol, prof.kmeans.seed, backend=prof.kmeans.backend
+                )
             dictionary = KMeansDictionary(result.centroids, preprocessor)
             quality = cluster_quality((preprocessor.forward(x) for x in heldout_batches()), result.centroids)
             record = {
@@ -86,6 +90,8 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 "family": "k-means",
                 "k": k,
                 "preprocessing": prof.kmeans.preprocessing,
+                "n_components": prof.kmeans.n_components,
+                "backend": prof.kmeans.backend,
                 **common,
                 "iterations": result.n_iter,
                 "converged": result.converged,

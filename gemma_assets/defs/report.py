@@ -13,10 +13,12 @@ from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table
 from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
 
 
-def build_report_asset(cluster_models: dg.AssetsDefinition, sae_evaluation: dg.AssetsDefinition) -> dg.AssetsDefinition:
+def build_report_asset(
+    cluster_models: dg.AssetsDefinition, leader_clusters: dg.AssetsDefinition, sae_evaluation: dg.AssetsDefinition
+) -> dg.AssetsDefinition:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
-        deps=[cluster_models, sae_evaluation],
+        deps=[cluster_models, leader_clusters, sae_evaluation],
         code_version="1",
         group_name="report",
         kinds={"markdown"},
@@ -30,6 +32,7 @@ def build_report_asset(cluster_models: dg.AssetsDefinition, sae_evaluation: dg.A
         """Markdown report (and PNG frontier plot) comparing k-means and SAEs on held-out tokens."""
         prof = profile.profile
         records = load_cluster_metrics(storage, [str(k) for k in prof.kmeans.ks])
+        records.append(json.loads(storage.path("clusters", "leader", "metrics.json").read_text()))
         records += json.loads(storage.path("saes", "evaluation.json").read_text())
         report.check_no_leakage(records, prof.heldout_partition_keys)
         for record in records:
