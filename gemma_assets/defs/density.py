@@ -70,6 +70,7 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
                 gmm, store.iter_tokens(prof.heldout_partition_keys, transform=space.forward), prof.density.anomalies
             )
             for anomaly in anomalies:
+                anomaly["partition"] = f"{int(anomaly['partition']):04d}"  # the reader carries it as a number
                 anomaly["context"] = token_in_context(
                     store, tokenizer, anomaly["partition"], anomaly["row"], anomaly["position"], prof.sample.context_len
                 )
