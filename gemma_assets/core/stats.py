@@ -43,11 +43,11 @@ class ActivationMoments:
         other = ActivationMoments(self.d_model)
         other.count = len(x)
         mean = x.sum(0, dtype=torch.float64) / len(x)
-        # centred in float32 with the float64 batch mean, the GEMM in float32 (~5x faster than
-        # float64 here); batches merge in float64
-        centred = x - mean.float()
+        # float64 throughout: a float32 co-moment loses the low-variance directions whitening
+        # needs (covariance condition numbers of residual streams reach 1e6 and more)
+        centred = x.double() - mean
         other.mean = mean.numpy()
-        other.comoment = (centred.T @ centred).double().numpy()
+        other.comoment = (centred.T @ centred).numpy()
         other.minimum, other.maximum = x.amin(0).double().numpy(), x.amax(0).double().numpy()
         norms = (x.norm(dim=1) if norms is None else norms).double().numpy()
         other.norm_sum = float(norms.sum())
