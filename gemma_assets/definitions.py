@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from gemma_assets.core.profiles import Profile, get_profile
@@ -22,6 +24,10 @@ from gemma_assets.defs.sampling import pile_sample
 from gemma_assets.defs.stats import build_stats_assets
 
 PROFILE_TAG = "gemma_assets/profile"
+# two features Dagster still labels beta/preview are used on purpose: single-run backfills
+# (one model load for many partitions) and per-partition asset checks
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
 def activation_partitions(profile: Profile) -> dg.StaticPartitionsDefinition:

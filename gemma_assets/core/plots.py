@@ -44,28 +44,14 @@ def l0_fvu_frontier(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def eigen_spectrum(eigenvalues: np.ndarray, path: Path) -> Path:
+def spectrum(values: np.ndarray, path: Path, xlabel: str, ylabel: str) -> Path:
+    """Values sorted in decreasing order on log-log axes: dominant directions show as a cliff."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(np.arange(1, len(eigenvalues) + 1), eigenvalues)
+    ax.plot(np.arange(1, len(values) + 1), np.sort(values)[::-1])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("principal component")
-    ax.set_ylabel("variance (covariance eigenvalue)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def variance_spectrum(variance: np.ndarray, path: Path) -> Path:
-    """Per-dimension variance, sorted: a few dominant dimensions show as a cliff at the left."""
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(np.arange(1, len(variance) + 1), np.sort(variance)[::-1])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("dimension (sorted by variance)")
-    ax.set_ylabel("variance")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -40,7 +40,12 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         deviation = identity_deviation(whitened)
         roundtrip = float(((zca.inverse(whitened) - heldout).norm(dim=1) / heldout.norm(dim=1)).max())
         context.log.info(f"held-out whitened covariance: max |C - I| = {deviation:.3g}")
-        plot = plots.eigen_spectrum(fitted.eigenvalues, storage.path("whitening", "eigen_spectrum.png"))
+        plot = plots.spectrum(
+            fitted.eigenvalues,
+            storage.path("whitening", "eigen_spectrum.png"),
+            "principal component",
+            "variance (eigenvalue)",
+        )
         return dg.MaterializeResult(
             metadata={
                 "heldout_identity_max_abs_deviation": deviation,

@@ -186,7 +186,9 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
         histogram = plots.norm_histogram(
             NORM_BIN_EDGES, train.norm_histogram, storage.path("stats", "norm_histogram.png")
         )
-        spectrum = plots.variance_spectrum(train.variance, storage.path("stats", "variance_spectrum.png"))
+        spectrum = plots.spectrum(
+            train.variance, storage.path("stats", "variance_spectrum.png"), "dimension (sorted by variance)", "variance"
+        )
         return dg.MaterializeResult(
             metadata={
                 "summary": table_md(summary),
