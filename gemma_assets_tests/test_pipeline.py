@@ -89,3 +89,18 @@ def test_definitions_load_for_every_profile(monkeypatch):
 
     for profile in PROFILES.values():
         dg.Definitions.validate_loadable(build_definitions(profile, data_root="/nonexistent"))
+
+
+def test_every_stored_token_has_its_cluster(tiny_run):
+    import zarr
+
+    store = tiny_run.storage.activation_store()
+    for k in tiny_run.profile.kmeans.ks:
+        group = zarr.open_group(str(tiny_run.storage.path("clusters", f"k-{k:05d}", "assignments")), mode="r")
+        for key in tiny_run.profile.partition_keys:
+            labels = group[f"part-{key}"][:]
+            positions = store.open(key).array("positions")
+            assert len(labels) == tiny_run.profile.sample.tokens_per_partition
+            assert (labels[positions == 0] == -1).all() and (
+                (labels[positions != 0] >= 0) & (labels[positions != 0] < k)
+            ).all()

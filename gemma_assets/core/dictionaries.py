@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma_assets.core.kmeans import KMeansResult, fit_kmeans
+from gemma_assets.core.kmeans import Batches, KMeansResult, fit_kmeans, map_data
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -34,10 +34,11 @@ class GainShapeDictionary:
 
 
 def fit_gain_shape(
-    train: torch.Tensor, mean: torch.Tensor, k: int, **kmeans_args
+    train: torch.Tensor | Batches, mean: torch.Tensor, k: int, **kmeans_args
 ) -> tuple[GainShapeDictionary, KMeansResult]:
-    """Spherical k-means: k-means on centred unit vectors, centroids renormalised."""
-    result = fit_kmeans(unit_rows(train - mean), k, **kmeans_args)
+    """Spherical k-means: k-means on centred unit vectors (a tensor or a stream of batches),
+    centroids renormalised."""
+    result = fit_kmeans(map_data(train, lambda x: unit_rows(x - mean)), k, **kmeans_args)
     return GainShapeDictionary(unit_rows(result.centroids), mean), result
 
 

@@ -43,6 +43,13 @@ def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
     return lambda: (data[start : start + rows] for start in range(0, len(data), rows))
 
 
+def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Batches:
+    """fn applied to a tensor, or lazily to every batch of a stream."""
+    if callable(data):
+        return lambda: (fn(batch) for batch in data())
+    return fn(data)
+
+
 def nearest_two(
     x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, x_sq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,16 +1,22 @@
 """whitening and cluster_models[k]: the clustering side of the comparison."""
 
 import json
+import shutil
+import uuid
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import zarr
+import zarr.storage
 
 from gemma_assets.core import metrics, plots
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape, unit_rows
-from gemma_assets.core.kmeans import KMeansDictionary, fit_kmeans
+from gemma_assets.core.kmeans import KMeansDictionary, assign, fit_kmeans, map_data
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
+from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
@@ -60,15 +66,16 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         partitions_def=k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # load the training tokens once for all k
         deps=[whitening],
-        code_version="2",
+        code_version="3",
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
-        kinds={"pytorch"},
+        kinds={"pytorch", "zarr"},
     )
     def cluster_models(
         context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
     ) -> dg.MaterializeResult:
-        """K-means (k-means++ init, Lloyd) fitted on the train split, evaluated on held-out tokens."""
+        """K-means (k-means++ init, exact Lloyd) fitted on the train split (in memory or streamed),
+        its gain-shape and top-m readings, held-out metrics, and the cluster of every stored token."""
         prof = profile.profile
         store = storage.activation_store()
         preprocessor = Preprocessor.from_whitening(
@@ -76,10 +83,14 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             Whitening.load(storage.path("whitening", "whitening.npz")),
             prof.kmeans.n_components,
         )
-        train, _ = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)
+        moments = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
+        if moments.count * moments.d_model * 4 <= prof.kmeans.in_memory_mb * 2**20:
+            train = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)[0]
+        else:  # out of core: every Lloyd iteration streams the store once
+            train = lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys, transform=preprocessor.forward))  # noqa: E731
         mean = preprocessor.shift
         heldout_batches = lambda: (x for x, _ in store.iter_tokens(prof.heldout_partition_keys))  # noqa: E731
-        common = {"train_partitions": prof.train_partition_keys, "train_tokens": len(train)}
+        common = {"train_partitions": prof.train_partition_keys, "train_tokens": moments.count}
         summary = {}
         for key in context.partition_keys:
             k = int(key)
@@ -114,7 +125,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             # the same clustering read as dictionaries with more shapes: gain-shape (L0 = 1 with a
             # free scale) and greedy residual coding over the k-means directions (L0 = m)
             gain_shape, spherical = fit_gain_shape(
-                preprocessor.inverse(train),
+                map_data(train, preprocessor.inverse),
                 mean,
                 k,
                 max_iter=prof.kmeans.max_iter,
@@ -164,6 +175,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 inertia_curve=np.array(result.inertia_curve),
                 gain_shape_directions=gain_shape.directions.numpy(),
             )
+            write_assignments(out / "assignments", store, prof.partition_keys, dictionary)
             (out / "metrics.json").write_text(json.dumps(record, indent=1))
             (out / "variants.json").write_text(json.dumps(variants, indent=1))
             context.log.info(
@@ -181,6 +193,21 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         )
 
     return [whitening, cluster_models]
+
+
+def write_assignments(path: Path, store: ActivationStore, keys: list[str], dictionary: KMeansDictionary) -> None:
+    """Cluster of every stored token (-1 for BOS), one zarr array per partition, row-aligned with
+    the activations; written beside and renamed into place, so readers never see half of it."""
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
+    for key in keys:
+        labels = np.full(store.open(key).n_tokens, -1, np.int32)
+        for x, info in store.iter_tokens([key]):
+            labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
+        group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
 
 
 def load_cluster_metrics(storage: StorageResource, keys: list[str]) -> list[dict]:
