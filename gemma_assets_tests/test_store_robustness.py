@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -77,21 +76,35 @@ def test_killed_writer_leaves_previous_version_visible_and_rerun_replaces_it(tmp
     assert len([p for p in part_dir.iterdir() if p.name.startswith("v-")]) == 1
 
 
-def _write(args) -> list[str]:
-    root, key, seed = args
-    store = ActivationStore(root)
-    store.write_partition(key, _small(seed), {})
-    return store.verify(key)
+SMALL_WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from gemma_assets.core.storage import ActivationStore
+    rng = np.random.default_rng(int(sys.argv[3]))
+    n = 300
+    arrays = {
+        "activations": rng.integers(0, 2**16, (n, 16), dtype=np.uint16),
+        "token_ids": np.full(n, 5, np.int32), "positions": np.arange(n, dtype=np.int32) % 30,
+        "doc_ids": np.zeros(n, np.int64), "strata": np.zeros(n, np.int16),
+    }
+    store = ActivationStore(sys.argv[1])
+    store.write_partition(sys.argv[2], arrays, {})
+    assert store.verify(sys.argv[2]) == []
+    """
+)
 
 
 def test_concurrent_writers_of_different_partitions_do_not_interfere(tmp_path):
-    jobs = [(str(tmp_path), f"{i:04d}", i) for i in range(6)]
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
-        assert pool.map(_write, jobs) == [[]] * 6
+    # separate processes started together (not a multiprocessing pool, whose map can hang for
+    # ever if a worker dies): each writes and verifies its own partition
+    writers = [
+        subprocess.Popen([sys.executable, "-c", SMALL_WRITER, str(tmp_path), f"{i:04d}", str(i)]) for i in range(6)
+    ]
+    assert [writer.wait(timeout=300) for writer in writers] == [0] * 6
     store = ActivationStore(str(tmp_path))
     assert store.committed_keys() == [f"{i:04d}" for i in range(6)]
-    for _, key, seed in jobs:
-        assert np.array_equal(store.open(key).array("activations"), _small(seed)["activations"])
+    for i in range(6):
+        assert np.array_equal(store.open(f"{i:04d}").array("activations"), _small(i)["activations"])
 
 
 def test_fsspec_url_root_uses_the_same_code_path():
