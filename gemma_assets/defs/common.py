@@ -26,11 +26,12 @@ def corpus_files(profile: ProfileResource, storage: StorageResource) -> str | li
 
 def model_source(profile: ProfileResource, storage: StorageResource) -> str:
     """`from_pretrained` source of the profile's model (the tiny model is built once, here)."""
-    texts = None
-    if profile.profile.model.kind == "tiny":
+
+    def texts():  # a generator: the corpus is read only if the tiny model must be built
         documents = corpus.iter_documents(corpus_files(profile, storage))
-        texts = [doc.text for doc in itertools.islice(documents, TOKENIZER_CORPUS_DOCUMENTS)]
-    return model.model_source(profile.profile.model, storage.models_dir, texts)
+        yield from (doc.text for doc in itertools.islice(documents, TOKENIZER_CORPUS_DOCUMENTS))
+
+    return model.model_source(profile.profile.model, storage.models_dir, texts())
 
 
 def table_md(frame: pl.DataFrame, float_format: str = "{:.4g}") -> dg.MetadataValue:

@@ -207,7 +207,8 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
     def inputs_intact(profile: ProfileResource, storage: StorageResource) -> dg.AssetCheckResult:
         """Every partition present, committed and matching its checksums; no NaN/Inf counted."""
         prof, store = profile.profile, storage.activation_store()
-        missing = [k for k in prof.partition_keys if k not in store.committed_keys()]
+        committed = set(store.committed_keys())  # one listing of the store, not one per partition
+        missing = [k for k in prof.partition_keys if k not in committed]
         problems = [f"partition {k} is missing or uncommitted" for k in missing]
         problems += [p for k in prof.partition_keys if k not in missing for p in store.verify(k)]
         for key in prof.partition_keys:
