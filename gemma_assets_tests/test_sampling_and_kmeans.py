@@ -42,6 +42,8 @@ def test_kmeans_matches_sklearn_from_same_init():
     ours = fit_kmeans(x, 20, max_iter=10, tol=0.0, init=init)
     ref = KMeans(20, init=init.numpy(), n_init=1, max_iter=10, tol=0.0, algorithm="lloyd").fit(x.numpy())
     assert abs(ours.inertia_curve[-1] - ref.inertia_) / ref.inertia_ <= 1e-3
+    labels, _ = assign(x, ours.centroids)
+    assert adjusted_rand_score(ref.predict(x.numpy()), labels.numpy()) >= 0.99
 
 
 def test_kmeans_recovers_blobs():
