@@ -7,7 +7,8 @@ import torch
 from sklearn.datasets import make_blobs
 
 from gemma_assets.core.cluster_metrics import cluster_quality
-from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape, unit_rows
+from gemma_assets.core.codes import unit_rows
+from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape
 from gemma_assets.core.kmeans import fit_kmeans
 from gemma_assets.core.metrics import evaluate
 from gemma_assets.core.profiles import ConfigError
@@ -63,7 +64,7 @@ def test_gain_shape_reconstructs_tokens_on_rays():
     mean = torch.full((32,), 3.0)
     x = mean + scale * directions[torch.randint(5, (2000,), generator=generator)]
     dictionary, _ = fit_gain_shape(x, mean, 5, seed=0)
-    result = evaluate([x], dictionary.reconstruct)
+    result = evaluate([x], dictionary)
     assert result["fvu"] < 1e-6 and result["l0"] == 1
 
 
@@ -71,10 +72,10 @@ def test_matching_pursuit_uses_m_atoms():
     atoms = torch.eye(8)[:6]
     mean = torch.zeros(8)
     x = 3 * atoms[1] - 2 * atoms[4] + 0.1 * atoms[0]
-    x_hat, active = MatchingPursuitDictionary(atoms, mean, 2).reconstruct(x[None])
-    assert torch.allclose(x_hat[0], 3 * atoms[1] - 2 * atoms[4]) and active.item() == 2
-    x_hat, active = MatchingPursuitDictionary(atoms, mean, 3).reconstruct(x[None])
-    assert torch.allclose(x_hat[0], x[None][0]) and active.item() == 3
+    for m, expected in ((2, 3 * atoms[1] - 2 * atoms[4]), (3, x)):
+        dictionary = MatchingPursuitDictionary(atoms, mean, m)
+        codes = dictionary.encode(x[None])
+        assert torch.allclose(dictionary.decode(codes)[0], expected) and codes.l0().item() == m
 
 
 def test_cluster_quality_on_separated_blobs():

@@ -1,5 +1,5 @@
 """Clustering-derived dictionaries with more than one reconstruction shape, so clustering can be
-set beside SAEs on an L0-FVU frontier. All reconstruct in raw units; all ignore nothing.
+set beside SAEs on an L0-FVU frontier. All decode into raw units.
 
 - GainShapeDictionary: spherical k-means directions; a token is its mean plus the best
   direction scaled by its projection (L0 = 1, one free coefficient, like a 1-sparse SAE).
@@ -13,24 +13,42 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma_assets.core.kmeans import Batches, KMeansResult, fit_kmeans, map_data
+from gemma_assets.core.codes import Codes, Dictionary, unit_rows
+from gemma_assets.core.kmeans import Batches, KMeansDictionary, KMeansResult, fit_kmeans, map_data
+from gemma_assets.core.whitening import Preprocessor
 
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+TOP_M = (4, 16)  # atoms per token for the greedy residual code over k-means directions
 
 
 @dataclass(frozen=True)
-class GainShapeDictionary:
-    directions: torch.Tensor  # [k, d] unit rows
+class _Atoms:
+    """Unit atoms around a mean: the directions tokens are coded with."""
+
+    atoms: torch.Tensor  # [k, d] unit rows
     mean: torch.Tensor  # [d]
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        centred = x - self.mean
-        scores = centred @ self.directions.T  # [n, k] projections
-        best = scores.abs().argmax(1)
-        gain = scores.gather(1, best[:, None])
-        return self.mean + gain * self.directions[best], torch.ones(len(x))
+    @property
+    def n_features(self) -> int:
+        return len(self.atoms)
+
+    def directions(self) -> torch.Tensor:
+        return self.atoms
+
+
+@dataclass(frozen=True)
+class GainShapeDictionary(_Atoms):
+    """A token is the mean plus its best unit atom times its projection on it (L0 = 1).
+    Leader clustering's exemplars read the same way."""
+
+    signed: bool = True  # best atom by |projection|; False: by projection (the nearest on the sphere)
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        scores = (x.float() - self.mean) @ self.atoms.T  # [n, k] projections
+        best = (scores.abs() if self.signed else scores).argmax(1)
+        return Codes.one_hot(best, scores.gather(1, best[:, None])[:, 0])
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return self.mean + codes.values * self.atoms[codes.indices[:, 0]]
 
 
 def fit_gain_shape(
@@ -43,17 +61,56 @@ def fit_gain_shape(
 
 
 @dataclass(frozen=True)
-class MatchingPursuitDictionary:
-    atoms: torch.Tensor  # [k, d] unit rows
-    mean: torch.Tensor  # [d]
-    m: int  # atoms per token
+class MatchingPursuitDictionary(_Atoms):
+    """Greedy residual codes with m atoms per token (L0 = m)."""
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m: int = 1
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        """Greedy residual coding; an atom picked twice accumulates one coefficient."""
         residual = x - self.mean
-        used = torch.zeros(len(x), len(self.atoms), dtype=torch.bool)
+        coefficients = torch.zeros(len(x), len(self.atoms), dtype=x.dtype)
+        rows = torch.arange(len(x))
         for _ in range(self.m):
             scores = residual @ self.atoms.T  # [n, k]
             best = scores.abs().argmax(1)
-            residual = residual - scores.gather(1, best[:, None]) * self.atoms[best]
-            used[torch.arange(len(x)), best] = True
-        return x - residual, used.sum(1)
+            step = scores[rows, best]
+            residual = residual - step[:, None] * self.atoms[best]
+            coefficients[rows, best] += step
+        return Codes.from_dense(coefficients)
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return self.mean + codes.dense(len(self.atoms)) @ self.atoms
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dictionary of the comparison, with the names the report groups it by."""
+
+    name: str
+    family: str
+    dictionary: Dictionary
+    m: int | None = 1  # features per token by construction (None: varies per token)
+
+
+def clustering_family(
+    k: int, centroids: torch.Tensor, gain_shape_atoms: torch.Tensor, preprocessor: Preprocessor
+) -> list[Member]:
+    """k-means-k read three ways: nearest centroid (L0 = 1), its spherical gain-shape twin
+    (L0 = 1 with a free scale) and greedy residual codes over its directions (L0 = m)."""
+    kmeans = KMeansDictionary(centroids, preprocessor)
+    mean = preprocessor.shift
+    return [
+        Member(f"kmeans-{k}", "k-means", kmeans),
+        Member(f"gain-shape-{k}", "gain-shape", GainShapeDictionary(gain_shape_atoms, mean)),
+        *[
+            Member(
+                f"top{m}-kmeans-{k}",
+                f"top-m over k-means-{k}",
+                MatchingPursuitDictionary(kmeans.directions(), mean, m),
+                m,
+            )
+            for m in TOP_M
+            if m < k
+        ],
+    ]

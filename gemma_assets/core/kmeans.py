@@ -14,9 +14,11 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from gemma_assets.core.codes import Codes, cosine_to, unit_rows
 from gemma_assets.core.profiles import ConfigError
 from gemma_assets.core.whitening import Preprocessor
 
@@ -323,12 +325,25 @@ def _fit_cuml(batches: Batches, init: torch.Tensor, max_iter: int, tol: float) -
 
 @dataclass(frozen=True)
 class KMeansDictionary:
-    """Centroids in a preprocessed space; a token is reconstructed as its nearest centroid."""
+    """Centroids in a preprocessed space; a token is reconstructed as its nearest centroid (L0 = 1)."""
 
     centroids: torch.Tensor  # [k, d] in preprocessed space
     preprocessor: Preprocessor
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat in raw units [n, d], active features per token [n] = 1)."""
+    @property
+    def n_features(self) -> int:
+        return len(self.centroids)
+
+    @cached_property
+    def _raw_directions(self) -> torch.Tensor:
+        return unit_rows(self.preprocessor.inverse(self.centroids) - self.preprocessor.shift)
+
+    def directions(self) -> torch.Tensor:
+        return self._raw_directions
+
+    def encode(self, x: torch.Tensor) -> Codes:
         labels, _ = assign(self.preprocessor.forward(x), self.centroids)
-        return self.preprocessor.inverse(self.centroids[labels]), torch.ones(len(x))
+        return Codes.one_hot(labels, cosine_to(x, self._raw_directions, self.preprocessor.shift, labels))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return self.preprocessor.inverse(self.centroids[codes.indices[:, 0]])

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gemma_assets.core.dictionaries import GainShapeDictionary
 from gemma_assets.core.profiles import ConfigError
-
-_ROWS_PER_GEMM = 8192
 
 
 def directions(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -37,16 +36,6 @@ def percentile_threshold(u: torch.Tensor, percentile: float) -> float:
     lo = torch.kthvalue(dist, below + 1).values
     hi = torch.kthvalue(dist, min(below + 2, len(dist))).values
     return float(lo + (pos - below) * (hi - lo))
-
-
-def _nearest(u: torch.Tensor, exemplars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Highest cosine similarity [n] of unit rows u [n, d] to exemplars [r, d], and its exemplar [n]."""
-    sims, labels = [], []
-    for start in range(0, len(u), _ROWS_PER_GEMM):
-        best, label = (u[start : start + _ROWS_PER_GEMM] @ exemplars.T).max(1)
-        sims.append(best)
-        labels.append(label)
-    return torch.cat(sims), torch.cat(labels)
 
 
 def open_regions(u: torch.Tensor, exemplars: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,19 +78,10 @@ class LeaderResult:
     n_batches: int
     stopped_early: bool  # a batch opened no region (saturation) before the data ran out
 
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest exemplar [n] of raw activations x [n, d]: the Voronoi region on the sphere."""
-        return _nearest(directions(x, self.mean), self.exemplars)[1]
-
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat in raw units [n, d], active features per token [n] = 1).
-
-        Gain-shape: a token is its projection onto its exemplar's direction, so the exemplar
-        gives the shape and the token keeps its own gain.
-        """
-        e = self.exemplars[self.assign(x)]  # [n, d]
-        scale = ((x.float() - self.mean) * e).sum(1, keepdim=True)  # [n, 1]
-        return self.mean + scale * e, torch.ones(len(x))
+    def dictionary(self) -> GainShapeDictionary:
+        """The regions read as a dictionary: a token's region is its nearest exemplar on the
+        sphere (its Voronoi cell), and it keeps its own gain along that exemplar's direction."""
+        return GainShapeDictionary(self.exemplars, self.mean, signed=False)
 
 
 def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float = 5.0) -> LeaderResult:

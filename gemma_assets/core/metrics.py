@@ -1,16 +1,23 @@
-"""One reconstruction-metric suite for every dictionary (k-means variants and SAEs alike).
+"""One metric suite for every dictionary (k-means variants, leader clustering and SAEs alike).
 
 FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the evaluated tokens, computed
 here in float64 (SAELens' and SAEBench's "explained variance" once squared E[x^2]).
+Usage: a feature is dead when it never fires on the evaluated tokens and dense when it fires
+on more than DENSE_SHARE of them; usage entropy is that of the firing distribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from gemma_assets.core.codes import Codes, Dictionary
+
+DENSE_SHARE = 0.1
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -21,50 +28,68 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 @dataclass
 class ReconstructionMetrics:
-    """Streaming accumulator; feed (x, x_hat, active-features-per-token) batch by batch."""
+    """Streaming accumulator; feed (x, x_hat, codes) batch by batch."""
 
+    n_features: int
     n_tokens: int = 0
     sum_sq_error: float = 0.0
     sum_sq_norm: float = 0.0
     sum_x: np.ndarray | None = None
     sum_cosine: float = 0.0
+    sum_relative_norm: float = 0.0
     sum_l0: float = 0.0
     d_model: int = 0
+    encode_seconds: float = 0.0
+    fires: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, l0: torch.Tensor) -> None:
-        x64, err = x.double(), (x - x_hat).double()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: Codes) -> None:
+        x64, x_hat64 = x.double(), x_hat.double()
         if self.sum_x is None:
             self.sum_x, self.d_model = np.zeros(x.shape[1]), x.shape[1]
+            self.fires = torch.zeros(self.n_features, dtype=torch.long)
         self.n_tokens += len(x)
-        self.sum_sq_error += float((err**2).sum())
+        self.sum_sq_error += float(((x64 - x_hat64) ** 2).sum())
         self.sum_sq_norm += float((x64**2).sum())
         self.sum_x += x64.sum(0).numpy()
-        self.sum_cosine += float(torch.nn.functional.cosine_similarity(x64, x_hat.double(), dim=1).sum())
-        self.sum_l0 += float(l0.double().sum())
+        self.sum_cosine += float(torch.nn.functional.cosine_similarity(x64, x_hat64, dim=1).sum())
+        self.sum_relative_norm += float((x_hat64.norm(dim=1) / x64.norm(dim=1).clamp_min(1e-12)).sum())
+        self.sum_l0 += float(codes.l0().double().sum())
+        # a feature that fires twice in one token (never, for these dictionaries) counts once per token
+        self.fires += torch.bincount(codes.indices[codes.active].cpu(), minlength=self.n_features)
 
     def result(self) -> dict[str, float]:
         if not self.n_tokens:
             raise ValueError("no tokens were evaluated: the held-out split is empty")
         total_variance = self.sum_sq_norm - float(self.sum_x @ self.sum_x) / self.n_tokens
+        share = self.fires.double() / self.fires.sum().clamp_min(1)
+        entropy = float(-(share[share > 0] * share[share > 0].log2()).sum())
         return {
             "fvu": self.sum_sq_error / total_variance,
             "mse": self.sum_sq_error / (self.n_tokens * self.d_model),
             "cosine": self.sum_cosine / self.n_tokens,
+            "relative_norm": self.sum_relative_norm / self.n_tokens,
             "l0": self.sum_l0 / self.n_tokens,
+            "dead_features": int((self.fires == 0).sum()),
+            "dense_features": int((self.fires > DENSE_SHARE * self.n_tokens).sum()),
+            "usage_entropy_bits": entropy,
+            "usage_entropy_normalized": entropy / np.log2(self.n_features) if self.n_features > 1 else 1.0,
+            "encode_tokens_per_s": self.n_tokens / self.encode_seconds if self.encode_seconds else float("inf"),
             "n_tokens": self.n_tokens,
         }
 
 
-Reconstructor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def evaluate(batches: Iterable[torch.Tensor], reconstruct: Reconstructor) -> dict[str, float]:
-    """The metric suite of a dictionary over batches of raw activations.
-
-    `reconstruct(x)` returns (x_hat [n, d] in raw units, active features per token [n]).
-    """
-    metrics = ReconstructionMetrics()
+def evaluate(batches: Iterable[torch.Tensor], dictionary: Dictionary, device: str = "cpu") -> dict[str, float]:
+    """The metric suite of a dictionary over batches of raw activations (raw units throughout);
+    encoding runs on `device`, and its time gives the encode throughput."""
+    metrics = ReconstructionMetrics(dictionary.n_features)
     for x in batches:
-        x_hat, n_active = reconstruct(x)
-        metrics.update(x, x_hat, n_active)
+        on_device = x.to(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        codes = dictionary.encode(on_device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        metrics.encode_seconds += time.perf_counter() - started
+        metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"))
     return metrics.result()

@@ -66,6 +66,12 @@ class SaeSpec:
     sae_id: str = ""
 
 
+def topk_grid(widths: tuple[int, ...], ks: tuple[int, ...]) -> tuple[SaeSpec, ...]:
+    """TopK SAEs at every width x sparsity: widths matching the k-means k values give a
+    frontier to set beside clustering, and k = 1 is the SAE closest to a clustering."""
+    return tuple(SaeSpec(f"topk-{width}-k{k}", "topk", width, k) for width in widths for k in ks)
+
+
 @dataclass(frozen=True)
 class KMeansSpec:
     ks: tuple[int, ...] = (64, 128, 256)
@@ -97,6 +103,16 @@ class QualitySpec:
 
 
 @dataclass(frozen=True)
+class EvaluationSpec:
+    ce_windows: int = 256  # held-out windows the spliced cross-entropy is measured on
+    ce_batch_windows: int = 8
+    interpret_tokens: int = 65536  # held-out tokens features are interpreted on
+    probe_tokens: int = 16384  # of those, the ones sparse probes are trained and tested on
+    context_width: int = 5  # tokens either side of an example on the feature pages
+    probe_max_features: int = 16384  # larger dictionaries are not probed (dense codes would not fit)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     model: ModelSpec
@@ -105,6 +121,7 @@ class Profile:
     kmeans: KMeansSpec = field(default_factory=KMeansSpec)
     quality: QualitySpec = field(default_factory=QualitySpec)
     density: DensitySpec = field(default_factory=DensitySpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     saes: tuple[SaeSpec, ...] = ()
     sae_train_epochs: int = 1
     sae_batch_size: int = 1024
@@ -135,10 +152,8 @@ PROFILES: dict[str, Profile] = {
             holdout_partitions=1,
         ),
         kmeans=KMeansSpec(max_iter=30),
-        saes=(
-            SaeSpec(name="topk-128-k4", architecture="topk", width=128, k=4),
-            SaeSpec(name="topk-256-k16", architecture="topk", width=256, k=16),
-        ),
+        evaluation=EvaluationSpec(ce_windows=48, ce_batch_windows=16, interpret_tokens=4096),
+        saes=topk_grid(widths=(64, 128, 256), ks=(1, 4)),
         sae_train_epochs=40,
         sae_batch_size=256,
     ),
@@ -153,10 +168,9 @@ PROFILES: dict[str, Profile] = {
             windows_per_partition=48,
             holdout_partitions=1,
         ),
-        saes=(
-            SaeSpec(name="topk-256-k8", architecture="topk", width=256, k=8),
-            SaeSpec(name="topk-1024-k32", architecture="topk", width=1024, k=32),
-        ),
+        # the 262k-token vocabulary makes each spliced forward cost ~1 s per window on 2 cores
+        evaluation=EvaluationSpec(ce_windows=4, ce_batch_windows=2, interpret_tokens=8192),
+        saes=(*topk_grid(widths=(64, 128, 256), ks=(1, 4, 16)), SaeSpec("topk-1024-k32", "topk", 1024, 32)),
         sae_train_epochs=16,
     ),
     "gemma-2-2b": Profile(
@@ -184,6 +198,16 @@ PROFILES: dict[str, Profile] = {
                 architecture="pretrained",
                 release="gemma-scope-2b-pt-res-canonical",
                 sae_id="layer_12/width_65k/canonical",
+            ),
+            # one width at several sparsities (the non-canonical release): an SAE frontier
+            *(
+                SaeSpec(
+                    name=f"gemma-scope-16k-l0-{l0}",
+                    architecture="pretrained",
+                    release="gemma-scope-2b-pt-res",
+                    sae_id=f"layer_12/width_16k/average_l0_{l0}",
+                )
+                for l0 in (22, 41, 82, 176)
             ),
         ),
     ),

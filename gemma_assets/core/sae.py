@@ -2,7 +2,7 @@
 
 Raw residuals have norms in the thousands, so trained SAEs see activations multiplied by
 one scalar `scale = sqrt(d_in) / mean ||x||` (SAELens' "expected average" convention);
-`SaeDictionary.reconstruct` undoes it, so every metric is computed in raw units.
+`SaeDictionary.decode` undoes it, so every metric is computed in raw units.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.profiles import SaeSpec
 
 SCALE_FILE = "activation_scale.json"
+DEAD_AFTER_TOKENS = 16384
 
 
 @dataclass
@@ -29,15 +31,21 @@ class SaeDictionary:
     sae: torch.nn.Module
     scale: float
 
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sae.encode(x * self.scale)
+    @property
+    def n_features(self) -> int:
+        return self.sae.cfg.d_sae
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat in raw units [n, d], active latents per token [n])."""
-        feats = self.encode(x)
-        return self.sae.decode(feats) / self.scale, (feats != 0).sum(1)
+    def encode(self, x: torch.Tensor) -> Codes:
+        """Latent activations (at the training scale) as sparse codes."""
+        return Codes.from_dense(self.sae.encode(x.to(self.sae.W_enc) * self.scale))
+
+    @torch.no_grad()
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return self.sae.decode(codes.dense(self.n_features)) / self.scale
+
+    def directions(self) -> torch.Tensor:
+        return unit_rows(self.sae.W_dec.detach().float())
 
     @property
     def n_parameters(self) -> int:
@@ -83,6 +91,7 @@ def train_topk(
     n_tokens: int,
     scale: float,
     epochs: int,
+    mean: torch.Tensor,
     device: str = "cpu",
     seed: int = 0,
     batch_size: int = 1024,
@@ -97,6 +106,10 @@ def train_topk(
 
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=spec.width, k=spec.k, device=device))
+    with torch.no_grad():
+        # b_dec starts at the data mean: latents then compete on the centred token, instead of
+        # one latent learning the shared mean and winning every token (fatal at small k)
+        sae.b_dec.copy_(mean.to(sae.b_dec) * scale)
     total = epochs * n_tokens
     config = SAETrainerConfig(
         n_checkpoints=0,
@@ -114,7 +127,10 @@ def train_topk(
         lr_decay_steps=0,
         n_restart_cycles=1,
         train_batch_size_samples=batch_size,
-        dead_feature_window=1000,
+        # steps without firing before a latent counts as dead and gets TopK's auxiliary loss:
+        # ~16k tokens, so the aux loss acts within short runs (SAELens' default, 1000 steps,
+        # exceeds a whole demo run and left most latents dead)
+        dead_feature_window=max(1, DEAD_AFTER_TOKENS // batch_size),
         feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
         n_batches_for_norm_estimate=100,

@@ -12,7 +12,7 @@ import zarr.storage
 
 from gemma_assets.core import metrics, plots
 from gemma_assets.core.cluster_metrics import cluster_quality
-from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape, unit_rows
+from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
 from gemma_assets.core.kmeans import KMeansDictionary, assign, fit_kmeans, map_data
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
@@ -20,8 +20,6 @@ from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
-
-TOP_M = (4, 16)  # atoms per token for the greedy residual code over k-means directions
 
 
 def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions: dg.PartitionsDefinition) -> list:
@@ -88,7 +86,6 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             train = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)[0]
         else:  # out of core: every Lloyd iteration streams the store once
             train = lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys, transform=preprocessor.forward))  # noqa: E731
-        mean = preprocessor.shift
         heldout_batches = lambda: (x for x, _ in store.iter_tokens(prof.heldout_partition_keys))  # noqa: E731
         common = {"train_partitions": prof.train_partition_keys, "train_tokens": moments.count}
         summary = {}
@@ -99,72 +96,54 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 result = fit_kmeans(
                     train, k, prof.kmeans.max_iter, prof.kmeans.tol, prof.kmeans.seed, backend=prof.kmeans.backend
                 )
-            dictionary = KMeansDictionary(result.centroids, preprocessor)
-            quality = cluster_quality((preprocessor.forward(x) for x in heldout_batches()), result.centroids)
-            record = {
-                "name": f"kmeans-{k}",
-                "family": "k-means",
-                "k": k,
-                "preprocessing": prof.kmeans.preprocessing,
-                "n_components": prof.kmeans.n_components,
-                "backend": prof.kmeans.backend,
-                **common,
-                "iterations": result.n_iter,
-                "converged": result.converged,
-                "fit_seconds": result.fit_seconds,
-                "fit_peak_rss_mb": peak.mb,
-                "train_inertia": result.inertia_curve[-1],
-                "dead_clusters_train": int((result.sizes == 0).sum()),
-                "parameters": result.centroids.numel(),
-                **{f"heldout_{name}": value for name, value in quality.items()},
-                **{
-                    f"heldout_{name}": value
-                    for name, value in metrics.evaluate(heldout_batches(), dictionary.reconstruct).items()
-                },
-            }
-            # the same clustering read as dictionaries with more shapes: gain-shape (L0 = 1 with a
-            # free scale) and greedy residual coding over the k-means directions (L0 = m)
+            # the same clustering read as dictionaries with more shapes (gain-shape's directions
+            # come from spherical k-means on the same tokens)
             gain_shape, spherical = fit_gain_shape(
                 map_data(train, preprocessor.inverse),
-                mean,
+                preprocessor.shift,
                 k,
                 max_iter=prof.kmeans.max_iter,
                 tol=prof.kmeans.tol,
                 seed=prof.kmeans.seed,
             )
-            atoms = unit_rows(preprocessor.inverse(result.centroids) - mean)
-            variants = [
-                {
-                    "name": f"gain-shape-{k}",
-                    "family": "gain-shape",
-                    "k": k,
-                    **common,
-                    "fit_seconds": spherical.fit_seconds,
-                    "parameters": spherical.centroids.numel(),
+            family = clustering_family(k, result.centroids, gain_shape.atoms, preprocessor)
+            kmeans = family[0].dictionary
+            fit_facts = {
+                "k-means": {
+                    "preprocessing": prof.kmeans.preprocessing,
+                    "n_components": prof.kmeans.n_components,
+                    "backend": prof.kmeans.backend,
+                    "iterations": result.n_iter,
+                    "converged": result.converged,
+                    "fit_seconds": result.fit_seconds,
+                    "fit_peak_rss_mb": peak.mb,
+                    "train_inertia": result.inertia_curve[-1],
+                    "dead_clusters_train": int((result.sizes == 0).sum()),
                     **{
-                        f"heldout_{n}": v
-                        for n, v in metrics.evaluate(heldout_batches(), gain_shape.reconstruct).items()
+                        f"heldout_{name}": value
+                        for name, value in cluster_quality(
+                            (preprocessor.forward(x) for x in heldout_batches()), result.centroids
+                        ).items()
                     },
                 },
-                *[
-                    {
-                        "name": f"top{m}-kmeans-{k}",
-                        "family": f"top-m over k-means-{k}",
-                        "k": k,
-                        "m": m,
-                        **common,
-                        "fit_seconds": result.fit_seconds,
-                        "parameters": atoms.numel(),
-                        **{
-                            f"heldout_{n}": v
-                            for n, v in metrics.evaluate(
-                                heldout_batches(), MatchingPursuitDictionary(atoms, mean, m).reconstruct
-                            ).items()
-                        },
-                    }
-                    for m in TOP_M
-                    if m < k
-                ],
+                "gain-shape": {"fit_seconds": spherical.fit_seconds, "iterations": spherical.n_iter},
+            }
+            record, *variants = [
+                {
+                    "name": member.name,
+                    "family": member.family,
+                    "k": k,
+                    "m": member.m,
+                    **common,
+                    "fit_seconds": result.fit_seconds,  # top-m reuses the k-means directions
+                    "parameters": result.centroids.numel(),
+                    **fit_facts.get(member.family, {}),
+                    **{
+                        f"heldout_{name}": value
+                        for name, value in metrics.evaluate(heldout_batches(), member.dictionary).items()
+                    },
+                }
+                for member in family
             ]
             out = storage.path("clusters", f"k-{k:05d}")
             out.mkdir(parents=True, exist_ok=True)
@@ -173,9 +152,9 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 centroids=result.centroids.numpy(),
                 sizes=result.sizes.numpy(),
                 inertia_curve=np.array(result.inertia_curve),
-                gain_shape_directions=gain_shape.directions.numpy(),
+                gain_shape_atoms=gain_shape.atoms.numpy(),
             )
-            write_assignments(out / "assignments", store, prof.partition_keys, dictionary)
+            write_assignments(out / "assignments", store, prof.partition_keys, kmeans)
             (out / "metrics.json").write_text(json.dumps(record, indent=1))
             (out / "variants.json").write_text(json.dumps(variants, indent=1))
             context.log.info(

@@ -1,6 +1,7 @@
 """cluster_density[k] (diagonal GMM from k-means) and leader_clusters (Exemplar Partitioning)."""
 
 import json
+import time
 
 import dagster as dg
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from gemma_assets.core import metrics, model
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.leader import fit_leader
+from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, markdown_table, model_source
@@ -132,15 +134,21 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
         prof = profile.profile
         store = storage.activation_store()
         mean = torch.from_numpy(Whitening.load(storage.path("whitening", "whitening.npz")).mean).float()
-        result = fit_leader(
-            (x for x, _ in store.iter_tokens(prof.train_partition_keys)), mean, prof.density.leader_percentile
-        )
-        heldout = metrics.evaluate((x for x, _ in store.iter_tokens(prof.heldout_partition_keys)), result.reconstruct)
+        started = time.perf_counter()
+        with PeakRss() as peak:
+            result = fit_leader(
+                (x for x, _ in store.iter_tokens(prof.train_partition_keys)), mean, prof.density.leader_percentile
+            )
+        fit_seconds = time.perf_counter() - started
+        heldout = metrics.evaluate((x for x, _ in store.iter_tokens(prof.heldout_partition_keys)), result.dictionary())
         record = {
             "name": f"leader-{len(result.exemplars)}",
             "family": "leader (Exemplar Partitioning)",
             "k": len(result.exemplars),
+            "m": 1,
             "train_partitions": prof.train_partition_keys,
+            "fit_seconds": fit_seconds,
+            "fit_peak_rss_mb": peak.mb,
             "threshold": result.threshold,
             "tokens_seen": result.n_tokens_seen,
             "stopped_early": result.stopped_early,
@@ -149,6 +157,9 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
         }
         folder = storage.path("clusters", "leader")
         folder.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            folder / "model.npz", exemplars=result.exemplars.numpy(), mean=mean.numpy(), counts=result.counts.numpy()
+        )
         (folder / "metrics.json").write_text(json.dumps(record, indent=1))
         context.log.info(f"leader clustering: {record['k']} regions, held-out FVU {heldout['fvu']:.4f}")
         return dg.MaterializeResult(

@@ -5,8 +5,10 @@ import time
 
 import dagster as dg
 import polars as pl
+import torch
 
 from gemma_assets.core import metrics, sae
+from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, table_md
 from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
@@ -16,7 +18,7 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[activation_stats],
-        code_version="1",
+        code_version="2",
         group_name="sae",
         kinds={"pytorch"},
     )
@@ -40,16 +42,19 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
                 dictionary, facts = sae.load_pretrained(spec, compute.resolved_device), {}
                 facts["load_seconds"] = time.perf_counter() - started
             else:
-                dictionary, facts = sae.train_topk(
-                    spec,
-                    lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys)),
-                    d_in=moments.d_model,
-                    n_tokens=moments.count,
-                    scale=scale,
-                    epochs=prof.sae_train_epochs,
-                    batch_size=prof.sae_batch_size,
-                    device=compute.resolved_device,
-                )
+                with PeakRss() as peak:
+                    dictionary, facts = sae.train_topk(
+                        spec,
+                        lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys)),
+                        d_in=moments.d_model,
+                        n_tokens=moments.count,
+                        scale=scale,
+                        epochs=prof.sae_train_epochs,
+                        mean=torch.from_numpy(moments.mean).float(),
+                        batch_size=prof.sae_batch_size,
+                        device=compute.resolved_device,
+                    )
+                facts["fit_peak_rss_mb"] = peak.mb
                 facts["train_partitions"] = prof.train_partition_keys
             out.mkdir(parents=True, exist_ok=True)
             dictionary.save(out)
@@ -72,7 +77,7 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[sae_dictionary],
-        code_version="1",
+        code_version="2",
         group_name="sae",
         kinds={"pytorch"},
     )
@@ -82,7 +87,8 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
-        """FVU, MSE, cosine and L0 of every SAE on held-out non-BOS tokens (our own FVU)."""
+        """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
+        throughput) of every SAE on held-out non-BOS tokens."""
         prof = profile.profile
         store = storage.activation_store()
         records = []
@@ -90,17 +96,14 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
             path = storage.path("saes", spec.name)
             dictionary = sae.load_dictionary(path, compute.resolved_device)
             training = json.loads((path / "training.json").read_text())
-            started = time.perf_counter()
-            device = compute.resolved_device
             heldout = metrics.evaluate(
-                (x for x, _ in store.iter_tokens(prof.heldout_partition_keys)),
-                lambda x: tuple(t.cpu() for t in dictionary.reconstruct(x.to(device))),
+                (x for x, _ in store.iter_tokens(prof.heldout_partition_keys)), dictionary, compute.resolved_device
             )
             record = {
                 "name": spec.name,
                 "family": f"SAE ({spec.architecture})",
+                "m": spec.k or None,
                 **training,
-                "encode_tokens_per_s": heldout["n_tokens"] / (time.perf_counter() - started),
                 **{f"heldout_{name}": value for name, value in heldout.items()},
             }
             records.append(record)
