@@ -54,7 +54,12 @@ def _stages(defs: dg.Definitions, profile) -> list[tuple[str, str, list[str] | N
             None,
             whole_range([str(k) for k in profile.kmeans.ks]),
         ),
-        ("comparison report", "analyse", ["comparison_report"], {}),
+        (
+            "spliced cross-entropy, feature interpretation, comparison report",
+            "analyse",
+            ["downstream_loss", "feature_interpretation", "comparison_report"],
+            {},
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ from gemma_assets.core.profiles import Profile, get_profile
 from gemma_assets.defs.activations import build_activations_asset
 from gemma_assets.defs.clustering import build_clustering_assets
 from gemma_assets.defs.density import build_density_assets
+from gemma_assets.defs.evaluation import build_evaluation_assets
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,
     TRANSIENT_RETRY_TAGS,
@@ -45,7 +46,10 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
     whitening, cluster_models = build_clustering_assets(activation_stats, k_partitions(profile))
     cluster_density, leader_clusters = build_density_assets(cluster_models, whitening, k_partitions(profile))
     sae_dictionary, sae_evaluation = build_sae_assets(activation_stats)
-    comparison_report = build_report_asset(cluster_models, leader_clusters, sae_evaluation)
+    downstream_loss, feature_interpretation = build_evaluation_assets(cluster_models, leader_clusters, sae_dictionary)
+    comparison_report = build_report_asset(
+        cluster_models, leader_clusters, sae_evaluation, downstream_loss, feature_interpretation
+    )
     assets = [
         pile_sample,
         activations,
@@ -56,6 +60,8 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
         leader_clusters,
         sae_dictionary,
         sae_evaluation,
+        downstream_loss,
+        feature_interpretation,
         comparison_report,
     ]
     tags = {PROFILE_TAG: profile.name}
@@ -75,6 +81,8 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
                 leader_clusters,
                 sae_dictionary,
                 sae_evaluation,
+                downstream_loss,
+                feature_interpretation,
                 comparison_report,
             ),
             tags={**tags, **CRASH_ONLY_RETRY_TAGS},

@@ -20,6 +20,8 @@ ASSETS = [
     "cluster_models",
     "sae_dictionary",
     "sae_evaluation",
+    "downstream_loss",
+    "feature_interpretation",
     "comparison_report",
 ]
 

@@ -1,0 +1,211 @@
+"""Feature interpretation shared by clusters and SAE latents: what fires where, and how two
+dictionaries relate.
+
+- `FeatureActivations`: the sparse activations of one dictionary on a set of tokens (COO);
+- `summarise`: per feature, top examples, examples from activation-quantile bins, an
+  activation histogram, token and source-stratum distributions, token entropy, stratum purity
+  and example coherence (mean pairwise cosine of the top examples' centred activations);
+- `alignment`: best cosine match of every direction of one dictionary in another;
+- `activation_f1`: activation-set agreement as Exemplar Partitioning measures it: a cluster's
+  members against the same number of top-activating tokens of a latent;
+- `sparse_probe`: accuracy of logistic probes on raw activations vs dictionary codes;
+- `logit_effects`: tokens a direction promotes and suppresses through the unembedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gemma_assets.core.codes import Codes, unit_rows
+
+TWIN_COSINE = 0.7  # a direction with a match at least this close has a twin in the other dictionary
+MATCH_F1 = 0.5  # Exemplar Partitioning's threshold for a cluster with a matching latent
+
+
+@dataclass
+class EvalTokens:
+    """Tokens features are interpreted on, with what a person needs to read them."""
+
+    x: torch.Tensor  # [n, d] raw activations
+    token_ids: np.ndarray  # [n]
+    strata: np.ndarray  # [n] index into stratum_names
+    stratum_names: tuple[str, ...]
+    contexts: np.ndarray  # [n, 2 * width + 1] token ids around each token (-1 outside its window)
+    windows: np.ndarray  # [n] window id (probes split by window, never inside one)
+
+
+def contexts_of(token_ids: np.ndarray, rows: np.ndarray, context_len: int, width: int) -> np.ndarray:
+    """Token ids [len(rows), 2 * width + 1] around each row of a window-major partition, -1
+    where the window ends (windows are independent model inputs)."""
+    offsets = np.arange(-width, width + 1)
+    around = rows[:, None] + offsets[None, :]
+    inside = (around // context_len == rows[:, None] // context_len) & (around >= 0) & (around < len(token_ids))
+    return np.where(inside, token_ids[np.clip(around, 0, len(token_ids) - 1)], -1)
+
+
+@dataclass
+class FeatureActivations:
+    """Active (token, feature, value) triples of one dictionary, sorted by feature then by
+    decreasing activation."""
+
+    token: np.ndarray
+    feature: np.ndarray
+    value: np.ndarray
+    n_features: int
+    n_tokens: int
+
+    @classmethod
+    def from_codes(cls, batches: Iterable[Codes], n_features: int) -> FeatureActivations:
+        tokens, features, values, offset = [], [], [], 0
+        for codes in batches:
+            rows = torch.arange(len(codes.indices))[:, None].expand_as(codes.indices)
+            tokens.append((rows[codes.active] + offset).numpy())
+            features.append(codes.indices[codes.active].numpy())
+            values.append(codes.values[codes.active].float().numpy())
+            offset += len(codes.indices)
+        token, feature, value = (np.concatenate(a) for a in (tokens, features, values))
+        order = np.lexsort((-value, feature))
+        return cls(token[order], feature[order], value[order], n_features, offset)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Offsets [n_features + 1] of each feature's run in the sorted triples."""
+        return np.searchsorted(self.feature, np.arange(self.n_features + 1))
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def ranks(self) -> np.ndarray:
+        """Rank of each triple within its feature (0 = strongest activation)."""
+        return np.arange(len(self.feature)) - self.starts[self.feature]
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def summarise(
+    acts: FeatureActivations,
+    tokens: EvalTokens,
+    mean: torch.Tensor,
+    n_top: int = 10,
+    n_bins: int = 4,
+    per_bin: int = 3,
+    histogram_bins: int = 20,
+) -> list[dict]:
+    """One summary per feature (dead features included, with count 0)."""
+    starts = acts.starts
+    centred = unit_rows(tokens.x.float() - mean)
+    summaries = []
+    for feature in range(acts.n_features):
+        run = slice(starts[feature], starts[feature + 1])
+        members, values = acts.token[run], acts.value[run]
+        summary: dict = {"feature": feature, "count": len(members), "density": len(members) / acts.n_tokens}
+        if not len(members):
+            summaries.append(summary)
+            continue
+        token_counts = np.unique(tokens.token_ids[members], return_counts=True)
+        by_count = np.argsort(-token_counts[1], kind="stable")
+        strata = np.bincount(tokens.strata[members], minlength=len(tokens.stratum_names))
+        top = members[:n_top]
+        similarity = centred[top] @ centred[top].T
+        # bins of equal width in rank: examples from the strongest quarter down to the weakest
+        bins = [
+            [int(t) for t in chunk[np.linspace(0, len(chunk) - 1, min(per_bin, len(chunk))).astype(int)]]
+            for chunk in np.array_split(members, min(n_bins, len(members)))
+        ]
+        histogram, edges = np.histogram(values, bins=histogram_bins)
+        summary.update(
+            max_activation=float(values[0]),
+            mean_activation=float(values.mean()),
+            top_examples=[(int(t), float(v)) for t, v in zip(top, values[:n_top], strict=True)],
+            quantile_examples=bins,
+            histogram={"counts": histogram.tolist(), "edges": edges.tolist()},
+            top_tokens=[(int(token_counts[0][i]), int(token_counts[1][i])) for i in by_count[:10]],
+            token_entropy_bits=_entropy_bits(token_counts[1]),
+            strata={name: int(count) for name, count in zip(tokens.stratum_names, strata, strict=True)},
+            stratum_purity=float(strata.max() / strata.sum()),
+            coherence=float((similarity.sum() - similarity.diagonal().sum()) / max(1, len(top) * (len(top) - 1)))
+            if len(top) > 1
+            else 1.0,
+        )
+        summaries.append(summary)
+    return summaries
+
+
+def alignment(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For unit directions a [ka, d] and b [kb, d]: best cosine of each a in b and its index,
+    and best cosine of each b in a and its index."""
+    cosine = a.float() @ b.float().T
+    best_ab, index_ab = cosine.max(1)
+    best_ba, index_ba = cosine.max(0)
+    return best_ab, index_ab, best_ba, index_ba
+
+
+def activation_f1(labels: np.ndarray, k: int, latents: FeatureActivations) -> tuple[np.ndarray, np.ndarray]:
+    """Best F1 [k] of each cluster's member set against a latent's top-|cluster| activating
+    tokens, and that latent [k] (-1 for an empty cluster)."""
+    sizes = np.bincount(labels, minlength=k)
+    cluster = labels[latents.token]
+    inside = latents.ranks() < sizes[cluster]  # the latent's token is within its top-|cluster|
+    overlap = np.zeros((k, latents.n_features))
+    np.add.at(overlap, (cluster[inside], latents.feature[inside]), 1)
+    latent_set = np.minimum(sizes[:, None], latents.counts()[None, :])
+    f1 = np.divide(2 * overlap, sizes[:, None] + latent_set, out=np.zeros_like(overlap), where=sizes[:, None] > 0)
+    best = f1.argmax(1)
+    return f1[np.arange(k), best], np.where(sizes > 0, best, -1)
+
+
+def select_by_class_separation(features: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m features whose class means differ most relative to their spread
+    (a between-class / total variance ratio, as in sparse probing)."""
+    classes = np.unique(labels)
+    means = np.stack([features[labels == c].mean(0) for c in classes])
+    weights = np.array([(labels == c).mean() for c in classes])
+    between = (weights[:, None] * (means - features.mean(0)) ** 2).sum(0)
+    return np.argsort(-(between / (features.var(0) + 1e-12)))[:m]
+
+
+def sparse_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray) -> float:
+    """Test accuracy of a logistic-regression probe (features standardised on train)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(train_labels)) < 2:
+        return float(np.mean(test_labels == train_labels[0]))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    probe.fit(train, train_labels)
+    return float(probe.score(test, test_labels))
+
+
+def logit_effects(
+    directions: torch.Tensor, unembedding: torch.Tensor, top: int = 10, rows: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [F, top] each direction promotes most and suppresses most: the direction read
+    through the unembedding [V, d] (the final norm's per-dimension gain is left out)."""
+    promoted, suppressed = [], []
+    for start in range(0, len(directions), rows):
+        logits = directions[start : start + rows].float() @ unembedding.float().T
+        promoted.append(logits.topk(top, dim=1).indices)
+        suppressed.append(logits.topk(top, dim=1, largest=False).indices)
+    return torch.cat(promoted), torch.cat(suppressed)
+
+
+def token_class(text: str) -> str:
+    """A coarse class of a token's text: word, number, punctuation, whitespace or other."""
+    stripped = text.strip()
+    if not stripped:
+        return "whitespace"
+    if stripped.isalpha():
+        return "word"
+    if stripped.isdigit():
+        return "number"
+    if all(not c.isalnum() for c in stripped):
+        return "punctuation"
+    return "other"

@@ -1,0 +1,50 @@
+"""Every fitted dictionary of a profile, reloaded from disk under its report name."""
+
+import json
+
+import numpy as np
+import torch
+
+from gemma_assets.core import sae
+from gemma_assets.core.dictionaries import GainShapeDictionary, Member, clustering_family
+from gemma_assets.core.profiles import Profile
+from gemma_assets.core.whitening import Preprocessor, Whitening
+from gemma_assets.defs.resources import StorageResource
+
+
+def clustering_members(storage: StorageResource, prof: Profile) -> list[Member]:
+    """k-means-k and its readings for every k, then leader clustering."""
+    preprocessor = Preprocessor.from_whitening(
+        prof.kmeans.preprocessing,
+        Whitening.load(storage.path("whitening", "whitening.npz")),
+        prof.kmeans.n_components,
+    )
+    members = []
+    for k in prof.kmeans.ks:
+        path = storage.path("clusters", f"k-{k:05d}", "model.npz")
+        if not path.exists():
+            raise FileNotFoundError(f"no k-means model for k={k} at {path}: materialise cluster_models[{k}]")
+        model = np.load(path)
+        members += clustering_family(
+            k,
+            torch.from_numpy(model["centroids"]),
+            torch.from_numpy(model["gain_shape_atoms"]),
+            preprocessor,
+        )
+    leader = np.load(storage.path("clusters", "leader", "model.npz"))
+    name = json.loads(storage.path("clusters", "leader", "metrics.json").read_text())["name"]
+    exemplars, mean = torch.from_numpy(leader["exemplars"]), torch.from_numpy(leader["mean"])
+    members.append(Member(name, "leader (Exemplar Partitioning)", GainShapeDictionary(exemplars, mean, signed=False)))
+    return members
+
+
+def sae_members(storage: StorageResource, prof: Profile, device: str) -> list[Member]:
+    return [
+        Member(
+            spec.name,
+            f"SAE ({spec.architecture})",
+            sae.load_dictionary(storage.path("saes", spec.name), device),
+            spec.k or None,
+        )
+        for spec in prof.saes
+    ]

@@ -1,0 +1,171 @@
+"""The SAE side of the comparison: the metric suite checked against SAELens directly, the
+spliced cross-entropy, interpretation measures on known answers, and the tiny run's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+from gemma_assets.core import interpret, model, sae, splice
+from gemma_assets.core.codes import Codes
+from gemma_assets.core.metrics import evaluate
+from gemma_assets.defs.evaluation import heldout_windows
+
+
+def _direct_fvu_and_l0(x: torch.Tensor, sae_module, scale: float) -> tuple[float, float]:
+    """Plain torch on SAELens' own encode/decode, nothing from this project in between."""
+    with torch.no_grad():
+        feats = sae_module.encode(x * scale)
+        x_hat = sae_module.decode(feats) / scale
+    x64, x_hat64 = x.double(), x_hat.double()
+    fvu = float(((x64 - x_hat64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum())
+    return fvu, float((feats != 0).sum(1).double().mean())
+
+
+def test_trained_sae_metrics_equal_saelens_encode_decode(tiny_run):
+    store, prof = tiny_run.storage.activation_store(), tiny_run.profile
+    x, _ = store.load_tokens(prof.heldout_partition_keys)
+    evaluation = {r["name"]: r for r in json.loads(tiny_run.storage.path("saes", "evaluation.json").read_text())}
+    for spec in prof.saes:
+        dictionary = sae.load_dictionary(tiny_run.storage.path("saes", spec.name))
+        fvu, l0 = _direct_fvu_and_l0(x, dictionary.sae, dictionary.scale)
+        assert evaluation[spec.name]["heldout_fvu"] == pytest.approx(fvu, rel=1e-6)
+        assert evaluation[spec.name]["heldout_l0"] == pytest.approx(l0, rel=1e-9)
+        assert l0 <= spec.k
+
+
+def test_variable_l0_sae_metrics_equal_saelens_encode_decode():
+    # a JumpReLU SAE (Gemma Scope's architecture): L0 varies per token
+    torch.manual_seed(0)
+    module = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=48))
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
+        module.threshold.copy_(torch.rand(48) * 0.5)
+    x = torch.randn(500, 16) * 2 + 1
+    dictionary = sae.SaeDictionary(module.eval(), 0.5)
+    suite = evaluate([x[:200], x[200:]], dictionary)
+    fvu, l0 = _direct_fvu_and_l0(x, module, 0.5)
+    assert suite["fvu"] == pytest.approx(fvu, rel=1e-6) and suite["l0"] == pytest.approx(l0, rel=1e-9)
+    counts = (module.encode(x * 0.5) != 0).sum(1)
+    assert counts.min() < counts.max()  # the case this test is about
+
+
+def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
+    prof = tiny_run.profile
+    lm = model.load_model(str(tiny_run.storage.models_dir / "tiny-gemma2"), prof.model.layer, "cpu", torch.float32)
+    windows = heldout_windows(tiny_run.storage.activation_store(), prof.heldout_partition_keys, 32, 12)
+    noise = torch.Generator().manual_seed(0)
+    ce = splice.cross_entropies(
+        lm,
+        windows,
+        prof.model.layer,
+        {
+            "clean": None,
+            "perfect": lambda x: x.clone(),
+            "noisy": lambda x: x + 5 * torch.randn(x.shape, generator=noise),
+            "zero": torch.zeros_like,
+        },
+        batch_size=5,
+        device="cpu",
+    )
+    assert ce["perfect"] == pytest.approx(ce["clean"], abs=1e-6)
+    assert ce["noisy"] != pytest.approx(ce["clean"], abs=1e-3)  # the splice reaches the logits
+    # the clean CE is the model's own loss on these windows
+    with torch.no_grad():
+        ids = torch.from_numpy(windows.astype(np.int64))
+        reference = float(lm(input_ids=ids, labels=ids).loss)
+    assert ce["clean"] == pytest.approx(reference, rel=1e-5)
+    assert splice.loss_recovered(ce["clean"], ce["clean"], ce["zero"]) == 1.0
+    assert splice.loss_recovered(ce["zero"], ce["clean"], ce["zero"]) == 0.0
+
+
+def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):
+    storage, prof = tiny_run.storage, tiny_run.profile
+    downstream = json.loads(storage.path("evaluation", "downstream.json").read_text())
+    names = {r["name"] for r in downstream["dictionaries"]}
+    assert {f"kmeans-{k}" for k in prof.kmeans.ks} | {s.name for s in prof.saes} <= names
+    assert all(math.isfinite(r["delta_ce"]) for r in downstream["dictionaries"])
+    interpretation = json.loads(storage.path("evaluation", "interpretation.json").read_text())
+    assert len(interpretation["alignment"]) == len(prof.kmeans.ks) * len(prof.saes)
+    assert [p["features"] for p in interpretation["probes"][:2]] == ["majority class (baseline)", "raw activations"]
+    site = storage.path("report", "features")
+    page = (site / "kmeans-64" / "feature-00000.html").read_text()
+    assert "Top examples" in page or "Dead on these tokens" in page
+    assert any("<mark>" in p.read_text() for p in (site / "topk-64-k1").glob("feature-*.html"))
+    report = storage.path("report", "report.md").read_text()
+    for section in ("Experiment 1", "Experiment 2", "Experiment 3", "## Findings", "git revision"):
+        assert section in report
+    assert "<table>" in storage.path("report", "report.html").read_text()
+    for plot in ("l0_fvu_frontier", "l0_delta_ce", "quality_across_k", "alignment_histogram"):
+        assert storage.path("report", f"{plot}.png").stat().st_size > 1000
+
+
+def test_activation_f1_and_alignment_on_known_answers():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    # latent 0 fires exactly on cluster 0; latent 1 on cluster 1 plus one weaker stray token
+    codes = Codes(
+        torch.tensor([[0], [0], [0], [1], [1], [1], [2], [2]]),
+        torch.tensor([[3.0], [2.0], [1.0], [5.0], [4.0], [0.5], [1.0], [1.0]]),
+        torch.tensor([[True]] * 8),
+    )
+    latents = interpret.FeatureActivations.from_codes([codes], 3)
+    f1, best = interpret.activation_f1(labels, 3, latents)
+    assert f1[0] == 1.0 and best[0] == 0
+    assert f1[1] == 1.0 and best[1] == 1  # top-2 of latent 1 are exactly cluster 1
+    assert f1[2] == pytest.approx(2 * 2 / (3 + 2)) and best[2] == 2
+    directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    best_ab, index_ab, best_ba, _ = interpret.alignment(directions, directions[[2, 0, 3, 1]])
+    assert torch.allclose(best_ab, torch.ones(4)) and index_ab.tolist() == [1, 3, 0, 2]
+    assert torch.allclose(best_ba, torch.ones(4))
+
+
+def test_summaries_contexts_and_probes_on_known_answers():
+    token_ids = np.arange(20)
+    contexts = interpret.contexts_of(token_ids, np.array([0, 9, 10]), context_len=10, width=2)
+    assert contexts.tolist() == [[-1, -1, 0, 1, 2], [7, 8, 9, -1, -1], [-1, -1, 10, 11, 12]]
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]])
+    tokens = interpret.EvalTokens(
+        x, np.array([5, 5, 6, 7]), np.array([0, 0, 1, 1]), ("a", "b"), np.zeros((4, 1), int), np.arange(4)
+    )
+    codes = Codes(
+        torch.tensor([[0], [0], [1], [1]]),
+        torch.tensor([[1.0], [2.0], [0.5], [3.0]]),
+        torch.ones(4, 1, dtype=torch.bool),
+    )
+    summaries = interpret.summarise(interpret.FeatureActivations.from_codes([codes], 3), tokens, torch.zeros(2))
+    assert [t for t, _ in summaries[0]["top_examples"]] == [1, 0]  # strongest first
+    assert summaries[0]["stratum_purity"] == 1.0 and summaries[0]["token_entropy_bits"] == 0.0
+    assert summaries[1]["token_entropy_bits"] == 1.0 and summaries[1]["coherence"] > 0.9
+    assert summaries[2]["count"] == 0
+    rng = np.random.default_rng(0)
+    y = rng.integers(2, size=400)
+    features = rng.normal(size=(400, 30))
+    features[:, 7] += 4 * y
+    assert interpret.select_by_class_separation(features, y, 1).tolist() == [7]
+    assert interpret.sparse_probe(features[:200], y[:200], features[200:], y[200:]) > 0.95
+    assert [interpret.token_class(t) for t in (" the", "42", " ,", "\n", "x1")] == [
+        "word",
+        "number",
+        "punctuation",
+        "whitespace",
+        "other",
+    ]
+
+
+def test_pretrained_sae_ids_exist_in_saelens_directory():
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from gemma_assets.core.profiles import PROFILES
+
+    directory = get_pretrained_saes_directory()
+    specs = [s for p in PROFILES.values() for s in p.saes if s.architecture == "pretrained"]
+    assert specs
+    for spec in specs:
+        assert spec.release in directory, spec.release
+        assert spec.sae_id in directory[spec.release].saes_map, f"{spec.release}/{spec.sae_id}"
