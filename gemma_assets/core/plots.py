@@ -11,6 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def norm_histogram(edges: np.ndarray, counts: np.ndarray, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     centres = np.sqrt(edges[:-1] * edges[1:])
@@ -19,29 +26,55 @@ def norm_histogram(edges: np.ndarray, counts: np.ndarray, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("token L2 norm (non-BOS)")
     ax.set_ylabel("tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def l0_fvu_frontier(rows: list[dict], path: Path) -> Path:
-    """FVU against L0 (log scale), one marker style per family of dictionary."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for family in sorted({row["family"] for row in rows}):
-        points = sorted((row["l0"], row["fvu"], row["name"]) for row in rows if row["family"] == family)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
+    """A value against L0 (log scale), one line per series of dictionaries (rows carry
+    series, name, l0 and value)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for series in sorted({row["series"] for row in rows}):
+        points = sorted((row["l0"], row["value"], row["name"]) for row in rows if row["series"] == series)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=series)
         for l0, value, name in points:
-            ax.annotate(name, (l0, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(name, (l0, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("L0 (active features per token)")
-    ax.set_ylabel("FVU on held-out tokens (lower is better)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def quality_across_k(records: list[dict], path: Path) -> Path:
+    """Silhouette (sampled and simplified) and Davies-Bouldin of k-means against k."""
+    records = sorted(records, key=lambda r: r["k"])
+    ks = [r["k"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.plot(ks, [r["heldout_silhouette_sampled"] for r in records], marker="o", label="silhouette (sampled)")
+    left.plot(ks, [r["heldout_simplified_silhouette"] for r in records], marker="o", label="simplified silhouette")
+    left.set_ylabel("higher is better")
+    left.legend(fontsize=7)
+    right.plot(ks, [r["heldout_davies_bouldin"] for r in records], marker="o", color="C3")
+    right.set_ylabel("Davies-Bouldin (lower is better)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def alignment_histogram(best_cosines: dict[str, np.ndarray], clustering: str, path: Path) -> Path:
+    """Per SAE, the distribution of each centroid's best cosine with the SAE's decoder directions."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.linspace(-0.2, 1, 49)
+    for name, values in best_cosines.items():
+        ax.hist(values, bins=bins, histtype="step", label=name)
+    ax.axvline(0.7, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"best cosine of a {clustering} centroid (centred) with an SAE decoder direction")
+    ax.set_ylabel("centroids")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
 
 
 def spectrum(values: np.ndarray, path: Path, xlabel: str, ylabel: str) -> Path:
@@ -53,7 +86,4 @@ def spectrum(values: np.ndarray, path: Path, xlabel: str, ylabel: str) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -8,7 +8,28 @@ from pathlib import Path
 
 from gemma_assets.core.profiles import Profile
 
-COLUMNS = ("name", "family", "heldout_l0", "heldout_fvu", "heldout_mse", "heldout_cosine", "parameters", "fit_seconds")
+COLUMNS = (
+    "name",
+    "family",
+    "heldout_l0",
+    "heldout_fvu",
+    "heldout_mse",
+    "heldout_cosine",
+    "heldout_relative_norm",
+    "delta_ce",
+    "loss_recovered_vs_zero",
+    "loss_recovered_vs_mean",
+)
+COST_COLUMNS = (
+    "name",
+    "parameters",
+    "fit_seconds",
+    "fit_peak_rss_mb",
+    "heldout_encode_tokens_per_s",
+    "heldout_dead_features",
+    "heldout_dense_features",
+    "heldout_usage_entropy_normalized",
+)
 QUALITY_COLUMNS = (
     "name",
     "heldout_simplified_silhouette",
@@ -19,6 +40,31 @@ QUALITY_COLUMNS = (
     "heldout_tiny_clusters",
     "iterations",
 )
+ALIGNMENT_COLUMNS = (
+    "clustering",
+    "sae",
+    "median_best_cosine",
+    "clusters_with_twin",
+    "latents_with_twin",
+    "mean_best_f1",
+    "clusters_matched_f1",
+)
+PROBE_COLUMNS = (
+    "features",
+    "l0",
+    "stratum_accuracy",
+    "stratum_retained",
+    "token_class_accuracy",
+    "token_class_retained",
+)
+PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
+
+
+def series(record: dict) -> str:
+    """The line a dictionary belongs to on the L0 plots: SAEs by width, clusterings by family."""
+    if record["family"].startswith("SAE"):
+        return f"SAE, {record['width']} latents"
+    return record["family"]
 
 
 class LeakageError(RuntimeError):
@@ -60,7 +106,7 @@ def _table(records: list[dict], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def findings(records: list[dict]) -> list[str]:
+def findings(records: list[dict], interpretation: dict) -> list[str]:
     """Statements that follow from the numbers; nothing is claimed that they do not show."""
     kmeans = sorted((r for r in records if r["family"] == "k-means"), key=lambda r: r["k"])
     saes = [r for r in records if r["family"].startswith("SAE")]
@@ -69,25 +115,84 @@ def findings(records: list[dict]) -> list[str]:
         first, last = kmeans[0], kmeans[-1]
         lines.append(
             f"Raising k from {first['k']} to {last['k']} lowers the held-out FVU of k-means from "
-            f"{first['heldout_fvu']:.3f} to {last['heldout_fvu']:.3f} at L0 = 1."
+            f"{first['heldout_fvu']:.3f} to {last['heldout_fvu']:.3f} at L0 = 1"
+            + (
+                f", and its spliced delta CE from {first['delta_ce']:.3f} to {last['delta_ce']:.3f} nats."
+                if "delta_ce" in first and "delta_ce" in last
+                else "."
+            )
         )
+    for km in kmeans:
+        twins = [s for s in saes if s.get("width") == km["k"] and s.get("m") == 1]
+        for sae in twins:
+            verdict = "lower" if sae["heldout_fvu"] < km["heldout_fvu"] else "higher"
+            lines.append(
+                f"At L0 = 1 and {km['k']} features, the TopK SAE {sae['name']} has {verdict} held-out FVU "
+                f"({sae['heldout_fvu']:.3f}) than {km['name']} ({km['heldout_fvu']:.3f})."
+            )
     if kmeans and saes:
         best_km = min(kmeans, key=lambda r: r["heldout_fvu"])
-        for record in sorted(saes, key=lambda r: r["heldout_l0"]):
-            ratio = best_km["heldout_fvu"] / record["heldout_fvu"] if record["heldout_fvu"] > 0 else float("inf")
-            verdict = "lower" if record["heldout_fvu"] < best_km["heldout_fvu"] else "higher"
+        beating = [s for s in saes if s["heldout_fvu"] < best_km["heldout_fvu"]]
+        if beating:
+            sparsest = min(beating, key=lambda r: r["heldout_l0"])
             lines.append(
-                f"SAE {record['name']} (L0 {record['heldout_l0']:.1f}) has {verdict} FVU "
-                f"({record['heldout_fvu']:.3f}) than the best k-means, {best_km['name']} "
-                f"({best_km['heldout_fvu']:.3f}); ratio {ratio:.2f}x."
+                f"The sparsest SAE with lower FVU than the best k-means ({best_km['name']}, "
+                f"{best_km['heldout_fvu']:.3f}) is {sparsest['name']}: FVU {sparsest['heldout_fvu']:.3f} at "
+                f"L0 {sparsest['heldout_l0']:.1f}."
+            )
+        else:
+            lines.append(f"No SAE reaches the held-out FVU of {best_km['name']} ({best_km['heldout_fvu']:.3f}).")
+    recovered = [r for r in records if r.get("loss_recovered_vs_zero") is not None]
+    if recovered:
+        best = max(recovered, key=lambda r: r["loss_recovered_vs_zero"])
+        worst = min(recovered, key=lambda r: r["loss_recovered_vs_zero"])
+        lines.append(
+            f"Loss recovered vs zero-ablation ranges from {worst['loss_recovered_vs_zero']:.3f} ({worst['name']}) "
+            f"to {best['loss_recovered_vs_zero']:.3f} ({best['name']})."
+        )
+    pairs = interpretation.get("alignment", [])
+    if pairs:
+        top = max(pairs, key=lambda p: p["clusters_matched_f1"])
+        relation = "above" if top["clusters_matched_f1"] > PEER_MATCHED_SHARE else "at or below"
+        lines.append(
+            f"{top['clusters_matched_f1']:.0%} of {top['clustering']} clusters have a {top['sae']} latent with "
+            f"activation-set F1 > 0.5 ({relation} the ~{PEER_MATCHED_SHARE:.0%} Exemplar Partitioning reports against "
+            f"Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within cosine 0.7."
+        )
+    probes = interpretation.get("probes", [])
+    if len(probes) > 2:
+        baseline, raw = probes[0], probes[1]
+        for target, label in (("stratum", "the source stratum"), ("token_class", "the token class")):
+            best = max(probes[2:], key=lambda p: p[f"{target}_retained"])
+            lines.append(
+                f"Probing {label}, raw activations reach {raw[f'{target}_accuracy']:.3f} accuracy (majority class "
+                f"{baseline[f'{target}_accuracy']:.3f}); the best code, {best['features']}, retains "
+                f"{best[f'{target}_retained']:.0%} of it."
             )
     return lines
 
 
-def render_markdown(profile: Profile, records: list[dict], data: dict, frontier_png: str, config: dict) -> str:
-    rows = _table(records, COLUMNS)
-    quality = _table([r for r in records if r["family"] == "k-means"], QUALITY_COLUMNS)
-    findings_md = "\n".join(f"- {line}" for line in findings(records)) or "- (not enough models to compare)"
+def _examples_md(examples: dict) -> str:
+    lines = []
+    for name, features in examples.items():
+        for feature in features:
+            tokens = ", ".join(f"`{t!r}`" for t in feature["top_tokens"])
+            lines.append(
+                f"- [{name} feature {feature['feature']}](features/{name}/feature-{feature['feature']:05d}.html): "
+                f"{feature['count']} tokens, coherence {feature['coherence']:.3f}, stratum purity "
+                f"{feature['stratum_purity']:.2f}; top tokens {tokens}"
+            )
+    return "\n".join(lines)
+
+
+def render_markdown(
+    profile: Profile, records: list[dict], data: dict, plots: dict[str, str], interpretation: dict, config: dict
+) -> str:
+    """The report: data, reconstruction and downstream loss, cost, clustering quality,
+    interpretation, findings and the exact configuration."""
+    kmeans = [r for r in records if r["family"] == "k-means"]
+    findings_md = "\n".join(f"- {line}" for line in findings(records, interpretation)) or "- (not enough models)"
+    downstream = data["downstream"]
     return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
 
 Profile `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revision()}`.
@@ -100,25 +205,80 @@ Profile `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_r
   are excluded from statistics, whitening, clustering and every metric: their norm is
   {data["bos_ratio"]:.1f}x that of other tokens (massive activations).
 - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, computed by this project in float64.
-
-## Reconstruction on held-out tokens
-
-Gain-shape: spherical k-means, a token is its best direction times its projection (L0 = 1).
-top-m: greedy residual coding with m of the k-means directions (L0 = m).
-
-{rows}
-
-## Clustering quality across k (held-out tokens, in the space k-means was fitted in)
-
-{quality}
-
-![L0-FVU frontier]({frontier_png})
+- Spliced cross-entropy: {downstream["predicted_tokens"]:,} next-token predictions on
+  {downstream["windows"]} held-out windows with block {profile.model.layer}'s output replaced by the
+  reconstruction at every position but BOS. Clean CE {downstream["clean_ce"]:.4f} nats,
+  zero-ablation {downstream["zero_ablation_ce"]:.4f}, mean-ablation {downstream["mean_ablation_ce"]:.4f}.
+  Loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean).
 
 ## Findings
 {findings_md}
+
+## Experiment 1: reconstruction and downstream loss on held-out tokens
+
+k-means: a token is its nearest centroid (L0 = 1). Gain-shape: spherical k-means, a token is
+its best direction times its projection (L0 = 1). top-m: greedy residual coding with m of the
+k-means directions (L0 = m). Leader: Exemplar Partitioning's regions read as gain-shape. SAEs:
+TopK, trained with SAELens on the train split.
+
+{_table(records, COLUMNS)}
+
+![L0-FVU frontier]({plots["frontier"]})
+
+![delta CE against L0]({plots["delta_ce"]})
+
+### Clustering quality across k (held-out tokens, in the space k-means was fitted in)
+
+{_table(kmeans, QUALITY_COLUMNS)}
+
+![quality across k]({plots["quality"]})
+
+## Experiment 2: computational cost
+
+Fit time and peak memory (RSS growth) of fitting; encode throughput on held-out tokens;
+dictionary usage on held-out tokens (dead: never active; dense: active on more than 10% of tokens).
+
+{_table(records, COST_COLUMNS)}
+
+## Experiment 3: feature interpretation
+
+{interpretation["tokens"]:,} held-out tokens. Browse every cluster and latent: [feature pages](features/index.html).
+
+### Alignment and activation-set agreement
+
+Best cosine between each centred centroid and the SAE decoder directions (twin: cosine >= 0.7);
+F1 between a cluster's members and the same number of top-activating tokens of a latent, best
+latent per cluster (matched: F1 > 0.5, Exemplar Partitioning's criterion).
+
+{_table(interpretation["alignment"], ALIGNMENT_COLUMNS)}
+
+![alignment histogram]({plots["alignment"]})
+
+### Sparse probing
+
+Logistic probes trained on even held-out windows and tested on odd ones; retained = accuracy /
+accuracy from raw activations.
+
+{_table(interpretation["probes"], PROBE_COLUMNS)}
+
+### Example features (most coherent among the frequently active)
+
+{_examples_md(interpretation["examples"])}
 
 ## Configuration
 ```json
 {json.dumps(config, indent=1, default=str)}
 ```
 """
+
+
+def render_html(markdown_text: str, title: str) -> str:
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}img{max-width:100%}</style></head>"
+        f"<body>{body}</body></html>"
+    )

@@ -14,14 +14,18 @@ from gemma_assets.defs.resources import ComputeResource, ProfileResource, Storag
 
 
 def build_report_asset(
-    cluster_models: dg.AssetsDefinition, leader_clusters: dg.AssetsDefinition, sae_evaluation: dg.AssetsDefinition
+    cluster_models: dg.AssetsDefinition,
+    leader_clusters: dg.AssetsDefinition,
+    sae_evaluation: dg.AssetsDefinition,
+    downstream_loss: dg.AssetsDefinition,
+    feature_interpretation: dg.AssetsDefinition,
 ) -> dg.AssetsDefinition:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
-        deps=[cluster_models, leader_clusters, sae_evaluation],
-        code_version="1",
+        deps=[cluster_models, leader_clusters, sae_evaluation, downstream_loss, feature_interpretation],
+        code_version="2",
         group_name="report",
-        kinds={"markdown"},
+        kinds={"markdown", "html"},
     )
     def comparison_report(
         context: dg.AssetExecutionContext,
@@ -29,40 +33,69 @@ def build_report_asset(
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
-        """Markdown report (and PNG frontier plot) comparing k-means and SAEs on held-out tokens."""
+        """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
+        clustering quality across k, computational cost, feature interpretation."""
         prof = profile.profile
         records = load_cluster_metrics(storage, [str(k) for k in prof.kmeans.ks])
         records.append(json.loads(storage.path("clusters", "leader", "metrics.json").read_text()))
         records += json.loads(storage.path("saes", "evaluation.json").read_text())
         report.check_no_leakage(records, prof.heldout_partition_keys)
+        downstream = json.loads(storage.path("evaluation", "downstream.json").read_text())
+        spliced = {r["name"]: r for r in downstream["dictionaries"]}
         for record in records:
-            record.setdefault("fit_seconds", None)
+            record.update({k: v for k, v in spliced.get(record["name"], {}).items() if k not in ("name", "family")})
+        interpretation = json.loads(storage.path("evaluation", "interpretation.json").read_text())
+        folder = storage.path("report")
+
+        def l0_rows(key: str) -> list[dict]:
+            return [
+                {"name": r["name"], "series": report.series(r), "l0": r["heldout_l0"], "value": r[key]}
+                for r in records
+                if r.get(key) is not None
+            ]
+
+        figures = {
+            "frontier": plots.l0_frontier(
+                l0_rows("heldout_fvu"), folder / "l0_fvu_frontier.png", "FVU on held-out tokens (lower is better)"
+            ),
+            "delta_ce": plots.l0_frontier(
+                l0_rows("delta_ce"), folder / "l0_delta_ce.png", "spliced CE - clean CE, nats (lower is better)"
+            ),
+            "quality": plots.quality_across_k(
+                [r for r in records if r["family"] == "k-means"], folder / "quality_across_k.png"
+            ),
+            "alignment": folder / "alignment_histogram.png",
+        }
         train = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
         heldout = ActivationMoments.load(storage.path("stats", "heldout_moments.npz"))
         bos_ratio = json.loads(storage.path("stats", "bos.json").read_text())["bos_to_token_norm_ratio"]
-        frontier = plots.l0_fvu_frontier(
-            [
-                {"name": r["name"], "family": r["family"], "l0": r["heldout_l0"], "fvu": r["heldout_fvu"]}
-                for r in records
-            ],
-            storage.path("report", "l0_fvu_frontier.png"),
-        )
         config = {
             "profile": dataclasses.asdict(prof),
             "compute": {"device": compute.resolved_device, "dtype": str(compute.torch_dtype)},
         }
-        data = {"train_tokens": train.count, "heldout_tokens": heldout.count, "bos_ratio": bos_ratio}
-        markdown = report.render_markdown(prof, records, data, frontier.name, config)
-        path = storage.path("report", "report.md")
+        data = {
+            "train_tokens": train.count,
+            "heldout_tokens": heldout.count,
+            "bos_ratio": bos_ratio,
+            "downstream": downstream,
+        }
+        markdown = report.render_markdown(
+            prof, records, data, {name: path.name for name, path in figures.items()}, interpretation, config
+        )
+        path = folder / "report.md"
         path.write_text(markdown)
-        table = pl.DataFrame([{c: r.get(c) for c in report.COLUMNS} for r in records])
-        context.log.info(f"report written to {path}")
+        (folder / "report.html").write_text(report.render_html(markdown, f"gemma_assets report ({prof.name})"))
+        findings = report.findings(records, interpretation)
+        context.log.info(f"report written to {path} and {path.with_suffix('.html')}")
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.path(str(path)),
-                "heldout_metrics": dg.MetadataValue.md(markdown_table(table)),
-                "l0_fvu_frontier": image_md(frontier),
-                "findings": dg.MetadataValue.md("\n".join(f"- {line}" for line in report.findings(records))),
+                "report_html": dg.MetadataValue.path(str(path.with_suffix(".html"))),
+                "heldout_metrics": dg.MetadataValue.md(
+                    markdown_table(pl.DataFrame([{c: r.get(c) for c in report.COLUMNS} for r in records]))
+                ),
+                **{f"plot_{name}": image_md(figure) for name, figure in figures.items()},
+                "findings": dg.MetadataValue.md("\n".join(f"- {line}" for line in findings)),
             }
         )
 
