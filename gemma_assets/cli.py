@@ -57,7 +57,7 @@ def _stages(defs: dg.Definitions, profile) -> list[tuple[str, str, list[str] | N
         (
             "spliced cross-entropy, feature interpretation, comparison report",
             "analyse",
-            ["downstream_loss", "feature_interpretation", "comparison_report"],
+            ["downstream_loss", "interpretation", "comparison_report"],
             {},
         ),
     ]

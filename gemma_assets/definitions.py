@@ -46,9 +46,9 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
     whitening, cluster_models = build_clustering_assets(activation_stats, k_partitions(profile))
     cluster_density, leader_clusters = build_density_assets(cluster_models, whitening, k_partitions(profile))
     sae_dictionary, sae_evaluation = build_sae_assets(activation_stats)
-    downstream_loss, feature_interpretation = build_evaluation_assets(cluster_models, leader_clusters, sae_dictionary)
+    downstream_loss, interpretation = build_evaluation_assets(cluster_models, leader_clusters, sae_dictionary)
     comparison_report = build_report_asset(
-        cluster_models, leader_clusters, sae_evaluation, downstream_loss, feature_interpretation
+        cluster_models, leader_clusters, sae_evaluation, downstream_loss, interpretation
     )
     assets = [
         pile_sample,
@@ -61,7 +61,7 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
         sae_dictionary,
         sae_evaluation,
         downstream_loss,
-        feature_interpretation,
+        interpretation,
         comparison_report,
     ]
     tags = {PROFILE_TAG: profile.name}
@@ -82,7 +82,7 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
                 sae_dictionary,
                 sae_evaluation,
                 downstream_loss,
-                feature_interpretation,
+                interpretation,
                 comparison_report,
             ),
             tags={**tags, **CRASH_ONLY_RETRY_TAGS},

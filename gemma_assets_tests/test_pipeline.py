@@ -21,7 +21,7 @@ ASSETS = [
     "sae_dictionary",
     "sae_evaluation",
     "downstream_loss",
-    "feature_interpretation",
+    "interpretation",
     "comparison_report",
 ]
 

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ["pile_sample", "activations", "activation_stats", "cluster_models", "comparison_report"]
+ASSETS = [
+    "pile_sample",
+    "activations",
+    "activation_stats",
+    "cluster_models",
+    "downstream_loss",
+    "interpretation",
+    "comparison_report",
+]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # set to 1 to refresh the screenshot kept in the docs
 UPDATE_SCREENSHOT_ENV_VAR = "GEMMA_ASSETS_UPDATE_SCREENSHOT"
@@ -102,7 +110,7 @@ def chromium(url: str, profile_dir: Path, *action: str) -> subprocess.CompletedP
         "--hide-scrollbars",
         f"--user-data-dir={profile_dir}",
         # wide enough for the graph to be drawn with readable asset names
-        "--window-size=1920,1000",
+        "--window-size=1920,1200",
         "--virtual-time-budget=30000",
     ]
     return subprocess.run([CHROMIUM, *flags, *action, url], capture_output=True, text=True, timeout=180, check=True)

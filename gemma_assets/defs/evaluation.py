@@ -1,4 +1,4 @@
-"""downstream_loss and feature_interpretation: every dictionary through the model and in front of a reader."""
+"""downstream_loss and interpretation: every dictionary through the model and in front of a reader."""
 
 import json
 import time
@@ -153,7 +153,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "html"},
     )
-    def feature_interpretation(
+    def interpretation(
         context: dg.AssetExecutionContext,
         profile: ProfileResource,
         storage: StorageResource,
@@ -252,7 +252,7 @@ def build_evaluation_assets(
             }
         )
 
-    return [downstream_loss, feature_interpretation]
+    return [downstream_loss, interpretation]
 
 
 def _activations(member: Member, x: torch.Tensor, device: str) -> interpret.FeatureActivations:

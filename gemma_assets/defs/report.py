@@ -18,11 +18,11 @@ def build_report_asset(
     leader_clusters: dg.AssetsDefinition,
     sae_evaluation: dg.AssetsDefinition,
     downstream_loss: dg.AssetsDefinition,
-    feature_interpretation: dg.AssetsDefinition,
+    interpretation: dg.AssetsDefinition,
 ) -> dg.AssetsDefinition:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
-        deps=[cluster_models, leader_clusters, sae_evaluation, downstream_loss, feature_interpretation],
+        deps=[cluster_models, leader_clusters, sae_evaluation, downstream_loss, interpretation],
         code_version="2",
         group_name="report",
         kinds={"markdown", "html"},
@@ -44,7 +44,7 @@ def build_report_asset(
         spliced = {r["name"]: r for r in downstream["dictionaries"]}
         for record in records:
             record.update({k: v for k, v in spliced.get(record["name"], {}).items() if k not in ("name", "family")})
-        interpretation = json.loads(storage.path("evaluation", "interpretation.json").read_text())
+        readings = json.loads(storage.path("evaluation", "interpretation.json").read_text())
         folder = storage.path("report")
 
         def l0_rows(key: str) -> list[dict]:
@@ -80,12 +80,12 @@ def build_report_asset(
             "downstream": downstream,
         }
         markdown = report.render_markdown(
-            prof, records, data, {name: path.name for name, path in figures.items()}, interpretation, config
+            prof, records, data, {name: path.name for name, path in figures.items()}, readings, config
         )
         path = folder / "report.md"
         path.write_text(markdown)
         (folder / "report.html").write_text(report.render_html(markdown, f"gemma_assets report ({prof.name})"))
-        findings = report.findings(records, interpretation)
+        findings = report.findings(records, readings)
         context.log.info(f"report written to {path} and {path.with_suffix('.html')}")
         return dg.MaterializeResult(
             metadata={
