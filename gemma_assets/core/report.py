@@ -82,14 +82,17 @@ def check_no_leakage(records: list[dict], heldout_keys: list[str]) -> None:
 
 
 def git_revision() -> str:
-    try:
+    """HEAD's short hash, marked when tracked files differ from it (the numbers are then not
+    reproducible from the hash alone)."""
+
+    def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         ).stdout.strip()
+
+    try:
+        revision = git("rev-parse", "--short", "HEAD")
+        return revision + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 
