@@ -172,16 +172,18 @@ def select_by_class_separation(features: np.ndarray, labels: np.ndarray, m: int)
 
 
 def sparse_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray) -> float:
-    """Test accuracy of a logistic-regression probe (features standardised on train)."""
+    """Balanced test accuracy (mean recall over the classes) of a logistic-regression probe
+    with features standardised on train and classes weighted to equal total weight."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(train_labels)) < 2:
-        return float(np.mean(test_labels == train_labels[0]))
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+        return float(balanced_accuracy_score(test_labels, np.full(len(test_labels), train_labels[0])))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, class_weight="balanced"))
     probe.fit(train, train_labels)
-    return float(probe.score(test, test_labels))
+    return float(balanced_accuracy_score(test_labels, probe.predict(test)))
 
 
 def logit_effects(

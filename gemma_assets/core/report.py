@@ -52,9 +52,9 @@ ALIGNMENT_COLUMNS = (
 PROBE_COLUMNS = (
     "features",
     "l0",
-    "stratum_accuracy",
+    "stratum_balanced_accuracy",
     "stratum_retained",
-    "token_class_accuracy",
+    "token_class_balanced_accuracy",
     "token_class_retained",
 )
 PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
@@ -168,8 +168,8 @@ def findings(records: list[dict], interpretation: dict) -> list[str]:
         for target, label in (("stratum", "the source stratum"), ("token_class", "the token class")):
             best = max(probes[2:], key=lambda p: p[f"{target}_retained"])
             lines.append(
-                f"Probing {label}, raw activations reach {raw[f'{target}_accuracy']:.3f} accuracy (majority class "
-                f"{baseline[f'{target}_accuracy']:.3f}); the best code, {best['features']}, retains "
+                f"Probing {label}, raw activations reach {raw[f'{target}_balanced_accuracy']:.3f} balanced accuracy (majority class "
+                f"{baseline[f'{target}_balanced_accuracy']:.3f}); the best code, {best['features']}, retains "
                 f"{best[f'{target}_retained']:.0%} of it."
             )
     return lines
@@ -259,8 +259,9 @@ latent per cluster (matched: F1 > 0.5, Exemplar Partitioning's criterion).
 
 ### Sparse probing
 
-Logistic probes trained on even held-out windows and tested on odd ones; retained = accuracy /
-accuracy from raw activations.
+Logistic probes trained on even held-out windows and tested on odd ones, scored by balanced
+accuracy (mean recall over classes: the strata are far from equal in size); retained = balanced
+accuracy / that of raw activations.
 
 {_table(interpretation["probes"], PROBE_COLUMNS)}
 

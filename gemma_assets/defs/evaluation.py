@@ -7,6 +7,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from gemma_assets.core import feature_pages, interpret, model, plots, splice
 from gemma_assets.core.dictionaries import Member
@@ -215,7 +216,9 @@ def build_evaluation_assets(
         )
 
         probes = _probes(tokens, members, acts, spec, decode)
-        context.log.info("probes: " + ", ".join(f"{p['features']} {p['stratum_accuracy']:.3f}" for p in probes))
+        context.log.info(
+            "probes: " + ", ".join(f"{p['features']} {p['stratum_balanced_accuracy']:.3f}" for p in probes)
+        )
 
         # pages, and a few example features per dictionary for the report
         pages: dict[str, str] = {}
@@ -299,7 +302,8 @@ def _examples(summaries: list[dict], decode, n: int = 3) -> list[dict]:
 def _probes(
     tokens: interpret.EvalTokens, members: list[Member], acts: dict, spec: EvaluationSpec, decode
 ) -> list[dict]:
-    """Logistic probes of source stratum and token class on the first probe_tokens tokens,
+    """Logistic probes (balanced accuracy: strata are far from equal in size) of source stratum
+    and token class on the first probe_tokens tokens,
     trained on even windows and tested on odd ones, from: raw activations; each clustering's
     one-hot code (L0 = 1); each SAE's latents, all of them and the 1 and k most
     class-separating ones (selected on train). Dictionaries wider than probe_max_features
@@ -325,10 +329,15 @@ def _probes(
         else:
             dense[a.token[kept], a.feature[kept]] = 1.0
             variants.append((f"{member.name} (one-hot)", dense, 1, None))
-    # the accuracy of always answering the most common class of the training half
+    # always answering the most common class of the training half: 1 / number of classes
     rows = [
         {"features": "majority class (baseline)", "l0": 0}
-        | {f"{t}_accuracy": float(np.mean(y[~train] == _most_common(y[train]))) for t, y in targets.items()}
+        | {
+            f"{t}_balanced_accuracy": balanced_accuracy_score(
+                y[~train], np.full((~train).sum(), _most_common(y[train]))
+            )
+            for t, y in targets.items()
+        }
     ]
     for label, features, l0, select in variants:
         row = {"features": label, "l0": l0}
@@ -338,13 +347,13 @@ def _probes(
                 if select is None
                 else interpret.select_by_class_separation(features[train], y[train], select)
             )
-            row[f"{target}_accuracy"] = interpret.sparse_probe(
+            row[f"{target}_balanced_accuracy"] = interpret.sparse_probe(
                 features[train][:, columns], y[train], features[~train][:, columns], y[~train]
             )
         rows.append(row)
     for row in rows:
         for target in targets:
-            row[f"{target}_retained"] = row[f"{target}_accuracy"] / rows[1][f"{target}_accuracy"]
+            row[f"{target}_retained"] = row[f"{target}_balanced_accuracy"] / rows[1][f"{target}_balanced_accuracy"]
     return rows
 
 
