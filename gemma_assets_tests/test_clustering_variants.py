@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import dagster as dg
 import pytest
 import torch
 from sklearn.datasets import make_blobs
@@ -12,6 +16,7 @@ from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_s
 from gemma_assets.core.kmeans import fit_kmeans
 from gemma_assets.core.metrics import evaluate
 from gemma_assets.core.profiles import ConfigError
+from gemma_assets.definitions import build_definitions
 
 
 def _blobs(n=3000, d=16, k=6, seed=0):
@@ -87,3 +92,24 @@ def test_cluster_quality_on_separated_blobs():
     assert quality["dead_clusters"] == 0 and quality["inertia"] == pytest.approx(result.inertia_curve[-1], rel=1e-4)
     far = torch.cat([result.centroids, torch.full((1, 16), 1e4)])
     assert cluster_quality([x], far)["dead_clusters"] == 1
+
+
+def test_cluster_models_asset_streams_when_over_budget(tiny_run, tmp_path):
+    """The asset's out-of-core branch (a run-config budget of 0 MB) gives the in-memory result."""
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_run.data_root, data_root)
+    defs = build_definitions(tiny_run.profile, data_root=str(data_root))
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("fit_cluster_models").execute_in_process(
+            instance=instance,
+            partition_key="64",
+            asset_selection=[dg.AssetKey("cluster_models")],
+            run_config={"resources": {"profile": {"config": {"name": "tiny", "kmeans_in_memory_mb": 0}}}},
+        )
+    assert result.success
+    in_memory = json.loads(tiny_run.storage.path("clusters", "k-00064", "metrics.json").read_text())
+    streamed = json.loads((data_root / "tiny" / "clusters" / "k-00064" / "metrics.json").read_text())
+    assert not in_memory["train_streamed"] and streamed["train_streamed"]
+    assert streamed["iterations"] == in_memory["iterations"]
+    for name in ("heldout_fvu", "train_inertia", "heldout_simplified_silhouette"):
+        assert streamed[name] == pytest.approx(in_memory[name], rel=1e-4), name

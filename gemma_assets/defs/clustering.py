@@ -82,12 +82,18 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             prof.kmeans.n_components,
         )
         moments = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
-        if moments.count * moments.d_model * 4 <= prof.kmeans.in_memory_mb * 2**20:
-            train = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)[0]
-        else:  # out of core: every Lloyd iteration streams the store once
+        streamed = moments.count * moments.d_model * 4 > prof.kmeans.in_memory_mb * 2**20
+        if streamed:  # out of core: every Lloyd iteration streams the store once
             train = lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys, transform=preprocessor.forward))  # noqa: E731
+            context.log.info(f"train split larger than {prof.kmeans.in_memory_mb} MB: streamed from the store")
+        else:
+            train = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)[0]
         heldout_batches = lambda: (x for x, _ in store.iter_tokens(prof.heldout_partition_keys))  # noqa: E731
-        common = {"train_partitions": prof.train_partition_keys, "train_tokens": moments.count}
+        common = {
+            "train_partitions": prof.train_partition_keys,
+            "train_tokens": moments.count,
+            "train_streamed": streamed,
+        }
         summary = {}
         for key in context.partition_keys:
             k = int(key)

@@ -1,5 +1,6 @@
 """Resources: which profile, where data lives, where compute runs. Frozen: derive, don't mutate."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -20,10 +21,18 @@ class ProfileResource(dg.ConfigurableResource):
     """The run profile (tiny, demo, gemma-2-2b): model, corpus, sample sizes, k values, SAEs."""
 
     name: str
+    # >= 0 overrides the profile's KMeansSpec.in_memory_mb for a run: a larger train split is
+    # streamed from the store (e.g. 0 forces the out-of-core path)
+    kmeans_in_memory_mb: int = -1
 
     @property
     def profile(self) -> Profile:
-        return get_profile(self.name)
+        profile = get_profile(self.name)
+        if self.kmeans_in_memory_mb < 0:
+            return profile
+        return dataclasses.replace(
+            profile, kmeans=dataclasses.replace(profile.kmeans, in_memory_mb=self.kmeans_in_memory_mb)
+        )
 
 
 class StorageResource(dg.ConfigurableResource):
