@@ -9,18 +9,20 @@ dictionaries relate.
 - `activation_f1`: activation-set agreement as Exemplar Partitioning measures it: a cluster's
   members against the same number of top-activating tokens of a latent;
 - `sparse_probe`: accuracy of logistic probes on raw activations vs dictionary codes;
+- `probe_table`: those probes for every dictionary against raw activations and a baseline;
 - `logit_effects`: tokens a direction promotes and suppresses through the unembedding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gemma_assets.core.codes import Codes, unit_rows
+from gemma_assets.core.dictionaries import Member
 
 TWIN_COSINE = 0.7  # a direction with a match at least this close has a twin in the other dictionary
 MATCH_F1 = 0.5  # Exemplar Partitioning's threshold for a cluster with a matching latent
@@ -211,3 +213,88 @@ def token_class(text: str) -> str:
     if all(not c.isalnum() for c in stripped):
         return "punctuation"
     return "other"
+
+
+def example_features(summaries: list[dict], decode: Callable[[int], str], n: int = 3) -> list[dict]:
+    """The most coherent features among those active on at least the median number of tokens."""
+    alive = [s for s in summaries if s["count"] > 1]
+    if not alive:
+        return []
+    floor = float(np.median([s["count"] for s in alive]))
+    chosen = sorted((s for s in alive if s["count"] >= floor), key=lambda s: -s["coherence"])[:n]
+    return [
+        {
+            "feature": s["feature"],
+            "count": s["count"],
+            "coherence": s["coherence"],
+            "stratum_purity": s["stratum_purity"],
+            "top_tokens": [decode(t) for t, _ in s["top_tokens"][:5]],
+        }
+        for s in chosen
+    ]
+
+
+def probe_table(
+    tokens: EvalTokens,
+    members: list[Member],
+    acts: dict[str, FeatureActivations],
+    probe_tokens: int,
+    max_features: int,
+    decode: Callable[[int], str],
+) -> list[dict]:
+    """Logistic probes (balanced accuracy: strata are far from equal in size) of source stratum
+    and token class on the first probe_tokens tokens, trained on even windows and tested on odd
+    ones, from: raw activations; each clustering's one-hot code (L0 = 1); each SAE's latents,
+    all of them and the 1 and k most class-separating ones (selected on train). Dictionaries
+    wider than max_features are left out (their dense codes would not fit). The first row is
+    the majority-class baseline, the second raw activations, which `retained` divides by."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    n = min(probe_tokens, len(tokens.x))
+    classes = np.array([token_class(decode(int(t))) for t in tokens.token_ids[:n]])
+    targets = {"stratum": tokens.strata[:n], "token_class": classes}
+    train = tokens.windows[:n] % 2 == 0
+    # (label, features, L0, latents to select per target or None for all columns)
+    variants: list[tuple[str, np.ndarray, float | None, int | None]] = [
+        ("raw activations", tokens.x[:n].numpy(), None, None)
+    ]
+    for member in members:
+        if member.dictionary.n_features > max_features:
+            continue
+        a = acts[member.name]
+        kept = a.token < n
+        dense = np.zeros((n, a.n_features), np.float32)
+        if member.family.startswith("SAE"):
+            dense[a.token[kept], a.feature[kept]] = a.value[kept]
+            variants.append((f"{member.name} (all latents)", dense, member.m, None))
+            variants += [(f"{member.name} (top {m} latents)", dense, m, m) for m in sorted({1, member.m or 1})]
+        else:
+            dense[a.token[kept], a.feature[kept]] = 1.0
+            variants.append((f"{member.name} (one-hot)", dense, 1, None))
+    # always answering the most common class of the training half: 1 / number of classes
+    rows = [
+        {"features": "majority class (baseline)", "l0": 0}
+        | {
+            f"{t}_balanced_accuracy": balanced_accuracy_score(
+                y[~train], np.full((~train).sum(), _most_common(y[train]))
+            )
+            for t, y in targets.items()
+        }
+    ]
+    for label, features, l0, select in variants:
+        row = {"features": label, "l0": l0}
+        for target, y in targets.items():
+            columns = slice(None) if select is None else select_by_class_separation(features[train], y[train], select)
+            row[f"{target}_balanced_accuracy"] = sparse_probe(
+                features[train][:, columns], y[train], features[~train][:, columns], y[~train]
+            )
+        rows.append(row)
+    for row in rows:
+        for target in targets:
+            row[f"{target}_retained"] = row[f"{target}_balanced_accuracy"] / rows[1][f"{target}_balanced_accuracy"]
+    return rows
+
+
+def _most_common(values: np.ndarray) -> object:
+    options, counts = np.unique(values, return_counts=True)
+    return options[counts.argmax()]

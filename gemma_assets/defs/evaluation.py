@@ -7,11 +7,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import torch
-from sklearn.metrics import balanced_accuracy_score
 
 from gemma_assets.core import feature_pages, interpret, model, plots, splice
 from gemma_assets.core.dictionaries import Member
-from gemma_assets.core.profiles import EvaluationSpec
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table, model_source
@@ -215,7 +213,7 @@ def build_evaluation_assets(
             storage.path("report", "alignment_histogram.png"),
         )
 
-        probes = _probes(tokens, members, acts, spec, decode)
+        probes = interpret.probe_table(tokens, members, acts, spec.probe_tokens, spec.probe_max_features, decode)
         context.log.info(
             "probes: " + ", ".join(f"{p['features']} {p['stratum_balanced_accuracy']:.3f}" for p in probes)
         )
@@ -238,7 +236,7 @@ def build_evaluation_assets(
                     twins[summary["feature"]],
                 )
             pages[f"{member.name}/index.html"] = feature_pages.index_page(member.name, summaries, twins, decode)
-            examples[member.name] = _examples(summaries, decode)
+            examples[member.name] = interpret.example_features(summaries, decode)
         pages["index.html"] = feature_pages.index_page_of_dictionaries(
             [(m.name, m.family, m.dictionary.n_features) for m in members]
         )
@@ -278,85 +276,3 @@ def _twins(member: Member, clusters: list[Member], latents: list[Member], best: 
     other = clusters[-1]
     values, index, _, _ = interpret.alignment(member.dictionary.directions().cpu(), other.dictionary.directions())
     return [f"{other.name} cluster {int(j)} (cosine {float(c):.3f})" for c, j in zip(values, index, strict=True)]
-
-
-def _examples(summaries: list[dict], decode, n: int = 3) -> list[dict]:
-    """The most coherent features among those active on at least the median number of tokens."""
-    alive = [s for s in summaries if s["count"] > 1]
-    if not alive:
-        return []
-    floor = float(np.median([s["count"] for s in alive]))
-    chosen = sorted((s for s in alive if s["count"] >= floor), key=lambda s: -s["coherence"])[:n]
-    return [
-        {
-            "feature": s["feature"],
-            "count": s["count"],
-            "coherence": s["coherence"],
-            "stratum_purity": s["stratum_purity"],
-            "top_tokens": [decode(t) for t, _ in s["top_tokens"][:5]],
-        }
-        for s in chosen
-    ]
-
-
-def _probes(
-    tokens: interpret.EvalTokens, members: list[Member], acts: dict, spec: EvaluationSpec, decode
-) -> list[dict]:
-    """Logistic probes (balanced accuracy: strata are far from equal in size) of source stratum
-    and token class on the first probe_tokens tokens,
-    trained on even windows and tested on odd ones, from: raw activations; each clustering's
-    one-hot code (L0 = 1); each SAE's latents, all of them and the 1 and k most
-    class-separating ones (selected on train). Dictionaries wider than probe_max_features
-    are left out (their dense codes would not fit)."""
-    n = min(spec.probe_tokens, len(tokens.x))
-    classes = np.array([interpret.token_class(decode(int(t))) for t in tokens.token_ids[:n]])
-    targets = {"stratum": tokens.strata[:n], "token_class": classes}
-    train = tokens.windows[:n] % 2 == 0
-    # (label, features, L0, latents to select per target or None for all columns)
-    variants: list[tuple[str, np.ndarray, float | None, int | None]] = [
-        ("raw activations", tokens.x[:n].numpy(), None, None)
-    ]
-    for member in members:
-        if member.dictionary.n_features > spec.probe_max_features:
-            continue
-        a = acts[member.name]
-        kept = a.token < n
-        dense = np.zeros((n, a.n_features), np.float32)
-        if member.family.startswith("SAE"):
-            dense[a.token[kept], a.feature[kept]] = a.value[kept]
-            variants.append((f"{member.name} (all latents)", dense, member.m, None))
-            variants += [(f"{member.name} (top {m} latents)", dense, m, m) for m in sorted({1, member.m or 1})]
-        else:
-            dense[a.token[kept], a.feature[kept]] = 1.0
-            variants.append((f"{member.name} (one-hot)", dense, 1, None))
-    # always answering the most common class of the training half: 1 / number of classes
-    rows = [
-        {"features": "majority class (baseline)", "l0": 0}
-        | {
-            f"{t}_balanced_accuracy": balanced_accuracy_score(
-                y[~train], np.full((~train).sum(), _most_common(y[train]))
-            )
-            for t, y in targets.items()
-        }
-    ]
-    for label, features, l0, select in variants:
-        row = {"features": label, "l0": l0}
-        for target, y in targets.items():
-            columns = (
-                slice(None)
-                if select is None
-                else interpret.select_by_class_separation(features[train], y[train], select)
-            )
-            row[f"{target}_balanced_accuracy"] = interpret.sparse_probe(
-                features[train][:, columns], y[train], features[~train][:, columns], y[~train]
-            )
-        rows.append(row)
-    for row in rows:
-        for target in targets:
-            row[f"{target}_retained"] = row[f"{target}_balanced_accuracy"] / rows[1][f"{target}_balanced_accuracy"]
-    return rows
-
-
-def _most_common(values: np.ndarray):
-    options, counts = np.unique(values, return_counts=True)
-    return options[counts.argmax()]
