@@ -115,14 +115,15 @@ def test_activation_f1_and_alignment_on_known_answers():
         torch.tensor([[True]] * 8),
     )
     latents = interpret.FeatureActivations.from_codes([codes], 3)
-    f1, best = interpret.activation_f1(labels, 3, latents)
+    f1, best = interpret.activation_f1(labels, 4, latents)  # cluster 3 is empty
+    assert f1[3] == 0.0 and best[3] == -1
     assert f1[0] == 1.0 and best[0] == 0
     assert f1[1] == 1.0 and best[1] == 1  # top-2 of latent 1 are exactly cluster 1
     assert f1[2] == pytest.approx(2 * 2 / (3 + 2)) and best[2] == 2
     directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    best_ab, index_ab, best_ba, _ = interpret.alignment(directions, directions[[2, 0, 3, 1]])
+    best_ab, index_ab, best_ba, index_ba = interpret.alignment(directions, directions[[2, 0, 3, 1]], rows=3)
     assert torch.allclose(best_ab, torch.ones(4)) and index_ab.tolist() == [1, 3, 0, 2]
-    assert torch.allclose(best_ba, torch.ones(4))
+    assert torch.allclose(best_ba, torch.ones(4)) and index_ba.tolist() == [2, 0, 3, 1]
 
 
 def test_summaries_contexts_and_probes_on_known_answers():

@@ -15,7 +15,7 @@ dictionaries relate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,27 +140,46 @@ def summarise(
     return summaries
 
 
-def alignment(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def alignment(
+    a: torch.Tensor, b: torch.Tensor, rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For unit directions a [ka, d] and b [kb, d]: best cosine of each a in b and its index,
-    and best cosine of each b in a and its index."""
-    cosine = a.float() @ b.float().T
-    best_ab, index_ab = cosine.max(1)
-    best_ba, index_ba = cosine.max(0)
-    return best_ab, index_ab, best_ba, index_ba
+    and best cosine of each b in a and its index (in row blocks of a: 16k x 65k cosines would
+    not fit in memory at once)."""
+    b = b.float()
+    best_ab, index_ab = [], []
+    best_ba = torch.full((len(b),), -torch.inf)
+    index_ba = torch.zeros(len(b), dtype=torch.long)
+    for start in range(0, len(a), rows):
+        cosine = a[start : start + rows].float() @ b.T
+        value, index = cosine.max(1)
+        best_ab.append(value)
+        index_ab.append(index)
+        value, index = cosine.max(0)
+        better = value > best_ba
+        best_ba = torch.where(better, value, best_ba)
+        index_ba = torch.where(better, index + start, index_ba)
+    return torch.cat(best_ab), torch.cat(index_ab), best_ba, index_ba
 
 
 def activation_f1(labels: np.ndarray, k: int, latents: FeatureActivations) -> tuple[np.ndarray, np.ndarray]:
     """Best F1 [k] of each cluster's member set against a latent's top-|cluster| activating
-    tokens, and that latent [k] (-1 for an empty cluster)."""
+    tokens, and that latent [k] (F1 0 and latent -1 where no latent overlaps the cluster).
+    Only (cluster, latent) pairs that share a token are formed, never the dense k x F table."""
+    n_features = latents.n_features
     sizes = np.bincount(labels, minlength=k)
     cluster = labels[latents.token]
     inside = latents.ranks() < sizes[cluster]  # the latent's token is within its top-|cluster|
-    overlap = np.zeros((k, latents.n_features))
-    np.add.at(overlap, (cluster[inside], latents.feature[inside]), 1)
-    latent_set = np.minimum(sizes[:, None], latents.counts()[None, :])
-    f1 = np.divide(2 * overlap, sizes[:, None] + latent_set, out=np.zeros_like(overlap), where=sizes[:, None] > 0)
-    best = f1.argmax(1)
-    return f1[np.arange(k), best], np.where(sizes > 0, best, -1)
+    pairs, overlap = np.unique(
+        cluster[inside].astype(np.int64) * n_features + latents.feature[inside], return_counts=True
+    )
+    c, j = pairs // n_features, pairs % n_features
+    f1 = 2 * overlap / (sizes[c] + np.minimum(sizes[c], latents.counts()[j]))
+    order = np.lexsort((-f1, c))  # by cluster, the best latent first
+    first = order[np.unique(c[order], return_index=True)[1]]
+    best, latent = np.zeros(k), np.full(k, -1)
+    best[c[first]], latent[c[first]] = f1[first], j[first]
+    return best, latent
 
 
 def select_by_class_separation(features: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
@@ -254,23 +273,6 @@ def probe_table(
     classes = np.array([token_class(decode(int(t))) for t in tokens.token_ids[:n]])
     targets = {"stratum": tokens.strata[:n], "token_class": classes}
     train = tokens.windows[:n] % 2 == 0
-    # (label, features, L0, latents to select per target or None for all columns)
-    variants: list[tuple[str, np.ndarray, float | None, int | None]] = [
-        ("raw activations", tokens.x[:n].numpy(), None, None)
-    ]
-    for member in members:
-        if member.dictionary.n_features > max_features:
-            continue
-        a = acts[member.name]
-        kept = a.token < n
-        dense = np.zeros((n, a.n_features), np.float32)
-        if member.family.startswith("SAE"):
-            dense[a.token[kept], a.feature[kept]] = a.value[kept]
-            variants.append((f"{member.name} (all latents)", dense, member.m, None))
-            variants += [(f"{member.name} (top {m} latents)", dense, m, m) for m in sorted({1, member.m or 1})]
-        else:
-            dense[a.token[kept], a.feature[kept]] = 1.0
-            variants.append((f"{member.name} (one-hot)", dense, 1, None))
     # always answering the most common class of the training half: 1 / number of classes
     rows = [
         {"features": "majority class (baseline)", "l0": 0}
@@ -281,7 +283,7 @@ def probe_table(
             for t, y in targets.items()
         }
     ]
-    for label, features, l0, select in variants:
+    for label, features, l0, select in _probe_inputs(tokens, members, acts, n, max_features):
         row = {"features": label, "l0": l0}
         for target, y in targets.items():
             columns = slice(None) if select is None else select_by_class_separation(features[train], y[train], select)
@@ -293,6 +295,28 @@ def probe_table(
         for target in targets:
             row[f"{target}_retained"] = row[f"{target}_balanced_accuracy"] / rows[1][f"{target}_balanced_accuracy"]
     return rows
+
+
+def _probe_inputs(
+    tokens: EvalTokens, members: list[Member], acts: dict[str, FeatureActivations], n: int, max_features: int
+) -> Iterator[tuple[str, np.ndarray, float | None, int | None]]:
+    """(label, features [n, F], L0, features to select or None for all), one dictionary's
+    dense codes alive at a time."""
+    yield "raw activations", tokens.x[:n].numpy(), None, None
+    for member in members:
+        if member.dictionary.n_features > max_features:
+            continue
+        a = acts[member.name]
+        kept = a.token < n
+        dense = np.zeros((n, a.n_features), np.float32)
+        if member.family.startswith("SAE"):
+            dense[a.token[kept], a.feature[kept]] = a.value[kept]
+            yield f"{member.name} (all latents)", dense, member.m, None
+            for m in sorted({1, member.m or 1}):
+                yield f"{member.name} (top {m} latents)", dense, m, m
+        else:
+            dense[a.token[kept], a.feature[kept]] = 1.0
+            yield f"{member.name} (one-hot)", dense, 1, None
 
 
 def _most_common(values: np.ndarray) -> object:
