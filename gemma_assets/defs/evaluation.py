@@ -29,8 +29,13 @@ def _round_trip(member: Member, device: str) -> splice.Replacement:
 
 def heldout_windows(store: ActivationStore, keys: list[str], context_len: int, limit: int) -> np.ndarray:
     """Token windows [w, context_len] of the held-out partitions, at most `limit`."""
-    windows = np.concatenate([store.open(key).array("token_ids").reshape(-1, context_len) for key in keys])
-    return windows[:limit]
+    windows = np.concatenate([store.open(key).array("token_ids").reshape(-1, context_len) for key in keys])[:limit]
+    if not len(windows):
+        raise ValueError(
+            f"no held-out windows to measure the spliced cross-entropy on (partitions {keys}, limit {limit}): "
+            "raise EvaluationSpec.ce_windows or sample more windows"
+        )
+    return windows
 
 
 def load_eval_tokens(
@@ -55,6 +60,11 @@ def load_eval_tokens(
                 break
         if taken >= limit:
             break
+    if not taken:
+        raise ValueError(
+            f"no held-out tokens to interpret features on (partitions {keys}, limit {limit}): "
+            "raise EvaluationSpec.interpret_tokens or sample more windows"
+        )
     return interpret.EvalTokens(
         torch.cat(xs),
         np.concatenate(token_ids),
