@@ -170,3 +170,13 @@ def test_pretrained_sae_ids_exist_in_saelens_directory():
     for spec in specs:
         assert spec.release in directory, spec.release
         assert spec.sae_id in directory[spec.release].saes_map, f"{spec.release}/{spec.sae_id}"
+
+
+def test_nothing_to_evaluate_on_is_a_clear_error(tiny_run):
+    from gemma_assets.defs.evaluation import load_eval_tokens
+
+    store, keys = tiny_run.storage.activation_store(), tiny_run.profile.heldout_partition_keys
+    with pytest.raises(ValueError, match="raise EvaluationSpec.ce_windows"):
+        heldout_windows(store, keys, 32, 0)
+    with pytest.raises(ValueError, match="raise EvaluationSpec.interpret_tokens"):
+        load_eval_tokens(store, keys, 0, 32, 5)
