@@ -11,12 +11,14 @@ Figures:
   output_hidden_states=True (same model, inputs, batch, device), and against the FLOP bound
   (FLOPs of blocks 0..L per token / measured bf16 matmul throughput);
 - bit-exactness of early exit vs hidden_states[L+1] on the GPU;
-- k-means (torch backend) seconds per Lloyd iteration at N>=1M, D=2304, k=256 and 16384.
+- k-means (torch backend) seconds per Lloyd iteration at N>=1M, D=2304, k=256 and 16384, and,
+  where cuML is installed, cuML's fit on the same data and init (speedup and inertia difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -186,6 +188,17 @@ def bench_kmeans(args, device: str) -> list[dict]:
             f"({2 * n * k * d / per_iter / 1e12:6.1f} TFLOP/s in the distance GEMM)",
             flush=True,
         )
+        if device.startswith("cuda") and importlib.util.find_spec("cuml") is not None:
+            # same data, init and iteration count; the cuML fit includes one exact pass of ours
+            # that puts its inertia on the same definition
+            reference = fit_kmeans(x, k, max_iter=args.kmeans_iters, tol=0.0, init=init, backend="cuml", device=device)
+            rows[-1] |= {
+                "cuml_fit_seconds": reference.fit_seconds,
+                "speedup_vs_cuml": reference.fit_seconds / result.fit_seconds,
+                "inertia_rel_diff_vs_cuml": abs(result.inertia_curve[-1] - reference.inertia_curve[-1])
+                / reference.inertia_curve[-1],
+            }
+            print(f"  cuML: {reference.fit_seconds:.2f}s, ours {rows[-1]['speedup_vs_cuml']:.2f}x", flush=True)
         del x, labels, centres, init
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
