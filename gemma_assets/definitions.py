@@ -74,17 +74,7 @@ def build_definitions(profile: Profile, data_root: str | None = None) -> dg.Defi
         ),
         dg.define_asset_job(
             "analyse",
-            selection=dg.AssetSelection.assets(
-                pile_sample,
-                activation_stats,
-                whitening,
-                leader_clusters,
-                sae_dictionary,
-                sae_evaluation,
-                downstream_loss,
-                interpretation,
-                comparison_report,
-            ),
+            selection=dg.AssetSelection.assets(*[asset for asset in assets if asset.partitions_def is None]),
             tags={**tags, **CRASH_ONLY_RETRY_TAGS},
         ),
     ]

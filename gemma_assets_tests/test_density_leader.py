@@ -9,9 +9,10 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
+from gemma_assets.core.codes import centred_units as directions
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.kmeans import fit_kmeans
-from gemma_assets.core.leader import directions, fit_leader, open_regions
+from gemma_assets.core.leader import fit_leader, open_regions
 from gemma_assets.core.metrics import evaluate
 
 

@@ -12,7 +12,7 @@ import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
 from gemma_assets.core import interpret, model, sae, splice
-from gemma_assets.core.codes import Codes
+from gemma_assets.core.codes import Codes, centred_units
 from gemma_assets.core.metrics import evaluate
 from gemma_assets.defs.evaluation import heldout_windows
 
@@ -139,7 +139,9 @@ def test_summaries_contexts_and_probes_on_known_answers():
         torch.tensor([[1.0], [2.0], [0.5], [3.0]]),
         torch.ones(4, 1, dtype=torch.bool),
     )
-    summaries = interpret.summarise(interpret.FeatureActivations.from_codes([codes], 3), tokens, torch.zeros(2))
+    summaries = interpret.summarise(
+        interpret.FeatureActivations.from_codes([codes], 3), tokens, centred_units(x, torch.zeros(2))
+    )
     assert [t for t, _ in summaries[0]["top_examples"]] == [1, 0]  # strongest first
     assert summaries[0]["stratum_purity"] == 1.0 and summaries[0]["token_entropy_bits"] == 0.0
     assert summaries[1]["token_entropy_bits"] == 1.0 and summaries[1]["coherence"] > 0.9

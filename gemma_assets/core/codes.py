@@ -65,6 +65,11 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def centred_units(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Centred unit directions [n, d] of raw activations x [n, d]."""
+    return unit_rows(x.float() - mean)
+
+
 def cosine_to(x: torch.Tensor, directions: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cosine [n] between each centred token and the unit direction of its label."""
-    return (unit_rows(x.float() - mean) * directions[labels]).sum(1)
+    return (centred_units(x, mean) * directions[labels]).sum(1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gemma_assets.core.codes import Codes, unit_rows
+from gemma_assets.core.codes import Codes
 from gemma_assets.core.dictionaries import Member
 
 TWIN_COSINE = 0.7  # a direction with a match at least this close has a twin in the other dictionary
@@ -94,15 +94,15 @@ def _entropy_bits(counts: np.ndarray) -> float:
 def summarise(
     acts: FeatureActivations,
     tokens: EvalTokens,
-    mean: torch.Tensor,
+    centred: torch.Tensor,
     n_top: int = 10,
     n_bins: int = 4,
     per_bin: int = 3,
     histogram_bins: int = 20,
 ) -> list[dict]:
-    """One summary per feature (dead features included, with count 0)."""
+    """One summary per feature (dead features included, with count 0); `centred` holds the
+    tokens' centred unit directions [n, d], for coherence."""
     starts = acts.starts
-    centred = unit_rows(tokens.x.float() - mean)
     summaries = []
     for feature in range(acts.n_features):
         run = slice(starts[feature], starts[feature + 1])

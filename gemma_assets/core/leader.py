@@ -14,15 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from gemma_assets.core.codes import centred_units
 from gemma_assets.core.dictionaries import GainShapeDictionary
 from gemma_assets.core.profiles import ConfigError
 
-
-def directions(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Centred unit directions [n, d] of raw activations x [n, d]."""
-    return F.normalize(x.float() - mean, dim=1)
+FAMILY = "leader (Exemplar Partitioning)"
 
 
 def percentile_threshold(u: torch.Tensor, percentile: float) -> float:
@@ -79,9 +76,13 @@ class LeaderResult:
     stopped_early: bool  # a batch opened no region (saturation) before the data ran out
 
     def dictionary(self) -> GainShapeDictionary:
-        """The regions read as a dictionary: a token's region is its nearest exemplar on the
-        sphere (its Voronoi cell), and it keeps its own gain along that exemplar's direction."""
-        return GainShapeDictionary(self.exemplars, self.mean, signed=False)
+        return leader_dictionary(self.exemplars, self.mean)
+
+
+def leader_dictionary(exemplars: torch.Tensor, mean: torch.Tensor) -> GainShapeDictionary:
+    """Leader regions read as a dictionary: a token's region is its nearest exemplar on the
+    sphere (its Voronoi cell), and it keeps its own gain along that exemplar's direction."""
+    return GainShapeDictionary(exemplars, mean, signed=False)
 
 
 def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float = 5.0) -> LeaderResult:
@@ -98,7 +99,7 @@ def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: 
     for x in batches:
         if not len(x):  # e.g. a batch that held only BOS tokens
             continue
-        u = directions(x, mean)
+        u = centred_units(x, mean)
         if exemplars is None:
             if len(u) < 2:
                 raise ConfigError("the first leader batch needs at least 2 tokens to set the threshold")

@@ -65,6 +65,15 @@ class SaeSpec:
     release: str = ""  # pretrained only
     sae_id: str = ""
 
+    @property
+    def family(self) -> str:
+        return f"SAE ({self.architecture})"
+
+    @property
+    def active_per_token(self) -> int | None:
+        """L0 by construction (TopK); None where it varies per token."""
+        return self.k or None
+
 
 def topk_grid(widths: tuple[int, ...], ks: tuple[int, ...]) -> tuple[SaeSpec, ...]:
     """TopK SAEs at every width x sparsity: widths matching the k-means k values give a

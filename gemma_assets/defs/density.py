@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from gemma_assets.core import metrics, model
+from gemma_assets.core import leader, metrics, model
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.leader import fit_leader
 from gemma_assets.core.memory import PeakRss
@@ -143,7 +143,7 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
         heldout = metrics.evaluate((x for x, _ in store.iter_tokens(prof.heldout_partition_keys)), result.dictionary())
         record = {
             "name": f"leader-{len(result.exemplars)}",
-            "family": "leader (Exemplar Partitioning)",
+            "family": leader.FAMILY,
             "k": len(result.exemplars),
             "m": 1,
             "train_partitions": prof.train_partition_keys,

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import torch
 
-from gemma_assets.core import sae
-from gemma_assets.core.dictionaries import GainShapeDictionary, Member, clustering_family
+from gemma_assets.core import leader, sae
+from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.profiles import Profile
 from gemma_assets.core.whitening import Preprocessor, Whitening
 from gemma_assets.defs.resources import StorageResource
@@ -31,20 +31,17 @@ def clustering_members(storage: StorageResource, prof: Profile) -> list[Member]:
             torch.from_numpy(model["gain_shape_atoms"]),
             preprocessor,
         )
-    leader = np.load(storage.path("clusters", "leader", "model.npz"))
+    regions = np.load(storage.path("clusters", "leader", "model.npz"))
     name = json.loads(storage.path("clusters", "leader", "metrics.json").read_text())["name"]
-    exemplars, mean = torch.from_numpy(leader["exemplars"]), torch.from_numpy(leader["mean"])
-    members.append(Member(name, "leader (Exemplar Partitioning)", GainShapeDictionary(exemplars, mean, signed=False)))
+    dictionary = leader.leader_dictionary(torch.from_numpy(regions["exemplars"]), torch.from_numpy(regions["mean"]))
+    members.append(Member(name, leader.FAMILY, dictionary))
     return members
 
 
 def sae_members(storage: StorageResource, prof: Profile, device: str) -> list[Member]:
     return [
         Member(
-            spec.name,
-            f"SAE ({spec.architecture})",
-            sae.load_dictionary(storage.path("saes", spec.name), device),
-            spec.k or None,
+            spec.name, spec.family, sae.load_dictionary(storage.path("saes", spec.name), device), spec.active_per_token
         )
         for spec in prof.saes
     ]

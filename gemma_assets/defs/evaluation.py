@@ -9,6 +9,7 @@ import polars as pl
 import torch
 
 from gemma_assets.core import feature_pages, interpret, model, plots, splice
+from gemma_assets.core.codes import centred_units
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.storage import ActivationStore
@@ -188,6 +189,7 @@ def build_evaluation_assets(
             store, prof.heldout_partition_keys, spec.interpret_tokens, prof.sample.context_len, spec.context_width
         )
         mean = torch.from_numpy(ActivationMoments.load(storage.path("stats", "train_moments.npz")).mean).float()
+        centred = centred_units(tokens.x, mean)
         clusters = [m for m in clustering_members(storage, prof) if m.family == "k-means"]
         latents = sae_members(storage, prof, compute.resolved_device)
         members = clusters + latents
@@ -200,11 +202,11 @@ def build_evaluation_assets(
             labels = np.empty(acts[cluster.name].n_tokens, np.int64)
             labels[acts[cluster.name].token] = acts[cluster.name].feature
             for latent in latents:
-                best_cl, match_cl, best_la, _ = interpret.alignment(
+                best_cl, match_cl, best_la, match_la = interpret.alignment(
                     cluster.dictionary.directions(), latent.dictionary.directions().cpu()
                 )
                 f1, _ = interpret.activation_f1(labels, cluster.dictionary.n_features, acts[latent.name])
-                best_cosines[(cluster.name, latent.name)] = (best_cl, match_cl)
+                best_cosines[(cluster.name, latent.name)] = (best_cl, match_cl, best_la, match_la)
                 pairs.append(
                     {
                         "clustering": cluster.name,
@@ -232,7 +234,7 @@ def build_evaluation_assets(
         pages: dict[str, str] = {}
         examples = {}
         for member in members:
-            summaries = interpret.summarise(acts[member.name], tokens, mean)
+            summaries = interpret.summarise(acts[member.name], tokens, centred)
             promoted, suppressed = interpret.logit_effects(member.dictionary.directions().cpu(), unembedding.detach())
             twins = _twins(member, clusters, latents, best_cosines)
             for summary in summaries:
@@ -281,8 +283,8 @@ def _twins(member: Member, clusters: list[Member], latents: list[Member], best: 
         return ["(no dictionary of the other family)"] * member.dictionary.n_features
     if member in clusters:
         other = max(latents, key=lambda m: m.dictionary.n_features)
-        cosine, index = best[(member.name, other.name)]
+        cosine, index, _, _ = best[(member.name, other.name)]
         return [f"{other.name} latent {int(j)} (cosine {float(c):.3f})" for c, j in zip(cosine, index, strict=True)]
     other = clusters[-1]
-    values, index, _, _ = interpret.alignment(member.dictionary.directions().cpu(), other.dictionary.directions())
-    return [f"{other.name} cluster {int(j)} (cosine {float(c):.3f})" for c, j in zip(values, index, strict=True)]
+    _, _, cosine, index = best[(other.name, member.name)]
+    return [f"{other.name} cluster {int(j)} (cosine {float(c):.3f})" for c, j in zip(cosine, index, strict=True)]

@@ -101,8 +101,8 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
             )
             record = {
                 "name": spec.name,
-                "family": f"SAE ({spec.architecture})",
-                "m": spec.k or None,
+                "family": spec.family,
+                "m": spec.active_per_token,
                 **training,
                 **{f"heldout_{name}": value for name, value in heldout.items()},
             }
