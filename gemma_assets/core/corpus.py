@@ -15,14 +15,14 @@ import hashlib
 import io
 import json
 import random
-import shutil
 import sysconfig
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
+
+from gemma_assets.core.files import replace_dir, staging_path
 
 OFFLINE_STRATA = ("python-docs", "python-source", "python-docstrings", "licenses")
 _SHARD_DOCUMENTS = 500
@@ -127,7 +127,7 @@ def build_offline_corpus(out_dir: Path, max_documents: int = 0, seed: int = 0) -
     if manifest_path.exists() and json.loads(manifest_path.read_text())["fingerprint"] == fingerprint:
         return sorted((out_dir / "train").glob("*.jsonl.zst"))
 
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    staging = staging_path(out_dir)
     (staging / "train").mkdir(parents=True)
     compressor = zstandard.ZstdCompressor(level=3)
     for shard, start in enumerate(range(0, len(documents), _SHARD_DOCUMENTS)):
@@ -141,7 +141,5 @@ def build_offline_corpus(out_dir: Path, max_documents: int = 0, seed: int = 0) -
     (staging / "manifest.json").write_text(
         json.dumps({"fingerprint": fingerprint, "documents": len(documents), "strata": counts}, indent=2)
     )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    replace_dir(staging, out_dir)
     return sorted((out_dir / "train").glob("*.jsonl.zst"))

@@ -6,11 +6,10 @@ distributions, the logit effects of its direction and its best match in the othe
 from __future__ import annotations
 
 import html
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from gemma_assets.core.files import replace_dir, staging_path
 from gemma_assets.core.interpret import EvalTokens
 
 STYLE = """<style>
@@ -131,11 +130,9 @@ def index_page_of_dictionaries(dictionaries: list[tuple[str, str, int]]) -> str:
 
 def write_site(folder: Path, pages: dict[str, str]) -> None:
     """Write {relative path: html} into `folder` atomically: built beside it, then renamed."""
-    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
+    staging = staging_path(folder)
     for relative, text in pages.items():
         path = staging / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
+    replace_dir(staging, folder)

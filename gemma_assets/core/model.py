@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from gemma_assets.core.files import replace_dir, staging_path
 from gemma_assets.core.profiles import ConfigError, ModelSpec
 
 TINY_CONFIG = dict(
@@ -39,18 +38,12 @@ class ModelAccessError(RuntimeError):
     """The model cannot be loaded; the message says what to do."""
 
 
-def _commit_dir(staging: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-
-
 def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
     """Train a small BPE tokenizer on `texts` and save a random-init Gemma-2 beside it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    staging = staging_path(target)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -74,7 +67,7 @@ def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     Gemma2ForCausalLM(config).save_pretrained(staging)
-    _commit_dir(staging, target)
+    replace_dir(staging, target)
 
 
 def _cache_gguf_demo(target: Path) -> None:
@@ -89,7 +82,7 @@ def _cache_gguf_demo(target: Path) -> None:
     from safetensors.torch import save_model
 
     gguf_path = assemble()
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    staging = staging_path(target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer.save_pretrained(staging)
@@ -100,7 +93,7 @@ def _cache_gguf_demo(target: Path) -> None:
     model.config.save_pretrained(staging)
     save_model(model, str(staging / "model.safetensors"))
     (staging / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name}))
-    _commit_dir(staging, target)
+    replace_dir(staging, target)
 
 
 def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] | None = None) -> str:

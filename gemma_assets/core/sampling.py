@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma_assets.core.corpus import CorpusError, Document
+from gemma_assets.core.files import staging_path
 from gemma_assets.core.profiles import SampleSpec
 
 _TOKENIZE_BATCH = 64
@@ -121,7 +121,7 @@ def stratum_census(sample: TokenSample, scanned: Counter, taken: Counter) -> dic
 def save_sample(path: Path, sample: TokenSample) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.npz")
+    staging = staging_path(path)
     np.savez(
         staging,
         tokens=sample.tokens,

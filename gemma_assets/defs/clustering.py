@@ -1,8 +1,6 @@
 """whitening and cluster_models[k]: the clustering side of the comparison."""
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +11,7 @@ import zarr.storage
 from gemma_assets.core import metrics, plots
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
+from gemma_assets.core.files import replace_dir, staging_path
 from gemma_assets.core.kmeans import KMeansDictionary, assign, fit_kmeans, map_data
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
@@ -183,16 +182,14 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
 def write_assignments(path: Path, store: ActivationStore, keys: list[str], dictionary: KMeansDictionary) -> None:
     """Cluster of every stored token (-1 for BOS), one zarr array per partition, row-aligned with
     the activations; written beside and renamed into place, so readers never see half of it."""
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    staging = staging_path(path)
     group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
     for key in keys:
         labels = np.full(store.open(key).n_tokens, -1, np.int32)
         for x, info in store.iter_tokens([key]):
             labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
         group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+    replace_dir(staging, path)
 
 
 def load_cluster_metrics(storage: StorageResource, keys: list[str]) -> list[dict]:
