@@ -188,13 +188,23 @@ def _examples_md(examples: dict) -> str:
     return "\n".join(lines)
 
 
+def findings_markdown(lines: list[str]) -> str:
+    return "\n".join(f"- {line}" for line in lines) or "- (not enough models)"
+
+
 def render_markdown(
-    profile: Profile, records: list[dict], data: dict, plots: dict[str, str], interpretation: dict, config: dict
+    profile: Profile,
+    records: list[dict],
+    data: dict,
+    plots: dict[str, str],
+    interpretation: dict,
+    found: list[str],
+    config: dict,
 ) -> str:
     """The report: data, reconstruction and downstream loss, cost, clustering quality,
-    interpretation, findings and the exact configuration."""
+    interpretation, findings (`found`, from `findings`) and the exact configuration."""
     kmeans = [r for r in records if r["family"] == "k-means"]
-    findings_md = "\n".join(f"- {line}" for line in findings(records, interpretation)) or "- (not enough models)"
+    findings_md = findings_markdown(found)
     downstream = data["downstream"]
     return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
 

@@ -79,13 +79,13 @@ def build_report_asset(
             "bos_ratio": bos_ratio,
             "downstream": downstream,
         }
+        findings = report.findings(records, readings)
         markdown = report.render_markdown(
-            prof, records, data, {name: path.name for name, path in figures.items()}, readings, config
+            prof, records, data, {name: path.name for name, path in figures.items()}, readings, findings, config
         )
         path = folder / "report.md"
         path.write_text(markdown)
         (folder / "report.html").write_text(report.render_html(markdown, f"gemma_assets report ({prof.name})"))
-        findings = report.findings(records, readings)
         context.log.info(f"report written to {path} and {path.with_suffix('.html')}")
         return dg.MaterializeResult(
             metadata={
@@ -95,7 +95,7 @@ def build_report_asset(
                     markdown_table(pl.DataFrame([{c: r.get(c) for c in report.COLUMNS} for r in records]))
                 ),
                 **{f"plot_{name}": image_md(figure) for name, figure in figures.items()},
-                "findings": dg.MetadataValue.md("\n".join(f"- {line}" for line in findings)),
+                "findings": dg.MetadataValue.md(report.findings_markdown(findings)),
             }
         )
 
