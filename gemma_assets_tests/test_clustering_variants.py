@@ -24,25 +24,63 @@ def _blobs(n=3000, d=16, k=6, seed=0):
     return torch.from_numpy(x).float(), truth
 
 
-def test_streamed_fit_equals_in_memory_fit():
+ELKAN, HAMERLY = 2048, 0  # bounds_mb: room for Elkan's [n, k] bounds, or none (Hamerly's)
+
+
+@pytest.mark.parametrize("streamed_bounds_mb", [ELKAN, HAMERLY], ids=["elkan", "hamerly"])
+def test_streamed_fit_equals_in_memory_fit(streamed_bounds_mb):
     x, _ = _blobs()
     init = x[:6].clone()
     in_memory = fit_kmeans(x, 6, max_iter=15, tol=0.0, init=init)
-    streamed = fit_kmeans(lambda: (x[i : i + 250] for i in range(0, len(x), 250)), 6, max_iter=15, tol=0.0, init=init)
+    streamed = fit_kmeans(
+        lambda: (x[i : i + 250] for i in range(0, len(x), 250)),
+        6,
+        max_iter=15,
+        tol=0.0,
+        init=init,
+        bounds_mb=streamed_bounds_mb,
+    )
     assert torch.allclose(in_memory.centroids, streamed.centroids, atol=1e-4)  # float32 batch sums round differently
     assert in_memory.inertia_curve == pytest.approx(streamed.inertia_curve, rel=1e-5)
     assert torch.equal(in_memory.sizes, streamed.sizes)
 
 
-def test_bounds_skip_work_but_not_exactness():
+def _plain_lloyd(x: torch.Tensor, init: torch.Tensor, iterations: int) -> tuple[torch.Tensor, list[float]]:
+    """Textbook Lloyd in float64, every distance computed: the reference for the bounded fits."""
+    x, centroids, curve = x.double(), init.double(), []
+    for _ in range(iterations + 1):
+        labels = torch.cdist(x, centroids).argmin(1)
+        curve.append(float(((x - centroids[labels]) ** 2).sum()))
+        centroids = torch.stack([x[labels == j].mean(0) for j in range(len(centroids))])
+    return labels, curve
+
+
+@pytest.mark.parametrize("bounds_mb", [ELKAN, HAMERLY], ids=["elkan", "hamerly"])
+def test_bounds_skip_work_but_not_exactness(bounds_mb):
     x, _ = _blobs(n=4000, k=10)
     init = x[:10].clone()
-    result = fit_kmeans(x, 10, max_iter=30, tol=0.0, init=init)
-    assert result.distance_rows_computed < 0.5 * len(x) * (result.n_iter + 1)
+    result = fit_kmeans(x, 10, max_iter=30, tol=0.0, init=init, bounds_mb=bounds_mb)
+    assert result.distances_computed < 0.5 * len(x) * 10 * (result.n_iter + 1)
     # inertia from the running sums equals the directly computed one
     labels = torch.cdist(x, result.centroids).argmin(1)
     direct = float(((x - result.centroids[labels]) ** 2).sum())
     assert result.inertia_curve[-1] == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("bounds_mb", [ELKAN, HAMERLY], ids=["elkan", "hamerly"])
+def test_bounded_lloyd_equals_plain_lloyd_on_overlapping_clusters(bounds_mb):
+    """Overlapping clusters (as real activations are) keep many assignments in play every
+    iteration, the regime where a wrong bound would show."""
+    generator = torch.Generator().manual_seed(3)
+    x = (
+        torch.randn(6000, 24, generator=generator)
+        + 0.6 * torch.randn(12, 24, generator=generator)[torch.randint(12, (6000,), generator=generator)]
+    )
+    init = x[:12].clone()
+    result = fit_kmeans(x, 12, max_iter=15, tol=0.0, init=init, bounds_mb=bounds_mb)
+    labels, curve = _plain_lloyd(x, init, 15)
+    assert result.inertia_curve == pytest.approx(curve, rel=1e-5)
+    assert torch.equal(result.sizes, torch.bincount(labels, minlength=12))
 
 
 def test_minibatch_backend_honours_the_contract():

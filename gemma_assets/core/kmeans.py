@@ -1,9 +1,11 @@
 """K-means: greedy k-means++ seeding and exact Lloyd iterations, in memory or streamed.
 
 Backends behind one results contract (`KMeansResult`):
-- "torch": exact Lloyd over batches (CPU or CUDA) with Hamerly's bounds, which skip the
-  distance GEMM for every point whose assignment provably cannot change; data may be a
-  tensor or a callable that streams batches (larger than memory);
+- "torch": exact Lloyd over batches (CPU or CUDA); data may be a tensor or a callable that
+  streams batches (larger than memory). Bounds skip distances that provably cannot change an
+  assignment: on the CPU Elkan's per-centroid bounds (core/elkan.py) while their [n, k]
+  float32 fit the `bounds_mb` budget, otherwise (and on a GPU, where the GEMM is cheap)
+  Hamerly's one bound per point, which skips the distance GEMM for whole rows;
 - "minibatch": Sculley's mini-batch k-means for very large N (approximate by design);
 - "cuml": cuML's KMeans on a CUDA GPU, when importable.
 """
@@ -19,6 +21,7 @@ from functools import cached_property
 import torch
 
 from gemma_assets.core.codes import Codes, cosine_to, unit_rows
+from gemma_assets.core.elkan import centroid_gaps, elkan_pass
 from gemma_assets.core.profiles import ConfigError
 from gemma_assets.core.whitening import Preprocessor
 
@@ -35,7 +38,7 @@ class KMeansResult:
     converged: bool
     fit_seconds: float
     sizes: torch.Tensor  # [k] points per cluster at the last assignment
-    distance_rows_computed: int = 0  # rows that went through the full distance GEMM (bounds skip the rest)
+    distances_computed: int = 0  # point-centroid distances evaluated (the bounds skip the rest)
 
 
 def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
@@ -73,6 +76,15 @@ def nearest_two(
         first.append(best[:, 0] + x_sq[rows])
         second.append(best[:, 1] + x_sq[rows])
     return torch.cat(labels), torch.cat(first).clamp_min_(0), torch.cat(second).clamp_min_(0)
+
+
+def distance_matrix(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance from every row of x to every centroid [n, k]."""
+    out = torch.empty(len(x), len(centroids), device=x.device)
+    for start in range(0, len(x), _ROWS_PER_GEMM):
+        rows = slice(start, start + _ROWS_PER_GEMM)
+        torch.addmm(c_sq, x[rows], centroids.T, alpha=-2.0, out=out[rows])
+    return out.add_(x_sq[:, None]).clamp_min_(0).sqrt_()
 
 
 def cluster_sums(labels: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,11 +158,13 @@ def fit_kmeans(
     device: str = "cpu",
     minibatch_steps: int = 200,
     init_sample_rows: int = 100_000,
+    bounds_mb: float = 2048,
 ) -> KMeansResult:
     """Fit k centroids to `data` (a tensor [n, d] or a callable streaming [n_i, d] batches).
 
     Without `init`, k-means++ runs on a uniform sample of `init_sample_rows` rows (the only
-    rows held in memory besides one batch when data is streamed)."""
+    rows held in memory besides one batch when data is streamed). `bounds_mb` caps the memory
+    of Elkan's per-centroid bounds (n x k float32) on the CPU; batches beyond it use Hamerly's."""
     _validate(k, backend, device)
     batches = as_batches(data)
     started = time.perf_counter()
@@ -164,23 +178,47 @@ def fit_kmeans(
     elif backend == "minibatch":
         result = _fit_minibatch(batches, init, minibatch_steps, seed)
     else:
-        result = _fit_lloyd(batches, init, max_iter, tol)
+        result = _fit_lloyd(batches, init, max_iter, tol, bounds_mb)
     result.fit_seconds = time.perf_counter() - started
     return result
 
 
 @dataclass
 class _Bounds:
-    """Hamerly's per-point state for one batch: label, upper bound on the distance to its
-    centroid, lower bound on the distance to every other centroid; and squared row norms."""
+    """Per-point state for one batch: label, upper bound on the distance to its centroid,
+    lower bounds, and squared row norms. `lower` is [n, k] for Elkan (a bound per centroid)
+    or [n] for Hamerly (one bound on the distance to every other centroid)."""
 
     labels: torch.Tensor
     upper: torch.Tensor
     lower: torch.Tensor
     x_sq: torch.Tensor
 
+    @property
+    def elkan(self) -> bool:
+        return self.lower.dim() == 2
 
-def _lloyd_chunk(
+
+def _first_assignment(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, elkan: bool) -> _Bounds:
+    """Every distance of the batch, kept whole for Elkan or reduced to the nearest two for Hamerly."""
+    x_sq = (x**2).sum(1)
+    if elkan:
+        lower = distance_matrix(x, centroids, c_sq, x_sq)
+        upper, labels = lower.min(1)
+        return _Bounds(labels, upper, lower, x_sq)
+    labels, first, second = nearest_two(x, centroids, c_sq, x_sq)
+    return _Bounds(labels, first.sqrt(), second.sqrt(), x_sq)
+
+
+def _move_rows(sums: torch.Tensor, rows: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Move the rows whose label changed from the old cluster's running sum to the new one's."""
+    moved = (new != old).nonzero().flatten()
+    if len(moved):
+        k = len(sums)
+        sums += (cluster_sums(new[moved], rows[moved], k) - cluster_sums(old[moved], rows[moved], k)).double()
+
+
+def _hamerly_chunk(
     x: torch.Tensor,
     state: _Bounds,
     centroids: torch.Tensor,
@@ -203,45 +241,53 @@ def _lloyd_chunk(
     rows = x[redo]
     labels, first, second = nearest_two(rows, centroids, c_sq, state.x_sq[redo])
     state.labels[redo], state.upper[redo], state.lower[redo] = labels, first.sqrt(), second.sqrt()
-    moved = (labels != old).nonzero().flatten()
-    if len(moved):
-        gained = cluster_sums(labels[moved], rows[moved], len(centroids))
-        sums += (gained - cluster_sums(old[moved], rows[moved], len(centroids))).double()
+    _move_rows(sums, rows, old, labels)
     return len(redo)
 
 
-def _fit_lloyd(batches: Batches, centroids: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+def _fit_lloyd(
+    batches: Batches, centroids: torch.Tensor, max_iter: int, tol: float, bounds_mb: float = 0.0
+) -> KMeansResult:
     """Exact Lloyd. Cluster sums are kept across iterations and only the rows that change
     cluster move between them; inertia follows from the sums:
     sum ||x - c_a||^2 = sum ||x||^2 - 2 sum_j c_j . S_j + sum_j n_j ||c_j||^2."""
     k, device = len(centroids), centroids.device
     bounds: list[_Bounds] = []
+    elkan_bytes_left = bounds_mb * 2**20 if device.type == "cpu" else 0.0
     sums = torch.zeros(centroids.shape, dtype=torch.float64, device=device)
-    x_sq_total, full_rows = 0.0, 0
+    x_sq_total, computed = 0.0, 0
     shift = torch.zeros(k, device=device)  # how far each centroid moved in the last update
     curve: list[float] = []
     converged = False
     for iteration in range(max_iter + 1):
         c_sq = (centroids**2).sum(1)
+        gaps = centroid_gaps(centroids) if iteration and any(b.elkan for b in bounds) else None
         for index, batch in enumerate(batches()):
             x = batch.to(device, torch.float32)
             if iteration == 0:
-                x_sq = (x**2).sum(1)
-                labels, first, second = nearest_two(x, centroids, c_sq, x_sq)
-                bounds.append(_Bounds(labels, first.sqrt(), second.sqrt(), x_sq))
+                elkan = len(x) * k * 4 <= elkan_bytes_left
+                elkan_bytes_left -= len(x) * k * 4 if elkan else 0
+                state = _first_assignment(x, centroids, c_sq, elkan)
+                bounds.append(state)
                 for start in range(0, len(x), _ROWS_PER_GEMM):
-                    sums += cluster_sums(
-                        labels[start : start + _ROWS_PER_GEMM], x[start : start + _ROWS_PER_GEMM], k
-                    ).double()
-                x_sq_total += float(x_sq.double().sum())
-                full_rows += len(x)
+                    rows = slice(start, start + _ROWS_PER_GEMM)
+                    sums += cluster_sums(state.labels[rows], x[rows], k).double()
+                x_sq_total += float(state.x_sq.double().sum())
+                computed += len(x) * k
                 continue
             state = bounds[index]
+            if state.elkan:
+                old = state.labels.clone()
+                computed += elkan_pass(
+                    x, state.x_sq, centroids, c_sq, shift, gaps, state.labels, state.upper, state.lower
+                )
+                _move_rows(sums, x, old, state.labels)
+                continue
             # cache-sized row chunks: whole-batch temporaries cost more than the arithmetic
             for start in range(0, len(x), _ROWS_PER_GEMM):
                 rows = slice(start, start + _ROWS_PER_GEMM)
                 chunk = _Bounds(state.labels[rows], state.upper[rows], state.lower[rows], state.x_sq[rows])
-                full_rows += _lloyd_chunk(x[rows], chunk, centroids, c_sq, shift, sums)
+                computed += k * _hamerly_chunk(x[rows], chunk, centroids, c_sq, shift, sums)
         counts = torch.bincount(torch.cat([b.labels for b in bounds]), minlength=k)
         c64 = centroids.double()
         curve.append(x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum()))
@@ -261,7 +307,7 @@ def _fit_lloyd(batches: Batches, centroids: torch.Tensor, max_iter: int, tol: fl
         converged=converged,
         fit_seconds=0.0,
         sizes=counts.cpu(),
-        distance_rows_computed=full_rows,
+        distances_computed=computed,
     )
 
 

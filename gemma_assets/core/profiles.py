@@ -87,7 +87,8 @@ class KMeansSpec:
     preprocessing: str = "center"  # none | center | standardize | pca | zca: space k-means is fitted in
     n_components: int = 0  # > 0: keep only the leading principal components (center or pca)
     backend: str = "torch"  # torch | minibatch | cuml
-    in_memory_mb: int = 8192  # train split (float32) up to this size is loaded; larger is streamed
+    # train split (float32) up to this size is loaded, larger is streamed; also caps Elkan's bounds
+    in_memory_mb: int = 8192
     max_iter: int = 50
     tol: float = 1e-4
     seed: int = 0

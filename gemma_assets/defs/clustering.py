@@ -99,7 +99,13 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
             peak = PeakRss()
             with peak:
                 result = fit_kmeans(
-                    train, k, prof.kmeans.max_iter, prof.kmeans.tol, prof.kmeans.seed, backend=prof.kmeans.backend
+                    train,
+                    k,
+                    prof.kmeans.max_iter,
+                    prof.kmeans.tol,
+                    prof.kmeans.seed,
+                    backend=prof.kmeans.backend,
+                    bounds_mb=prof.kmeans.in_memory_mb,
                 )
             # the same clustering read as dictionaries with more shapes (gain-shape's directions
             # come from spherical k-means on the same tokens)
@@ -110,7 +116,9 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 max_iter=prof.kmeans.max_iter,
                 tol=prof.kmeans.tol,
                 seed=prof.kmeans.seed,
+                bounds_mb=prof.kmeans.in_memory_mb,
             )
+            passes = result.n_iter + 1  # the first assignment and one per iteration
             family = clustering_family(k, result.centroids, gain_shape.atoms, preprocessor)
             kmeans = family[0].dictionary
             fit_facts = {
@@ -122,6 +130,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                     "converged": result.converged,
                     "fit_seconds": result.fit_seconds,
                     "fit_peak_rss_mb": peak.mb,
+                    "distances_skipped_share": 1 - result.distances_computed / (moments.count * k * passes),
                     "train_inertia": result.inertia_curve[-1],
                     "dead_clusters_train": int((result.sizes == 0).sum()),
                     **{
