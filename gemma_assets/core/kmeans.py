@@ -83,8 +83,9 @@ def distance_matrix(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor
     out = torch.empty(len(x), len(centroids), device=x.device)
     for start in range(0, len(x), _ROWS_PER_GEMM):
         rows = slice(start, start + _ROWS_PER_GEMM)
-        torch.addmm(c_sq, x[rows], centroids.T, alpha=-2.0, out=out[rows])
-    return out.add_(x_sq[:, None]).clamp_min_(0).sqrt_()
+        chunk = torch.addmm(c_sq, x[rows], centroids.T, alpha=-2.0, out=out[rows])
+        chunk.add_(x_sq[rows, None]).clamp_min_(0).sqrt_()  # while the chunk is in cache
+    return out
 
 
 def cluster_sums(labels: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
