@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zstandard
 
-from gemma_assets.core.files import replace_dir, staging_path
+from gemma_assets.core.files import atomic_dir
 
 OFFLINE_STRATA = ("python-docs", "python-source", "python-docstrings", "licenses")
 _SHARD_DOCUMENTS = 500
@@ -127,19 +127,18 @@ def build_offline_corpus(out_dir: Path, max_documents: int = 0, seed: int = 0) -
     if manifest_path.exists() and json.loads(manifest_path.read_text())["fingerprint"] == fingerprint:
         return sorted((out_dir / "train").glob("*.jsonl.zst"))
 
-    staging = staging_path(out_dir)
-    (staging / "train").mkdir(parents=True)
-    compressor = zstandard.ZstdCompressor(level=3)
-    for shard, start in enumerate(range(0, len(documents), _SHARD_DOCUMENTS)):
-        lines = io.StringIO()
-        for stratum, text in documents[start : start + _SHARD_DOCUMENTS]:
-            lines.write(json.dumps({"text": text, "meta": {"pile_set_name": stratum}}) + "\n")
-        (staging / "train" / f"{shard:02d}.jsonl.zst").write_bytes(
-            compressor.compress(lines.getvalue().encode("utf-8"))
+    with atomic_dir(out_dir) as staging:
+        (staging / "train").mkdir()
+        compressor = zstandard.ZstdCompressor(level=3)
+        for shard, start in enumerate(range(0, len(documents), _SHARD_DOCUMENTS)):
+            lines = io.StringIO()
+            for stratum, text in documents[start : start + _SHARD_DOCUMENTS]:
+                lines.write(json.dumps({"text": text, "meta": {"pile_set_name": stratum}}) + "\n")
+            (staging / "train" / f"{shard:02d}.jsonl.zst").write_bytes(
+                compressor.compress(lines.getvalue().encode("utf-8"))
+            )
+        counts = {s: sum(1 for d in documents if d[0] == s) for s in OFFLINE_STRATA}
+        (staging / "manifest.json").write_text(
+            json.dumps({"fingerprint": fingerprint, "documents": len(documents), "strata": counts}, indent=2)
         )
-    counts = {s: sum(1 for d in documents if d[0] == s) for s in OFFLINE_STRATA}
-    (staging / "manifest.json").write_text(
-        json.dumps({"fingerprint": fingerprint, "documents": len(documents), "strata": counts}, indent=2)
-    )
-    replace_dir(staging, out_dir)
     return sorted((out_dir / "train").glob("*.jsonl.zst"))

@@ -9,7 +9,7 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
-from gemma_assets.core.files import replace_dir, staging_path
+from gemma_assets.core.files import atomic_dir
 from gemma_assets.core.interpret import EvalTokens
 
 STYLE = """<style>
@@ -130,9 +130,8 @@ def index_page_of_dictionaries(dictionaries: list[tuple[str, str, int]]) -> str:
 
 def write_site(folder: Path, pages: dict[str, str]) -> None:
     """Write {relative path: html} into `folder` atomically: built beside it, then renamed."""
-    staging = staging_path(folder)
-    for relative, text in pages.items():
-        path = staging / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    replace_dir(staging, folder)
+    with atomic_dir(folder) as staging:
+        for relative, text in pages.items():
+            path = staging / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")

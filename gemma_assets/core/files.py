@@ -1,10 +1,19 @@
-"""Atomic replacement of local files and folders: written beside the target, then renamed."""
+"""Atomic replacement of local files and folders: written beside the target, then renamed.
+
+Readers (and a rerun after a crash) find the old version or the new one, never half of one;
+a failed write leaves the old version in place and no staging debris behind.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def staging_path(target: Path) -> Path:
@@ -13,9 +22,43 @@ def staging_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex}{target.suffix}")
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Put a fully written folder in place of `target`: readers find the old folder or the new
-    one, never half of one."""
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """A path to write `target`'s new content to; it replaces `target` when the block ends
+    without an error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(target)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """An empty folder to build `target`'s new content in; it replaces `target` as a whole
+    when the block ends without an error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(target)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():  # the old folder steps aside first, so target is never half-deleted
+            retired = staging_path(target)
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text(target: Path, text: str) -> None:
+    with atomic_file(target) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
+def write_json(target: Path, value: Any) -> None:
+    write_text(target, json.dumps(value, indent=1, default=str))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gemma_assets.core.files import replace_dir, staging_path
+from gemma_assets.core.files import atomic_dir
 from gemma_assets.core.profiles import ConfigError, ModelSpec
 
 TINY_CONFIG = dict(
@@ -43,31 +43,30 @@ def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-    staging = staging_path(target)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(staging)
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        **TINY_CONFIG,
-    )
-    torch.manual_seed(seed)
-    Gemma2ForCausalLM(config).save_pretrained(staging)
-    replace_dir(staging, target)
+    with atomic_dir(target) as staging:
+        bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=TINY_VOCAB,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        bpe.train_from_iterator(texts, trainer=trainer)
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+        )
+        tokenizer.save_pretrained(staging)
+        config = Gemma2Config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **TINY_CONFIG,
+        )
+        torch.manual_seed(seed)
+        Gemma2ForCausalLM(config).save_pretrained(staging)
 
 
 def _cache_gguf_demo(target: Path) -> None:
@@ -82,18 +81,17 @@ def _cache_gguf_demo(target: Path) -> None:
     from safetensors.torch import save_model
 
     gguf_path = assemble()
-    staging = staging_path(target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer.save_pretrained(staging)
-    # save_pretrained refuses GGUF-loaded weights; the dequantised tensors save as-is, and
-    # the config without its GGUF marker loads them as ordinary float weights
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.save_pretrained(staging)
-    save_model(model, str(staging / "model.safetensors"))
-    (staging / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name}))
-    replace_dir(staging, target)
+    with atomic_dir(target) as staging:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer.save_pretrained(staging)
+        # save_pretrained refuses GGUF-loaded weights; the dequantised tensors save as-is, and
+        # the config without its GGUF marker loads them as ordinary float weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        (staging / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name}))
 
 
 def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] | None = None) -> str:

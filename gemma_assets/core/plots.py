@@ -10,10 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gemma_assets.core.files import atomic_file
+
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as staging:
+        fig.savefig(staging, dpi=110)
     plt.close(fig)
     return path
 

@@ -12,7 +12,6 @@ windows, whatever order partitions are later extracted in.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma_assets.core.corpus import CorpusError, Document
-from gemma_assets.core.files import staging_path
+from gemma_assets.core.files import atomic_file
 from gemma_assets.core.profiles import SampleSpec
 
 _TOKENIZE_BATCH = 64
@@ -120,17 +119,15 @@ def stratum_census(sample: TokenSample, scanned: Counter, taken: Counter) -> dic
 
 def save_sample(path: Path, sample: TokenSample) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_path(path)
-    np.savez(
-        staging,
-        tokens=sample.tokens,
-        doc_ids=sample.doc_ids,
-        starts=sample.starts,
-        strata=sample.strata,
-        stratum_names=np.array(sample.stratum_names),
-    )
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        np.savez(
+            staging,
+            tokens=sample.tokens,
+            doc_ids=sample.doc_ids,
+            starts=sample.starts,
+            strata=sample.strata,
+            stratum_names=np.array(sample.stratum_names),
+        )
 
 
 def load_sample(path: Path) -> TokenSample:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from gemma_assets.core.files import atomic_file
 
 NORM_BIN_EDGES = np.logspace(-3, 7, 201)  # token L2 norms, log-spaced bins
 
@@ -76,18 +79,19 @@ class ActivationMoments:
     def variance(self) -> np.ndarray:
         return np.diag(self.covariance).copy()
 
-    def save(self, path) -> None:
-        np.savez(
-            path,
-            count=self.count,
-            mean=self.mean,
-            comoment=self.comoment,
-            minimum=self.minimum,
-            maximum=self.maximum,
-            nonfinite=self.nonfinite,
-            norm_sum=self.norm_sum,
-            norm_histogram=self.norm_histogram,
-        )
+    def save(self, path: Path) -> None:
+        with atomic_file(path) as staging:
+            np.savez(
+                staging,
+                count=self.count,
+                mean=self.mean,
+                comoment=self.comoment,
+                minimum=self.minimum,
+                maximum=self.maximum,
+                nonfinite=self.nonfinite,
+                norm_sum=self.norm_sum,
+                norm_histogram=self.norm_histogram,
+            )
 
     @classmethod
     def load(cls, path) -> ActivationMoments:
@@ -158,19 +162,20 @@ class PartitionStats:
             windows,
         )
 
-    def save(self, path) -> None:
+    def save(self, path: Path) -> None:
         self.moments.save(path.with_suffix(".moments.npz"))
-        np.savez(
-            path,
-            key=self.key,
-            version=self.version,
-            norms=self.norms,
-            positions=self.positions,
-            strata=self.strata,
-            sample=self.sample,
-            massive=self.massive,
-            windows=self.windows,
-        )
+        with atomic_file(path) as staging:  # written last: its presence marks the cache entry complete
+            np.savez(
+                staging,
+                key=self.key,
+                version=self.version,
+                norms=self.norms,
+                positions=self.positions,
+                strata=self.strata,
+                sample=self.sample,
+                massive=self.massive,
+                windows=self.windows,
+            )
 
     @classmethod
     def load(cls, path) -> PartitionStats:

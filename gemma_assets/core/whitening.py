@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from gemma_assets.core.files import atomic_file
 
 PREPROCESSINGS = ("none", "center", "standardize", "pca", "zca")
 
@@ -30,8 +33,11 @@ class Whitening:
     def zca_inverse_matrix(self) -> np.ndarray:
         return (self.eigenvectors * np.sqrt(self.eigenvalues)) @ self.eigenvectors.T
 
-    def save(self, path) -> None:
-        np.savez(path, mean=self.mean, eigenvalues=self.eigenvalues, eigenvectors=self.eigenvectors, floor=self.floor)
+    def save(self, path: Path) -> None:
+        with atomic_file(path) as staging:
+            np.savez(
+                staging, mean=self.mean, eigenvalues=self.eigenvalues, eigenvectors=self.eigenvectors, floor=self.floor
+            )
 
     @classmethod
     def load(cls, path) -> Whitening:

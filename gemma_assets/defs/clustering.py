@@ -11,7 +11,7 @@ import zarr.storage
 from gemma_assets.core import metrics, plots
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
-from gemma_assets.core.files import replace_dir, staging_path
+from gemma_assets.core.files import atomic_dir, write_json
 from gemma_assets.core.kmeans import KMeansDictionary, assign, fit_kmeans, map_data
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
@@ -159,18 +159,17 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 }
                 for member in family
             ]
-            out = storage.path("clusters", f"k-{k:05d}")
-            out.mkdir(parents=True, exist_ok=True)
-            np.savez(
-                out / "model.npz",
-                centroids=result.centroids.numpy(),
-                sizes=result.sizes.numpy(),
-                inertia_curve=np.array(result.inertia_curve),
-                gain_shape_atoms=gain_shape.atoms.numpy(),
-            )
-            write_assignments(out / "assignments", store, prof.partition_keys, kmeans)
-            (out / "metrics.json").write_text(json.dumps(record, indent=1))
-            (out / "variants.json").write_text(json.dumps(variants, indent=1))
+            with atomic_dir(storage.path("clusters", f"k-{k:05d}")) as out:  # model, labels and metrics agree
+                np.savez(
+                    out / "model.npz",
+                    centroids=result.centroids.numpy(),
+                    sizes=result.sizes.numpy(),
+                    inertia_curve=np.array(result.inertia_curve),
+                    gain_shape_atoms=gain_shape.atoms.numpy(),
+                )
+                write_assignments(out / "assignments", store, prof.partition_keys, kmeans)
+                write_json(out / "metrics.json", record)
+                write_json(out / "variants.json", variants)
             context.log.info(
                 f"k={k}: {result.n_iter} iterations in {result.fit_seconds:.1f}s, held-out FVU {record['heldout_fvu']:.4f}, "
                 + ", ".join(f"{v['name']} {v['heldout_fvu']:.4f}" for v in variants)
@@ -191,14 +190,13 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
 def write_assignments(path: Path, store: ActivationStore, keys: list[str], dictionary: KMeansDictionary) -> None:
     """Cluster of every stored token (-1 for BOS), one zarr array per partition, row-aligned with
     the activations; written beside and renamed into place, so readers never see half of it."""
-    staging = staging_path(path)
-    group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
-    for key in keys:
-        labels = np.full(store.open(key).n_tokens, -1, np.int32)
-        for x, info in store.iter_tokens([key]):
-            labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
-        group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
-    replace_dir(staging, path)
+    with atomic_dir(path) as staging:
+        group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
+        for key in keys:
+            labels = np.full(store.open(key).n_tokens, -1, np.int32)
+            for x, info in store.iter_tokens([key]):
+                labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
+            group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
 
 
 def load_cluster_metrics(storage: StorageResource, keys: list[str]) -> list[dict]:

@@ -1,6 +1,5 @@
 """cluster_density[k] (diagonal GMM from k-means) and leader_clusters (Exemplar Partitioning)."""
 
-import json
 import time
 
 import dagster as dg
@@ -9,6 +8,7 @@ import polars as pl
 import torch
 
 from gemma_assets.core import leader, metrics, model
+from gemma_assets.core.files import atomic_dir, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.leader import fit_leader
 from gemma_assets.core.memory import PeakRss
@@ -87,7 +87,7 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
                 "active_components": int((gmm.weights > 0).sum()),
                 "anomalies": anomalies,
             }
-            (folder / "density.json").write_text(json.dumps(record, indent=1, default=str))
+            write_json(storage.path("density", f"k-{k:05d}.json"), record)
             context.log.info(
                 f"k={k}: GMM held-out mean log-likelihood {record['heldout_mean_log_likelihood']:.2f} per token"
             )
@@ -155,12 +155,14 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
             "parameters": result.exemplars.numel(),
             **{f"heldout_{name}": value for name, value in heldout.items()},
         }
-        folder = storage.path("clusters", "leader")
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            folder / "model.npz", exemplars=result.exemplars.numpy(), mean=mean.numpy(), counts=result.counts.numpy()
-        )
-        (folder / "metrics.json").write_text(json.dumps(record, indent=1))
+        with atomic_dir(storage.path("clusters", "leader")) as folder:
+            np.savez(
+                folder / "model.npz",
+                exemplars=result.exemplars.numpy(),
+                mean=mean.numpy(),
+                counts=result.counts.numpy(),
+            )
+            write_json(folder / "metrics.json", record)
         context.log.info(f"leader clustering: {record['k']} regions, held-out FVU {heldout['fvu']:.4f}")
         return dg.MaterializeResult(
             metadata={

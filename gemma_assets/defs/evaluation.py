@@ -1,6 +1,5 @@
 """downstream_loss and interpretation: every dictionary through the model and in front of a reader."""
 
-import json
 import time
 
 import dagster as dg
@@ -11,6 +10,7 @@ import torch
 from gemma_assets.core import feature_pages, interpret, model, plots, splice
 from gemma_assets.core.codes import centred_units
 from gemma_assets.core.dictionaries import Member
+from gemma_assets.core.files import write_json
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table, model_source
@@ -144,7 +144,7 @@ def build_evaluation_assets(
             "dictionaries": records,
         }
         path = storage.path("evaluation", "downstream.json")
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result)
         context.log.info(f"clean CE {clean:.4f}, zero-ablation {zero:.4f}, mean-ablation {mean:.4f} nats")
         return dg.MaterializeResult(
             metadata={
@@ -255,7 +255,7 @@ def build_evaluation_assets(
         site = storage.path("report", "features")
         feature_pages.write_site(site, pages)
         result = {"tokens": len(tokens.x), "alignment": pairs, "probes": probes, "examples": examples}
-        storage.path("evaluation", "interpretation.json").write_text(json.dumps(result, indent=1))
+        write_json(storage.path("evaluation", "interpretation.json"), result)
         return dg.MaterializeResult(
             metadata={
                 "pages": dg.MetadataValue.path(str(site / "index.html")),

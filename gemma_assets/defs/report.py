@@ -7,6 +7,7 @@ import dagster as dg
 import polars as pl
 
 from gemma_assets.core import plots, report
+from gemma_assets.core.files import write_text
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.defs.clustering import load_cluster_metrics
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table
@@ -84,8 +85,8 @@ def build_report_asset(
             prof, records, data, {name: path.name for name, path in figures.items()}, readings, findings, config
         )
         path = folder / "report.md"
-        path.write_text(markdown)
-        (folder / "report.html").write_text(report.render_html(markdown, f"gemma_assets report ({prof.name})"))
+        write_text(path, markdown)
+        write_text(folder / "report.html", report.render_html(markdown, f"gemma_assets report ({prof.name})"))
         context.log.info(f"report written to {path} and {path.with_suffix('.html')}")
         return dg.MaterializeResult(
             metadata={

@@ -8,6 +8,7 @@ import polars as pl
 import torch
 
 from gemma_assets.core import metrics, sae
+from gemma_assets.core.files import atomic_dir, write_json
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, table_md
@@ -56,8 +57,6 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
                     )
                 facts["fit_peak_rss_mb"] = peak.mb
                 facts["train_partitions"] = prof.train_partition_keys
-            out.mkdir(parents=True, exist_ok=True)
-            dictionary.save(out)
             record = {
                 "name": spec.name,
                 "architecture": spec.architecture,
@@ -67,7 +66,9 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
                 "parameters": dictionary.n_parameters,
                 **facts,
             }
-            (out / "training.json").write_text(json.dumps(record, indent=1))
+            with atomic_dir(out) as staging:  # weights and their training record together
+                dictionary.save(staging)
+                write_json(staging / "training.json", record)
             context.log.info(
                 f"SAE {spec.name}: {json.dumps({k: v for k, v in record.items() if k != 'train_partitions'})}"
             )
@@ -108,7 +109,7 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
             }
             records.append(record)
             context.log.info(f"SAE {spec.name}: held-out FVU {heldout['fvu']:.4f}, L0 {heldout['l0']:.1f}")
-        storage.path("saes", "evaluation.json").write_text(json.dumps(records, indent=1))
+        write_json(storage.path("saes", "evaluation.json"), records)
         table = pl.DataFrame([{k: r[k] for k in ("name", "heldout_fvu", "heldout_mse", "heldout_l0")} for r in records])
         return dg.MaterializeResult(metadata={"heldout_metrics": table_md(table)})
 

@@ -4,6 +4,7 @@ import dagster as dg
 import polars as pl
 
 from gemma_assets.core import corpus, model, sampling
+from gemma_assets.core.files import atomic_file
 from gemma_assets.defs.common import corpus_files, model_source, table_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
 
@@ -21,7 +22,8 @@ def pile_sample(
     path = storage.path("sample", "windows.npz")
     sampling.save_sample(path, sample)
     census_table = pl.DataFrame([{"stratum": name, **row} for name, row in census.items()])
-    census_table.write_parquet(storage.path("sample", "strata.parquet"))
+    with atomic_file(storage.path("sample", "strata.parquet")) as staging:
+        census_table.write_parquet(staging)
     context.log.info(f"sampled {spec.n_windows} windows x {spec.context_len} tokens into {path}")
     return dg.MaterializeResult(
         metadata={

@@ -6,13 +6,12 @@ ERROR and blocking (clustering must not run on corrupt data); token-norm outlier
 and the Great Expectations suite are WARN.
 """
 
-import json
-
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from gemma_assets.core import expectations, plots, quality
+from gemma_assets.core.files import atomic_file, write_json
 from gemma_assets.core.stats import NORM_BIN_EDGES, QUANTILES, ActivationMoments, PartitionStats
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table, table_md
 from gemma_assets.defs.resources import ProfileResource, StorageResource
@@ -177,12 +176,11 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
             "by_stratum": by_stratum,
             "massive_tokens": massive,
         }.items():
-            frame.write_parquet(storage.path("stats", f"{table_name}.parquet"))
+            with atomic_file(storage.path("stats", f"{table_name}.parquet")) as staging:
+                frame.write_parquet(staging)
         bos_norm = float(by_position.filter(pl.col("position") == 0)["mean_norm"][0])
         bos_ratio = bos_norm / summary_rows[0]["mean_token_norm"]
-        storage.path("stats", "bos.json").write_text(
-            json.dumps({"bos_mean_norm": bos_norm, "bos_to_token_norm_ratio": bos_ratio})
-        )
+        write_json(storage.path("stats", "bos.json"), {"bos_mean_norm": bos_norm, "bos_to_token_norm_ratio": bos_ratio})
         histogram = plots.norm_histogram(
             NORM_BIN_EDGES, train.norm_histogram, storage.path("stats", "norm_histogram.png")
         )
