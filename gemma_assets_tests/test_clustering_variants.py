@@ -151,3 +151,15 @@ def test_cluster_models_asset_streams_when_over_budget(tiny_run, tmp_path):
     assert streamed["iterations"] == in_memory["iterations"]
     for name in ("heldout_fvu", "train_inertia", "heldout_simplified_silhouette"):
         assert streamed[name] == pytest.approx(in_memory[name], rel=1e-4), name
+
+
+@pytest.mark.parametrize("bounds_mb", [ELKAN, HAMERLY], ids=["elkan", "hamerly"])
+def test_empty_cluster_is_reseeded_at_the_farthest_token(bounds_mb):
+    x, _ = _blobs(n=2000, k=5)
+    init = torch.cat([x[:4], x[:1]])  # the duplicate centroid wins no token: cluster 4 starts empty
+    result = fit_kmeans(x, 5, max_iter=20, tol=0.0, init=init, bounds_mb=bounds_mb)
+    assert (result.sizes > 0).all()
+    curve = result.inertia_curve
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(curve, curve[1:], strict=False))
+    labels, _ = _plain_lloyd(x, result.centroids, 0)
+    assert torch.equal(result.sizes, torch.bincount(labels, minlength=5))  # the bounds ended on the true assignment
