@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -64,3 +65,5 @@ def test_bad_k():
         fit_kmeans(x, 0)
     with pytest.raises(ConfigError, match="k=11 exceeds the 10 training tokens"):
         fit_kmeans(x, 11)
+    with pytest.raises(ConfigError, match=re.escape("unknown k-means seeding 'random'; valid: k-means||, k-means++")):
+        fit_kmeans(x, 2, seeding="random")

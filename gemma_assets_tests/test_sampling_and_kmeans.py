@@ -46,9 +46,25 @@ def test_kmeans_matches_sklearn_from_same_init():
     assert adjusted_rand_score(ref.predict(x.numpy()), labels.numpy()) >= 0.99
 
 
-def test_kmeans_recovers_blobs():
+@pytest.mark.parametrize("seeding", ["k-means||", "k-means++"])
+def test_kmeans_recovers_blobs(seeding):
     x, truth = make_blobs(n_samples=4000, n_features=32, centers=8, cluster_std=1.0, random_state=3)
-    result = fit_kmeans(torch.from_numpy(x).float(), 8, seed=0)
+    result = fit_kmeans(torch.from_numpy(x).float(), 8, seed=0, seeding=seeding)
     labels, _ = assign(torch.from_numpy(x).float(), result.centroids)
     assert adjusted_rand_score(truth, labels.numpy()) >= 0.99
     assert result.converged and result.inertia_curve == sorted(result.inertia_curve, reverse=True)
+
+
+def test_kmeans_parallel_seeds_as_well_as_kmeans_plusplus_and_is_reproducible():
+    """k-means|| picks candidates in a few GEMM passes; greedy k-means++ over them (weighted by
+    the rows each stands for) should cost about what k-means++ on all rows costs."""
+    x, _ = make_blobs(n_samples=6000, n_features=24, centers=40, cluster_std=4.0, random_state=5)
+    x = torch.from_numpy(x).float()
+
+    def seeding_cost(seeding: str, seed: int) -> float:
+        return fit_kmeans(x, 40, max_iter=0, seed=seed, seeding=seeding).inertia_curve[0]
+
+    parallel = [seeding_cost("k-means||", seed) for seed in range(4)]
+    greedy = [seeding_cost("k-means++", seed) for seed in range(4)]
+    assert sum(parallel) <= 1.1 * sum(greedy)
+    assert seeding_cost("k-means||", 0) == parallel[0]

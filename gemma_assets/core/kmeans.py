@@ -1,4 +1,4 @@
-"""K-means: greedy k-means++ seeding and exact Lloyd iterations, in memory or streamed.
+"""K-means: k-means|| or greedy k-means++ seeding and exact Lloyd iterations, in memory or streamed.
 
 Backends behind one results contract (`KMeansResult`):
 - "torch": exact Lloyd over batches (CPU or CUDA); data may be a tensor or a callable that
@@ -99,27 +99,70 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
     return labels, first
 
 
-def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding (as scikit-learn): 2 + log(k) candidates per step, keep the best."""
+def kmeans_plusplus(
+    x: torch.Tensor, k: int, generator: torch.Generator, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Greedy k-means++ seeding (as scikit-learn): 2 + log(k) candidates per step, keep the one
+    that lowers the (weighted) cost most. `weights` [n] count how many points each row stands for."""
+    weights = torch.ones(len(x), dtype=torch.float64) if weights is None else weights.double().cpu()
+    on_device = weights.to(x.device)
     trials = 2 + int(math.log(k))
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    centroids[0] = x[torch.randint(len(x), (1,), generator=generator).item()]
+    centroids[0] = x[torch.multinomial(weights, 1, generator=generator).item()]
     closest = ((x - centroids[0]) ** 2).sum(1)
     x_sq = (x**2).sum(1)
     for i in range(1, k):
-        weights = closest.double().cpu()
-        picks = torch.multinomial(weights / weights.sum(), trials, replacement=True, generator=generator)
+        mass = weights * closest.double().cpu()
+        picks = torch.multinomial(mass / mass.sum(), trials, replacement=True, generator=generator)
         candidates = x[picks.to(x.device)]  # [trials, d]
         dist = (x_sq[:, None] - 2 * x @ candidates.T + (candidates**2).sum(1)).clamp_min_(0)  # [n, trials]
         updated = torch.minimum(closest[:, None], dist)
-        best = updated.double().sum(0).argmin()
+        best = (on_device[:, None] * updated.double()).sum(0).argmin()
         centroids[i] = candidates[best]
         closest = updated[:, best]
     return centroids
 
 
-def init_centroids(batches: Batches, k: int, seed: int, sample_rows: int = 100_000) -> torch.Tensor:
-    """k-means++ on a uniform sample of at most sample_rows rows of the stream."""
+def kmeans_parallel(
+    x: torch.Tensor, k: int, generator: torch.Generator, rounds: int = 5, oversampling: float = 2.0
+) -> torch.Tensor:
+    """k-means|| seeding (Bahmani et al. 2012): a few passes that each add every row with
+    probability oversampling * k * d^2 / cost, then greedy k-means++ over those candidates, each
+    weighted by the rows nearest to it. Each pass is one distance GEMM against the new
+    candidates, where k-means++ reads all rows once per centroid (k memory-bound passes)."""
+    first = torch.randint(len(x), (1,), generator=generator).item()
+    chosen = [x[first : first + 1]]
+    closest = ((x - x[first]) ** 2).sum(1)
+    owner = torch.zeros(len(x), dtype=torch.long, device=x.device)  # index of the nearest candidate
+    n_candidates = 1
+    for _ in range(rounds):
+        cost = float(closest.double().sum())
+        if cost == 0.0:
+            break
+        chance = (oversampling * k * closest.double().cpu() / cost).clamp_max_(1.0)
+        picked = (torch.rand(len(x), generator=generator, dtype=torch.float64) < chance).nonzero().flatten()
+        if not len(picked):
+            continue
+        labels, dist = assign(x, x[picked.to(x.device)])
+        nearer = dist < closest
+        closest = torch.where(nearer, dist, closest)
+        owner = torch.where(nearer, labels + n_candidates, owner)
+        chosen.append(x[picked.to(x.device)])
+        n_candidates += len(picked)
+    if n_candidates <= k:  # too few distinct rows were drawn to choose from: seed on all rows
+        return kmeans_plusplus(x, k, generator)
+    weights = torch.bincount(owner.cpu(), minlength=n_candidates)
+    return kmeans_plusplus(torch.cat(chosen), k, generator, weights)
+
+
+SEEDINGS = {"k-means||": kmeans_parallel, "k-means++": kmeans_plusplus}
+
+
+def init_centroids(
+    batches: Batches, k: int, seed: int, sample_rows: int = 100_000, seeding: str = "k-means||"
+) -> torch.Tensor:
+    """Seed k centroids (k-means|| or greedy k-means++) from a uniform sample of at most
+    sample_rows rows of the stream."""
     generator = torch.Generator().manual_seed(seed)
     kept: torch.Tensor | None = None
     keys: torch.Tensor | None = None
@@ -134,12 +177,14 @@ def init_centroids(batches: Batches, k: int, seed: int, sample_rows: int = 100_0
         raise ConfigError(
             f"k={k} exceeds the {0 if kept is None else len(kept)} training tokens: lower k or sample more tokens"
         )
-    return kmeans_plusplus(kept, k, generator)
+    return SEEDINGS[seeding](kept, k, generator)
 
 
-def _validate(k: int, backend: str, device: str) -> None:
+def _validate(k: int, backend: str, device: str, seeding: str) -> None:
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
+    if seeding not in SEEDINGS:
+        raise ConfigError(f"unknown k-means seeding {seeding!r}; valid: {', '.join(SEEDINGS)}")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown k-means backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if (backend == "cuml" or device.startswith("cuda")) and not torch.cuda.is_available():
@@ -160,17 +205,18 @@ def fit_kmeans(
     minibatch_steps: int = 200,
     init_sample_rows: int = 100_000,
     bounds_mb: float = 2048,
+    seeding: str = "k-means||",
 ) -> KMeansResult:
     """Fit k centroids to `data` (a tensor [n, d] or a callable streaming [n_i, d] batches).
 
-    Without `init`, k-means++ runs on a uniform sample of `init_sample_rows` rows (the only
-    rows held in memory besides one batch when data is streamed). `bounds_mb` caps the memory
+    Without `init`, `seeding` (k-means|| or greedy k-means++) runs on a uniform sample of
+    `init_sample_rows` rows (the only rows held in memory besides one batch when data is streamed). `bounds_mb` caps the memory
     of Elkan's per-centroid bounds (n x k float32) on the CPU; batches beyond it use Hamerly's."""
-    _validate(k, backend, device)
+    _validate(k, backend, device, seeding)
     batches = as_batches(data)
     started = time.perf_counter()
     if init is None:
-        init = init_centroids(batches, k, seed, init_sample_rows)
+        init = init_centroids(batches, k, seed, init_sample_rows, seeding)
     elif len(init) != k:
         raise ConfigError(f"init has {len(init)} centroids, k={k}")
     init = init.to(device)

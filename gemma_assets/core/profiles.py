@@ -87,6 +87,7 @@ class KMeansSpec:
     preprocessing: str = "center"  # none | center | standardize | pca | zca: space k-means is fitted in
     n_components: int = 0  # > 0: keep only the leading principal components (center or pca)
     backend: str = "torch"  # torch | minibatch | cuml
+    seeding: str = "k-means||"  # k-means|| | k-means++ (greedy, as scikit-learn; k passes over the sample)
     # train split (float32) up to this size is loaded, larger is streamed; also caps Elkan's bounds
     in_memory_mb: int = 8192
     max_iter: int = 50

@@ -106,6 +106,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                     prof.kmeans.seed,
                     backend=prof.kmeans.backend,
                     bounds_mb=prof.kmeans.in_memory_mb,
+                    seeding=prof.kmeans.seeding,
                 )
             # the same clustering read as dictionaries with more shapes (gain-shape's directions
             # come from spherical k-means on the same tokens)
@@ -117,6 +118,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 tol=prof.kmeans.tol,
                 seed=prof.kmeans.seed,
                 bounds_mb=prof.kmeans.in_memory_mb,
+                seeding=prof.kmeans.seeding,
             )
             passes = result.n_iter + 1  # the first assignment and one per iteration
             family = clustering_family(k, result.centroids, gain_shape.atoms, preprocessor)
@@ -126,6 +128,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                     "preprocessing": prof.kmeans.preprocessing,
                     "n_components": prof.kmeans.n_components,
                     "backend": prof.kmeans.backend,
+                    "seeding": prof.kmeans.seeding,
                     "iterations": result.n_iter,
                     "converged": result.converged,
                     "fit_seconds": result.fit_seconds,
