@@ -4,7 +4,7 @@ Each point keeps an upper bound on the distance to its centroid and a lower boun
 distance to every centroid ([n, k] float32). After the centroids move, a distance is computed
 only where the bounds cannot rule the centroid out. On real activations, where clusters
 overlap and Hamerly's single lower bound rarely prunes a whole row, this skips ~96% of the
-point-centroid distances; the pruned distances are scattered, so the pass is a compiled loop
+point-centroid distances after the first pass (demo activations, k = 256); the pruned distances are scattered, so the pass is a compiled loop
 (numba) rather than a GEMM.
 """
 
@@ -27,7 +27,7 @@ def _distance(x: np.ndarray, x_sq: float, c: np.ndarray, c_sq: float) -> float:
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _elkan_pass(x, x_sq, centroids, c_sq, half_gap, half_nearest, shift, labels, upper, lower):  # pragma: no cover
+def _elkan_pass(x, x_sq, centroids, c_sq, half_gap, half_nearest, shift, labels, upper, lower):
     n, k = lower.shape
     computed = np.zeros(n, np.int64)
     for i in numba.prange(n):
