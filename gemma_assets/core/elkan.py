@@ -4,8 +4,8 @@ Each point keeps an upper bound on the distance to its centroid and a lower boun
 distance to every centroid ([n, k] float32). After the centroids move, a distance is computed
 only where the bounds cannot rule the centroid out. On real activations, where clusters
 overlap and Hamerly's single lower bound rarely prunes a whole row, this skips ~96% of the
-point-centroid distances after the first pass (demo activations, k = 256); the pruned distances are scattered, so the pass is a compiled loop
-(numba) rather than a GEMM.
+point-centroid distances after the first pass (demo activations, k = 256); the pruned
+distances are scattered, so the pass is a compiled loop (numba) rather than a GEMM.
 """
 
 from __future__ import annotations
