@@ -39,6 +39,11 @@ class KMeansResult:
     fit_seconds: float
     sizes: torch.Tensor  # [k] points per cluster at the last assignment
     distances_computed: int = 0  # point-centroid distances evaluated (the bounds skip the rest)
+    distances_possible: int = 0  # what evaluating every distance in every assignment pass would be
+
+    @property
+    def distances_skipped_share(self) -> float:
+        return 1 - self.distances_computed / self.distances_possible
 
 
 def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
@@ -143,11 +148,11 @@ def kmeans_parallel(
         picked = (torch.rand(len(x), generator=generator, dtype=torch.float64) < chance).nonzero().flatten()
         if not len(picked):
             continue
-        labels, dist = assign(x, x[picked.to(x.device)])
+        chosen.append(x[picked.to(x.device)])
+        labels, dist = assign(x, chosen[-1])
         nearer = dist < closest
         closest = torch.where(nearer, dist, closest)
         owner = torch.where(nearer, labels + n_candidates, owner)
-        chosen.append(x[picked.to(x.device)])
         n_candidates += len(picked)
     if n_candidates <= k:  # too few distinct rows were drawn to choose from: seed on all rows
         return kmeans_plusplus(x, k, generator)
@@ -210,8 +215,9 @@ def fit_kmeans(
     """Fit k centroids to `data` (a tensor [n, d] or a callable streaming [n_i, d] batches).
 
     Without `init`, `seeding` (k-means|| or greedy k-means++) runs on a uniform sample of
-    `init_sample_rows` rows (the only rows held in memory besides one batch when data is streamed). `bounds_mb` caps the memory
-    of Elkan's per-centroid bounds (n x k float32) on the CPU; batches beyond it use Hamerly's."""
+    `init_sample_rows` rows (the only rows held in memory besides one batch when data is
+    streamed). `bounds_mb` caps the memory of Elkan's per-centroid bounds (n x k float32) on the
+    CPU; batches beyond it use Hamerly's."""
     _validate(k, backend, device, seeding)
     batches = as_batches(data)
     started = time.perf_counter()
@@ -302,7 +308,7 @@ def _fit_lloyd(
     bounds: list[_Bounds] = []
     elkan_bytes_left = bounds_mb * 2**20 if device.type == "cpu" else 0.0
     sums = torch.zeros(centroids.shape, dtype=torch.float64, device=device)
-    x_sq_total, computed = 0.0, 0
+    x_sq_total, computed, n_points = 0.0, 0, 0
     shift = torch.zeros(k, device=device)  # how far each centroid moved in the last update
     curve: list[float] = []
     converged = False
@@ -321,6 +327,7 @@ def _fit_lloyd(
                     sums += cluster_sums(state.labels[rows], x[rows], k).double()
                 x_sq_total += float(state.x_sq.double().sum())
                 computed += len(x) * k
+                n_points += len(x)
                 continue
             state = bounds[index]
             if state.elkan:
@@ -355,6 +362,7 @@ def _fit_lloyd(
         fit_seconds=0.0,
         sizes=counts.cpu(),
         distances_computed=computed,
+        distances_possible=n_points * k * len(curve),
     )
 
 

@@ -36,7 +36,7 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
         partitions_def=k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[cluster_models],
-        code_version="1",
+        code_version="2",  # 2: the record moved to density/k-NNNNN.json
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},
