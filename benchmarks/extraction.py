@@ -15,7 +15,6 @@ the same array with the order-0 entropy bound of its bytes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import resource
@@ -32,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gemma_assets.core import corpus, model, sampling  # noqa: E402
 from gemma_assets.core.bf16 import bf16_to_bits  # noqa: E402
+from gemma_assets.core.config import load_run_config  # noqa: E402
 from gemma_assets.core.extraction import extract_windows  # noqa: E402
-from gemma_assets.core.profiles import get_profile  # noqa: E402
 from gemma_assets.core.storage import CHUNK_BYTES, ActivationStore  # noqa: E402
 from gemma_assets.defs.activations import partition_arrays  # noqa: E402
 
@@ -98,19 +97,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--data-root", type=Path, default=Path("data"), help="reuses the cached model/corpus")
     args = parser.parse_args()
-    profile = get_profile(args.profile)
+    profile = load_run_config(args.profile)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
-    files = [
-        str(p)
-        for p in corpus.build_offline_corpus(args.data_root / profile.name / "corpus", profile.corpus.max_documents)
-    ]
-    texts = [d.text for d in itertools.islice(corpus.iter_documents(files), 400)]
+    corpus_dir = args.data_root / profile.name / "corpus"
+    texts = [d.text for d in itertools.islice(corpus.open_corpus(profile.corpus, corpus_dir), 400)]
     source = model.model_source(profile.model, args.data_root / "models", texts)
     tokenizer = model.load_tokenizer(source)
-    spec = dataclasses.replace(profile.sample, n_partitions=1, windows_per_partition=args.windows)
-    sample, _ = sampling.sample_windows(corpus.iter_documents(files), tokenizer, spec)
+    spec = profile.sampling.model_copy(update={"partitions": 1, "windows_per_partition": args.windows})
+    sample, _ = sampling.sample_windows(corpus.open_corpus(profile.corpus, corpus_dir), tokenizer, spec)
     lm = model.load_model(source, profile.model.layer, device, dtype)
     layer, tokens = profile.model.layer, sample.tokens
     n_tokens = tokens.size

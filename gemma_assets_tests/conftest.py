@@ -9,13 +9,13 @@ import dagster as dg
 import pytest
 
 from gemma_assets.cli import materialize_all
-from gemma_assets.core.profiles import Profile, get_profile
-from gemma_assets.definitions import build_definitions
+from gemma_assets.core.config import RunConfig, load_run_config
+from gemma_assets.defs.graph import build_definitions
 
 
 @dataclass
 class TinyRun:
-    profile: Profile
+    profile: RunConfig
     defs: dg.Definitions
     instance: dg.DagsterInstance
     data_root: Path
@@ -29,8 +29,8 @@ class TinyRun:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
     data_root = tmp_path_factory.mktemp("data")
-    profile = get_profile("tiny")
+    profile = load_run_config("tiny")
     defs = build_definitions(profile, data_root=str(data_root))
     with dg.instance_for_test() as instance:
-        results = materialize_all(defs, instance, log_level="WARNING")
+        results = materialize_all(profile, defs, instance, log_level="WARNING")
         yield TinyRun(profile, defs, instance, data_root, results)

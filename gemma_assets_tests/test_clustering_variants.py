@@ -12,11 +12,11 @@ from sklearn.datasets import make_blobs
 
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.codes import unit_rows
+from gemma_assets.core.config import ConfigError, load_run_config
 from gemma_assets.core.dictionaries import MatchingPursuitDictionary, fit_gain_shape
 from gemma_assets.core.kmeans import fit_kmeans
 from gemma_assets.core.metrics import evaluate
-from gemma_assets.core.profiles import ConfigError
-from gemma_assets.definitions import build_definitions
+from gemma_assets.defs.graph import build_definitions
 
 
 def _blobs(n=3000, d=16, k=6, seed=0):
@@ -136,13 +136,11 @@ def test_cluster_models_asset_streams_when_over_budget(tiny_run, tmp_path):
     """The asset's out-of-core branch (a run-config budget of 0 MB) gives the in-memory result."""
     data_root = tmp_path / "data"
     shutil.copytree(tiny_run.data_root, data_root)
-    defs = build_definitions(tiny_run.profile, data_root=str(data_root))
+    over_budget = load_run_config("tiny", ["clustering.in_memory_mb=0"])
+    defs = build_definitions(over_budget, data_root=str(data_root))
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("fit_cluster_models").execute_in_process(
-            instance=instance,
-            partition_key="64",
-            asset_selection=[dg.AssetKey("cluster_models")],
-            run_config={"resources": {"profile": {"config": {"name": "tiny", "kmeans_in_memory_mb": 0}}}},
+            instance=instance, partition_key="64", asset_selection=[dg.AssetKey("cluster_models")]
         )
     assert result.success
     in_memory = json.loads(tiny_run.storage.path("clusters", "k-00064", "metrics.json").read_text())

@@ -11,21 +11,21 @@ import zstandard
 
 from gemma_assets.cli import main
 from gemma_assets.core import model
+from gemma_assets.core.config import ConfigError, load_run_config
 from gemma_assets.core.corpus import CorpusError, iter_documents
 from gemma_assets.core.kmeans import fit_kmeans
-from gemma_assets.core.profiles import ConfigError, get_profile
 from gemma_assets.core.sampling import sample_windows
 
 
 def test_bad_profile_name_lists_valid_profiles(monkeypatch, capsys):
-    with pytest.raises(ConfigError, match="unknown profile 'huge'; valid profiles are tiny, demo, gemma-2-2b"):
-        get_profile("huge")
-    monkeypatch.setenv("GEMMA_ASSETS_PROFILE", "huge")
-    with pytest.raises(ConfigError, match="valid profiles"):
-        get_profile()
+    with pytest.raises(ConfigError, match="unknown run config 'huge'.* one of tiny, demo, gemma-2-2b"):
+        load_run_config("huge")
+    monkeypatch.setenv("GEMMA_ASSETS_PROFILE", "tiyn")
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        load_run_config()
     with pytest.raises(SystemExit) as exit_info:
         main(["materialize", "--profile", "huge"])
-    assert exit_info.value.code == 2 and "valid profiles are tiny, demo, gemma-2-2b" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "one of tiny, demo, gemma-2-2b" in capsys.readouterr().err
 
 
 def test_bad_layer_index_names_valid_range(tiny_run):
@@ -42,7 +42,7 @@ def _write_shard(path, records) -> str:
 
 def test_empty_corpus(tmp_path, tiny_run):
     tokenizer = model.load_tokenizer(str(tiny_run.storage.models_dir / "tiny-gemma2"))
-    spec = get_profile("tiny").sample
+    spec = load_run_config("tiny").sampling
     empty = _write_shard(tmp_path / "00.jsonl.zst", [])
     with pytest.raises(CorpusError, match="the corpus has no documents"):
         sample_windows(iter_documents(empty), tokenizer, spec)

@@ -26,8 +26,8 @@ from dagster._core.definitions.schedule_definition import ScheduleExecutionData
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from gemma_assets.core.profiles import get_profile
-from gemma_assets.definitions import build_definitions
+from gemma_assets.core.config import load_run_config
+from gemma_assets.defs.graph import build_definitions
 from gemma_assets.defs.operations import (
     ALERT_WEBHOOK_ENV_VAR,
     PARTITIONS_PER_NIGHT_ENV_VAR,
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_defs(tmp_path_factory) -> dg.Definitions:
-    return build_definitions(get_profile("tiny"), data_root=str(tmp_path_factory.mktemp("data")))
+    return build_definitions(load_run_config("tiny"), data_root=str(tmp_path_factory.mktemp("data")))
 
 
 def test_contiguous_ranges():
@@ -76,7 +76,7 @@ def test_contiguous_ranges():
 
 def test_schedule_requests_only_missing_partitions(tiny_defs):
     activations = tiny_defs.resolve_assets_def("activations")
-    keys = get_profile("tiny").partition_keys  # 0000..0003
+    keys = load_run_config("tiny").partition_keys  # 0000..0003
     schedule = build_extraction_schedule(activations, max_partitions=3)
     with dg.instance_for_test() as instance:
 

@@ -44,7 +44,7 @@ def test_data_checks_pass_on_clean_data(tiny_run):
 
 def test_report_lists_every_dictionary_with_heldout_metrics(tiny_run):
     report = tiny_run.storage.path("report", "report.md").read_text()
-    for name in ["kmeans-64", "kmeans-128", "kmeans-256", *[s.name for s in tiny_run.profile.saes]]:
+    for name in ["kmeans-64", "kmeans-128", "kmeans-256", *[s.name for s in tiny_run.profile.sae_specs]]:
         assert f"| {name} |" in report
     assert (tiny_run.storage.path("report", "l0_fvu_frontier.png")).stat().st_size > 1000
     evaluation = json.loads(tiny_run.storage.path("saes", "evaluation.json").read_text())
@@ -54,14 +54,17 @@ def test_report_lists_every_dictionary_with_heldout_metrics(tiny_run):
 
 
 def test_stored_activations_equal_hidden_states_bit_for_bit(tiny_run):
-    profile, storage = tiny_run.profile, tiny_run.storage
+    assert_store_equals_hidden_states(tiny_run.profile, tiny_run.storage, tiny_run.defs.resources["compute"].batch_size)
+
+
+def assert_store_equals_hidden_states(profile, storage, batch_size: int) -> None:
+    """Every stored partition is hidden_states[layer + 1] of a full forward, as bf16 bits."""
     source = str(storage.models_dir / "tiny-gemma2")
     lm = model.load_model(source, profile.model.layer, "cpu", torch.float32)
     sample = sampling.load_sample(storage.path("sample", "windows.npz"))
     store = storage.activation_store()
-    batch_size = tiny_run.defs.resources["compute"].batch_size
     for index, key in enumerate(profile.partition_keys):
-        tokens = sample.partition(index, profile.sample.windows_per_partition).tokens
+        tokens = sample.partition(index, profile.sampling.windows_per_partition).tokens
         stored = store.open(key).array("activations")
         assert stored.dtype == np.uint16
         reference = []
@@ -77,32 +80,93 @@ def test_stored_activations_equal_hidden_states_bit_for_bit(tiny_run):
 
 def test_heldout_partitions_never_used_for_fitting(tiny_run):
     heldout = set(tiny_run.profile.heldout_partition_keys)
-    for k in tiny_run.profile.kmeans.ks:
+    for k in tiny_run.profile.clustering.ks:
         record = json.loads(tiny_run.storage.path("clusters", f"k-{k:05d}", "metrics.json").read_text())
         assert not heldout & set(record["train_partitions"])
-    for spec in tiny_run.profile.saes:
+    for spec in tiny_run.profile.sae_specs:
         record = json.loads(tiny_run.storage.path("saes", spec.name, "training.json").read_text())
         assert not heldout & set(record["train_partitions"])
 
 
 def test_definitions_load_for_every_profile(monkeypatch):
-    from gemma_assets.core.profiles import PROFILES
-    from gemma_assets.definitions import build_definitions
+    from gemma_assets.core.config import SHIPPED_CONFIGS, load_run_config
+    from gemma_assets.defs.graph import build_definitions
 
-    for profile in PROFILES.values():
-        dg.Definitions.validate_loadable(build_definitions(profile, data_root="/nonexistent"))
+    for name in SHIPPED_CONFIGS:
+        dg.Definitions.validate_loadable(build_definitions(load_run_config(name), data_root="/nonexistent"))
 
 
 def test_every_stored_token_has_its_cluster(tiny_run):
     import zarr
 
     store = tiny_run.storage.activation_store()
-    for k in tiny_run.profile.kmeans.ks:
+    for k in tiny_run.profile.clustering.ks:
         group = zarr.open_group(str(tiny_run.storage.path("clusters", f"k-{k:05d}", "assignments")), mode="r")
         for key in tiny_run.profile.partition_keys:
             labels = group[f"part-{key}"][:]
             positions = store.open(key).array("positions")
-            assert len(labels) == tiny_run.profile.sample.tokens_per_partition
+            assert len(labels) == tiny_run.profile.sampling.tokens_per_partition
             assert (labels[positions == 0] == -1).all() and (
                 (labels[positions != 0] >= 0) & (labels[positions != 0] < k)
             ).all()
+
+
+def _runs_since(instance: dg.DagsterInstance, known: set[str]) -> list[dg.DagsterRun]:
+    return [record.dagster_run for record in instance.get_run_records() if record.dagster_run.run_id not in known]
+
+
+def _steps(instance: dg.DagsterInstance, runs: list[dg.DagsterRun]) -> set[str]:
+    return {stat.step_key for run in runs for stat in instance.get_run_step_stats(run.run_id)}
+
+
+def _materialized_partitions(instance: dg.DagsterInstance, runs: list[dg.DagsterRun], asset: str) -> set[str]:
+    return {
+        entry.dagster_event.partition
+        for run in runs
+        for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        if entry.dagster_event.asset_key == dg.AssetKey(asset)
+    }
+
+
+def test_run_file_sweep_materialises_and_reruns_only_what_changed(tmp_path, monkeypatch, capsys):
+    """A run file on top of tiny (block 1, k = 16 and 32) runs end to end; an identical rerun runs
+    no step; changing one k reruns only that k and what reads every k."""
+    from gemma_assets.cli import main
+    from gemma_assets.core.config import load_run_config
+    from gemma_assets.defs.graph import build_definitions
+
+    run_file = tmp_path / "layer1.yaml"
+    run_file.write_text("base: tiny\nmodel:\n  layer: 1\nclustering:\n  ks: [16, 32]\n")
+    data_root = tmp_path / "data"
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    argv = ["materialize", "--config", str(run_file), "--data-root", str(data_root), "--log-level", "WARNING"]
+    main(argv)
+    run = load_run_config(str(run_file))
+    storage = build_definitions(run, str(data_root)).resources["storage"]
+    report = (data_root / "layer1" / "report" / "report.md").read_text()
+    assert "block 1" in report.splitlines()[0]
+    assert "| kmeans-16 |" in report and "| kmeans-32 |" in report and "kmeans-64" not in report
+    assert "  layer: 1\n" in (data_root / "layer1" / "run_config.yaml").read_text()
+    assert_store_equals_hidden_states(run, storage, 16)  # hidden_states[2] for block 1
+
+    with dg.DagsterInstance.get() as instance:
+        known = {record.dagster_run.run_id for record in instance.get_run_records()}
+    capsys.readouterr()
+    main(argv)
+    assert "nothing to do: every asset of run layer1 is up to date" in capsys.readouterr().out
+    with dg.DagsterInstance.get() as instance:
+        assert _runs_since(instance, known) == []
+
+    main([*argv, "--set", "clustering.ks=[16,24]"])
+    with dg.DagsterInstance.get() as instance:
+        runs = _runs_since(instance, known)
+        assert _steps(instance, runs) == {
+            "cluster_models",
+            "cluster_density",
+            "downstream_loss",
+            "interpretation",
+            "comparison_report",
+        }
+        assert _materialized_partitions(instance, runs, "cluster_models") == {"24"}
+        assert _materialized_partitions(instance, runs, "cluster_density") == {"24"}
+    assert "| kmeans-24 |" in (data_root / "layer1" / "report" / "report.md").read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma_assets.core.bf16 import bf16_to_bits, bits_to_float
-from gemma_assets.definitions import build_definitions
+from gemma_assets.defs.graph import build_definitions
 
 ACTIVATIONS, STATS = dg.AssetKey("activations"), dg.AssetKey("activation_stats")
 
@@ -122,7 +122,7 @@ def test_truncated_array(copy, tiny_run):
 
     _rewrite(store, "0001", truncate)
     check = _run_checks(defs, tiny_run.instance, ACTIVATIONS, "0001")["activations_integrity"]
-    expected = tiny_run.profile.sample.tokens_per_partition
+    expected = tiny_run.profile.sampling.tokens_per_partition
     assert not check.passed
     assert f"partition 0001: {expected - 64} tokens stored, {expected} expected (truncated array)" in check.description
 

@@ -31,7 +31,7 @@ def test_trained_sae_metrics_equal_saelens_encode_decode(tiny_run):
     store, prof = tiny_run.storage.activation_store(), tiny_run.profile
     x, _ = store.load_tokens(prof.heldout_partition_keys)
     evaluation = {r["name"]: r for r in json.loads(tiny_run.storage.path("saes", "evaluation.json").read_text())}
-    for spec in prof.saes:
+    for spec in prof.sae_specs:
         dictionary = sae.load_dictionary(tiny_run.storage.path("saes", spec.name))
         fvu, l0 = _direct_fvu_and_l0(x, dictionary.sae, dictionary.scale)
         assert evaluation[spec.name]["heldout_fvu"] == pytest.approx(fvu, rel=1e-6)
@@ -89,10 +89,10 @@ def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):
     storage, prof = tiny_run.storage, tiny_run.profile
     downstream = json.loads(storage.path("evaluation", "downstream.json").read_text())
     names = {r["name"] for r in downstream["dictionaries"]}
-    assert {f"kmeans-{k}" for k in prof.kmeans.ks} | {s.name for s in prof.saes} <= names
+    assert {f"kmeans-{k}" for k in prof.clustering.ks} | {s.name for s in prof.sae_specs} <= names
     assert all(math.isfinite(r["delta_ce"]) for r in downstream["dictionaries"])
     interpretation = json.loads(storage.path("evaluation", "interpretation.json").read_text())
-    assert len(interpretation["alignment"]) == len(prof.kmeans.ks) * len(prof.saes)
+    assert len(interpretation["alignment"]) == len(prof.clustering.ks) * len(prof.sae_specs)
     assert [p["features"] for p in interpretation["probes"][:2]] == ["majority class (baseline)", "raw activations"]
     site = storage.path("report", "features")
     page = (site / "kmeans-64" / "feature-00000.html").read_text()
@@ -164,10 +164,11 @@ def test_summaries_contexts_and_probes_on_known_answers():
 def test_pretrained_sae_ids_exist_in_saelens_directory():
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    from gemma_assets.core.profiles import PROFILES
+    from gemma_assets.core.config import SHIPPED_CONFIGS, load_run_config
 
     directory = get_pretrained_saes_directory()
-    specs = [s for p in PROFILES.values() for s in p.saes if s.architecture == "pretrained"]
+    runs = [load_run_config(name) for name in SHIPPED_CONFIGS]
+    specs = [s for run in runs for s in run.sae_specs if s.architecture == "pretrained"]
     assert specs
     for spec in specs:
         assert spec.release in directory, spec.release

@@ -1,7 +1,8 @@
 """Corpora in the Pile's file format: jsonl.zst shards of {"text", "meta": {"pile_set_name"}}.
 
 `iter_documents` streams any such corpus (the real Pile on the Hugging Face hub, or a
-local one) through the same `datasets` json builder. `build_offline_corpus` assembles a
+local one) through the same `datasets` json builder; parquet files and hub datasets by name
+go through the same record reader, with the text and stratum fields the run config names. `build_offline_corpus` assembles a
 real-text corpus in that format from what every Python installation carries: the
 language reference (pydoc topics), the standard library's source code and docstrings,
 and Python's license text.
@@ -16,12 +17,13 @@ import io
 import json
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
+from gemma_assets.core.config import CorpusSpec, corpus_format
 from gemma_assets.core.files import atomic_dir
 
 OFFLINE_STRATA = ("python-docs", "python-source", "python-docstrings", "licenses")
@@ -39,8 +41,48 @@ class Document:
     stratum: str
 
 
-def iter_documents(data_files: str | list[str]) -> Iterator[Document]:
-    """Stream documents of a jsonl.zst corpus (local glob/paths or hf:// URL), in order."""
+def _field(record: dict, path: str):
+    value = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _documents(open_stream, source: str, remote: bool, text_field: str, stratum_field: str) -> Iterator[Document]:
+    """Documents of a streamed `datasets` split; transport errors of the hub become CorpusErrors."""
+    try:
+        try:
+            stream = open_stream()
+        except StopIteration:  # the json builder finds no first record to infer features from
+            raise CorpusError(f"the corpus has no documents: {source} holds no records") from None
+        for doc_id, record in enumerate(stream):
+            text = _field(record, text_field)
+            if not isinstance(text, str):
+                raise CorpusError(
+                    f"record {doc_id} of {source} has no text field {text_field!r} (its fields: "
+                    f"{', '.join(record)}): set corpus.text_field to the field that holds the text"
+                )
+            stratum = _field(record, stratum_field)
+            yield Document(doc_id, text, "unknown" if stratum is None else str(stratum))
+    except Exception as error:  # the hub client raises its own transport errors
+        if not remote or isinstance(error, CorpusError):
+            raise
+        raise CorpusError(
+            f"cannot stream {source} from the Hugging Face hub ({error}). Check the network, set "
+            "HF_TOKEN if the dataset needs it, or use an offline profile (--config demo)"
+        ) from error
+
+
+def iter_documents(
+    data_files: str | Sequence[str],
+    text_field: str = "text",
+    stratum_field: str = "meta.pile_set_name",
+    file_format: str = "json",
+) -> Iterator[Document]:
+    """Stream documents of jsonl / jsonl.zst (`file_format` json) or parquet files (local
+    globs/paths or hf:// URLs), in order."""
     import datasets
 
     patterns = [data_files] if isinstance(data_files, str) else list(data_files)
@@ -48,24 +90,39 @@ def iter_documents(data_files: str | list[str]) -> Iterator[Document]:
     if not remote and not any(glob.glob(pattern) for pattern in patterns):
         raise CorpusError(
             f"no corpus files match {data_files!r}: build the offline corpus (materialise "
-            "pile_sample) or point the profile at existing jsonl.zst shards"
+            "pile_sample) or point corpus.data_files at existing jsonl / jsonl.zst / parquet files"
         )
-    try:
-        try:
-            stream = datasets.load_dataset("json", data_files=patterns, split="train", streaming=True)
-        except StopIteration:  # the json builder finds no first record to infer features from
-            raise CorpusError(f"the corpus has no documents: {data_files!r} holds no records") from None
-        for doc_id, record in enumerate(stream):
-            meta = record.get("meta") or {}
-            yield Document(doc_id, record["text"], meta.get("pile_set_name", "unknown"))
-    except Exception as error:  # the hub client raises its own transport errors
-        if not remote or isinstance(error, CorpusError):
-            raise
-        raise CorpusError(
-            f"cannot stream {data_files!r} from the Hugging Face hub ({error}). Check the "
-            "network, set HF_TOKEN if the dataset needs it, or use an offline profile "
-            "(GEMMA_ASSETS_PROFILE=demo)"
-        ) from error
+    return _documents(
+        lambda: datasets.load_dataset(file_format, data_files=patterns, split="train", streaming=True),
+        repr(data_files),
+        remote,
+        text_field,
+        stratum_field,
+    )
+
+
+def iter_dataset(
+    name: str, subset: str, split: str, text_field: str = "text", stratum_field: str = "meta.pile_set_name"
+) -> Iterator[Document]:
+    """Stream documents of a Hugging Face dataset by name, in order."""
+    import datasets
+
+    return _documents(
+        lambda: datasets.load_dataset(name, subset or None, split=split, streaming=True),
+        f"dataset {name!r}" + (f" ({subset})" if subset else "") + f" split {split!r}",
+        True,
+        text_field,
+        stratum_field,
+    )
+
+
+def open_corpus(spec: CorpusSpec, offline_dir: Path) -> Iterator[Document]:
+    """The documents a run's corpus section names (the offline corpus is built on first use)."""
+    if spec.kind == "offline":
+        return iter_documents([str(p) for p in build_offline_corpus(offline_dir, max_documents=spec.max_documents)])
+    if spec.kind == "files":
+        return iter_documents(list(spec.data_files), spec.text_field, spec.stratum_field, corpus_format(spec))
+    return iter_dataset(spec.dataset, spec.subset, spec.split, spec.text_field, spec.stratum_field)
 
 
 def _stdlib_dir() -> Path:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from gemma_assets.core.config import ConfigError
 from gemma_assets.core.kmeans import assign
-from gemma_assets.core.profiles import ConfigError
 
 Batches = Callable[[], Iterable[torch.Tensor]]
 _LOG_2PI = math.log(2 * math.pi)

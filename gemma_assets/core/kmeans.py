@@ -21,8 +21,8 @@ from functools import cached_property
 import torch
 
 from gemma_assets.core.codes import Codes, cosine_to, unit_rows
+from gemma_assets.core.config import ConfigError
 from gemma_assets.core.elkan import centroid_gaps, elkan_pass
-from gemma_assets.core.profiles import ConfigError
 from gemma_assets.core.whitening import Preprocessor
 
 BACKENDS = ("torch", "minibatch", "cuml")

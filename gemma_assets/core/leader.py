@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from gemma_assets.core.codes import centred_units
+from gemma_assets.core.config import ConfigError
 from gemma_assets.core.dictionaries import GainShapeDictionary
-from gemma_assets.core.profiles import ConfigError
 
 FAMILY = "leader (Exemplar Partitioning)"
 

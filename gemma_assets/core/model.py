@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from gemma_assets.core.config import ConfigError, ModelArchitecture, ModelSpec
 from gemma_assets.core.files import atomic_dir
-from gemma_assets.core.profiles import ConfigError, ModelSpec
 
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -98,7 +98,7 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
     """The `from_pretrained` source of a profile's model, preparing local copies once."""
     if spec.kind == "hub":
         return spec.name
-    target = cache_dir / ("tiny-gemma2" if spec.kind == "tiny" else "gemma3-270m")
+    target = _cache_folder(spec, cache_dir)
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         if spec.kind == "tiny":
@@ -110,6 +110,36 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
         else:
             raise ConfigError(f"unknown model kind {spec.kind!r}; valid: tiny, gguf_demo, hub")
     return str(target)
+
+
+# The `gguf_demo` kind is one fixed model (the package ships Gemma 3 270M); reading its GGUF
+# header costs ~12 s, so its shape is known here until the converted copy's config.json exists.
+DEMO_ARCHITECTURE = ModelArchitecture(n_layers=18, d_model=640)
+
+
+def _cache_folder(spec: ModelSpec, cache_dir: Path) -> Path:
+    return cache_dir / ("tiny-gemma2" if spec.kind == "tiny" else "gemma3-270m")
+
+
+def architecture(spec: ModelSpec, cache_dir: Path) -> ModelArchitecture:
+    """Blocks and d_model of a run's model from its config alone (no weights are loaded)."""
+    if spec.kind == "tiny":
+        return ModelArchitecture(TINY_CONFIG["num_hidden_layers"], TINY_CONFIG["hidden_size"])
+    if spec.kind == "gguf_demo":
+        cached = _cache_folder(spec, cache_dir) / "config.json"
+        if not cached.exists():
+            return DEMO_ARCHITECTURE
+        source = str(cached.parent)
+    else:
+        source = spec.name
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, token=os.environ.get("HF_TOKEN"))
+    except Exception as error:
+        raise _access_error(source, error) from error
+    config = getattr(config, "text_config", config)  # multimodal configs nest the language model's
+    return ModelArchitecture(config.num_hidden_layers, config.hidden_size)
 
 
 def _access_error(source: str, error: Exception) -> ModelAccessError:

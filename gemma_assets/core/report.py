@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
-from gemma_assets.core.profiles import Profile
+from gemma_assets.core.config import RunConfig
 
 COLUMNS = (
     "name",
@@ -193,13 +192,13 @@ def findings_markdown(lines: list[str]) -> str:
 
 
 def render_markdown(
-    profile: Profile,
+    profile: RunConfig,
     records: list[dict],
     data: dict,
     plots: dict[str, str],
     interpretation: dict,
     found: list[str],
-    config: dict,
+    compute: dict,
 ) -> str:
     """The report: data, reconstruction and downstream loss, cost, clustering quality,
     interpretation, findings (`found`, from `findings`) and the exact configuration."""
@@ -208,12 +207,12 @@ def render_markdown(
     downstream = data["downstream"]
     return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
 
-Profile `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revision()}`.
+Run `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revision()}`.
 
 ## Data
 - {data["train_tokens"]:,} train tokens (partitions {", ".join(profile.train_partition_keys)}) and
   {data["heldout_tokens"]:,} held-out tokens (partitions {", ".join(profile.heldout_partition_keys)}),
-  windows of {profile.sample.context_len} tokens.
+  windows of {profile.sampling.context_len} tokens.
 - Every metric is computed on held-out tokens no model was fitted on. BOS tokens (position 0)
   are excluded from statistics, whitening, clustering and every metric: their norm is
   {data["bos_ratio"]:.1f}x that of other tokens (massive activations).
@@ -280,9 +279,12 @@ accuracy / that of raw activations.
 {_examples_md(interpretation["examples"])}
 
 ## Configuration
-```json
-{json.dumps(config, indent=1, default=str)}
-```
+
+Run `{profile.name}`, config digest `{profile.digest()}` (saved beside the outputs as `run_config.yaml`);
+computed on {", ".join(f"{key} {value}" for key, value in compute.items())}.
+
+```yaml
+{profile.to_yaml()}```
 """
 
 

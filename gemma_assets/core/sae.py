@@ -7,18 +7,19 @@ one scalar `scale = sqrt(d_in) / mean ||x||` (SAELens' "expected average" conven
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gemma_assets.core.codes import Codes, unit_rows
-from gemma_assets.core.profiles import SaeSpec
+from gemma_assets.core.config import SaeSpec
 
 SCALE_FILE = "activation_scale.json"
 DEAD_AFTER_TOKENS = 16384
@@ -149,3 +150,54 @@ def train_topk(
     trained = SAETrainer(cfg=config, sae=sae, data_provider=provider(), save_checkpoint_fn=lambda *_: None).fit()
     seconds = time.perf_counter() - started
     return SaeDictionary(trained.eval(), scale), {"fit_seconds": seconds, "train_tokens": total}
+
+
+def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) -> list[str]:
+    """What is wrong with the pretrained SAEs a run names: unknown to SAELens' directory, or
+    trained on another width or hook than the run's model and layer. Reads only configs (Gemma
+    Scope's come from the id itself; others from the hub or the Hugging Face cache)."""
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    problems = []
+    for spec in specs:
+        where = f"saes.pretrained {spec.name}"
+        if spec.release not in directory:
+            close = difflib.get_close_matches(spec.release, list(directory), n=3)
+            problems.append(
+                f"{where}: release {spec.release!r} is not in SAELens' directory"
+                + (f"; close releases: {', '.join(close)}" if close else "")
+                + " -> name a release from sae_lens' pretrained_saes.yaml"
+            )
+            continue
+        ids = list(directory[spec.release].saes_map)
+        if spec.sae_id not in ids:
+            close = difflib.get_close_matches(spec.sae_id, ids, n=3, cutoff=0.6)
+            problems.append(
+                f"{where}: sae_id {spec.sae_id!r} is not in release {spec.release}"
+                + (f"; close ids: {', '.join(close)}" if close else "")
+                + " -> use an id the release lists"
+            )
+            continue
+        try:
+            config = load_sae_config_from_huggingface(spec.release, spec.sae_id)
+        except Exception as error:
+            problems.append(
+                f"{where}: cannot read its config ({type(error).__name__}: {error}) -> check the network, "
+                "or fill the Hugging Face cache and set HF_HUB_OFFLINE=1"
+            )
+            continue
+        d_in = config.get("d_in")
+        hook = (config.get("metadata") or {}).get("hook_name") or config.get("hook_name")
+        if d_in != d_model:
+            problems.append(
+                f"{where}: the SAE reads d_in={d_in} but the run's model has d_model={d_model} "
+                "-> choose an SAE trained on this model"
+            )
+        if hook and hook != hook_name:
+            problems.append(
+                f"{where}: the SAE reads hook {hook} but the run stores {hook_name} "
+                "-> choose an SAE of this layer, or set model.layer to the SAE's"
+            )
+    return problems

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_assets.core.config import SampleSpec
 from gemma_assets.core.corpus import CorpusError, Document
 from gemma_assets.core.files import atomic_file
-from gemma_assets.core.profiles import SampleSpec
 
 _TOKENIZE_BATCH = 64
 
@@ -83,7 +83,7 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
         raise CorpusError(
             f"the corpus gave {len(windows)} windows of {spec.context_len} tokens from "
             f"{sum(scanned.values()):,} characters of text, but the profile needs {spec.n_windows} "
-            f"({spec.n_partitions} partitions x {spec.windows_per_partition}): raise "
+            f"({spec.partitions} partitions x {spec.windows_per_partition}): raise "
             "document_rate, use a larger corpus, or lower n_partitions/windows_per_partition"
         )
     windows = windows[: spec.n_windows]

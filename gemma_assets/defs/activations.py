@@ -6,10 +6,10 @@ import dagster as dg
 import numpy as np
 
 from gemma_assets.core import model, sampling
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.extraction import extract_windows
-from gemma_assets.defs.common import model_source
-from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
-from gemma_assets.defs.sampling import pile_sample
+from gemma_assets.defs.common import code_version, model_source
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 
@@ -27,45 +27,47 @@ def partition_arrays(window_sample: sampling.TokenSample, acts_bits: np.ndarray)
     }
 
 
-def build_activations_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_activations_asset(
+    run_config: RunConfig, partitions_def: dg.PartitionsDefinition, pile_sample: dg.AssetsDefinition
+) -> dg.AssetsDefinition:
     @dg.asset(
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),  # one model load for many partitions
         pool="gpu",
         op_tags=GPU_TAGS,
         deps=[pile_sample],
-        code_version="1",
+        code_version=code_version("1", run_config, ("model",), [pile_sample]),
         group_name="data",
         kinds={"zarr", "pytorch"},
     )
     def activations(
         context: dg.AssetExecutionContext,
-        profile: ProfileResource,
+        run: RunResource,
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
         """Residual stream after block L (= hidden_states[L+1]) as exact bf16, with token ids,
         positions, document ids and strata; each partition committed atomically."""
-        prof = profile.profile
-        source = model_source(profile, storage)
+        prof = run.config
+        source = model_source(prof, storage)
         sample = sampling.load_sample(storage.path("sample", "windows.npz"))
         tokenizer = model.load_tokenizer(source)
-        lm = model.load_model(source, prof.model.layer, compute.resolved_device, compute.torch_dtype)
+        lm = model.load_model(source, prof.model.layer, compute.resolved_device, compute.torch_dtype(prof.model.dtype))
         store = storage.activation_store()
         attrs = {
             "model": prof.model.name,
             "layer": prof.model.layer,
             "hook_name": prof.model.hook_name,
-            "context_len": prof.sample.context_len,
+            "context_len": prof.sampling.context_len,
             "bos_token_id": tokenizer.bos_token_id,
             "vocab_size": len(tokenizer),
             "stratum_names": list(sample.stratum_names),
-            "compute_dtype": str(compute.torch_dtype),
+            "compute_dtype": str(compute.torch_dtype(prof.model.dtype)),
         }
         started = time.perf_counter()
         keys = context.partition_keys
         for done, key in enumerate(keys):
-            part = sample.partition(prof.partition_keys.index(key), prof.sample.windows_per_partition)
+            part = sample.partition(prof.partition_keys.index(key), prof.sampling.windows_per_partition)
 
             def progress(tokens: int, rate: float, key: str = key) -> None:
                 context.log.debug(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
@@ -74,7 +76,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition) -> dg.Asset
                 lm, part.tokens, prof.model.layer, compute.batch_size, compute.resolved_device, progress
             )
             manifest = store.write_partition(key, partition_arrays(part, bits), attrs)
-            rate = (done + 1) * prof.sample.tokens_per_partition / (time.perf_counter() - started)
+            rate = (done + 1) * prof.sampling.tokens_per_partition / (time.perf_counter() - started)
             context.log.info(
                 f"committed partition {key} ({done + 1}/{len(keys)}): {manifest['n_tokens']} tokens, "
                 f"{rate:,.0f} tokens/s overall"
@@ -82,10 +84,10 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition) -> dg.Asset
         return dg.MaterializeResult(
             metadata={
                 "partitions": len(keys),
-                "tokens": len(keys) * prof.sample.tokens_per_partition,
+                "tokens": len(keys) * prof.sampling.tokens_per_partition,
                 "d_model": lm.config.hidden_size,
                 "layer": prof.model.layer,
-                "tokens_per_s": len(keys) * prof.sample.tokens_per_partition / (time.perf_counter() - started),
+                "tokens_per_s": len(keys) * prof.sampling.tokens_per_partition / (time.perf_counter() - started),
                 "device": compute.resolved_device,
                 "store": dg.MetadataValue.path(store.root),
             }

@@ -10,6 +10,7 @@ import zarr.storage
 
 from gemma_assets.core import metrics, plots
 from gemma_assets.core.cluster_metrics import cluster_quality
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
 from gemma_assets.core.files import atomic_dir, write_json
 from gemma_assets.core.kmeans import KMeansDictionary, assign, fit_kmeans, map_data
@@ -17,20 +18,22 @@ from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md
-from gemma_assets.defs.resources import ProfileResource, StorageResource
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, code_version, image_md
+from gemma_assets.defs.resources import RunResource, StorageResource
 
 
-def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions: dg.PartitionsDefinition) -> list:
+def build_clustering_assets(
+    run_config: RunConfig, activation_stats: dg.AssetsDefinition, k_partitions: dg.PartitionsDefinition
+) -> list:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[activation_stats],
-        code_version="1",
+        code_version=code_version("1", run_config, upstream=[activation_stats]),
         group_name="clustering",
         kinds={"numpy"},
     )
     def whitening(
-        context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Mean and covariance eigendecomposition of the train split (BOS excluded); ZCA with an
         eigenvalue floor, checked on held-out tokens against the identity."""
@@ -38,7 +41,7 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         fitted = Whitening.fit(moments.mean, moments.covariance)
         fitted.save(storage.path("whitening", "whitening.npz"))
         zca = Preprocessor.from_whitening("zca", fitted)
-        heldout, _ = storage.activation_store().load_tokens(profile.profile.heldout_partition_keys)
+        heldout, _ = storage.activation_store().load_tokens(run.config.heldout_partition_keys)
         whitened = zca.forward(heldout)
         deviation = identity_deviation(whitened)
         roundtrip = float(((zca.inverse(whitened) - heldout).norm(dim=1) / heldout.norm(dim=1)).max())
@@ -63,28 +66,30 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
         partitions_def=k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # load the training tokens once for all k
         deps=[whitening],
-        code_version="4",  # 4: k-means|| seeding by default
+        # 4: k-means|| seeding by default. The k values are partitions, not part of the version:
+        # adding a k leaves the other k fresh
+        code_version=code_version("4", run_config, ("clustering",), [whitening], exclude=("clustering.ks",)),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch", "zarr"},
     )
     def cluster_models(
-        context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.MaterializeResult:
         """K-means (k-means++ init, exact Lloyd) fitted on the train split (in memory or streamed),
         its gain-shape and top-m readings, held-out metrics, and the cluster of every stored token."""
-        prof = profile.profile
+        prof = run.config
         store = storage.activation_store()
         preprocessor = Preprocessor.from_whitening(
-            prof.kmeans.preprocessing,
+            prof.clustering.preprocessing,
             Whitening.load(storage.path("whitening", "whitening.npz")),
-            prof.kmeans.n_components,
+            prof.clustering.n_components,
         )
         moments = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
-        streamed = moments.count * moments.d_model * 4 > prof.kmeans.in_memory_mb * 2**20
+        streamed = moments.count * moments.d_model * 4 > prof.clustering.in_memory_mb * 2**20
         if streamed:  # out of core: every Lloyd iteration streams the store once
             train = lambda: (x for x, _ in store.iter_tokens(prof.train_partition_keys, transform=preprocessor.forward))  # noqa: E731
-            context.log.info(f"train split larger than {prof.kmeans.in_memory_mb} MB: streamed from the store")
+            context.log.info(f"train split larger than {prof.clustering.in_memory_mb} MB: streamed from the store")
         else:
             train = store.load_tokens(prof.train_partition_keys, transform=preprocessor.forward)[0]
         heldout_batches = lambda: (x for x, _ in store.iter_tokens(prof.heldout_partition_keys))  # noqa: E731
@@ -101,12 +106,12 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 result = fit_kmeans(
                     train,
                     k,
-                    prof.kmeans.max_iter,
-                    prof.kmeans.tol,
-                    prof.kmeans.seed,
-                    backend=prof.kmeans.backend,
-                    bounds_mb=prof.kmeans.in_memory_mb,
-                    seeding=prof.kmeans.seeding,
+                    prof.clustering.max_iter,
+                    prof.clustering.tol,
+                    prof.clustering.seed,
+                    backend=prof.clustering.backend,
+                    bounds_mb=prof.clustering.in_memory_mb,
+                    seeding=prof.clustering.seeding,
                 )
             # the same clustering read as dictionaries with more shapes (gain-shape's directions
             # come from spherical k-means on the same tokens)
@@ -114,20 +119,20 @@ def build_clustering_assets(activation_stats: dg.AssetsDefinition, k_partitions:
                 map_data(train, preprocessor.inverse),
                 preprocessor.shift,
                 k,
-                max_iter=prof.kmeans.max_iter,
-                tol=prof.kmeans.tol,
-                seed=prof.kmeans.seed,
-                bounds_mb=prof.kmeans.in_memory_mb,
-                seeding=prof.kmeans.seeding,
+                max_iter=prof.clustering.max_iter,
+                tol=prof.clustering.tol,
+                seed=prof.clustering.seed,
+                bounds_mb=prof.clustering.in_memory_mb,
+                seeding=prof.clustering.seeding,
             )
             family = clustering_family(k, result.centroids, gain_shape.atoms, preprocessor)
             kmeans = family[0].dictionary
             fit_facts = {
                 "k-means": {
-                    "preprocessing": prof.kmeans.preprocessing,
-                    "n_components": prof.kmeans.n_components,
-                    "backend": prof.kmeans.backend,
-                    "seeding": prof.kmeans.seeding,
+                    "preprocessing": prof.clustering.preprocessing,
+                    "n_components": prof.clustering.n_components,
+                    "backend": prof.clustering.backend,
+                    "seeding": prof.clustering.seeding,
                     "iterations": result.n_iter,
                     "converged": result.converged,
                     "fit_seconds": result.fit_seconds,

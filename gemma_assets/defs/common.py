@@ -1,37 +1,53 @@
 """Helpers shared by the asset modules: metadata rendering and the model source."""
 
 import base64
+import hashlib
 import itertools
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from gemma_assets.core import corpus, model
-from gemma_assets.defs.resources import ProfileResource, StorageResource
+from gemma_assets.core.config import RunConfig
+from gemma_assets.defs.resources import StorageResource
 
 TOKENIZER_CORPUS_DOCUMENTS = 400
 # downstream stages recompute by themselves (automation daemon) once their inputs change
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
-def corpus_files(profile: ProfileResource, storage: StorageResource) -> str | list[str]:
-    """The profile's corpus shards, building the offline corpus on first use."""
-    spec = profile.profile.corpus
-    if spec.data_files:
-        return spec.data_files
-    files = corpus.build_offline_corpus(storage.path("corpus"), max_documents=spec.max_documents)
-    return [str(path) for path in files]
+def corpus_documents(run: RunConfig, storage: StorageResource) -> Iterator[corpus.Document]:
+    """The run's corpus, building the offline corpus on first use."""
+    return corpus.open_corpus(run.corpus, storage.path("corpus"))
 
 
-def model_source(profile: ProfileResource, storage: StorageResource) -> str:
-    """`from_pretrained` source of the profile's model (the tiny model is built once, here)."""
+def model_source(run: RunConfig, storage: StorageResource) -> str:
+    """`from_pretrained` source of the run's model (the tiny model is built once, here)."""
 
     def texts():  # a generator: the corpus is read only if the tiny model must be built
-        documents = corpus.iter_documents(corpus_files(profile, storage))
+        documents = corpus_documents(run, storage)
         yield from (doc.text for doc in itertools.islice(documents, TOKENIZER_CORPUS_DOCUMENTS))
 
-    return model.model_source(profile.profile.model, storage.models_dir, texts())
+    return model.model_source(run.model, storage.models_dir, texts())
+
+
+def code_version(
+    code: str,
+    run: RunConfig,
+    reads: Sequence[str] = (),
+    upstream: Sequence[dg.AssetsDefinition] = (),
+    exclude: Sequence[str] = (),
+    location: str = "",
+) -> str:
+    """`code` plus a digest of the config keys an asset reads (dotted paths, less `exclude`) and of
+    its upstream assets' versions: changing a key marks exactly the assets that read it, and
+    everything below them, as stale; an identical config leaves every version as it was."""
+    parts = [run.digest(*reads, exclude=exclude) if reads else "", location]
+    parts += [asset.code_versions_by_key[asset.key] or "" for asset in upstream]
+    return f"{code}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]}"
 
 
 def table_md(frame: pl.DataFrame, float_format: str = "{:.4g}") -> dg.MetadataValue:

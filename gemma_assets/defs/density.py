@@ -8,14 +8,15 @@ import polars as pl
 import torch
 
 from gemma_assets.core import leader, metrics, model
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_dir, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.leader import fit_leader
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, markdown_table, model_source
-from gemma_assets.defs.resources import ProfileResource, StorageResource
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, code_version, markdown_table, model_source
+from gemma_assets.defs.resources import RunResource, StorageResource
 
 CONTEXT_TOKENS = 5  # tokens shown on each side of a highlighted token
 
@@ -31,28 +32,33 @@ def token_in_context(
     return f"{before}[[{tokenizer.decode(ids[position : position + 1])}]]{after}".replace("\n", "\\n").replace("|", "/")
 
 
-def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.AssetsDefinition, k_partitions) -> list:
+def build_density_assets(
+    run_config: RunConfig, cluster_models: dg.AssetsDefinition, whitening: dg.AssetsDefinition, k_partitions
+) -> list:
     @dg.asset(
         partitions_def=k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[cluster_models],
-        code_version="2",  # 2: the record moved to density/k-NNNNN.json
+        # 2: the record moved to density/k-NNNNN.json
+        code_version=code_version("2", run_config, ("density",), [cluster_models]),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},
     )
     def cluster_density(
-        context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Diagonal-covariance Gaussian mixture (streamed EM) in whitened principal components,
         initialised from the k-means centroids; held-out log-likelihood per token and the
         lowest-density held-out tokens shown in context."""
-        prof = profile.profile
+        prof = run.config
         store = storage.activation_store()
         whitened = Whitening.load(storage.path("whitening", "whitening.npz"))
         space = Preprocessor.from_whitening("pca", whitened, min(prof.density.components, len(whitened.mean)))
-        kmeans_space = Preprocessor.from_whitening(prof.kmeans.preprocessing, whitened, prof.kmeans.n_components)
-        tokenizer = model.load_tokenizer(model_source(profile, storage))
+        kmeans_space = Preprocessor.from_whitening(
+            prof.clustering.preprocessing, whitened, prof.clustering.n_components
+        )
+        tokenizer = model.load_tokenizer(model_source(prof, storage))
         summary = {}
         for key in context.partition_keys:
             k = int(key)
@@ -74,7 +80,12 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
             for anomaly in anomalies:
                 anomaly["partition"] = f"{int(anomaly['partition']):04d}"  # the reader carries it as a number
                 anomaly["context"] = token_in_context(
-                    store, tokenizer, anomaly["partition"], anomaly["row"], anomaly["position"], prof.sample.context_len
+                    store,
+                    tokenizer,
+                    anomaly["partition"],
+                    anomaly["row"],
+                    anomaly["position"],
+                    prof.sampling.context_len,
                 )
             record = {
                 "k": k,
@@ -120,24 +131,24 @@ def build_density_assets(cluster_models: dg.AssetsDefinition, whitening: dg.Asse
 
     @dg.asset(
         deps=[whitening],
-        code_version="1",
+        code_version=code_version("1", run_config, ("leader",), [whitening]),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},
     )
     def leader_clusters(
-        context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Leader clustering as in Exemplar Partitioning (centred, unit-norm tokens; a new region
         when every exemplar is farther than a percentile-set cosine threshold), evaluated on the
         same held-out tokens as every other dictionary."""
-        prof = profile.profile
+        prof = run.config
         store = storage.activation_store()
         mean = torch.from_numpy(Whitening.load(storage.path("whitening", "whitening.npz")).mean).float()
         started = time.perf_counter()
         with PeakRss() as peak:
             result = fit_leader(
-                (x for x, _ in store.iter_tokens(prof.train_partition_keys)), mean, prof.density.leader_percentile
+                (x for x, _ in store.iter_tokens(prof.train_partition_keys)), mean, prof.leader.percentile
             )
         fit_seconds = time.perf_counter() - started
         heldout = metrics.evaluate((x for x, _ in store.iter_tokens(prof.heldout_partition_keys)), result.dictionary())

@@ -6,21 +6,21 @@ import numpy as np
 import torch
 
 from gemma_assets.core import leader, sae
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.dictionaries import Member, clustering_family
-from gemma_assets.core.profiles import Profile
 from gemma_assets.core.whitening import Preprocessor, Whitening
 from gemma_assets.defs.resources import StorageResource
 
 
-def clustering_members(storage: StorageResource, prof: Profile) -> list[Member]:
+def clustering_members(storage: StorageResource, prof: RunConfig) -> list[Member]:
     """k-means-k and its readings for every k, then leader clustering."""
     preprocessor = Preprocessor.from_whitening(
-        prof.kmeans.preprocessing,
+        prof.clustering.preprocessing,
         Whitening.load(storage.path("whitening", "whitening.npz")),
-        prof.kmeans.n_components,
+        prof.clustering.n_components,
     )
     members = []
-    for k in prof.kmeans.ks:
+    for k in prof.clustering.ks:
         path = storage.path("clusters", f"k-{k:05d}", "model.npz")
         if not path.exists():
             raise FileNotFoundError(f"no k-means model for k={k} at {path}: materialise cluster_models[{k}]")
@@ -38,10 +38,10 @@ def clustering_members(storage: StorageResource, prof: Profile) -> list[Member]:
     return members
 
 
-def sae_members(storage: StorageResource, prof: Profile, device: str) -> list[Member]:
+def sae_members(storage: StorageResource, prof: RunConfig, device: str) -> list[Member]:
     return [
         Member(
             spec.name, spec.family, sae.load_dictionary(storage.path("saes", spec.name), device), spec.active_per_token
         )
-        for spec in prof.saes
+        for spec in prof.sae_specs
     ]

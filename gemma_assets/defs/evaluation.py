@@ -9,13 +9,14 @@ import torch
 
 from gemma_assets.core import feature_pages, interpret, model, plots, splice
 from gemma_assets.core.codes import centred_units
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.core.storage import ActivationStore
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table, model_source
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, code_version, image_md, markdown_table, model_source
 from gemma_assets.defs.dictionaries import clustering_members, sae_members
-from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 CODE_BATCH = 4096  # tokens encoded at once (codes of 65k-latent SAEs stay in memory bounds)
 
@@ -77,32 +78,37 @@ def load_eval_tokens(
 
 
 def build_evaluation_assets(
-    cluster_models: dg.AssetsDefinition, leader_clusters: dg.AssetsDefinition, sae_dictionary: dg.AssetsDefinition
+    run_config: RunConfig,
+    cluster_models: dg.AssetsDefinition,
+    leader_clusters: dg.AssetsDefinition,
+    sae_dictionary: dg.AssetsDefinition,
 ) -> list:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[cluster_models, leader_clusters, sae_dictionary],
-        code_version="1",
+        code_version=code_version(
+            "1", run_config, ("clustering.ks", "evaluation"), [cluster_models, leader_clusters, sae_dictionary]
+        ),
         group_name="evaluation",
         pool="gpu",
         kinds={"pytorch"},
     )
     def downstream_loss(
         context: dg.AssetExecutionContext,
-        profile: ProfileResource,
+        run: RunResource,
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
         """Next-token cross-entropy on held-out windows with block L's output replaced by each
         dictionary's reconstruction: delta CE vs the clean model and loss recovered vs zero- and
         mean-ablation (SAELens' definitions)."""
-        prof = profile.profile
+        prof = run.config
         device = compute.resolved_device
         store = storage.activation_store()
-        source = model_source(profile, storage)
-        lm = model.load_model(source, prof.model.layer, device, compute.torch_dtype)
+        source = model_source(prof, storage)
+        lm = model.load_model(source, prof.model.layer, device, compute.torch_dtype(prof.model.dtype))
         windows = heldout_windows(
-            store, prof.heldout_partition_keys, prof.sample.context_len, prof.evaluation.ce_windows
+            store, prof.heldout_partition_keys, prof.sampling.context_len, prof.evaluation.ce_windows
         )
         train_mean = torch.from_numpy(ActivationMoments.load(storage.path("stats", "train_moments.npz")).mean).float()
         members = clustering_members(storage, prof) + sae_members(storage, prof, device)
@@ -158,24 +164,26 @@ def build_evaluation_assets(
 
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
-        deps=[cluster_models, sae_dictionary],
-        code_version="1",
+        deps=[cluster_models, leader_clusters, sae_dictionary],  # the leader model is interpreted too
+        code_version=code_version(
+            "1", run_config, ("clustering.ks", "evaluation"), [cluster_models, leader_clusters, sae_dictionary]
+        ),
         group_name="evaluation",
         kinds={"pytorch", "html"},
     )
     def interpretation(
         context: dg.AssetExecutionContext,
-        profile: ProfileResource,
+        run: RunResource,
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
         """Clusters and SAE latents read side by side on held-out tokens: per-feature summaries
         and HTML pages, centroid/decoder alignment, activation-set F1 (as Exemplar Partitioning
         reports it) and sparse probes of source stratum and token class."""
-        prof = profile.profile
+        prof = run.config
         spec = prof.evaluation
         store = storage.activation_store()
-        source = model_source(profile, storage)
+        source = model_source(prof, storage)
         tokenizer = model.load_tokenizer(source)
         unembedding = model.load_model(source, prof.model.layer, "cpu", torch.float32).get_output_embeddings().weight
         decoded: dict[int, str] = {}
@@ -186,7 +194,7 @@ def build_evaluation_assets(
             return decoded[token]
 
         tokens = load_eval_tokens(
-            store, prof.heldout_partition_keys, spec.interpret_tokens, prof.sample.context_len, spec.context_width
+            store, prof.heldout_partition_keys, spec.interpret_tokens, prof.sampling.context_len, spec.context_width
         )
         mean = torch.from_numpy(ActivationMoments.load(storage.path("stats", "train_moments.npz")).mean).float()
         centred = centred_units(tokens.x, mean)

@@ -1,20 +1,21 @@
 """comparison_report: every dictionary side by side on the same held-out tokens."""
 
-import dataclasses
 import json
 
 import dagster as dg
 import polars as pl
 
 from gemma_assets.core import plots, report
+from gemma_assets.core.config import RESOLVED_CONFIG_FILE, RunConfig, save_resolved
 from gemma_assets.core.files import write_text
 from gemma_assets.core.stats import ActivationMoments
 from gemma_assets.defs.clustering import load_cluster_metrics
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table
-from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, code_version, image_md, markdown_table
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 
 def build_report_asset(
+    run_config: RunConfig,
     cluster_models: dg.AssetsDefinition,
     leader_clusters: dg.AssetsDefinition,
     sae_evaluation: dg.AssetsDefinition,
@@ -24,20 +25,23 @@ def build_report_asset(
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[cluster_models, leader_clusters, sae_evaluation, downstream_loss, interpretation],
-        code_version="2",
+        # the report prints the whole resolved config
+        code_version=code_version(
+            "2", run_config, ("",), [cluster_models, leader_clusters, sae_evaluation, downstream_loss, interpretation]
+        ),
         group_name="report",
         kinds={"markdown", "html"},
     )
     def comparison_report(
         context: dg.AssetExecutionContext,
-        profile: ProfileResource,
+        run: RunResource,
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
         """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
         clustering quality across k, computational cost, feature interpretation."""
-        prof = profile.profile
-        records = load_cluster_metrics(storage, [str(k) for k in prof.kmeans.ks])
+        prof = run.config
+        records = load_cluster_metrics(storage, [str(k) for k in prof.clustering.ks])
         records.append(json.loads(storage.path("clusters", "leader", "metrics.json").read_text()))
         records += json.loads(storage.path("saes", "evaluation.json").read_text())
         report.check_no_leakage(records, prof.heldout_partition_keys)
@@ -70,10 +74,12 @@ def build_report_asset(
         train = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
         heldout = ActivationMoments.load(storage.path("stats", "heldout_moments.npz"))
         bos_ratio = json.loads(storage.path("stats", "bos.json").read_text())["bos_to_token_norm_ratio"]
-        config = {
-            "profile": dataclasses.asdict(prof),
-            "compute": {"device": compute.resolved_device, "dtype": str(compute.torch_dtype)},
+        compute_facts = {
+            "device": compute.resolved_device,
+            "dtype": str(compute.torch_dtype(prof.model.dtype)),
+            "batch_size": compute.batch_size,
         }
+        save_resolved(prof, storage.path(RESOLVED_CONFIG_FILE))
         data = {
             "train_tokens": train.count,
             "heldout_tokens": heldout.count,
@@ -82,7 +88,7 @@ def build_report_asset(
         }
         findings = report.findings(records, readings)
         markdown = report.render_markdown(
-            prof, records, data, {name: path.name for name, path in figures.items()}, readings, findings, config
+            prof, records, data, {name: path.name for name, path in figures.items()}, readings, findings, compute_facts
         )
         path = folder / "report.md"
         write_text(path, markdown)

@@ -1,13 +1,12 @@
-"""Resources: which profile, where data lives, where compute runs. Frozen: derive, don't mutate."""
+"""Resources: which run, where data lives, where compute runs. Frozen: derive, don't mutate."""
 
-import dataclasses
 import os
 from pathlib import Path
 
 import dagster as dg
 import torch
 
-from gemma_assets.core.profiles import Profile, get_profile
+from gemma_assets.core.config import RunConfig, parse_resolved
 from gemma_assets.core.storage import ActivationStore
 
 DATA_ROOT_ENV_VAR = "GEMMA_ASSETS_DATA_ROOT"
@@ -17,37 +16,34 @@ def default_data_root() -> str:
     return os.environ.get(DATA_ROOT_ENV_VAR) or str(Path.cwd() / "data")
 
 
-class ProfileResource(dg.ConfigurableResource):
-    """The run profile (tiny, demo, gemma-2-2b): model, corpus, sample sizes, k values, SAEs."""
+class RunResource(dg.ConfigurableResource):
+    """The resolved run config (model, corpus, sample, k values, SAEs, ...) as YAML, so the UI
+    shows exactly what a run computes."""
 
-    name: str
-    # >= 0 overrides the profile's KMeansSpec.in_memory_mb for a run: a larger train split is
-    # streamed from the store (e.g. 0 forces the out-of-core path)
-    kmeans_in_memory_mb: int = -1
+    config_yaml: str
+
+    @classmethod
+    def of(cls, run: RunConfig) -> "RunResource":
+        return cls(config_yaml=run.to_yaml())
 
     @property
-    def profile(self) -> Profile:
-        profile = get_profile(self.name)
-        if self.kmeans_in_memory_mb < 0:
-            return profile
-        return dataclasses.replace(
-            profile, kmeans=dataclasses.replace(profile.kmeans, in_memory_mb=self.kmeans_in_memory_mb)
-        )
+    def config(self) -> RunConfig:
+        return parse_resolved(self.config_yaml)
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where outputs live: `data_root/<profile>/...` (models are shared under data_root/models).
+    """Where outputs live: `data_root/<run name>/...` (models are shared under data_root/models).
 
     `activations_url` may be an fsspec URL (s3://bucket/path) for the activation store;
     by default it sits under the local data root.
     """
 
     data_root: str
-    profile: str
+    run_name: str
     activations_url: str = ""
 
     def path(self, *parts: str) -> Path:
-        path = Path(self.data_root, self.profile, *parts)
+        path = Path(self.data_root, self.run_name, *parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -56,14 +52,13 @@ class StorageResource(dg.ConfigurableResource):
         return Path(self.data_root, "models")
 
     def activation_store(self) -> ActivationStore:
-        return ActivationStore(self.activations_url or str(Path(self.data_root, self.profile)))
+        return ActivationStore(self.activations_url or str(Path(self.data_root, self.run_name)))
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Device, dtype and batch size for model and clustering steps."""
+    """Device and batch size for model and clustering steps (the compute dtype is run config)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     batch_size: int = 16  # windows per forward pass
 
     @property
@@ -74,10 +69,8 @@ class ComputeResource(dg.ConfigurableResource):
             raise ValueError(f"device {self.device!r} requested but no CUDA GPU is visible; use device 'cpu' or 'auto'")
         return self.device
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
+    def torch_dtype(self, dtype: str) -> torch.dtype:
+        """The run's `model.dtype` on this device: auto = bfloat16 on a GPU, float32 on the CPU."""
+        if dtype == "auto":
             return torch.bfloat16 if self.resolved_device.startswith("cuda") else torch.float32
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype {self.dtype!r} is not supported; use auto, float32 or bfloat16")
-        return getattr(torch, self.dtype)
+        return getattr(torch, dtype)

@@ -8,35 +8,36 @@ import polars as pl
 import torch
 
 from gemma_assets.core import metrics, sae
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_dir, write_json
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.stats import ActivationMoments
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, table_md
-from gemma_assets.defs.resources import ComputeResource, ProfileResource, StorageResource
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, code_version, table_md
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 
-def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
+def build_sae_assets(run_config: RunConfig, activation_stats: dg.AssetsDefinition) -> list:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[activation_stats],
-        code_version="2",
+        code_version=code_version("2", run_config, ("saes",), [activation_stats]),
         group_name="sae",
         kinds={"pytorch"},
     )
     def sae_dictionary(
         context: dg.AssetExecutionContext,
-        profile: ProfileResource,
+        run: RunResource,
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
         """The profile's SAEs: TopK SAEs trained with SAELens' SAETrainer on the stored train
         split (tiny/demo), or pretrained Gemma Scope SAEs loaded with SAE.from_pretrained."""
-        prof = profile.profile
+        prof = run.config
         store = storage.activation_store()
         moments = ActivationMoments.load(storage.path("stats", "train_moments.npz"))
         scale = sae.activation_scale(moments.norm_sum / moments.count, moments.d_model)
         rows = []
-        for spec in prof.saes:
+        for spec in prof.sae_specs:
             out = storage.path("saes", spec.name)
             if spec.architecture == "pretrained":
                 started = time.perf_counter()
@@ -50,9 +51,9 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
                         d_in=moments.d_model,
                         n_tokens=moments.count,
                         scale=scale,
-                        epochs=prof.sae_train_epochs,
+                        epochs=prof.saes.train_epochs,
                         mean=torch.from_numpy(moments.mean).float(),
-                        batch_size=prof.sae_batch_size,
+                        batch_size=prof.saes.batch_size,
                         device=compute.resolved_device,
                     )
                 facts["fit_peak_rss_mb"] = peak.mb
@@ -78,22 +79,22 @@ def build_sae_assets(activation_stats: dg.AssetsDefinition) -> list:
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[sae_dictionary],
-        code_version="2",
+        code_version=code_version("2", run_config, upstream=[sae_dictionary]),
         group_name="sae",
         kinds={"pytorch"},
     )
     def sae_evaluation(
         context: dg.AssetExecutionContext,
-        profile: ProfileResource,
+        run: RunResource,
         storage: StorageResource,
         compute: ComputeResource,
     ) -> dg.MaterializeResult:
         """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
         throughput) of every SAE on held-out non-BOS tokens."""
-        prof = profile.profile
+        prof = run.config
         store = storage.activation_store()
         records = []
-        for spec in prof.saes:
+        for spec in prof.sae_specs:
             path = storage.path("saes", spec.name)
             dictionary = sae.load_dictionary(path, compute.resolved_device)
             training = json.loads((path / "training.json").read_text())

