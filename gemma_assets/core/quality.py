@@ -18,11 +18,11 @@ def partition_integrity(store: ActivationStore, key: str, expected_tokens: int, 
     """Commit present, checksums match, shapes/dtypes/attributes and positions as written."""
     try:
         problems = store.verify(key)
+        if problems:
+            return problems
         part = store.open(key)
     except (StorageError, OSError, KeyError, ValueError) as error:
         return [f"partition {key}: {error}"]
-    if problems:
-        return problems
     try:
         acts = part.group["activations"]
         if acts.attrs.get("dtype") != "bfloat16" or acts.dtype != np.uint16:
@@ -54,8 +54,16 @@ def partition_integrity(store: ActivationStore, key: str, expected_tokens: int, 
 
 
 def partition_nonfinite(store: ActivationStore, key: str, context_len: int) -> list[str]:
-    """Rows, positions and dimensions of NaN/Inf activations in one partition."""
-    part = store.open(key)
+    """Rows, positions and dimensions of NaN/Inf activations in one partition (or why it cannot
+    be read: its values are never scanned unverified)."""
+    try:
+        part = store.open(key)
+        return _nonfinite(part, key, context_len)
+    except StorageError as error:
+        return [f"cannot be scanned: {error}"]
+
+
+def _nonfinite(part, key: str, context_len: int) -> list[str]:
     problems = []
     for start in range(0, part.n_tokens, _SCAN_ROWS):
         acts = part.activations(start, start + _SCAN_ROWS)

@@ -45,6 +45,54 @@ class StorageError(RuntimeError):
     """Stored data is missing or corrupt; the message names the partition and the fix."""
 
 
+def rematerialise_hint(key: str) -> str:
+    return (
+        f"rematerialise it: dagster asset materialize -m gemma_assets.definitions --select activations "
+        f"--partition {key} (with $GEMMA_ASSETS_CONFIG naming this run's config), or gemma-assets materialize"
+    )
+
+
+# (version folder, file) pairs whose CRC32 this process has checked: each chunk is verified
+# once, before its first use. Version folders are never rewritten, so the pairs stay valid.
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+class VerifiedStore(zarr.storage.WrapperStore):
+    """Read-only view of one committed partition version that refuses to hand zarr a file the
+    manifest lists unless it exists and matches its CRC32. zarr alone reads a missing chunk as
+    the fill value (zeros), silently."""
+
+    def __init__(self, store: zarr.abc.store.Store, key: str = "", version: str = "", checksums: dict | None = None):
+        super().__init__(store)
+        self._key, self._version, self._checksums = key, version, checksums or {}
+
+    def _with_store(self, store: zarr.abc.store.Store) -> VerifiedStore:
+        return VerifiedStore(store, self._key, self._version, self._checksums)
+
+    async def get(self, key: str, prototype, byte_range=None):
+        expected = self._checksums.get(key)
+        if expected is None:
+            return await self._store.get(key, prototype, byte_range)
+        whole = await self._store.get(key, prototype)
+        if whole is None:
+            raise StorageError(
+                f"activation partition {self._key}: file {key} is missing -> {rematerialise_hint(self._key)}"
+            )
+        if (self._version, key) not in _VERIFIED:
+            if zlib.crc32(whole.as_numpy_array()) != expected:
+                raise StorageError(
+                    f"activation partition {self._key}: file {key} fails its CRC32 checksum (corrupt) -> "
+                    f"{rematerialise_hint(self._key)}"
+                )
+            _VERIFIED.add((self._version, key))
+        if byte_range is None:
+            return whole
+        return await self._store.get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+
 def _compressors() -> list:
     import numcodecs.zarr3
 
@@ -148,10 +196,26 @@ class ActivationStore:
         pointer = self._path(f"part-{key}", COMMIT_FILE)
         if not self.fs.exists(pointer):
             raise StorageError(
-                f"activation partition {key} is not committed under {self.root}: materialise "
+                f"activation partition {key} is not committed under {self.root} -> materialise "
                 f"activations partition {key}"
             )
-        return json.loads(self.fs.cat_file(pointer))
+        try:
+            return json.loads(self.fs.cat_file(pointer))
+        except json.JSONDecodeError:
+            raise StorageError(
+                f"activation partition {key}: {COMMIT_FILE} is not valid JSON (corrupt) -> {rematerialise_hint(key)}"
+            ) from None
+
+    def missing_files(self, key: str) -> list[str]:
+        """Files the partition's manifest lists that are not on storage (one listing)."""
+        manifest = self.manifest(key)
+        version_path = self._path(f"part-{key}", manifest["version"])
+        present = (
+            {path[len(version_path) + 1 :] for path in self.fs.find(version_path)}
+            if self.fs.exists(version_path)
+            else set()
+        )
+        return sorted(set(manifest["checksums"]) - present)
 
     def committed_keys(self) -> list[str]:
         if not self.fs.exists(self._path()):
@@ -163,8 +227,19 @@ class ActivationStore:
         )
 
     def open(self, key: str) -> Partition:
+        """A committed partition for reading: every file of its manifest present, and each chunk
+        checked against its CRC32 when first read (StorageError naming the file otherwise)."""
         manifest = self.manifest(key)
-        store = self._zarr_store(self._path(f"part-{key}", manifest["version"]), read_only=True)
+        if missing := self.missing_files(key):
+            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise StorageError(f"activation partition {key}: file {listed} is missing -> {rematerialise_hint(key)}")
+        version_path = self._path(f"part-{key}", manifest["version"])
+        store = VerifiedStore(
+            self._zarr_store(version_path, read_only=True),
+            key,
+            f"{self.root}/{key}/{manifest['version']}",
+            manifest["checksums"],
+        )
         return Partition(key, zarr.open_group(store, mode="r"), manifest)
 
     def verify(self, key: str) -> list[str]:

@@ -80,7 +80,7 @@ def build_stats_assets(
         return dg.AssetCheckResult(
             passed=not problems,
             description=(
-                "non-finite activations: "
+                "non-finite or unreadable activations: "
                 + "; ".join(lines[:10])
                 + " "
                 + REMATERIALISE.format(keys=", ".join(problems))
