@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,9 @@ import dagster as dg
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.utils import make_new_run_id
 from dagster._time import get_current_datetime
+from dagster._utils.interrupts import check_captured_interrupt
 
 from gemma_assets.core.config import (
     CONFIG_ENV_VAR,
@@ -28,12 +32,46 @@ from gemma_assets.core.config import (
     reference_markdown,
     save_resolved,
 )
+from gemma_assets.core.corpus import CorpusError
+from gemma_assets.core.files import writable_folder
 from gemma_assets.core.model import ModelAccessError
+from gemma_assets.core.storage import ActivationStore, StorageError
 from gemma_assets.defs.operations import contiguous_ranges
+from gemma_assets.defs.recovery import (
+    PoolWaitTimeout,
+    describe_stale,
+    mark_failed,
+    process_tags,
+    release_stale_runs,
+    wait_for_pools,
+)
 from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, default_data_root
 
-EXIT_CONFIG = 2  # the run config is invalid (argparse uses 2 for bad arguments too)
+# Exit codes, one per kind of known failure; the cause and its fix are the last line printed.
+EXIT_FAILED = 1  # a step failed for a reason the project does not know
+EXIT_CONFIG = 2  # the run config or the data root is invalid (argparse uses 2 for bad arguments too)
 EXIT_MODEL_ACCESS = 3  # the model (or its config) cannot be reached
+EXIT_STORAGE = 4  # stored data is missing or corrupt
+EXIT_CORPUS = 5  # the corpus cannot be read
+EXIT_CHECK = 6  # a blocking data-quality check failed
+EXIT_POOL_TIMEOUT = 7  # a pool slot stayed held by a live run past --wait-timeout
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+KNOWN_ERRORS = {
+    ConfigError: EXIT_CONFIG,
+    ModelAccessError: EXIT_MODEL_ACCESS,
+    StorageError: EXIT_STORAGE,
+    CorpusError: EXIT_CORPUS,
+    PoolWaitTimeout: EXIT_POOL_TIMEOUT,
+}
+
+
+class StageFailed(Exception):
+    """A stage's run failed; `code` says how (one of the EXIT_ codes), the message why and the fix."""
+
+    def __init__(self, message: str, code: int, details: str = "") -> None:
+        super().__init__(message)
+        self.code, self.details = code, details
+
 
 # What a stage runs, in dependency order: (label, job, assets). Partitioned jobs run one
 # execution per contiguous range of the partitions that need it (one model load each).
@@ -67,10 +105,17 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def stale_plan(defs: dg.Definitions, instance: dg.DagsterInstance, force: bool = False) -> Plan:
+def stale_plan(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    force: bool = False,
+    damaged: dict[dg.AssetKey, set[str]] | None = None,
+) -> Plan:
     """What must run: every asset (partition) Dagster does not find FRESH (missing, a new code
-    version, which carries the config keys it reads, or new upstream data), and everything
-    downstream of those. The UI's stale markers come from the same resolver."""
+    version, which carries the config keys it reads, or new upstream data), the `damaged`
+    partitions, and everything downstream of those. The UI's stale markers come from the same
+    resolver."""
+    damaged = damaged or {}
     graph = defs.resolve_asset_graph()
     view = AssetGraphView(
         temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
@@ -95,6 +140,7 @@ def stale_plan(defs: dg.Definitions, instance: dg.DagsterInstance, force: bool =
             wanted = keys
         else:
             from_parents = {partition for parent in same_partitions for partition in plan[parent] or ()}
+            from_parents |= damaged.get(key, set())
             wanted = [
                 partition
                 for partition in keys
@@ -136,16 +182,128 @@ def _describe(run: StageRun) -> str:
     return ", ".join(f"{name}[{span}]" for name in run.assets)
 
 
+def damaged_partitions(store: ActivationStore, keys: list[str], instance: dg.DagsterInstance) -> dict[str, str]:
+    """Materialised activation partitions whose commit or files are gone from storage (one
+    listing each; a flipped byte shows only when the chunk is read, as a StorageError)."""
+    materialized = instance.get_materialized_partitions(dg.AssetKey("activations"))
+    committed = set(store.committed_keys())
+    damaged = {}
+    for key in keys:
+        if key not in materialized:
+            continue  # missing, not damaged: the plan runs it anyway
+        if key not in committed:
+            damaged[key] = "its commit is gone"
+        elif missing := store.missing_files(key):
+            damaged[key] = f"file {missing[0]} is missing" + (
+                f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            )
+    return damaged
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM stop the command within a second, at any stage, and mark the run in
+    progress failed (which frees its pool slots). Dagster swaps in its own handlers while a run
+    executes and only notes the signal, so a watcher thread acts on that note."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        self.instance = instance
+        self.run_id: str | None = None
+
+    def __enter__(self) -> Interrupts:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda number, _frame: self.stop(signal.Signals(number).name))
+        threading.Thread(target=self._watch, daemon=True, name="gemma-assets-interrupts").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+    def _watch(self) -> None:
+        while True:
+            if check_captured_interrupt():
+                self.stop("SIGINT or SIGTERM")
+            time.sleep(0.2)
+
+    def stop(self, name: str) -> None:
+        run = self.instance.get_run_by_id(self.run_id) if self.run_id else None
+        if run is not None and not run.is_finished:
+            try:
+                mark_failed(self.instance, run, f"interrupted by {name}")
+            except Exception:  # noqa: BLE001 - exiting regardless; the next command releases it
+                pass
+        where = f": run {self.run_id[:8]} marked failed" if run is not None else ""
+        print(f"\ngemma-assets: interrupted by {name}{where}; run the same command again to continue", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)  # without unwinding: Dagster would hold the exit for its cleanup
+
+
+def _errors(error) -> list:
+    """A serialised error and its causes, outermost first."""
+    chain = []
+    while error is not None and len(chain) < 16:
+        chain.append(error)
+        error = error.cause or error.context
+    return chain
+
+
+def failure(result) -> StageFailed:
+    """The cause of a failed run, as users should read it: a failed blocking check's description,
+    or the message of the project error behind a step failure; the stack trace goes to details."""
+    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed and e.blocking]
+    if failed_checks:
+        check = failed_checks[0]
+        where = check.asset_key.to_user_string() + (f"[{check.partition}]" if check.partition else "")
+        return StageFailed(f"blocking check {check.check_name} failed on {where}: {check.description}", EXIT_CHECK)
+    codes = {cls.__name__: code for cls, code in KNOWN_ERRORS.items()}
+    step_errors = [
+        event.step_failure_data.error
+        for event in result.all_events
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error
+    ]
+    if any(cause.cls_name == "DagsterExecutionInterruptedError" for e in step_errors for cause in _errors(e)):
+        # Dagster turns SIGINT/SIGTERM inside a step into this error and fails the run itself
+        return StageFailed(
+            f"interrupted by SIGINT or SIGTERM: run {result.run_id[:8]} marked failed; run the same command "
+            "again to continue",
+            EXIT_INTERRUPTED,
+        )
+    for error in step_errors:
+        for cause in _errors(error):
+            if cause.cls_name in codes:
+                message = cause.message.strip()
+                message = message.split(f"{cause.cls_name}: ", 1)[-1]  # drop the module.Class prefix
+                return StageFailed(message, codes[cause.cls_name], error.to_string())
+    if step_errors:
+        innermost = _errors(step_errors[0])[-1]
+        return StageFailed(
+            f"{innermost.cls_name}: {innermost.message.strip()} (run {result.run_id[:8]}; --debug shows the traceback)",
+            EXIT_FAILED,
+            step_errors[0].to_string(),
+        )
+    messages = [event.message for event in result.all_events if event.is_failure]
+    return StageFailed(f"run {result.run_id[:8]} failed: {(messages or ['no failure event'])[-1]}", EXIT_FAILED)
+
+
 def materialize_all(
     run_config: RunConfig,
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
     log_level: str = "INFO",
     force: bool = False,
+    wait_timeout_s: float | None = None,
+    interrupts: Interrupts | None = None,
+    debug: bool = False,
 ) -> list:
-    """Run what is not up to date (everything with `force`), stage by stage; stops at the first
-    failed run. Returns the execution results (empty when everything was up to date)."""
-    plan = stale_plan(defs, instance, force)
+    """Run what is not up to date (everything with `force`), stage by stage; raises StageFailed
+    at the first failed run. Returns the execution results (empty when all was up to date)."""
+    for stale in release_stale_runs(instance):
+        print(describe_stale(stale), flush=True)
+    damaged = damaged_partitions(defs.resources["storage"].activation_store(), run_config.partition_keys, instance)
+    for key, reason in damaged.items():
+        print(f"activations partition {key} is damaged ({reason}): extracting it again", flush=True)
+    plan = stale_plan(defs, instance, force, {dg.AssetKey("activations"): set(damaged)})
     if not plan:
         print(f"nothing to do: every asset of run {run_config.name} is up to date (config {run_config.digest()})")
         return []
@@ -158,20 +316,25 @@ def materialize_all(
         print(f"[{number}/{len(STAGES)}] {label}: {'; '.join(_describe(r) for r in runs)} ...", flush=True)
         started = time.perf_counter()
         for stage_run in runs:
-            tags = {}
+            tags = process_tags()
             if stage_run.partitions:
                 first, last = stage_run.partitions
-                tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+                tags |= {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+            pools = {defs.resolve_assets_def(name).op.pool for name in stage_run.assets} - {None}
+            wait_for_pools(instance, pools, wait_timeout_s, lambda line: print(line, flush=True))
+            run_id = make_new_run_id()
+            if interrupts is not None:
+                interrupts.run_id = run_id
             result = defs.resolve_job_def(job_name).execute_in_process(
                 instance=instance,
+                run_id=run_id,
                 asset_selection=[dg.AssetKey(name) for name in stage_run.assets],
                 tags=tags,
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                run_config={"loggers": {"console": {"config": {"log_level": log_level, "tracebacks": debug}}}},
                 raise_on_error=False,
             )
             if not result.success:
-                failed = [event.message for event in result.all_events if event.is_failure]
-                raise SystemExit(f"stage '{label}' failed (run {result.run_id}):\n" + "\n".join(failed[-3:]))
+                raise failure(result)
             results.append(result)
         print(f"[{number}/{len(STAGES)}] {label}: done in {time.perf_counter() - started:.0f}s", flush=True)
     return results
@@ -213,7 +376,22 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_arguments(command)
     _add_config_arguments(show, data_root=False)
     run.add_argument("--force", action="store_true", help="recompute everything, even what is up to date")
-    run.add_argument("--log-level", default="INFO", help="Dagster console log level (DEBUG shows per-batch progress)")
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="Dagster console log level (DEBUG shows per-batch progress)",
+    )
+    run.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up when a pool slot (the GPU) stays held by another live run this long (default: wait)",
+    )
+    for command in (run, validate, ui):
+        command.add_argument("--debug", action="store_true", help="print the traceback behind a failure")
     return parser
 
 
@@ -223,9 +401,23 @@ def _fail(message: str, code: int) -> None:
 
 
 def _data_root(args: argparse.Namespace) -> str:
+    """The data root (--data-root, then $GEMMA_ASSETS_DATA_ROOT, then ./data), never empty."""
     if args.data_root is not None:
-        os.environ[DATA_ROOT_ENV_VAR] = str(Path(args.data_root).resolve())
-    return str(Path(default_data_root()).resolve())
+        if not args.data_root.strip():
+            raise ConfigError("--data-root is empty: pass a folder, or leave the option out to use ./data")
+        os.environ[DATA_ROOT_ENV_VAR] = str(Path(args.data_root).expanduser().resolve())
+    elif DATA_ROOT_ENV_VAR in os.environ and not os.environ[DATA_ROOT_ENV_VAR].strip():
+        raise ConfigError(f"${DATA_ROOT_ENV_VAR} is set but empty: set it to a folder, or unset it to use ./data")
+    return str(Path(default_data_root()).expanduser().resolve())
+
+
+def _writable(data_root: str, run_config: RunConfig) -> None:
+    folder = Path(data_root, run_config.name)
+    if problem := writable_folder(folder):
+        raise ConfigError(
+            f"the data root {data_root} cannot hold outputs ({folder}: {problem}) -> pass --data-root with a "
+            f"writable folder, or set ${DATA_ROOT_ENV_VAR}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         data_root = _data_root(args)
         if args.command == "ui":
+            _writable(data_root, run_config)
             # the code location reads the resolved file, so the UI shows exactly this config
             resolved = save_resolved(run_config, Path(data_root, run_config.name, RESOLVED_CONFIG_FILE))
             os.environ[CONFIG_ENV_VAR] = str(resolved)
@@ -249,10 +442,10 @@ def main(argv: list[str] | None = None) -> None:
         from gemma_assets.core.validation import validate_run
 
         architecture = validate_run(run_config, Path(data_root, "models"))
-    except ConfigError as error:
-        _fail(str(error), EXIT_CONFIG)
-    except ModelAccessError as error:
-        _fail(str(error), EXIT_MODEL_ACCESS)
+        if args.command == "materialize":
+            _writable(data_root, run_config)
+    except (ConfigError, ModelAccessError) as error:
+        _fail(str(error), KNOWN_ERRORS[type(error)])
     if args.command == "config":
         print(
             f"run config {run_config.name} is valid (digest {run_config.digest()}): {run_config.model.name}, "
@@ -270,8 +463,17 @@ def main(argv: list[str] | None = None) -> None:
     defs = build_definitions(run_config, data_root)
     save_resolved(run_config, Path(data_root, run_config.name, RESOLVED_CONFIG_FILE))
     started = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        results = materialize_all(run_config, defs, instance, args.log_level, args.force)
+    with dg.DagsterInstance.get() as instance, Interrupts(instance) as interrupts:
+        try:
+            results = materialize_all(
+                run_config, defs, instance, args.log_level, args.force, args.wait_timeout, interrupts, args.debug
+            )
+        except StageFailed as error:
+            if args.debug and error.details:
+                print(error.details, file=sys.stderr)
+            _fail(str(error), error.code)
+        except PoolWaitTimeout as error:
+            _fail(str(error), EXIT_POOL_TIMEOUT)
     storage = defs.resources["storage"]
     if results:
         print(

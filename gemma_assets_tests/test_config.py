@@ -10,6 +10,7 @@ import pytest
 from gemma_assets.cli import main
 from gemma_assets.core.config import (
     SHIPPED_CONFIGS,
+    ConfigError,
     load_run_config,
     parse_resolved,
     reference_markdown,
@@ -166,3 +167,49 @@ def test_tiny_report_numbers_equal_those_before_run_files(tiny_run):
         for key in ("heldout_fvu", "heldout_mse", "heldout_l0", "heldout_cosine"):
             assert record[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), (record["name"], key)
         assert delta_ce[record["name"]] == pytest.approx(expected["delta_ce"], rel=1e-6, abs=1e-9), record["name"]
+
+
+def test_corpus_files_in_every_format_with_named_fields(tmp_path):
+    """Local jsonl, jsonl.zst and parquet corpora go through one reader, with the text and
+    stratum fields the run config names (dotted for nested fields)."""
+    import polars as pl
+    import zstandard
+
+    from gemma_assets.core.corpus import open_corpus
+
+    records = [{"body": f"document {i}", "source": {"name": f"s{i % 2}"}} for i in range(3)]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "a.jsonl").write_text(lines)
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    pl.DataFrame({"body": [r["body"] for r in records], "src": ["x", "y", "x"]}).write_parquet(tmp_path / "a.parquet")
+    for pattern, stratum_field, strata in [
+        ("a.jsonl", "source.name", ["s0", "s1", "s0"]),
+        ("a.jsonl.zst", "source.name", ["s0", "s1", "s0"]),
+        ("*.parquet", "src", ["x", "y", "x"]),
+        ("a.jsonl", "meta.pile_set_name", ["unknown"] * 3),  # a missing stratum field is a stratum of its own
+    ]:
+        run_file = tmp_path / "run.yaml"
+        run_file.write_text(
+            f"base: tiny\ncorpus: {{kind: files, data_files: {pattern}, text_field: body, stratum_field: {stratum_field}}}\n"
+        )
+        docs = list(open_corpus(load_run_config(str(run_file)).corpus, tmp_path / "unused"))
+        assert [d.text for d in docs] == [r["body"] for r in records] and [d.stratum for d in docs] == strata
+    run_file.write_text("base: tiny\ncorpus: {kind: files, data_files: a.jsonl, text_field: content}\n")
+    from gemma_assets.core.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="has no text field 'content' .*set corpus.text_field"):
+        list(open_corpus(load_run_config(str(run_file)).corpus, tmp_path / "unused"))
+
+
+def test_a_local_model_folder_is_validated_from_its_config(tiny_run):
+    """kind `hub` takes any from_pretrained source; its blocks come from the folder's config.json."""
+    from gemma_assets.core.validation import validate_run
+
+    folder = str(tiny_run.storage.models_dir / "tiny-gemma2")
+    run = load_run_config("tiny", ["model.kind=hub", f"model.name={folder}"])
+    architecture = validate_run(run, tiny_run.storage.models_dir)
+    assert (architecture.n_layers, architecture.d_model) == (4, 64)
+    with pytest.raises(ConfigError, match=r"model.layer=7 does not exist: .* has blocks 0\.\.3"):
+        validate_run(
+            run.model_copy(update={"model": run.model.model_copy(update={"layer": 7})}), tiny_run.storage.models_dir
+        )

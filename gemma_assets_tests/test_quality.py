@@ -141,6 +141,12 @@ def test_corruption_blocks_downstream_in_the_same_run(copy, tiny_run):
     assert not result.success
     whitening_done = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("whitening")]
     assert not whitening_done
+    from gemma_assets.cli import EXIT_CHECK, failure
+
+    reported = failure(result)  # what `gemma-assets materialize` prints last
+    assert reported.code == EXIT_CHECK
+    assert str(reported).startswith("blocking check inputs_intact failed on activation_stats: ")
+    assert "partition 0002" in str(reported) and "rematerialise activations partition(s) 0002" in str(reported)
 
 
 def test_duplicate_windows_are_named():
@@ -150,3 +156,44 @@ def test_duplicate_windows_are_named():
     assert duplicate_windows(windows) == [
         "window 1 of partition 0001 repeats window 1 of partition 0000 (document 2, offset 31)"
     ]
+
+
+def _flip(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+READERS_OF_HELDOUT = [  # every asset that reads the held-out partition's activations, with a partition
+    ("whitening", None),
+    ("sae_evaluation", None),
+    ("cluster_models", "64"),
+    ("cluster_density", "64"),
+    ("interpretation", None),
+]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "flipped"])
+def test_damaged_chunk_is_never_computed_on(copy, tiny_run, damage):
+    """Every asset that reads a damaged partition fails naming the partition and the file (zarr
+    alone would read a deleted chunk as zeros), and none of them materialises."""
+    from gemma_assets.cli import EXIT_STORAGE, failure
+
+    defs, store, root = copy
+    chunk = _chunk_file(root, store, "0003")  # the held-out partition: every evaluation reads it
+    name = chunk.relative_to(root / "tiny" / "activations" / "part-0003" / store.manifest("0003")["version"])
+    chunk.unlink() if damage == "deleted" else _flip(chunk)
+    readers = READERS_OF_HELDOUT if damage == "deleted" else READERS_OF_HELDOUT[:2]
+    with dg.instance_for_test() as instance:
+        for asset_name, partition in readers:
+            asset = next(a for a in defs.assets if a.key == dg.AssetKey(asset_name))
+            result = dg.materialize(
+                [asset], partition_key=partition, resources=defs.resources, instance=instance, raise_on_error=False
+            )
+            assert not result.success, asset_name
+            reported = failure(result)
+            assert reported.code == EXIT_STORAGE, (asset_name, str(reported))
+            assert f"activation partition 0003: file {name.as_posix()}" in str(reported), (asset_name, str(reported))
+            assert ("is missing" if damage == "deleted" else "fails its CRC32") in str(reported)
+            assert "--select activations --partition 0003" in str(reported)
+            assert instance.get_latest_materialization_event(asset.key) is None, asset_name

@@ -62,3 +62,15 @@ def write_text(target: Path, text: str) -> None:
 
 def write_json(target: Path, value: Any) -> None:
     write_text(target, json.dumps(value, indent=1, default=str))
+
+
+def writable_folder(path: Path) -> str | None:
+    """Why `path` cannot hold outputs (None: it can): created if missing, then written once."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None

@@ -17,6 +17,7 @@ then zstd level 1) was chosen by measurement: see docs/experimental_setup.md.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 import warnings
@@ -48,7 +49,7 @@ class StorageError(RuntimeError):
 def rematerialise_hint(key: str) -> str:
     return (
         f"rematerialise it: dagster asset materialize -m gemma_assets.definitions --select activations "
-        f"--partition {key} (with $GEMMA_ASSETS_CONFIG naming this run's config), or gemma-assets materialize"
+        f"--partition {key} (with $GEMMA_ASSETS_CONFIG naming this run's config)"
     )
 
 
@@ -79,7 +80,8 @@ class VerifiedStore(zarr.storage.WrapperStore):
                 f"activation partition {self._key}: file {key} is missing -> {rematerialise_hint(self._key)}"
             )
         if (self._version, key) not in _VERIFIED:
-            if zlib.crc32(whole.as_numpy_array()) != expected:
+            # off the event loop (zlib releases the GIL), so zarr's concurrent chunk reads stay concurrent
+            if await asyncio.to_thread(zlib.crc32, whole.as_numpy_array()) != expected:
                 raise StorageError(
                     f"activation partition {self._key}: file {key} fails its CRC32 checksum (corrupt) -> "
                     f"{rematerialise_hint(self._key)}"
@@ -206,9 +208,9 @@ class ActivationStore:
                 f"activation partition {key}: {COMMIT_FILE} is not valid JSON (corrupt) -> {rematerialise_hint(key)}"
             ) from None
 
-    def missing_files(self, key: str) -> list[str]:
+    def missing_files(self, key: str, manifest: dict | None = None) -> list[str]:
         """Files the partition's manifest lists that are not on storage (one listing)."""
-        manifest = self.manifest(key)
+        manifest = manifest or self.manifest(key)
         version_path = self._path(f"part-{key}", manifest["version"])
         present = (
             {path[len(version_path) + 1 :] for path in self.fs.find(version_path)}
@@ -230,7 +232,7 @@ class ActivationStore:
         """A committed partition for reading: every file of its manifest present, and each chunk
         checked against its CRC32 when first read (StorageError naming the file otherwise)."""
         manifest = self.manifest(key)
-        if missing := self.missing_files(key):
+        if missing := self.missing_files(key, manifest):
             listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise StorageError(f"activation partition {key}: file {listed} is missing -> {rematerialise_hint(key)}")
         version_path = self._path(f"part-{key}", manifest["version"])

@@ -18,6 +18,7 @@ from gemma_assets.defs.operations import (
     automation_sensor,
     build_check_alert_sensor,
     build_extraction_schedule,
+    console_logger,
 )
 from gemma_assets.defs.report import build_report_asset
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource, default_data_root
@@ -82,9 +83,10 @@ def build_definitions(profile: RunConfig, data_root: str | None = None) -> dg.De
             tags={**tags, **CRASH_ONLY_RETRY_TAGS},
         ),
     ]
+    run = RunResource.of(profile)
     resources = {
-        "run": RunResource.of(profile),
-        "storage": StorageResource(data_root=data_root, run_name=profile.name),
+        "run": run,
+        "storage": StorageResource(data_root=data_root, run=run),
         "compute": ComputeResource(),
     }
     return dg.Definitions(
@@ -94,4 +96,5 @@ def build_definitions(profile: RunConfig, data_root: str | None = None) -> dg.De
         schedules=[build_extraction_schedule(activations)],
         sensors=[automation_sensor, build_check_alert_sensor()],
         resources=resources,
+        loggers={"console": console_logger},
     )

@@ -4,6 +4,7 @@ retry tags, and alerts for failed asset checks (blocking or not)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -224,3 +225,36 @@ def build_check_alert_sensor(batch_size: int = 100) -> dg.SensorDefinition:
         return dg.SensorResult(skip_reason=f"{len(failures)} failed check(s) alerted", cursor=cursor)
 
     return check_failure_alerts
+
+
+class _CauseOnly(logging.Filter):
+    """Cuts a failure's console line before its stack trace (the run's event log keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Stack Trace:" in message:
+            record.msg, record.args = message.split("\n", 1)[0] + " (traceback in the run's event log)", None
+        return True
+
+
+@dg.logger(
+    {
+        "log_level": dg.Field(str, is_required=False, default_value="INFO", description="The logger's threshold."),
+        "name": dg.Field(str, is_required=False, default_value="dagster", description="The logger's name."),
+        "tracebacks": dg.Field(
+            bool, is_required=False, default_value=True, description="Print stack traces of failures."
+        ),
+    },
+    description="Dagster's colored console logger; `gemma-assets materialize` turns its tracebacks off "
+    "unless --debug, so that a failure ends in one line naming the cause and the fix.",
+)
+def console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
+    from dagster._core.utils import coerce_valid_log_level
+    from dagster._utils.log import create_console_logger
+
+    config = init_context.logger_config
+    created = create_console_logger(name=config["name"], level=coerce_valid_log_level(config["log_level"]))
+    if not config["tracebacks"]:
+        for handler in created.handlers:
+            handler.addFilter(_CauseOnly())
+    return created

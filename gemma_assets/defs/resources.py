@@ -39,11 +39,17 @@ class StorageResource(dg.ConfigurableResource):
     """
 
     data_root: str
-    run_name: str
+    # the run's folder name comes from the run config itself, so storage can never point at
+    # another run's folder
+    run: RunResource
     activations_url: str = ""
 
+    @property
+    def run_root(self) -> Path:
+        return Path(self.data_root, self.run.config.name)
+
     def path(self, *parts: str) -> Path:
-        path = Path(self.data_root, self.run_name, *parts)
+        path = self.run_root.joinpath(*parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -52,7 +58,7 @@ class StorageResource(dg.ConfigurableResource):
         return Path(self.data_root, "models")
 
     def activation_store(self) -> ActivationStore:
-        return ActivationStore(self.activations_url or str(Path(self.data_root, self.run_name)))
+        return ActivationStore(self.activations_url or str(self.run_root))
 
 
 class ComputeResource(dg.ConfigurableResource):
