@@ -190,7 +190,7 @@ def test_corpus_files_in_every_format_with_named_fields(tmp_path):
     ]:
         run_file = tmp_path / "run.yaml"
         run_file.write_text(
-            f"base: tiny\ncorpus: {{kind: files, data_files: {pattern}, text_field: body, stratum_field: {stratum_field}}}\n"
+            f"base: tiny\ncorpus: {{kind: files, data_files: '{pattern}', text_field: body, stratum_field: {stratum_field}}}\n"
         )
         docs = list(open_corpus(load_run_config(str(run_file)).corpus, tmp_path / "unused"))
         assert [d.text for d in docs] == [r["body"] for r in records] and [d.stratum for d in docs] == strata

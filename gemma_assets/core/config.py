@@ -310,7 +310,13 @@ class RunConfig(Section):
     def sae_specs(self) -> tuple[SaeSpec, ...]:
         return self.saes.specs
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, one_line: bool = False) -> str:
+        """The resolved config as YAML: block style for files, flow style on one line for the UI
+        (which shows a multi-line string with its line breaks escaped)."""
+        if one_line:
+            return yaml.safe_dump(
+                self.model_dump(mode="json"), sort_keys=False, default_flow_style=True, width=2**20
+            ).strip()
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def digest(self, *paths: str, exclude: Sequence[str] = ()) -> str:

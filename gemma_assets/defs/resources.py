@@ -24,7 +24,7 @@ class RunResource(dg.ConfigurableResource):
 
     @classmethod
     def of(cls, run: RunConfig) -> "RunResource":
-        return cls(config_yaml=run.to_yaml())
+        return cls(config_yaml=run.to_yaml(one_line=True))
 
     @property
     def config(self) -> RunConfig:
