@@ -340,6 +340,40 @@ def materialize_all(
     return results
 
 
+def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Path | None) -> str:
+    """Write one dictionary of a finished run as an SAELens SAE folder; returns what to tell the user."""
+    from gemma_assets.core import interop
+    from gemma_assets.core.report import git_revision
+    from gemma_assets.defs.dictionaries import find_member
+    from gemma_assets.defs.resources import RunResource, StorageResource
+
+    storage = StorageResource(data_root=data_root, run=RunResource.of(run_config))
+    member = find_member(storage, run_config, name)
+    corpus = run_config.corpus
+    metadata = {
+        "model_name": run_config.model.name,
+        "hook_name": run_config.model.hook_name,
+        "hook_layer": run_config.model.layer,
+        "context_size": run_config.sampling.context_len,
+        "prepend_bos": True,
+        "dataset_path": corpus.dataset or ", ".join(corpus.data_files) or "offline Pile-format corpus",
+        "gemma_assets": {
+            "run": run_config.name,
+            "config_digest": run_config.digest(),
+            "dictionary": member.name,
+            "family": member.family,
+            "preprocessing": run_config.clustering.preprocessing,
+            "train_partitions": run_config.train_partition_keys,
+            "git_revision": git_revision(),
+        },
+    }
+    folder = interop.export(member.dictionary, out or storage.path("exports", member.name), metadata)
+    return (
+        f"exported {member.name} ({member.family}) to {folder}\n"
+        f"load it with: import gemma_assets.core.interop; from sae_lens import SAE; SAE.load_from_disk({str(folder)!r})"
+    )
+
+
 def _add_config_arguments(command: argparse.ArgumentParser, data_root: bool = True) -> None:
     command.add_argument(
         "--config",
@@ -372,7 +406,10 @@ def _parser() -> argparse.ArgumentParser:
         "validate", help="validate a run config against its model and SAEs, computing nothing"
     )
     actions.add_parser("reference", help="print the reference of every key (docs/configuration.md)")
-    for command in (run, ui, validate):
+    export = commands.add_parser("export", help="write a dictionary of a finished run as an SAELens SAE folder")
+    export.add_argument("dictionary", metavar="DICTIONARY_NAME", help="as the report names it, e.g. kmeans-256")
+    export.add_argument("--out", type=Path, help="folder to write (default: DATA_ROOT/RUN/exports/DICTIONARY_NAME)")
+    for command in (run, ui, validate, export):
         _add_config_arguments(command)
     _add_config_arguments(show, data_root=False)
     run.add_argument("--force", action="store_true", help="recompute everything, even what is up to date")
@@ -439,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
             os.environ[CONFIG_ENV_VAR] = str(resolved)
             ensure_dagster_home()
             sys.exit(subprocess.call(["dagster", "dev", "-w", "workspace.yaml"]))
+        if args.command == "export":
+            print(export_dictionary(run_config, data_root, args.dictionary, args.out))
+            return
         from gemma_assets.core.validation import validate_run
 
         architecture = validate_run(run_config, Path(data_root, "models"))
@@ -446,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
             _writable(data_root, run_config)
     except (ConfigError, ModelAccessError) as error:
         _fail(str(error), KNOWN_ERRORS[type(error)])
+    except FileNotFoundError as error:  # a dictionary of a run that has not been materialised
+        _fail(str(error), EXIT_STORAGE)
     if args.command == "config":
         print(
             f"run config {run_config.name} is valid (digest {run_config.digest()}): {run_config.model.name}, "

@@ -205,13 +205,28 @@ class TopKGrid(Section):
 
 
 class PretrainedSae(Section):
-    release: str = Field(description="SAELens release, e.g. gemma-scope-2b-pt-res-canonical")
-    sae_id: str = Field(description="SAE id within the release, e.g. layer_12/width_16k/canonical")
-    name: str = Field("", description="name in the report; default: the id with '/' replaced by '-'")
+    release: str = Field("", description="SAELens release, e.g. gemma-scope-2b-pt-res-canonical")
+    sae_id: str = Field("", description="SAE id within the release, e.g. layer_12/width_16k/canonical")
+    path: str = Field(
+        "",
+        description="instead of release + sae_id: an SAELens SAE folder (cfg.json + sae_weights.safetensors), "
+        "e.g. one `gemma-assets export` wrote; relative paths are relative to the run file",
+    )
+    name: str = Field(
+        "", description="name in the report; default: the id with '/' replaced by '-', or the folder's name"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PretrainedSae:
+        if bool(self.path) == bool(self.release or self.sae_id):
+            raise ValueError("name either release + sae_id (an SAELens release) or path (an SAE folder), not both")
+        if not self.path and not (self.release and self.sae_id):
+            raise ValueError("a pretrained SAE from a release needs both release and sae_id")
+        return self
 
     @property
     def report_name(self) -> str:
-        return self.name or self.sae_id.replace("/", "-")
+        return self.name or (self.sae_id.replace("/", "-") if self.sae_id else Path(self.path).name)
 
 
 @dataclass(frozen=True)
@@ -222,8 +237,9 @@ class SaeSpec:
     architecture: str  # "topk" (trained here) | "pretrained" (loaded through SAELens)
     width: int = 0
     k: int = 0  # active latents per token for topk
-    release: str = ""  # pretrained only
+    release: str = ""  # pretrained only: an SAELens release and id, or an SAE folder
     sae_id: str = ""
+    path: str = ""
 
     @property
     def family(self) -> str:
@@ -251,7 +267,10 @@ class SaesSpec(Section):
             for width in grid.widths
             for k in grid.ks
         ]
-        loaded = [SaeSpec(p.report_name, "pretrained", release=p.release, sae_id=p.sae_id) for p in self.pretrained]
+        loaded = [
+            SaeSpec(p.report_name, "pretrained", release=p.release, sae_id=p.sae_id, path=p.path)
+            for p in self.pretrained
+        ]
         return tuple(trained + loaded)
 
     @model_validator(mode="after")
@@ -386,18 +405,26 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _anchor_data_files(data: dict, folder: Path) -> None:
-    """Relative local corpus paths in a file are relative to that file, wherever the run starts."""
+def _anchored(path: Any, folder: Path) -> Any:
+    if not isinstance(path, str) or not path or "://" in path or Path(path).expanduser().is_absolute():
+        return path
+    return str(folder / path)
+
+
+def _anchor_paths(data: dict, folder: Path) -> None:
+    """Relative local paths in a file (corpus files, SAE folders) are relative to that file,
+    wherever the run starts."""
     corpus = data.get("corpus")
-    if not isinstance(corpus, dict) or "data_files" not in corpus:
-        return
-    files = corpus["data_files"]
-    files = [files] if isinstance(files, str) else files
-    if isinstance(files, list):
-        corpus["data_files"] = [
-            f if not isinstance(f, str) or "://" in f or Path(f).expanduser().is_absolute() else str(folder / f)
-            for f in files
-        ]
+    if isinstance(corpus, dict) and "data_files" in corpus:
+        files = corpus["data_files"]
+        files = [files] if isinstance(files, str) else files
+        if isinstance(files, list):
+            corpus["data_files"] = [_anchored(f, folder) for f in files]
+    saes = data.get("saes")
+    if isinstance(saes, dict) and isinstance(saes.get("pretrained"), list):
+        for entry in saes["pretrained"]:
+            if isinstance(entry, dict) and "path" in entry:
+                entry["path"] = _anchored(entry["path"], folder)
 
 
 def _file_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -405,7 +432,7 @@ def _file_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(f"run config {path} names itself as a base (through {', '.join(map(str, seen))})")
     data = _read_yaml(path)
-    _anchor_data_files(data, path.parent)
+    _anchor_paths(data, path.parent)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -541,6 +568,12 @@ def static_problems(run: RunConfig) -> list[str]:
         suffixes = {_corpus_format(pattern) for pattern in corpus.data_files}
         if len(suffixes) > 1:
             problems.append(f"corpus.data_files mixes formats ({', '.join(sorted(suffixes))}): use one format per run")
+    for spec in run.sae_specs:
+        if spec.path and not Path(spec.path, "cfg.json").is_file():
+            problems.append(
+                f"saes.pretrained {spec.name}: no SAELens SAE at {spec.path} (no cfg.json) -> point path at a folder "
+                "`gemma-assets export` or SAELens' save_model wrote"
+            )
     names = [f"kmeans-{k}" for k in run.clustering.ks] + [spec.name for spec in run.sae_specs]
     if repeated := sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"dictionary names must be distinct: {', '.join(repeated)}")

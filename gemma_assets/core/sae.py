@@ -68,9 +68,14 @@ def load_dictionary(path: Path, device: str = "cpu") -> SaeDictionary:
 
 
 def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
-    """A pretrained SAE (Gemma Scope) through SAELens; needs the hub or a filled HF cache."""
+    """A pretrained SAE through SAELens: a release + id (Gemma Scope; needs the hub or a filled
+    HF cache), or a folder on disk (what `gemma-assets export` writes, or SAELens' save_model)."""
     from sae_lens import SAE
 
+    if spec.path:
+        import gemma_assets.core.interop  # noqa: F401 - registers the exported dictionaries' architecture
+
+        return SaeDictionary(SAE.load_from_disk(spec.path, device=device).eval(), 1.0)
     try:
         sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
     except Exception as error:
@@ -163,6 +168,9 @@ def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) 
     problems = []
     for spec in specs:
         where = f"saes.pretrained {spec.name}"
+        if spec.path:
+            problems += _hook_problems(where, *saved_sae_facts(Path(spec.path)), d_model, hook_name)
+            continue
         if spec.release not in directory:
             close = difflib.get_close_matches(spec.release, list(directory), n=3)
             problems.append(
@@ -188,16 +196,30 @@ def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) 
                 "or fill the Hugging Face cache and set HF_HUB_OFFLINE=1"
             )
             continue
-        d_in = config.get("d_in")
-        hook = (config.get("metadata") or {}).get("hook_name") or config.get("hook_name")
-        if d_in != d_model:
-            problems.append(
-                f"{where}: the SAE reads d_in={d_in} but the run's model has d_model={d_model} "
-                "-> choose an SAE trained on this model"
-            )
-        if hook and hook != hook_name:
-            problems.append(
-                f"{where}: the SAE reads hook {hook} but the run stores {hook_name} "
-                "-> choose an SAE of this layer, or set model.layer to the SAE's"
-            )
+        problems += _hook_problems(where, config.get("d_in"), _hook_of(config), d_model, hook_name)
+    return problems
+
+
+def _hook_of(config: dict) -> str | None:
+    return (config.get("metadata") or {}).get("hook_name") or config.get("hook_name")
+
+
+def saved_sae_facts(folder: Path) -> tuple[int | None, str | None]:
+    """(d_in, hook name) an SAELens SAE folder was trained on, from its cfg.json alone."""
+    config = json.loads((folder / "cfg.json").read_text())
+    return config.get("d_in"), _hook_of(config)
+
+
+def _hook_problems(where: str, d_in: int | None, hook: str | None, d_model: int, hook_name: str) -> list[str]:
+    problems = []
+    if d_in != d_model:
+        problems.append(
+            f"{where}: the SAE reads d_in={d_in} but the run's model has d_model={d_model} "
+            "-> choose an SAE trained on this model"
+        )
+    if hook and hook != hook_name:
+        problems.append(
+            f"{where}: the SAE reads hook {hook} but the run stores {hook_name} "
+            "-> choose an SAE of this layer, or set model.layer to the SAE's"
+        )
     return problems

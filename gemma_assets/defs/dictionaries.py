@@ -1,12 +1,13 @@
 """Every fitted dictionary of a profile, reloaded from disk under its report name."""
 
+import difflib
 import json
 
 import numpy as np
 import torch
 
 from gemma_assets.core import leader, sae
-from gemma_assets.core.config import RunConfig
+from gemma_assets.core.config import ConfigError, RunConfig
 from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.whitening import Preprocessor, Whitening
 from gemma_assets.defs.resources import StorageResource
@@ -45,3 +46,23 @@ def sae_members(storage: StorageResource, prof: RunConfig, device: str) -> list[
         )
         for spec in prof.sae_specs
     ]
+
+
+def find_member(storage: StorageResource, prof: RunConfig, name: str, device: str = "cpu") -> Member:
+    """One dictionary of a finished run by its report name (only its own family is loaded)."""
+    specs = [spec for spec in prof.sae_specs if spec.name == name]
+    members = (
+        [Member(spec.name, spec.family, sae.load_dictionary(storage.path("saes", spec.name), device)) for spec in specs]
+        if specs
+        else clustering_members(storage, prof)
+    )
+    for member in members:
+        if member.name == name:
+            return member
+    names = [member.name for member in members] + [spec.name for spec in prof.sae_specs]
+    close = difflib.get_close_matches(name, names, n=1)
+    raise ConfigError(
+        f"run {prof.name} has no dictionary {name!r}"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + f" Its dictionaries: {', '.join(names)}"
+    )
