@@ -105,7 +105,9 @@ def test_an_exported_folder_is_a_comparison_dictionary_with_the_same_metrics(tin
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("analyse").execute_in_process(
             instance=instance,
-            asset_selection=[dg.AssetKey("sae_dictionary"), dg.AssetKey("sae_evaluation")],
+            asset_selection=[
+                dg.AssetKey(name) for name in ("sae_dictionary", "sae_evaluation", "downstream_loss", "interpretation")
+            ],
         )
     assert result.success
     evaluated = {r["name"]: r for r in json.loads((tmp_path / "tiny" / "saes" / "evaluation.json").read_text())}
@@ -113,6 +115,32 @@ def test_an_exported_folder_is_a_comparison_dictionary_with_the_same_metrics(tin
     for imported, original in [("imported-kmeans-64", "kmeans-64"), ("imported-topk-64-k4", "topk-64-k4")]:
         for metric in ("heldout_fvu", "heldout_mse", "heldout_l0", "heldout_cosine", "heldout_relative_norm"):
             assert evaluated[imported][metric] == pytest.approx(records[original][metric], rel=1e-6), (imported, metric)
+    # the same splice and interpretation as every dictionary
+    spliced = {
+        r["name"]: r
+        for r in json.loads((tmp_path / "tiny" / "evaluation" / "downstream.json").read_text())["dictionaries"]
+    }
+    original_ce = {
+        r["name"]: r
+        for r in json.loads(tiny_run.storage.path("evaluation", "downstream.json").read_text())["dictionaries"]
+    }
+    # spliced CE to float rounding (the centroid rebuilt as mean + gain x unit direction)
+    assert spliced["imported-kmeans-64"]["ce"] == pytest.approx(original_ce["kmeans-64"]["ce"], rel=1e-6)
+    interpretation = json.loads((tmp_path / "tiny" / "evaluation" / "interpretation.json").read_text())
+    assert {row["sae"] for row in interpretation["alignment"]} == {"imported-kmeans-64", "imported-topk-64-k4"}
+    # a later process reloads what sae_dictionary stored (the architecture registers itself)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from gemma_assets.core.sae import load_dictionary; "
+            "print(load_dictionary(Path(sys.argv[1])).n_features)",
+            str(tmp_path / "tiny" / "saes" / "imported-kmeans-64"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def test_mismatched_d_in_or_hook_fails_before_compute_naming_both(tiny_run, exports, tmp_path, capsys):

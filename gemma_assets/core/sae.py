@@ -61,6 +61,8 @@ class SaeDictionary:
 def load_dictionary(path: Path, device: str = "cpu") -> SaeDictionary:
     from sae_lens import SAE
 
+    import gemma_assets.core.interop  # noqa: F401 - an imported SAE may be an exported project dictionary
+
     if not (path / SCALE_FILE).exists():
         raise FileNotFoundError(f"no SAE at {path}: materialise sae_dictionary first")
     sae = SAE.load_from_disk(str(path), device=device)
