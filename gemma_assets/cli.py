@@ -427,8 +427,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up when a pool slot (the GPU) stays held by another live run this long (default: wait)",
     )
-    for command in (run, validate, ui):
-        command.add_argument("--debug", action="store_true", help="print the traceback behind a failure")
+    run.add_argument("--debug", action="store_true", help="print the traceback behind a failure")
     return parser
 
 

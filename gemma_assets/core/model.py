@@ -147,7 +147,7 @@ def _access_error(source: str, error: Exception) -> ModelAccessError:
         f"cannot load {source!r} ({type(error).__name__}: {error}). For google/gemma-2-2b: "
         "accept the license at https://huggingface.co/google/gemma-2-2b, set HF_TOKEN to a "
         "token of that account, and check the network; offline, fill the Hugging Face cache "
-        "first and set HF_HUB_OFFLINE=1. Without a GPU, use GEMMA_ASSETS_PROFILE=demo."
+        "first and set HF_HUB_OFFLINE=1. Without a GPU, use --config demo."
     )
 
 
