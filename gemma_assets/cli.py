@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster._core.utils import make_new_run_id
 from dagster._time import get_current_datetime
@@ -109,13 +111,13 @@ def stale_plan(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
     force: bool = False,
-    damaged: dict[dg.AssetKey, set[str]] | None = None,
+    rerun: dict[dg.AssetKey, set[str | None]] | None = None,
 ) -> Plan:
     """What must run: every asset (partition) Dagster does not find FRESH (missing, a new code
-    version, which carries the config keys it reads, or new upstream data), the `damaged`
-    partitions, and everything downstream of those. The UI's stale markers come from the same
-    resolver."""
-    damaged = damaged or {}
+    version, which carries the config keys it reads, or new upstream data), the partitions in
+    `rerun` (None: the unpartitioned asset) whatever Dagster says, and everything downstream of
+    those. The UI's stale markers come from the same resolver."""
+    rerun = rerun or {}
     graph = defs.resolve_asset_graph()
     view = AssetGraphView(
         temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
@@ -130,17 +132,18 @@ def stale_plan(
             continue
         planned_parents = [parent for parent in node.parent_keys if parent in plan]
         if node.partitions_def is None:
-            if force or planned_parents or resolver.get_status(key) != StaleStatus.FRESH:
+            if force or planned_parents or None in rerun.get(key, ()) or resolver.get_status(key) != StaleStatus.FRESH:
                 plan[key] = None
             continue
         keys = node.partitions_def.get_partition_keys()
         # a parent over other partitions (or none) feeds every partition of this asset
         same_partitions = [p for p in planned_parents if graph.get(p).partitions_def == node.partitions_def]
-        if force or len(same_partitions) < len(planned_parents):
+        # a failed check recorded without a partition (a run over many) names no one partition
+        if force or len(same_partitions) < len(planned_parents) or None in rerun.get(key, ()):
             wanted = keys
         else:
             from_parents = {partition for parent in same_partitions for partition in plan[parent] or ()}
-            from_parents |= damaged.get(key, set())
+            from_parents |= rerun.get(key, set())
             wanted = [
                 partition
                 for partition in keys
@@ -182,7 +185,27 @@ def _describe(run: StageRun) -> str:
     return ", ".join(f"{name}[{span}]" for name in run.assets)
 
 
-def damaged_partitions(store: ActivationStore, keys: list[str], instance: dg.DagsterInstance) -> dict[str, str]:
+def failed_blocking_checks(defs: dg.Definitions, instance: dg.DagsterInstance) -> dict[dg.AssetKey, set[str | None]]:
+    """Asset partitions (None: unpartitioned) whose latest evaluation of a blocking check did not
+    pass. Dagster still counts them as materialised; rerunning must evaluate the check again,
+    never go on to what it guards."""
+    failed: dict[dg.AssetKey, set[str | None]] = {}
+    for checks in defs.asset_checks or ():
+        for spec in checks.check_specs:
+            if not spec.blocking:
+                continue
+            latest: dict[str | None, AssetCheckExecutionRecordStatus] = {}
+            for record in instance.event_log_storage.get_asset_check_execution_history(spec.key, limit=10_000):
+                latest.setdefault(record.partition, record.status)  # newest first
+            bad = {
+                partition for partition, status in latest.items() if status == AssetCheckExecutionRecordStatus.FAILED
+            }
+            if bad:
+                failed.setdefault(spec.asset_key, set()).update(bad)
+    return failed
+
+
+def damaged_partitions(store: ActivationStore, keys: Iterable[str], instance: dg.DagsterInstance) -> dict[str, str]:
     """Materialised activation partitions whose commit or files are gone from storage (one
     listing each; a flipped byte shows only when the chunk is read, as a StorageError)."""
     materialized = instance.get_materialized_partitions(dg.AssetKey("activations"))
@@ -191,9 +214,14 @@ def damaged_partitions(store: ActivationStore, keys: list[str], instance: dg.Dag
     for key in keys:
         if key not in materialized:
             continue  # missing, not damaged: the plan runs it anyway
+        try:
+            missing = store.missing_files(key) if key in committed else []
+        except (StorageError, KeyError) as error:  # an unreadable commit is damage too
+            damaged[key] = str(error).split(" -> ")[0]
+            continue
         if key not in committed:
             damaged[key] = "its commit is gone"
-        elif missing := store.missing_files(key):
+        elif missing:
             damaged[key] = f"file {missing[0]} is missing" + (
                 f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             )
@@ -300,10 +328,16 @@ def materialize_all(
     at the first failed run. Returns the execution results (empty when all was up to date)."""
     for stale in release_stale_runs(instance):
         print(describe_stale(stale), flush=True)
-    damaged = damaged_partitions(defs.resources["storage"].activation_store(), run_config.partition_keys, instance)
-    for key, reason in damaged.items():
-        print(f"activations partition {key} is damaged ({reason}): extracting it again", flush=True)
-    plan = stale_plan(defs, instance, force, {dg.AssetKey("activations"): set(damaged)})
+    rerun = failed_blocking_checks(defs, instance)
+    plan = stale_plan(defs, instance, force, rerun)
+    # partitions Dagster counts as fresh but whose files are gone are extracted again
+    activations = dg.AssetKey("activations")
+    fresh = set(run_config.partition_keys) - set(plan.get(activations) or ())
+    if damaged := damaged_partitions(defs.resources["storage"].activation_store(), sorted(fresh), instance):
+        for key, reason in damaged.items():
+            print(f"activations partition {key} is damaged ({reason}): extracting it again", flush=True)
+        rerun.setdefault(activations, set()).update(damaged)
+        plan = stale_plan(defs, instance, force, rerun)
     if not plan:
         print(f"nothing to do: every asset of run {run_config.name} is up to date (config {run_config.digest()})")
         return []
@@ -333,6 +367,8 @@ def materialize_all(
                 run_config={"loggers": {"console": {"config": {"log_level": log_level, "tracebacks": debug}}}},
                 raise_on_error=False,
             )
+            if interrupts is not None:
+                interrupts.run_id = None  # finished: an interrupt now has no run to mark
             if not result.success:
                 raise failure(result)
             results.append(result)

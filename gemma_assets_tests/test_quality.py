@@ -197,3 +197,25 @@ def test_damaged_chunk_is_never_computed_on(copy, tiny_run, damage):
             assert ("is missing" if damage == "deleted" else "fails its CRC32") in str(reported)
             assert "--select activations --partition 0003" in str(reported)
             assert instance.get_latest_materialization_event(asset.key) is None, asset_name
+
+
+def test_a_failed_blocking_check_is_evaluated_again_on_rerun(tiny_run):
+    """Dagster counts an asset whose blocking check failed as materialised; `gemma-assets
+    materialize` must run it (and what it guards) again rather than go past the check."""
+    from gemma_assets.cli import failed_blocking_checks, stale_plan
+
+    defs = tiny_run.defs
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=ACTIVATIONS, check_name="activations_integrity", passed=False, partition="0002"
+            )
+        )
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(asset_key=STATS, check_name="partition_drift", passed=False)
+        )
+        rerun = failed_blocking_checks(defs, instance)
+    assert rerun == {ACTIVATIONS: {"0002"}}  # the non-blocking drift warning reruns nothing
+    plan = stale_plan(defs, tiny_run.instance, rerun=rerun)
+    assert "0002" in plan[ACTIVATIONS]
+    assert {STATS, dg.AssetKey("whitening"), dg.AssetKey("comparison_report")} <= set(plan)

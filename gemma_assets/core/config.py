@@ -45,7 +45,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # numbers where text is expected (--set name=2024) are read as the text they were written as
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
 
 class ModelSpec(Section):
@@ -406,9 +407,10 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _anchored(path: Any, folder: Path) -> Any:
-    if not isinstance(path, str) or not path or "://" in path or Path(path).expanduser().is_absolute():
+    if not isinstance(path, str) or not path or "://" in path:
         return path
-    return str(folder / path)
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else folder / expanded)
 
 
 def _anchor_paths(data: dict, folder: Path) -> None:
@@ -478,6 +480,7 @@ def load_run_config(name_or_path: str | None = None, overrides: Iterable[str] = 
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(data, parts, value, text)
+    _anchor_paths(data, Path.cwd())  # what --set left relative is relative to where the command runs
     source = f"run config {chosen}" + (f" (with --set {' '.join(overrides)})" if overrides else "")
     try:
         run = RunConfig.model_validate(data)
@@ -562,8 +565,9 @@ def static_problems(run: RunConfig) -> list[str]:
         for pattern in corpus.data_files:
             if "://" not in pattern and not glob.glob(os.path.expanduser(pattern)):
                 problems.append(
-                    f"corpus.data_files: no file matches {pattern!r}: fix the path (relative paths are "
-                    "relative to the run file) or point it at existing jsonl / jsonl.zst / parquet files"
+                    f"corpus.data_files: no file matches {pattern!r}: fix the path (relative paths are relative "
+                    "to the run file, or to the working directory with --set) or point it at existing jsonl / "
+                    "jsonl.zst / parquet files"
                 )
         suffixes = {_corpus_format(pattern) for pattern in corpus.data_files}
         if len(suffixes) > 1:

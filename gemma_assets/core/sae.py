@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gemma_assets.core.codes import Codes, unit_rows
-from gemma_assets.core.config import SaeSpec
+from gemma_assets.core.config import ConfigError, SaeSpec
 
 SCALE_FILE = "activation_scale.json"
 DEAD_AFTER_TOKENS = 16384
@@ -208,7 +208,12 @@ def _hook_of(config: dict) -> str | None:
 
 def saved_sae_facts(folder: Path) -> tuple[int | None, str | None]:
     """(d_in, hook name) an SAELens SAE folder was trained on, from its cfg.json alone."""
-    config = json.loads((folder / "cfg.json").read_text())
+    try:
+        config = json.loads((folder / "cfg.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"cannot read the SAE config {folder / 'cfg.json'} ({error}) -> point path at an SAE folder"
+        ) from None
     return config.get("d_in"), _hook_of(config)
 
 

@@ -87,7 +87,10 @@ def build_evaluation_assets(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[cluster_models, leader_clusters, sae_dictionary],
         code_version=code_version(
-            "1", run_config, ("clustering.ks", "evaluation"), [cluster_models, leader_clusters, sae_dictionary]
+            "1",
+            run_config,
+            ("clustering.ks", "evaluation.ce_windows", "evaluation.ce_batch_windows"),
+            [cluster_models, leader_clusters, sae_dictionary],
         ),
         group_name="evaluation",
         pool="gpu",
@@ -165,8 +168,13 @@ def build_evaluation_assets(
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[cluster_models, leader_clusters, sae_dictionary],  # the leader model is interpreted too
+        # every evaluation key but the spliced cross-entropy's
         code_version=code_version(
-            "1", run_config, ("clustering.ks", "evaluation"), [cluster_models, leader_clusters, sae_dictionary]
+            "1",
+            run_config,
+            ("clustering.ks", "evaluation"),
+            [cluster_models, leader_clusters, sae_dictionary],
+            exclude=("evaluation.ce_windows", "evaluation.ce_batch_windows"),
         ),
         group_name="evaluation",
         kinds={"pytorch", "html"},

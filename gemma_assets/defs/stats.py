@@ -93,8 +93,11 @@ def build_stats_assets(
     @dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[activations],
-        # the split (which partitions are held out) and the quantile sample size
-        code_version=code_version("2", run_config, ("sampling", "quality"), [activations]),
+        # the split (which partitions are held out) and the quantile sample size; the other
+        # quality keys are thresholds of checks, which have no version
+        code_version=code_version(
+            "2", run_config, ("sampling", "quality.quantile_sample_per_partition"), [activations]
+        ),
         group_name="statistics",
         kinds={"numpy", "parquet"},
     )
