@@ -22,11 +22,19 @@ REMATERIALISE = "-> rematerialise activations partition(s) {keys}"
 
 
 def _partition_stats(context, store, storage: StorageResource, key: str, sample_size: int) -> PartitionStats:
-    """Cached per committed version: a new or rewritten partition is the only one recomputed."""
+    """Cached per committed version and sample size: a new or rewritten partition, or a new
+    `quality.quantile_sample_per_partition`, is the only reason to recompute."""
     path = storage.path("stats", f"part-{key}.npz")
-    if path.exists() and str(np.load(path)["version"]) == store.manifest(key)["version"]:
-        context.log.info(f"statistics of partition {key}: reused (unchanged since last pass)")
-        return PartitionStats.load(path)
+    manifest = store.manifest(key)
+    non_bos = manifest["n_tokens"] - manifest["n_tokens"] // manifest["attrs"]["context_len"]
+    if path.exists():
+        with np.load(path) as cached:
+            reusable = str(cached["version"]) == manifest["version"] and len(cached["sample"]) == min(
+                sample_size, non_bos
+            )
+        if reusable:
+            context.log.info(f"statistics of partition {key}: reused (unchanged since last pass)")
+            return PartitionStats.load(path)
     stats = PartitionStats.compute(store, key, sample_size)
     stats.save(path)
     context.log.info(f"statistics of partition {key}: {stats.moments.count} tokens")
