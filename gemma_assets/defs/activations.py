@@ -28,15 +28,21 @@ def partition_arrays(window_sample: sampling.TokenSample, acts_bits: np.ndarray)
 
 
 def build_activations_asset(
-    run_config: RunConfig, partitions_def: dg.PartitionsDefinition, pile_sample: dg.AssetsDefinition
+    run_config: RunConfig,
+    partitions_def: dg.PartitionsDefinition,
+    pile_sample: dg.AssetsDefinition,
+    compute_dtype: str,
 ) -> dg.AssetsDefinition:
+    """`compute_dtype` is what `model.dtype` resolves to here (auto: bfloat16 with a GPU, float32
+    without): part of the version, so a store extracted on the CPU is stale on a GPU machine."""
+
     @dg.asset(
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),  # one model load for many partitions
         pool="gpu",
         op_tags=GPU_TAGS,
         deps=[pile_sample],
-        code_version=code_version("1", run_config, ("model",), [pile_sample]),
+        code_version=code_version("1", run_config, ("model",), [pile_sample], depends_on=compute_dtype),
         group_name="data",
         kinds={"zarr", "pytorch"},
     )

@@ -40,12 +40,14 @@ def code_version(
     reads: Sequence[str] = (),
     upstream: Sequence[dg.AssetsDefinition] = (),
     exclude: Sequence[str] = (),
-    location: str = "",
+    depends_on: str = "",
 ) -> str:
-    """`code` plus a digest of the config keys an asset reads (dotted paths, less `exclude`) and of
-    its upstream assets' versions: changing a key marks exactly the assets that read it, and
-    everything below them, as stale; an identical config leaves every version as it was."""
-    parts = [run.digest(*reads, exclude=exclude) if reads else "", location]
+    """`code` plus a digest of the config keys an asset reads (dotted paths, less `exclude`), of
+    its upstream assets' versions and of what else its output `depends_on` outside the config
+    (the output folder, the resolved compute dtype): changing a key marks exactly the assets
+    that read it, and everything below them, as stale; an identical config leaves every version
+    as it was."""
+    parts = [run.digest(*reads, exclude=exclude) if reads else "", depends_on]
     parts += [asset.code_versions_by_key[asset.key] or "" for asset in upstream]
     return f"{code}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]}"
 

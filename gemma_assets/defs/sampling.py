@@ -17,7 +17,7 @@ def build_sample_asset(run_config: RunConfig, location: str) -> dg.AssetsDefinit
     @dg.asset(
         # the tokenizer depends on the model's source, not on its layer or dtype
         code_version=code_version(
-            "1", run_config, ("model.kind", "model.name", "corpus", "sampling"), location=location
+            "1", run_config, ("model.kind", "model.name", "corpus", "sampling"), depends_on=location
         ),
         group_name="data",
         kinds={"numpy"},
