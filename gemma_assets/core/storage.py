@@ -63,12 +63,14 @@ class VerifiedStore(zarr.storage.WrapperStore):
     manifest lists unless it exists and matches its CRC32. zarr alone reads a missing chunk as
     the fill value (zeros), silently."""
 
-    def __init__(self, store: zarr.abc.store.Store, key: str = "", version: str = "", checksums: dict | None = None):
+    def __init__(
+        self, store: zarr.abc.store.Store, key: str = "", version_path: str = "", checksums: dict | None = None
+    ):
         super().__init__(store)
-        self._key, self._version, self._checksums = key, version, checksums or {}
+        self._key, self._version_path, self._checksums = key, version_path, checksums or {}
 
     def _with_store(self, store: zarr.abc.store.Store) -> VerifiedStore:
-        return VerifiedStore(store, self._key, self._version, self._checksums)
+        return VerifiedStore(store, self._key, self._version_path, self._checksums)
 
     async def get(self, key: str, prototype, byte_range=None):
         expected = self._checksums.get(key)
@@ -79,14 +81,14 @@ class VerifiedStore(zarr.storage.WrapperStore):
             raise StorageError(
                 f"activation partition {self._key}: file {key} is missing -> {rematerialise_hint(self._key)}"
             )
-        if (self._version, key) not in _VERIFIED:
+        if (self._version_path, key) not in _VERIFIED:
             # off the event loop (zlib releases the GIL), so zarr's concurrent chunk reads stay concurrent
             if await asyncio.to_thread(zlib.crc32, whole.as_numpy_array()) != expected:
                 raise StorageError(
                     f"activation partition {self._key}: file {key} fails its CRC32 checksum (corrupt) -> "
                     f"{rematerialise_hint(self._key)}"
                 )
-            _VERIFIED.add((self._version, key))
+            _VERIFIED.add((self._version_path, key))
         if byte_range is None:
             return whole
         return await self._store.get(key, prototype, byte_range)
@@ -236,24 +238,17 @@ class ActivationStore:
             listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise StorageError(f"activation partition {key}: file {listed} is missing -> {rematerialise_hint(key)}")
         version_path = self._path(f"part-{key}", manifest["version"])
-        store = VerifiedStore(
-            self._zarr_store(version_path, read_only=True),
-            key,
-            f"{self.root}/{key}/{manifest['version']}",
-            manifest["checksums"],
-        )
+        store = VerifiedStore(self._zarr_store(version_path, read_only=True), key, version_path, manifest["checksums"])
         return Partition(key, zarr.open_group(store, mode="r"), manifest)
 
     def verify(self, key: str) -> list[str]:
         """Problems found in a committed partition's files (empty list: intact)."""
         manifest = self.manifest(key)
         version_path = self._path(f"part-{key}", manifest["version"])
-        problems = []
+        missing = self.missing_files(key, manifest)
+        problems = [f"partition {key}: chunk file {name} is missing" for name in missing]
         for name, expected in manifest["checksums"].items():
-            path = f"{version_path}/{name}"
-            if not self.fs.exists(path):
-                problems.append(f"partition {key}: chunk file {name} is missing")
-            elif zlib.crc32(self.fs.cat_file(path)) != expected:
+            if name not in missing and zlib.crc32(self.fs.cat_file(f"{version_path}/{name}")) != expected:
                 problems.append(f"partition {key}: chunk file {name} fails its CRC32 checksum")
         return problems
 

@@ -2,12 +2,13 @@
 
 import difflib
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from gemma_assets.core import leader, sae
-from gemma_assets.core.config import ConfigError, RunConfig
+from gemma_assets.core.config import ConfigError, RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.whitening import Preprocessor, Whitening
 from gemma_assets.defs.resources import StorageResource
@@ -39,23 +40,22 @@ def clustering_members(storage: StorageResource, prof: RunConfig) -> list[Member
     return members
 
 
-def sae_members(storage: StorageResource, prof: RunConfig, device: str) -> list[Member]:
+def sae_members(
+    storage: StorageResource, prof: RunConfig, device: str, specs: Sequence[SaeSpec] | None = None
+) -> list[Member]:
+    """The run's SAEs (or only `specs` of them), reloaded from disk."""
     return [
         Member(
             spec.name, spec.family, sae.load_dictionary(storage.path("saes", spec.name), device), spec.active_per_token
         )
-        for spec in prof.sae_specs
+        for spec in (prof.sae_specs if specs is None else specs)
     ]
 
 
 def find_member(storage: StorageResource, prof: RunConfig, name: str, device: str = "cpu") -> Member:
     """One dictionary of a finished run by its report name (only its own family is loaded)."""
     specs = [spec for spec in prof.sae_specs if spec.name == name]
-    members = (
-        [Member(spec.name, spec.family, sae.load_dictionary(storage.path("saes", spec.name), device)) for spec in specs]
-        if specs
-        else clustering_members(storage, prof)
-    )
+    members = sae_members(storage, prof, device, specs) if specs else clustering_members(storage, prof)
     for member in members:
         if member.name == name:
             return member
