@@ -15,7 +15,6 @@ the same array with the order-0 entropy bound of its bytes.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import resource
 import shutil
@@ -29,12 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gemma_assets.core import corpus, model, sampling  # noqa: E402
+from gemma_assets.core import model, sampling  # noqa: E402
 from gemma_assets.core.bf16 import bf16_to_bits  # noqa: E402
 from gemma_assets.core.config import load_run_config  # noqa: E402
-from gemma_assets.core.extraction import extract_windows  # noqa: E402
+from gemma_assets.core.extraction import (
+    extract_windows,  # noqa: E402
+    partition_arrays,  # noqa: E402
+)
+from gemma_assets.core.layout import RunLayout  # noqa: E402
 from gemma_assets.core.storage import CHUNK_BYTES, ActivationStore  # noqa: E402
-from gemma_assets.defs.activations import partition_arrays  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -101,12 +103,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
-    corpus_dir = args.data_root / profile.name / "corpus"
-    texts = [d.text for d in itertools.islice(corpus.open_corpus(profile.corpus, corpus_dir), 400)]
-    source = model.model_source(profile.model, args.data_root / "models", texts)
+    layout = RunLayout(args.data_root / profile.name, args.data_root / "models")
+    source = layout.model_source(profile)
     tokenizer = model.load_tokenizer(source)
     spec = profile.sampling.model_copy(update={"partitions": 1, "windows_per_partition": args.windows})
-    sample, _ = sampling.sample_windows(corpus.open_corpus(profile.corpus, corpus_dir), tokenizer, spec)
+    sample, _ = sampling.sample_windows(layout.corpus(profile), tokenizer, spec)
     lm = model.load_model(source, profile.model.layer, device, dtype)
     layer, tokens = profile.model.layer, sample.tokens
     n_tokens = tokens.size

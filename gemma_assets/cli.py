@@ -75,23 +75,31 @@ class StageFailed(Exception):
         self.code, self.details = code, details
 
 
-# What a stage runs, in dependency order: (label, job, assets). Partitioned jobs run one
-# execution per contiguous range of the partitions that need it (one model load each).
-STAGES = [
-    ("sample token windows", "analyse", ["pile_sample"]),
-    ("extract activations", "extract_activations", ["activations"]),
-    (
-        "statistics, checks, whitening, SAEs",
-        "analyse",
-        ["activation_stats", "whitening", "leader_clusters", "sae_dictionary", "sae_evaluation"],
-    ),
-    ("k-means, variants and density", "fit_cluster_models", ["cluster_models", "cluster_density"]),
-    (
-        "spliced cross-entropy, feature interpretation, comparison report",
-        "analyse",
-        ["downstream_loss", "interpretation", "comparison_report"],
-    ),
-]
+@dataclass(frozen=True)
+class Stage:
+    """Assets of one job that can run together once the stages before them are done."""
+
+    job: str
+    assets: list[str]
+
+
+def stages(defs: dg.Definitions) -> list[Stage]:
+    """The jobs' assets in dependency order, cut where the job changes: each stage gathers every
+    asset of its job whose upstream assets are done or in the stage. Partitioned jobs then run
+    one execution per contiguous range of the partitions that need it (one model load each)."""
+    graph = defs.resolve_asset_graph()
+    job_of = {key: job.name for job in defs.jobs or () for key in job.selection.resolve(graph)}
+    pending, done, result = list(graph.toposorted_asset_keys), set(), []
+    while pending:
+        job, members = job_of[pending[0]], []
+        for key in pending:  # toposorted: an asset comes after everything it depends on
+            if job_of[key] == job and graph.get(key).parent_keys <= done | set(members):
+                members.append(key)
+        pending = [key for key in pending if key not in members]
+        done |= set(members)
+        result.append(Stage(job, [key.to_user_string() for key in members]))
+    return result
+
 
 Plan = dict[dg.AssetKey, list[str] | None]  # asset -> partitions to run (None: unpartitioned)
 
@@ -333,7 +341,7 @@ def materialize_all(
     # partitions Dagster counts as fresh but whose files are gone are extracted again
     activations = dg.AssetKey("activations")
     fresh = set(run_config.partition_keys) - set(plan.get(activations) or ())
-    if damaged := damaged_partitions(defs.resources["storage"].activation_store(), sorted(fresh), instance):
+    if damaged := damaged_partitions(defs.resources["storage"].layout().activation_store(), sorted(fresh), instance):
         for key, reason in damaged.items():
             print(f"activations partition {key} is damaged ({reason}): extracting it again", flush=True)
         rerun.setdefault(activations, set()).update(damaged)
@@ -342,12 +350,14 @@ def materialize_all(
         print(f"nothing to do: every asset of run {run_config.name} is up to date (config {run_config.digest()})")
         return []
     results = []
-    for number, (label, job_name, assets) in enumerate(STAGES, start=1):
-        runs = stage_runs(assets, plan, defs)
+    ordered = stages(defs)
+    for number, stage in enumerate(ordered, start=1):
+        label = f"[{number}/{len(ordered)}] {stage.job}"
+        runs = stage_runs(stage.assets, plan, defs)
         if not runs:
-            print(f"[{number}/{len(STAGES)}] {label}: up to date", flush=True)
+            print(f"{label} ({', '.join(stage.assets)}): up to date", flush=True)
             continue
-        print(f"[{number}/{len(STAGES)}] {label}: {'; '.join(_describe(r) for r in runs)} ...", flush=True)
+        print(f"{label}: {'; '.join(_describe(r) for r in runs)} ...", flush=True)
         started = time.perf_counter()
         for stage_run in runs:
             tags = process_tags()
@@ -359,7 +369,7 @@ def materialize_all(
             run_id = make_new_run_id()
             if interrupts is not None:
                 interrupts.run_id = run_id
-            result = defs.resolve_job_def(job_name).execute_in_process(
+            result = defs.resolve_job_def(stage.job).execute_in_process(
                 instance=instance,
                 run_id=run_id,
                 asset_selection=[dg.AssetKey(name) for name in stage_run.assets],
@@ -372,19 +382,19 @@ def materialize_all(
             if not result.success:
                 raise failure(result)
             results.append(result)
-        print(f"[{number}/{len(STAGES)}] {label}: done in {time.perf_counter() - started:.0f}s", flush=True)
+        print(f"{label}: done in {time.perf_counter() - started:.0f}s", flush=True)
     return results
 
 
 def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Path | None) -> str:
     """Write one dictionary of a finished run as an SAELens SAE folder; returns what to tell the user."""
     from gemma_assets.core import interop
+    from gemma_assets.core.layout import find_member
     from gemma_assets.core.report import git_revision
-    from gemma_assets.defs.dictionaries import find_member
     from gemma_assets.defs.resources import RunResource, StorageResource
 
-    storage = StorageResource(data_root=data_root, run=RunResource.of(run_config))
-    member = find_member(storage, run_config, name)
+    layout = StorageResource(data_root=data_root, run=RunResource.of(run_config)).layout()
+    member = find_member(layout, run_config, name)
     corpus = run_config.corpus
     metadata = {
         "model_name": run_config.model.name,
@@ -397,15 +407,15 @@ def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Pat
             "run": run_config.name,
             "config_digest": run_config.digest(),
             "dictionary": member.name,
-            "family": member.family,
+            "family": member.family.value,
             "preprocessing": run_config.clustering.preprocessing,
             "train_partitions": run_config.train_partition_keys,
             "git_revision": git_revision(),
         },
     }
-    folder = interop.export(member.dictionary, out or storage.path("exports", member.name), metadata)
+    folder = interop.export(member.dictionary, out or layout.export_dir(member.name), metadata)
     return (
-        f"exported {member.name} ({member.family}) to {folder}\n"
+        f"exported {member.name} ({member.family.label(member.dictionary.n_features)}) to {folder}\n"
         f"load it with: import gemma_assets.core.interop; from sae_lens import SAE; SAE.load_from_disk({str(folder)!r})"
     )
 
@@ -551,12 +561,12 @@ def main(argv: list[str] | None = None) -> None:
             _fail(str(error), error.code)
         except PoolWaitTimeout as error:
             _fail(str(error), EXIT_POOL_TIMEOUT)
-    storage = defs.resources["storage"]
+    layout = defs.resources["storage"].layout()
     if results:
         print(
             f"\nall stages done in {time.perf_counter() - started:.0f}s (run {run_config.name}; runs recorded in {home})"
         )
-    print(f"report: {storage.path('report', 'report.md')}")
+    print(f"report: {layout.report_file('report.md')}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ from gemma_assets.core.config import RunConfig, load_run_config
 from gemma_assets.defs.graph import build_definitions
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest resets warning filters around every test: give it the package's own list."""
+    from gemma_assets import ACCEPTED_WARNINGS
+
+    for message, _ in ACCEPTED_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
+
+
 @dataclass
 class TinyRun:
     profile: RunConfig
@@ -24,6 +32,16 @@ class TinyRun:
     @property
     def storage(self):
         return self.defs.resources["storage"]
+
+    @property
+    def layout(self):
+        return self.storage.layout()
+
+    def records(self) -> dict[str, dict]:
+        """Every dictionary's record as the report's flat row, by name."""
+        from gemma_assets.core.layout import all_records
+
+        return {record.name: record.row() for record in all_records(self.layout, self.profile)}
 
 
 @pytest.fixture(scope="session")

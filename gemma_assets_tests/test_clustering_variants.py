@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import dagster as dg
@@ -143,8 +142,8 @@ def test_cluster_models_asset_streams_when_over_budget(tiny_run, tmp_path):
             instance=instance, partition_key="64", asset_selection=[dg.AssetKey("cluster_models")]
         )
     assert result.success
-    in_memory = json.loads(tiny_run.storage.path("clusters", "k-00064", "metrics.json").read_text())
-    streamed = json.loads((data_root / "tiny" / "clusters" / "k-00064" / "metrics.json").read_text())
+    in_memory = tiny_run.layout.kmeans_records(64)[0].row()
+    streamed = defs.resources["storage"].layout().kmeans_records(64)[0].row()
     assert not in_memory["train_streamed"] and streamed["train_streamed"]
     assert streamed["iterations"] == in_memory["iterations"]
     for name in ("heldout_fvu", "train_inertia", "heldout_simplified_silhouette"):

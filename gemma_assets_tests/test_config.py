@@ -147,17 +147,8 @@ def test_configuration_reference_is_generated_from_the_schema():
 def test_tiny_report_numbers_equal_those_before_run_files(tiny_run):
     """The tiny profile, now read from its YAML file, gives the held-out numbers the Python
     profile gave (recorded from a run of the last commit before run files)."""
-    storage = tiny_run.storage
-    records = []
-    for k in tiny_run.profile.clustering.ks:
-        folder = storage.path("clusters", f"k-{k:05d}")
-        records += [
-            json.loads((folder / "metrics.json").read_text()),
-            *json.loads((folder / "variants.json").read_text()),
-        ]
-    records.append(json.loads(storage.path("clusters", "leader", "metrics.json").read_text()))
-    records += json.loads(storage.path("saes", "evaluation.json").read_text())
-    downstream = json.loads(storage.path("evaluation", "downstream.json").read_text())
+    records = list(tiny_run.records().values())
+    downstream = tiny_run.layout.downstream()
     delta_ce = {r["name"]: r["delta_ce"] for r in downstream["dictionaries"]}
     reference = json.loads(REFERENCE_NUMBERS.read_text())
     assert downstream["clean_ce"] == pytest.approx(reference.pop("_clean_ce"), rel=1e-9)
@@ -205,11 +196,11 @@ def test_a_local_model_folder_is_validated_from_its_config(tiny_run):
     """kind `hub` takes any from_pretrained source; its blocks come from the folder's config.json."""
     from gemma_assets.core.validation import validate_run
 
-    folder = str(tiny_run.storage.models_dir / "tiny-gemma2")
+    folder = str(tiny_run.layout.models_dir / "tiny-gemma2")
     run = load_run_config("tiny", ["model.kind=hub", f"model.name={folder}"])
-    architecture = validate_run(run, tiny_run.storage.models_dir)
+    architecture = validate_run(run, tiny_run.layout.models_dir)
     assert (architecture.n_layers, architecture.d_model) == (4, 64)
     with pytest.raises(ConfigError, match=r"model.layer=7 does not exist: .* has blocks 0\.\.3"):
         validate_run(
-            run.model_copy(update={"model": run.model.model_copy(update={"layer": 7})}), tiny_run.storage.models_dir
+            run.model_copy(update={"model": run.model.model_copy(update={"layer": 7})}), tiny_run.layout.models_dir
         )

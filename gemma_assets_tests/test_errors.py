@@ -29,7 +29,7 @@ def test_bad_profile_name_lists_valid_profiles(monkeypatch, capsys):
 
 
 def test_bad_layer_index_names_valid_range(tiny_run):
-    source = str(tiny_run.storage.models_dir / "tiny-gemma2")
+    source = str(tiny_run.layout.models_dir / "tiny-gemma2")
     with pytest.raises(ConfigError, match=r"layer 9 does not exist: .* has blocks 0\.\.3"):
         model.load_model(source, 9, "cpu", torch.float32)
 
@@ -41,7 +41,7 @@ def _write_shard(path, records) -> str:
 
 
 def test_empty_corpus(tmp_path, tiny_run):
-    tokenizer = model.load_tokenizer(str(tiny_run.storage.models_dir / "tiny-gemma2"))
+    tokenizer = model.load_tokenizer(str(tiny_run.layout.models_dir / "tiny-gemma2"))
     spec = load_run_config("tiny").sampling
     empty = _write_shard(tmp_path / "00.jsonl.zst", [])
     with pytest.raises(CorpusError, match="the corpus has no documents"):

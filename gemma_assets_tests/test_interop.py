@@ -38,23 +38,10 @@ print(json.dumps(out))
 """
 
 
-def _records(tiny_run) -> dict[str, dict]:
-    storage = tiny_run.storage
-    records = [json.loads(storage.path("clusters", "leader", "metrics.json").read_text())]
-    for k in tiny_run.profile.clustering.ks:
-        folder = storage.path("clusters", f"k-{k:05d}")
-        records += [
-            json.loads((folder / "metrics.json").read_text()),
-            *json.loads((folder / "variants.json").read_text()),
-        ]
-    records += json.loads(storage.path("saes", "evaluation.json").read_text())
-    return {record["name"]: record for record in records}
-
-
 @pytest.fixture(scope="module")
 def exports(tiny_run, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("exports")
-    leader = json.loads(tiny_run.storage.path("clusters", "leader", "metrics.json").read_text())["name"]
+    leader = tiny_run.layout.leader_record().name
     folders = {}
     for name in [*EXPORTED, leader]:
         folders[name] = out / name
@@ -73,7 +60,7 @@ def test_exports_load_in_a_fresh_process_with_the_projects_fvu(tiny_run, exports
         check=True,
     )
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    records = _records(tiny_run)
+    records = tiny_run.records()
     for name, folder in exports.items():
         got = measured[str(folder)]
         assert got["fvu"] == pytest.approx(records[name]["heldout_fvu"], rel=1e-6), name
@@ -110,23 +97,18 @@ def test_an_exported_folder_is_a_comparison_dictionary_with_the_same_metrics(tin
             ],
         )
     assert result.success
-    evaluated = {r["name"]: r for r in json.loads((tmp_path / "tiny" / "saes" / "evaluation.json").read_text())}
-    records = _records(tiny_run)
+    imported_run = defs.resources["storage"].layout()
+    evaluated = {r.name: r.row() for r in imported_run.sae_records()}
+    records = tiny_run.records()
     for imported, original in [("imported-kmeans-64", "kmeans-64"), ("imported-topk-64-k4", "topk-64-k4")]:
         for metric in ("heldout_fvu", "heldout_mse", "heldout_l0", "heldout_cosine", "heldout_relative_norm"):
             assert evaluated[imported][metric] == pytest.approx(records[original][metric], rel=1e-6), (imported, metric)
     # the same splice and interpretation as every dictionary
-    spliced = {
-        r["name"]: r
-        for r in json.loads((tmp_path / "tiny" / "evaluation" / "downstream.json").read_text())["dictionaries"]
-    }
-    original_ce = {
-        r["name"]: r
-        for r in json.loads(tiny_run.storage.path("evaluation", "downstream.json").read_text())["dictionaries"]
-    }
+    spliced = {r["name"]: r for r in imported_run.downstream()["dictionaries"]}
+    original_ce = {r["name"]: r for r in tiny_run.layout.downstream()["dictionaries"]}
     # spliced CE to float rounding (the centroid rebuilt as mean + gain x unit direction)
     assert spliced["imported-kmeans-64"]["ce"] == pytest.approx(original_ce["kmeans-64"]["ce"], rel=1e-6)
-    interpretation = json.loads((tmp_path / "tiny" / "evaluation" / "interpretation.json").read_text())
+    interpretation = imported_run.interpretation()
     assert {row["sae"] for row in interpretation["alignment"]} == {"imported-kmeans-64", "imported-topk-64-k4"}
     # a later process reloads what sae_dictionary stored (the architecture registers itself)
     subprocess.run(

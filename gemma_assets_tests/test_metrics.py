@@ -69,7 +69,11 @@ def test_empty_heldout_split_is_an_error():
 
 
 def test_leakage_guard_names_model_and_partitions():
-    records = [{"name": "kmeans-64", "train_partitions": ["0000", "0003"]}]
+    from gemma_assets.core.records import DictionaryRecord, Family
+
+    def fitted_on(name: str, partitions: list[str]) -> DictionaryRecord:
+        return DictionaryRecord(name, Family.KMEANS, 64, 1, {"fvu": 0.5}, facts={"train_partitions": partitions})
+
     with pytest.raises(LeakageError, match=r"kmeans-64 was fitted on held-out partitions \['0003'\]"):
-        check_no_leakage(records, ["0003"])
-    check_no_leakage([{"name": "ok", "train_partitions": ["0000"]}], ["0003"])
+        check_no_leakage([fitted_on("kmeans-64", ["0000", "0003"])], ["0003"])
+    check_no_leakage([fitted_on("ok", ["0000"])], ["0003"])

@@ -28,13 +28,12 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from gemma_assets.core.config import load_run_config
 from gemma_assets.defs.graph import build_definitions
-from gemma_assets.defs.operations import (
+from gemma_assets.defs.operations import build_check_alert_sensor, build_extraction_schedule, contiguous_ranges
+from gemma_assets.defs.resources import (
     ALERT_WEBHOOK_ENV_VAR,
     PARTITIONS_PER_NIGHT_ENV_VAR,
     PARTITIONS_PER_RUN_ENV_VAR,
-    build_check_alert_sensor,
-    build_extraction_schedule,
-    contiguous_ranges,
+    OperationsResource,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +76,12 @@ def test_contiguous_ranges():
 def test_schedule_requests_only_missing_partitions(tiny_defs):
     activations = tiny_defs.resolve_assets_def("activations")
     keys = load_run_config("tiny").partition_keys  # 0000..0003
-    schedule = build_extraction_schedule(activations, max_partitions=3)
+    schedule = build_extraction_schedule(activations)
+    operations = {"operations": OperationsResource(partitions_per_night=3)}
     with dg.instance_for_test() as instance:
 
         def tick() -> ScheduleExecutionData:  # evaluate_tick validates like the daemon does
-            return schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+            return scheduled(schedule, instance, operations)
 
         assert "pile_sample" in tick().skip_message  # extraction needs the token windows first
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="pile_sample"))
@@ -154,12 +154,13 @@ def test_schedule_in_definitions(tiny_defs, monkeypatch):
     assert dg.Definitions.validate_loadable(tiny_defs) is None
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="pile_sample"))
-        data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        defaults = {"operations": tiny_defs.resources["operations"]}
+        data = scheduled(schedule, instance, defaults)
         assert ranges(data) == [("0000", "0003")]  # default N (8) covers the tiny profile
         monkeypatch.setenv(PARTITIONS_PER_NIGHT_ENV_VAR, "3")
         monkeypatch.setenv(PARTITIONS_PER_RUN_ENV_VAR, "2")  # e.g. two GPUs: two runs in parallel
-        capped = build_extraction_schedule(tiny_defs.resolve_assets_def("activations"))
-        data = capped.evaluate_tick(dg.build_schedule_context(instance=instance))
+        capped = {"operations": build_definitions(load_run_config("tiny"), "/nonexistent").resources["operations"]}
+        data = scheduled(schedule, instance, capped)
         assert ranges(data) == [("0000", "0001"), ("0002", "0002")]
 
 
@@ -243,6 +244,21 @@ def store_failed_checks(instance: dg.DagsterInstance, capfd: pytest.CaptureFixtu
     capfd.readouterr()
 
 
+def scheduled(schedule: dg.ScheduleDefinition, instance: dg.DagsterInstance, resources: dict):
+    """A tick as the daemon evaluates it, the context closed after (it holds the resources)."""
+    with dg.build_schedule_context(instance=instance, resources=resources) as context:
+        return schedule.evaluate_tick(context)
+
+
+def sensed(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, resources: dict, cursor: str | None = None):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return sensor(context)
+
+
+def from_env() -> dict[str, OperationsResource]:
+    return {"operations": OperationsResource.from_environment()}
+
+
 def sensor_log(capfd: pytest.CaptureFixture) -> str:
     """What the sensor's logger wrote (to stderr, as in the daemon's tick log)."""
     return capfd.readouterr().err
@@ -251,16 +267,19 @@ def sensor_log(capfd: pytest.CaptureFixture) -> str:
 def test_alert_sensor_posts_failed_checks_once(webhook, monkeypatch, capfd):
     sensor = build_check_alert_sensor()
     monkeypatch.setenv(ALERT_WEBHOOK_ENV_VAR, webhook.url)
+    # the webhook, a secret, is resource config read through dg.EnvVar: only the name is kept
+    operations = {"operations": OperationsResource.from_environment()}
+    assert SECRET not in json.dumps(operations["operations"]._get_non_default_public_field_values())
     with dg.instance_for_test() as instance:
         store_failed_checks(instance, capfd)
         webhook.status = 500  # delivery fails: the cursor stays, the alert is retried next tick
-        failed = sensor(dg.build_sensor_context(instance=instance))
+        failed = sensed(sensor, instance, operations)
         logs = sensor_log(capfd)
         assert failed.cursor is None and len(webhook.received) == 1
         assert "delivery failed: HTTP 500" in logs and "2 asset check(s) failed" in logs
 
         webhook.status = 200
-        result = sensor(dg.build_sensor_context(instance=instance))
+        result = sensed(sensor, instance, operations)
         logs += sensor_log(capfd)
         assert len(webhook.received) == 2 and webhook.received[1]["path"] == f"/services/{SECRET}"
         body = webhook.received[1]["json"]
@@ -269,11 +288,11 @@ def test_alert_sensor_posts_failed_checks_once(webhook, monkeypatch, capfd):
         assert "plain / plain_ok" in body["text"] and "blocking" in body["text"]
         assert "toy / toy_partition_ok (partition b)" in logs  # always in the sensor's log too
 
-        again = sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor))
+        again = sensed(sensor, instance, operations, result.cursor)
         assert len(webhook.received) == 2 and again.cursor == result.cursor  # not re-sent
 
         assert dg.materialize([toy, toy_partition_ok], partition_key="c", instance=instance).success
-        passing = sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor))
+        passing = sensed(sensor, instance, operations, result.cursor)
         assert len(webhook.received) == 2 and int(passing.cursor) > int(result.cursor)
 
         outputs = [logs, sensor_log(capfd), result.cursor, passing.cursor, str(failed.skip_reason)]
@@ -284,7 +303,7 @@ def test_alert_sensor_without_webhook_only_logs(webhook, monkeypatch, capfd):
     monkeypatch.delenv(ALERT_WEBHOOK_ENV_VAR, raising=False)
     with dg.instance_for_test() as instance:
         store_failed_checks(instance, capfd)
-        result = build_check_alert_sensor()(dg.build_sensor_context(instance=instance))
+        result = sensed(build_check_alert_sensor(), instance, from_env())
     assert webhook.received == [] and result.cursor is not None
     assert "plain / plain_ok" in sensor_log(capfd) and "no webhook" in result.skip_reason.skip_message
 
@@ -293,7 +312,7 @@ def test_bad_webhook_url_is_not_logged(monkeypatch, capfd):
     monkeypatch.setenv(ALERT_WEBHOOK_ENV_VAR, f"hooks.example.invalid/{SECRET}")  # no scheme
     with dg.instance_for_test() as instance:
         store_failed_checks(instance, capfd)
-        result = build_check_alert_sensor()(dg.build_sensor_context(instance=instance))
+        result = sensed(build_check_alert_sensor(), instance, from_env())
     logs = sensor_log(capfd)
     assert result.cursor is None and "not an http(s) URL" in logs and SECRET not in logs
 
@@ -356,9 +375,9 @@ def test_postgres_instance_records_partitioned_runs(postgres_url, tmp_path, monk
         # the operations work on this storage too: the schedule asks for c only, the sensor
         # finds the failed check of partition b
         schedule = build_extraction_schedule(toy, job_name="toy_job")
-        data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        data = scheduled(schedule, instance, from_env())
         assert ranges(data) == [("c", "c")]
-        alert = build_check_alert_sensor()(dg.build_sensor_context(instance=instance))
+        alert = sensed(build_check_alert_sensor(), instance, from_env())
         assert alert.cursor is not None and "1 failed check" in alert.skip_reason.skip_message
 
 

@@ -9,27 +9,16 @@ import dagster as dg
 import numpy as np
 import torch
 
-from gemma_assets.core import model, sampling
+from gemma_assets.core import model
 from gemma_assets.core.bf16 import bf16_to_bits
-
-ASSETS = [
-    "pile_sample",
-    "activations",
-    "activation_stats",
-    "whitening",
-    "cluster_models",
-    "sae_dictionary",
-    "sae_evaluation",
-    "downstream_loss",
-    "interpretation",
-    "comparison_report",
-]
 
 
 def test_every_asset_materialised_and_recorded(tiny_run):
     instance = tiny_run.instance
-    for name in ASSETS:
-        assert instance.get_latest_materialization_event(dg.AssetKey(name)) is not None, name
+    assets = [spec.key for spec in tiny_run.defs.resolve_all_asset_specs()]
+    assert len(assets) >= 12
+    for key in assets:
+        assert instance.get_latest_materialization_event(key) is not None, key
     assert instance.get_materialized_partitions(dg.AssetKey("activations")) == set(tiny_run.profile.partition_keys)
     assert instance.get_materialized_partitions(dg.AssetKey("cluster_models")) == {"64", "128", "256"}
     assert all(result.success for result in tiny_run.results)
@@ -37,32 +26,55 @@ def test_every_asset_materialised_and_recorded(tiny_run):
 
 def test_data_checks_pass_on_clean_data(tiny_run):
     evaluations = [e for result in tiny_run.results for e in result.get_asset_check_evaluations()]
-    names = {e.check_name for e in evaluations}
-    assert {"activations_integrity", "activations_finite"} <= names
+    declared = {spec.key.name for checks in tiny_run.defs.asset_checks for spec in checks.check_specs}
+    assert {e.check_name for e in evaluations} == declared
     assert all(e.passed for e in evaluations), [e.description for e in evaluations if not e.passed]
 
 
+def test_every_activation_partition_has_its_own_check_evaluations(tiny_run):
+    """One run extracts every partition; each partition still records a passed evaluation of
+    both activation checks, targeting its own latest materialisation (what the UI shows)."""
+    from dagster._core.event_api import PartitionKeyFilter
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    storage, keys = tiny_run.instance.event_log_storage, tiny_run.profile.partition_keys
+    activations = dg.AssetKey("activations")
+    for name in ("activations_integrity", "activations_finite"):
+        check = dg.AssetCheckKey(activations, name)
+        for key in keys:
+            [record] = storage.get_asset_check_execution_history(
+                check, limit=1, partition_filter=PartitionKeyFilter(key=key)
+            )
+            assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED, (name, key, record.status)
+            assert record.evaluation.passed and record.evaluation.partition == key
+            assert record.evaluation.target_materialization_data is not None
+        info = {row.partition_key: row for row in storage.get_asset_check_partition_info([check])}
+        assert set(info) == set(keys)
+        assert all(row.is_current and row.latest_execution_status.value == "SUCCEEDED" for row in info.values())
+        unpartitioned = storage.get_asset_check_execution_history(check, limit=100)
+        assert all(record.partition in keys for record in unpartitioned)  # no evaluation outside a partition
+
+
 def test_report_lists_every_dictionary_with_heldout_metrics(tiny_run):
-    report = tiny_run.storage.path("report", "report.md").read_text()
+    report = tiny_run.layout.report_file("report.md").read_text()
     for name in ["kmeans-64", "kmeans-128", "kmeans-256", *[s.name for s in tiny_run.profile.sae_specs]]:
         assert f"| {name} |" in report
-    assert (tiny_run.storage.path("report", "l0_fvu_frontier.png")).stat().st_size > 1000
-    evaluation = json.loads(tiny_run.storage.path("saes", "evaluation.json").read_text())
-    for record in evaluation:
+    assert (tiny_run.layout.report_file("l0_fvu_frontier.png")).stat().st_size > 1000
+    for record in (r.row() for r in tiny_run.layout.sae_records()):
         assert 0 < record["heldout_fvu"] < 1.5 and math.isfinite(record["heldout_mse"])
         assert record["heldout_l0"] <= record["k"]
 
 
 def test_stored_activations_equal_hidden_states_bit_for_bit(tiny_run):
-    assert_store_equals_hidden_states(tiny_run.profile, tiny_run.storage, tiny_run.defs.resources["compute"].batch_size)
+    assert_store_equals_hidden_states(tiny_run.profile, tiny_run.layout, tiny_run.defs.resources["compute"].batch_size)
 
 
-def assert_store_equals_hidden_states(profile, storage, batch_size: int) -> None:
+def assert_store_equals_hidden_states(profile, layout, batch_size: int) -> None:
     """Every stored partition is hidden_states[layer + 1] of a full forward, as bf16 bits."""
-    source = str(storage.models_dir / "tiny-gemma2")
+    source = str(layout.models_dir / "tiny-gemma2")
     lm = model.load_model(source, profile.model.layer, "cpu", torch.float32)
-    sample = sampling.load_sample(storage.path("sample", "windows.npz"))
-    store = storage.activation_store()
+    sample = layout.sample()
+    store = layout.activation_store()
     for index, key in enumerate(profile.partition_keys):
         tokens = sample.partition(index, profile.sampling.windows_per_partition).tokens
         stored = store.open(key).array("activations")
@@ -80,11 +92,10 @@ def assert_store_equals_hidden_states(profile, storage, batch_size: int) -> None
 
 def test_heldout_partitions_never_used_for_fitting(tiny_run):
     heldout = set(tiny_run.profile.heldout_partition_keys)
-    for k in tiny_run.profile.clustering.ks:
-        record = json.loads(tiny_run.storage.path("clusters", f"k-{k:05d}", "metrics.json").read_text())
-        assert not heldout & set(record["train_partitions"])
+    for record in tiny_run.records().values():
+        assert record["train_partitions"] and not heldout & set(record["train_partitions"]), record["name"]
     for spec in tiny_run.profile.sae_specs:
-        record = json.loads(tiny_run.storage.path("saes", spec.name, "training.json").read_text())
+        record = json.loads((tiny_run.layout.sae_dir(spec.name) / "training.json").read_text())
         assert not heldout & set(record["train_partitions"])
 
 
@@ -99,9 +110,9 @@ def test_definitions_load_for_every_profile(monkeypatch):
 def test_every_stored_token_has_its_cluster(tiny_run):
     import zarr
 
-    store = tiny_run.storage.activation_store()
+    store = tiny_run.layout.activation_store()
     for k in tiny_run.profile.clustering.ks:
-        group = zarr.open_group(str(tiny_run.storage.path("clusters", f"k-{k:05d}", "assignments")), mode="r")
+        group = zarr.open_group(str(tiny_run.layout.kmeans_dir(k) / "assignments"), mode="r")
         for key in tiny_run.profile.partition_keys:
             labels = group[f"part-{key}"][:]
             positions = store.open(key).array("positions")
@@ -142,12 +153,12 @@ def test_run_file_sweep_materialises_and_reruns_only_what_changed(tmp_path, monk
     argv = ["materialize", "--config", str(run_file), "--data-root", str(data_root), "--log-level", "WARNING"]
     main(argv)
     run = load_run_config(str(run_file))
-    storage = build_definitions(run, str(data_root)).resources["storage"]
+    layout = build_definitions(run, str(data_root)).resources["storage"].layout()
     report = (data_root / "layer1" / "report" / "report.md").read_text()
     assert "block 1" in report.splitlines()[0]
     assert "| kmeans-16 |" in report and "| kmeans-32 |" in report and "kmeans-64" not in report
     assert "  layer: 1\n" in (data_root / "layer1" / "run_config.yaml").read_text()
-    assert_store_equals_hidden_states(run, storage, 16)  # hidden_states[2] for block 1
+    assert_store_equals_hidden_states(run, layout, 16)  # hidden_states[2] for block 1
 
     with dg.DagsterInstance.get() as instance:
         known = {record.dagster_run.run_id for record in instance.get_run_records()}
@@ -170,3 +181,14 @@ def test_run_file_sweep_materialises_and_reruns_only_what_changed(tmp_path, monk
         assert _materialized_partitions(instance, runs, "cluster_models") == {"24"}
         assert _materialized_partitions(instance, runs, "cluster_density") == {"24"}
     assert "| kmeans-24 |" in (data_root / "layer1" / "report" / "report.md").read_text()
+
+
+def test_tiny_report_is_the_one_before_the_artefact_layout(tiny_run):
+    """Restructuring changed no number: the report equals the one the last commit before the
+    artefact layout wrote (less the git revision and the columns that time this machine)."""
+    from pathlib import Path
+
+    from report_text import comparable
+
+    before = (Path(__file__).parent / "data" / "tiny_report_before_layout.md").read_text()
+    assert comparable(tiny_run.layout.report_file("report.md").read_text()) == before

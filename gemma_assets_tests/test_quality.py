@@ -21,7 +21,7 @@ def copy(tiny_run, tmp_path):
     shutil.copytree(tiny_run.data_root / "tiny", tmp_path / "tiny")
     (tmp_path / "models").symlink_to(tiny_run.data_root / "models")
     defs = build_definitions(tiny_run.profile, data_root=str(tmp_path))
-    return defs, defs.resources["storage"].activation_store(), tmp_path
+    return defs, defs.resources["storage"].layout().activation_store(), tmp_path
 
 
 def _run_checks(defs, instance, asset_key: dg.AssetKey, partition: str | None = None, with_asset: bool = False):
@@ -153,8 +153,8 @@ def test_duplicate_windows_are_named():
     from gemma_assets.core.quality import duplicate_windows
 
     windows = {"0000": np.array([[1, 0], [2, 31]]), "0001": np.array([[3, 0], [2, 31]])}
-    assert duplicate_windows(windows) == [
-        "window 1 of partition 0001 repeats window 1 of partition 0000 (document 2, offset 31)"
+    assert [str(finding) for finding in duplicate_windows(windows)] == [
+        "partition 0001: window 1 repeats window 1 of partition 0000 (document 2, offset 31)"
     ]
 
 

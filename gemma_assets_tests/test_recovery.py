@@ -74,7 +74,7 @@ def test_sigkilled_run_is_released_and_the_rerun_finishes_bit_exact(tmp_path, ti
     # the partitions equal those of the clean run, bit for bit
     from gemma_assets.core.storage import ActivationStore
 
-    clean, recovered = tiny_run.storage.activation_store(), ActivationStore(str(tmp_path / "data" / "tiny"))
+    clean, recovered = tiny_run.layout.activation_store(), ActivationStore(str(tmp_path / "data" / "tiny"))
     for key in tiny_run.profile.partition_keys:
         for name in ("activations", "token_ids", "positions"):
             assert (clean.open(key).array(name) == recovered.open(key).array(name)).all(), (key, name)

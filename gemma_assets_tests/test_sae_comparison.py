@@ -3,7 +3,6 @@ spliced cross-entropy, interpretation measures on known answers, and the tiny ru
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -14,7 +13,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from gemma_assets.core import interpret, model, sae, splice
 from gemma_assets.core.codes import Codes, centred_units
 from gemma_assets.core.metrics import evaluate
-from gemma_assets.defs.evaluation import heldout_windows
+from gemma_assets.core.stages.downstream import heldout_windows
 
 
 def _direct_fvu_and_l0(x: torch.Tensor, sae_module, scale: float) -> tuple[float, float]:
@@ -28,11 +27,11 @@ def _direct_fvu_and_l0(x: torch.Tensor, sae_module, scale: float) -> tuple[float
 
 
 def test_trained_sae_metrics_equal_saelens_encode_decode(tiny_run):
-    store, prof = tiny_run.storage.activation_store(), tiny_run.profile
+    store, prof = tiny_run.layout.activation_store(), tiny_run.profile
     x, _ = store.load_tokens(prof.heldout_partition_keys)
-    evaluation = {r["name"]: r for r in json.loads(tiny_run.storage.path("saes", "evaluation.json").read_text())}
+    evaluation = {r.name: r.row() for r in tiny_run.layout.sae_records()}
     for spec in prof.sae_specs:
-        dictionary = sae.load_dictionary(tiny_run.storage.path("saes", spec.name))
+        dictionary = sae.load_dictionary(tiny_run.layout.sae_dir(spec.name))
         fvu, l0 = _direct_fvu_and_l0(x, dictionary.sae, dictionary.scale)
         assert evaluation[spec.name]["heldout_fvu"] == pytest.approx(fvu, rel=1e-6)
         assert evaluation[spec.name]["heldout_l0"] == pytest.approx(l0, rel=1e-9)
@@ -58,8 +57,8 @@ def test_variable_l0_sae_metrics_equal_saelens_encode_decode():
 
 def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
     prof = tiny_run.profile
-    lm = model.load_model(str(tiny_run.storage.models_dir / "tiny-gemma2"), prof.model.layer, "cpu", torch.float32)
-    windows = heldout_windows(tiny_run.storage.activation_store(), prof.heldout_partition_keys, 32, 12)
+    lm = model.load_model(str(tiny_run.layout.models_dir / "tiny-gemma2"), prof.model.layer, "cpu", torch.float32)
+    windows = heldout_windows(tiny_run.layout.activation_store(), prof.heldout_partition_keys, 32, 12)
     noise = torch.Generator().manual_seed(0)
     ce = splice.cross_entropies(
         lm,
@@ -86,24 +85,24 @@ def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
 
 
 def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):
-    storage, prof = tiny_run.storage, tiny_run.profile
-    downstream = json.loads(storage.path("evaluation", "downstream.json").read_text())
+    layout, prof = tiny_run.layout, tiny_run.profile
+    downstream = layout.downstream()
     names = {r["name"] for r in downstream["dictionaries"]}
     assert {f"kmeans-{k}" for k in prof.clustering.ks} | {s.name for s in prof.sae_specs} <= names
     assert all(math.isfinite(r["delta_ce"]) for r in downstream["dictionaries"])
-    interpretation = json.loads(storage.path("evaluation", "interpretation.json").read_text())
+    interpretation = layout.interpretation()
     assert len(interpretation["alignment"]) == len(prof.clustering.ks) * len(prof.sae_specs)
     assert [p["features"] for p in interpretation["probes"][:2]] == ["majority class (baseline)", "raw activations"]
-    site = storage.path("report", "features")
+    site = layout.features_site
     page = (site / "kmeans-64" / "feature-00000.html").read_text()
     assert "Top examples" in page or "Dead on these tokens" in page
     assert any("<mark>" in p.read_text() for p in (site / "topk-64-k1").glob("feature-*.html"))
-    report = storage.path("report", "report.md").read_text()
+    report = layout.report_file("report.md").read_text()
     for section in ("Experiment 1", "Experiment 2", "Experiment 3", "## Findings", "git revision"):
         assert section in report
-    assert "<table>" in storage.path("report", "report.html").read_text()
+    assert "<table>" in layout.report_file("report.html").read_text()
     for plot in ("l0_fvu_frontier", "l0_delta_ce", "quality_across_k", "alignment_histogram"):
-        assert storage.path("report", f"{plot}.png").stat().st_size > 1000
+        assert layout.report_file(f"{plot}.png").stat().st_size > 1000
 
 
 def test_activation_f1_and_alignment_on_known_answers():
@@ -176,10 +175,10 @@ def test_pretrained_sae_ids_exist_in_saelens_directory():
 
 
 def test_nothing_to_evaluate_on_is_a_clear_error(tiny_run):
-    from gemma_assets.defs.evaluation import load_eval_tokens
+    from gemma_assets.core.stages.interpretation import load_eval_tokens
 
-    store, keys = tiny_run.storage.activation_store(), tiny_run.profile.heldout_partition_keys
-    with pytest.raises(ValueError, match="raise EvaluationSpec.ce_windows"):
+    store, keys = tiny_run.layout.activation_store(), tiny_run.profile.heldout_partition_keys
+    with pytest.raises(ValueError, match="raise evaluation.ce_windows"):
         heldout_windows(store, keys, 32, 0)
-    with pytest.raises(ValueError, match="raise EvaluationSpec.interpret_tokens"):
+    with pytest.raises(ValueError, match="raise evaluation.interpret_tokens"):
         load_eval_tokens(store, keys, 0, 32, 5)

@@ -16,9 +16,9 @@ from gemma_assets.core.sampling import sample_windows
 
 
 def test_sample_is_deterministic_bos_first_and_covers_strata(tiny_run):
-    storage, spec = tiny_run.storage, tiny_run.profile.sampling
-    tokenizer = model.load_tokenizer(str(storage.models_dir / "tiny-gemma2"))
-    files = sorted(str(p) for p in storage.path("corpus", "train").glob("*.jsonl.zst"))
+    layout, spec = tiny_run.layout, tiny_run.profile.sampling
+    tokenizer = model.load_tokenizer(str(layout.models_dir / "tiny-gemma2"))
+    files = sorted(str(p) for p in (layout.corpus_dir / "train").glob("*.jsonl.zst"))
     first, census = sample_windows(iter_documents(files), tokenizer, spec)
     second, _ = sample_windows(iter_documents(files), tokenizer, spec)
     assert np.array_equal(first.tokens, second.tokens) and np.array_equal(first.doc_ids, second.doc_ids)

@@ -32,6 +32,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gemma_assets.core.records import Family
+
 CONFIG_ENV_VAR = "GEMMA_ASSETS_CONFIG"
 PROFILE_ENV_VAR = "GEMMA_ASSETS_PROFILE"  # older name of the same choice; a profile is a shipped run file
 DEFAULT_CONFIG = "demo"
@@ -243,8 +245,8 @@ class SaeSpec:
     path: str = ""
 
     @property
-    def family(self) -> str:
-        return f"SAE ({self.architecture})"
+    def family(self) -> Family:
+        return Family.of_sae(self.architecture)
 
     @property
     def active_per_token(self) -> int | None:

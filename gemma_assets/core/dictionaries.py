@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma_assets.core.batches import Batches, map_data
 from gemma_assets.core.codes import Codes, Dictionary, unit_rows
-from gemma_assets.core.kmeans import Batches, KMeansDictionary, KMeansResult, fit_kmeans, map_data
+from gemma_assets.core.kmeans import KMeansDictionary, KMeansResult, fit_kmeans
+from gemma_assets.core.records import Family
 from gemma_assets.core.whitening import Preprocessor
 
 TOP_M = (4, 16)  # atoms per token for the greedy residual code over k-means directions
@@ -88,7 +90,7 @@ class Member:
     """One dictionary of the comparison, with the names the report groups it by."""
 
     name: str
-    family: str
+    family: Family
     dictionary: Dictionary
     m: int | None = 1  # features per token by construction (None: varies per token)
 
@@ -101,12 +103,12 @@ def clustering_family(
     kmeans = KMeansDictionary(centroids, preprocessor)
     mean = preprocessor.shift
     return [
-        Member(f"kmeans-{k}", "k-means", kmeans),
-        Member(f"gain-shape-{k}", "gain-shape", GainShapeDictionary(gain_shape_atoms, mean)),
+        Member(f"kmeans-{k}", Family.KMEANS, kmeans),
+        Member(f"gain-shape-{k}", Family.GAIN_SHAPE, GainShapeDictionary(gain_shape_atoms, mean)),
         *[
             Member(
                 f"top{m}-kmeans-{k}",
-                f"top-m over k-means-{k}",
+                Family.TOP_M,
                 MatchingPursuitDictionary(kmeans.directions(), mean, m),
                 m,
             )

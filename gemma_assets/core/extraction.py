@@ -9,10 +9,15 @@ the output after the final norm, not the residual stream).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from gemma_assets.core.config import RunConfig
+from gemma_assets.core.sampling import TokenSample
+from gemma_assets.core.storage import ActivationStore
 
 
 class NonFiniteActivationsError(RuntimeError):
@@ -87,3 +92,72 @@ def extract_windows(
             "or dtype are broken (try dtype float32, or reload the model)"
         )
     return out.numpy().view(np.uint16)
+
+
+def partition_arrays(window_sample: TokenSample, acts_bits: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token arrays stored beside the activations, row-aligned with them."""
+    n_windows, context_len = window_sample.tokens.shape
+    return {
+        "activations": acts_bits,
+        "token_ids": window_sample.tokens.reshape(-1),
+        "positions": np.tile(np.arange(context_len, dtype=np.int32), n_windows),
+        "doc_ids": np.repeat(window_sample.doc_ids, context_len),
+        "doc_offsets": (window_sample.starts[:, None] + np.arange(-1, context_len - 1)).reshape(-1),
+        "strata": np.repeat(window_sample.strata, context_len),
+    }
+
+
+def store_attributes(run: RunConfig, tokenizer, sample: TokenSample, dtype: torch.dtype) -> dict:
+    """What every partition records about how it was made (readers check these)."""
+    return {
+        "model": run.model.name,
+        "layer": run.model.layer,
+        "hook_name": run.model.hook_name,
+        "context_len": run.sampling.context_len,
+        "bos_token_id": tokenizer.bos_token_id,
+        "vocab_size": len(tokenizer),
+        "stratum_names": list(sample.stratum_names),
+        "compute_dtype": str(dtype),
+    }
+
+
+@dataclass(frozen=True)
+class ExtractionRecord:
+    partitions: int
+    tokens: int
+    d_model: int
+    tokens_per_s: float
+
+
+def extract_partitions(
+    lm: torch.nn.Module,
+    sample: TokenSample,
+    keys: Sequence[str],
+    run: RunConfig,
+    store: ActivationStore,
+    attrs: dict,
+    batch_size: int,
+    device: str,
+    log: Callable[[str], None],
+    detail: Callable[[str], None] = lambda _: None,
+) -> ExtractionRecord:
+    """Residual stream after block L of every window of `keys`, each partition committed
+    atomically to `store` as exact bf16 with its per-token arrays; `log` gets a line per
+    partition, `detail` about ten per partition."""
+    started = time.perf_counter()
+    per_partition = run.sampling.tokens_per_partition
+    for done, key in enumerate(keys):
+        part = sample.partition(run.partition_keys.index(key), run.sampling.windows_per_partition)
+
+        def progress(tokens: int, rate: float, key: str = key) -> None:
+            detail(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
+
+        bits = extract_windows(lm, part.tokens, run.model.layer, batch_size, device, progress)
+        manifest = store.write_partition(key, partition_arrays(part, bits), attrs)
+        rate = (done + 1) * per_partition / (time.perf_counter() - started)
+        log(
+            f"committed partition {key} ({done + 1}/{len(keys)}): {manifest['n_tokens']} tokens, "
+            f"{rate:,.0f} tokens/s overall"
+        )
+    tokens = len(keys) * per_partition
+    return ExtractionRecord(len(keys), tokens, lm.config.hidden_size, tokens / (time.perf_counter() - started))

@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def staging_path(target: Path) -> Path:
@@ -62,6 +64,18 @@ def write_text(target: Path, text: str) -> None:
 
 def write_json(target: Path, value: Any) -> None:
     write_text(target, json.dumps(value, indent=1, default=str))
+
+
+def save_arrays(target: Path, arrays: Mapping[str, Any]) -> None:
+    """Named arrays (or scalars) as one uncompressed .npz, written atomically."""
+    with atomic_file(target) as staging:
+        np.savez(staging, **arrays)
+
+
+def load_arrays(source: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz written by `save_arrays`, in memory (the file is closed)."""
+    with np.load(source) as data:
+        return {name: data[name] for name in data.files}
 
 
 def writable_folder(path: Path) -> str | None:

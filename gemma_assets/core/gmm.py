@@ -14,16 +14,16 @@ re-seeded, since moving it would break EM's guarantee of a non-decreasing likeli
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from gemma_assets.core.batches import Batches
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.kmeans import assign
 
-Batches = Callable[[], Iterable[torch.Tensor]]
 _LOG_2PI = math.log(2 * math.pi)
 
 

@@ -40,13 +40,25 @@ class EvalTokens:
     windows: np.ndarray  # [n] window id (probes split by window, never inside one)
 
 
-def contexts_of(token_ids: np.ndarray, rows: np.ndarray, context_len: int, width: int) -> np.ndarray:
+def contexts_of(
+    token_ids: np.ndarray, rows: np.ndarray, context_len: int, width: int, with_bos: bool = True
+) -> np.ndarray:
     """Token ids [len(rows), 2 * width + 1] around each row of a window-major partition, -1
-    where the window ends (windows are independent model inputs)."""
+    where the window ends (windows are independent model inputs) and, unless `with_bos`, at BOS."""
     offsets = np.arange(-width, width + 1)
     around = rows[:, None] + offsets[None, :]
     inside = (around // context_len == rows[:, None] // context_len) & (around >= 0) & (around < len(token_ids))
+    if not with_bos:
+        inside &= around % context_len != 0
     return np.where(inside, token_ids[np.clip(around, 0, len(token_ids) - 1)], -1)
+
+
+def context_text(context: np.ndarray, decode: Callable[[list[int]], str]) -> str:
+    """One row of `contexts_of` as plain text, the centre token in [[double brackets]], on one line."""
+    centre = len(context) // 2
+    before, token, after = context[:centre], context[centre : centre + 1], context[centre + 1 :]
+    parts = [decode([int(t) for t in ids if t >= 0]) for ids in (before, token, after)]
+    return f"{parts[0]}[[{parts[1]}]]{parts[2]}".replace("\n", "\\n").replace("|", "/")
 
 
 @dataclass
@@ -309,7 +321,7 @@ def _probe_inputs(
         a = acts[member.name]
         kept = a.token < n
         dense = np.zeros((n, a.n_features), np.float32)
-        if member.family.startswith("SAE"):
+        if member.family.is_sae:
             dense[a.token[kept], a.feature[kept]] = a.value[kept]
             yield f"{member.name} (all latents)", dense, member.m, None
             for m in sorted({1, member.m or 1}):

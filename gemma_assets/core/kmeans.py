@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
+from gemma_assets.core.batches import Batches, as_batches
 from gemma_assets.core.codes import Codes, cosine_to, unit_rows
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.elkan import centroid_gaps, elkan_pass
 from gemma_assets.core.whitening import Preprocessor
 
 BACKENDS = ("torch", "minibatch", "cuml")
-Batches = Callable[[], Iterable[torch.Tensor]]
 _ROWS_PER_GEMM = 2048  # rows per distance GEMM: measured fastest on CPU (fits cache), fine on GPU
 
 
@@ -44,20 +43,6 @@ class KMeansResult:
     @property
     def distances_skipped_share(self) -> float:
         return 1 - self.distances_computed / self.distances_possible
-
-
-def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
-    """A tensor as a re-iterable stream of row batches; a callable is returned as is."""
-    if callable(data):
-        return data
-    return lambda: (data[start : start + rows] for start in range(0, len(data), rows))
-
-
-def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Batches:
-    """fn applied to a tensor, or lazily to every batch of a stream."""
-    if callable(data):
-        return lambda: (fn(batch) for batch in data())
-    return fn(data)
 
 
 def nearest_two(

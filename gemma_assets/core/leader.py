@@ -19,8 +19,6 @@ from gemma_assets.core.codes import centred_units
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.dictionaries import GainShapeDictionary
 
-FAMILY = "leader (Exemplar Partitioning)"
-
 
 def percentile_threshold(u: torch.Tensor, percentile: float) -> float:
     """The percentile (linear interpolation, as np.percentile) of pairwise cosine distances of unit rows u [n, d]."""

@@ -67,13 +67,14 @@ def quality_across_k(records: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def alignment_histogram(best_cosines: dict[str, np.ndarray], clustering: str, path: Path) -> Path:
-    """Per SAE, the distribution of each centroid's best cosine with the SAE's decoder directions."""
+def alignment_histogram(best_cosines: dict[str, np.ndarray], clustering: str, path: Path, twin_cosine: float) -> Path:
+    """Per SAE, the distribution of each centroid's best cosine with the SAE's decoder directions,
+    with the cosine that counts as a twin marked."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     bins = np.linspace(-0.2, 1, 49)
     for name, values in best_cosines.items():
         ax.hist(values, bins=bins, histtype="step", label=name)
-    ax.axvline(0.7, color="k", linestyle=":", linewidth=1)
+    ax.axvline(twin_cosine, color="k", linestyle=":", linewidth=1)
     ax.set_xlabel(f"best cosine of a {clustering} centroid (centred) with an SAE decoder direction")
     ax.set_ylabel("centroids")
     ax.legend(fontsize=6)

@@ -9,62 +9,66 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gemma_assets.core.records import Finding
 from gemma_assets.core.storage import ActivationStore, StorageError
 
 _SCAN_ROWS = 16384
+REMATERIALISE = "rematerialise activations partition(s) {partitions}"
+RESAMPLE = "the sample is broken: rematerialise pile_sample and activations"
+DRIFT_FIX = "compare the strata and source of partition(s) {partitions}; rematerialise them if corrupt"
 
 
-def partition_integrity(store: ActivationStore, key: str, expected_tokens: int, context_len: int) -> list[str]:
+def partition_integrity(store: ActivationStore, key: str, expected_tokens: int, context_len: int) -> list[Finding]:
     """Commit present, checksums match, shapes/dtypes/attributes and positions as written."""
+
+    def found(message: str, row: int | None = None) -> Finding:
+        return Finding(message, REMATERIALISE, partition=key, row=row)
+
     try:
-        problems = store.verify(key)
-        if problems:
-            return problems
+        if problems := store.verify(key):
+            return [found(problem) for problem in problems]
         part = store.open(key)
     except (StorageError, OSError, KeyError, ValueError) as error:
-        return [f"partition {key}: {error}"]
+        return [found(str(error))]
+    findings = []
     try:
         acts = part.group["activations"]
         if acts.attrs.get("dtype") != "bfloat16" or acts.dtype != np.uint16:
-            problems.append(f"partition {key}: activations are {acts.dtype} without the bfloat16 attribute")
+            findings.append(found(f"activations are {acts.dtype} without the bfloat16 attribute"))
         if acts.shape[0] != expected_tokens:
-            problems.append(
-                f"partition {key}: {acts.shape[0]} tokens stored, {expected_tokens} expected (truncated array)"
-            )
+            findings.append(found(f"{acts.shape[0]} tokens stored, {expected_tokens} expected (truncated array)"))
         for name in ("token_ids", "positions", "doc_ids", "strata"):
             if part.group[name].shape[0] != acts.shape[0]:
-                problems.append(
-                    f"partition {key}: {name} has {part.group[name].shape[0]} rows, activations {acts.shape[0]}"
-                )
+                findings.append(found(f"{name} has {part.group[name].shape[0]} rows, activations {acts.shape[0]}"))
         token_ids, positions = part.array("token_ids"), part.array("positions")
         vocab_size = part.manifest["attrs"]["vocab_size"]
     except (KeyError, ValueError, OSError) as error:
-        return problems + [f"partition {key}: unreadable ({error})"]
+        return findings + [found(f"unreadable ({error})")]
     if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
         bad = np.flatnonzero((token_ids < 0) | (token_ids >= vocab_size))[:5].tolist()
-        problems.append(f"partition {key}: token ids outside the vocabulary of {vocab_size} at rows {bad}")
+        findings.append(found(f"token ids outside the vocabulary of {vocab_size} at rows {bad}", bad[0]))
     expected_positions = np.arange(len(positions)) % context_len
     if not np.array_equal(positions, expected_positions):
         bad = np.flatnonzero(positions != expected_positions)[:5].tolist()
-        problems.append(f"partition {key}: positions are not 0..{context_len - 1} per window at rows {bad}")
+        findings.append(found(f"positions are not 0..{context_len - 1} per window at rows {bad}", bad[0]))
     bos = part.manifest["attrs"].get("bos_token_id")
     if bos is not None and len(token_ids) and not (token_ids[positions == 0] == bos).all():
-        problems.append(f"partition {key}: a window does not start with BOS")
-    return problems
+        findings.append(found("a window does not start with BOS"))
+    return findings
 
 
-def partition_nonfinite(store: ActivationStore, key: str, context_len: int) -> list[str]:
+def partition_nonfinite(store: ActivationStore, key: str, context_len: int) -> list[Finding]:
     """Rows, positions and dimensions of NaN/Inf activations in one partition (or why it cannot
     be read: its values are never scanned unverified)."""
     try:
         part = store.open(key)
         return _nonfinite(part, key, context_len)
     except StorageError as error:
-        return [f"cannot be scanned: {error}"]
+        return [Finding(f"cannot be scanned: {error}", REMATERIALISE, partition=key)]
 
 
-def _nonfinite(part, key: str, context_len: int) -> list[str]:
-    problems = []
+def _nonfinite(part, key: str, context_len: int) -> list[Finding]:
+    findings = []
     for start in range(0, part.n_tokens, _SCAN_ROWS):
         acts = part.activations(start, start + _SCAN_ROWS)
         bad = ~torch.isfinite(acts)
@@ -72,11 +76,14 @@ def _nonfinite(part, key: str, context_len: int) -> list[str]:
             rows, dims = bad.nonzero(as_tuple=True)
             positions = part.array("positions", start, start + _SCAN_ROWS)
             for row, dim in list(zip(rows.tolist(), dims.tolist(), strict=True))[:5]:
-                problems.append(
-                    f"partition {key}: {acts[row, dim].item()} at row {start + row} "
+                message = (
+                    f"{acts[row, dim].item()} at row {start + row} "
                     f"(window {(start + row) // context_len}, position {positions[row]}), dim {dim}"
                 )
-    return problems
+                findings.append(
+                    Finding(message, REMATERIALISE, key, row=start + row, position=int(positions[row]), dim=dim)
+                )
+    return findings
 
 
 def robust_log_norm_z(norms: np.ndarray, median: float, mad: float) -> np.ndarray:
@@ -91,20 +98,18 @@ def log_norm_bounds(norms: np.ndarray) -> tuple[float, float]:
     return median, float(np.median(np.abs(logs - median)))
 
 
-def duplicate_windows(windows: dict[str, np.ndarray]) -> list[str]:
+def duplicate_windows(windows: dict[str, np.ndarray]) -> list[Finding]:
     """Windows sampled twice: the same (document, offset) in two places. `windows[key]` is
     [n_windows, 2] of (doc_id, offset of the first non-BOS token) per partition."""
     seen: dict[tuple[int, int], tuple[str, int]] = {}
-    problems = []
+    findings = []
     for key, rows in windows.items():
         for index, (doc, offset) in enumerate(rows.tolist()):
             first = seen.setdefault((doc, offset), (key, index))
             if first != (key, index):
-                problems.append(
-                    f"window {index} of partition {key} repeats window {first[1]} of partition {first[0]} "
-                    f"(document {doc}, offset {offset})"
-                )
-    return problems
+                message = f"window {index} repeats window {first[1]} of partition {first[0]} (document {doc}, offset {offset})"
+                findings.append(Finding(message, RESAMPLE, partition=key))
+    return findings
 
 
 def mean_drift(partition_means: dict[str, np.ndarray], pooled_mean: np.ndarray, pooled_std: np.ndarray) -> dict:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import polars as pl
 
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
+from gemma_assets.core.metrics import DENSE_SHARE
+from gemma_assets.core.records import DictionaryRecord, Family, Markdown
 
 COLUMNS = (
     "name",
@@ -59,23 +66,23 @@ PROBE_COLUMNS = (
 PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
 
 
-def series(record: dict) -> str:
+def series(record: DictionaryRecord) -> str:
     """The line a dictionary belongs to on the L0 plots: SAEs by width, clusterings by family."""
-    if record["family"].startswith("SAE"):
-        return f"SAE, {record['width']} latents"
-    return record["family"]
+    if record.family.is_sae:
+        return f"SAE, {record.k} latents"
+    return record.family.label(record.k)
 
 
 class LeakageError(RuntimeError):
     """A model was fitted on held-out data; its held-out metrics would be meaningless."""
 
 
-def check_no_leakage(records: list[dict], heldout_keys: list[str]) -> None:
+def check_no_leakage(records: list[DictionaryRecord], heldout_keys: list[str]) -> None:
     for record in records:
-        leaked = sorted(set(record.get("train_partitions", [])) & set(heldout_keys))
+        leaked = sorted(set(record.train_partitions) & set(heldout_keys))
         if leaked:
             raise LeakageError(
-                f"{record['name']} was fitted on held-out partitions {leaked}: refit it on the "
+                f"{record.name} was fitted on held-out partitions {leaked}: refit it on the "
                 "train split (rematerialise it) before reporting"
             )
 
@@ -102,55 +109,59 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def _table(records: list[dict], columns: tuple[str, ...]) -> str:
+def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Markdown:
+    """Rows as a markdown table of `columns` (a missing value is an empty cell)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in records]
-    return "\n".join(lines)
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return Markdown("\n".join(lines))
 
 
-def findings(records: list[dict], interpretation: dict) -> list[str]:
+def frame_table(frame: pl.DataFrame) -> Markdown:
+    return markdown_table(frame.iter_rows(named=True), frame.columns)
+
+
+def findings(records: list[DictionaryRecord], interpretation: dict) -> list[str]:
     """Statements that follow from the numbers; nothing is claimed that they do not show."""
-    kmeans = sorted((r for r in records if r["family"] == "k-means"), key=lambda r: r["k"])
-    saes = [r for r in records if r["family"].startswith("SAE")]
+    kmeans = sorted((r for r in records if r.family is Family.KMEANS), key=lambda r: r.k)
+    saes = [r for r in records if r.family.is_sae]
     lines = []
     if len(kmeans) > 1:
         first, last = kmeans[0], kmeans[-1]
+        ce_first, ce_last = first.downstream.get("delta_ce"), last.downstream.get("delta_ce")
         lines.append(
-            f"Raising k from {first['k']} to {last['k']} lowers the held-out FVU of k-means from "
-            f"{first['heldout_fvu']:.3f} to {last['heldout_fvu']:.3f} at L0 = 1"
+            f"Raising k from {first.k} to {last.k} lowers the held-out FVU of k-means from "
+            f"{first.fvu:.3f} to {last.fvu:.3f} at L0 = 1"
             + (
-                f", and its spliced delta CE from {first['delta_ce']:.3f} to {last['delta_ce']:.3f} nats."
-                if "delta_ce" in first and "delta_ce" in last
+                f", and its spliced delta CE from {ce_first:.3f} to {ce_last:.3f} nats."
+                if ce_first is not None and ce_last is not None
                 else "."
             )
         )
     for km in kmeans:
-        twins = [s for s in saes if s.get("width") == km["k"] and s.get("m") == 1]
-        for sae in twins:
-            verdict = "lower" if sae["heldout_fvu"] < km["heldout_fvu"] else "higher"
+        for sae in (s for s in saes if s.k == km.k and s.m == 1):
+            verdict = "lower" if sae.fvu < km.fvu else "higher"
             lines.append(
-                f"At L0 = 1 and {km['k']} features, the TopK SAE {sae['name']} has {verdict} held-out FVU "
-                f"({sae['heldout_fvu']:.3f}) than {km['name']} ({km['heldout_fvu']:.3f})."
+                f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has {verdict} held-out FVU "
+                f"({sae.fvu:.3f}) than {km.name} ({km.fvu:.3f})."
             )
     if kmeans and saes:
-        best_km = min(kmeans, key=lambda r: r["heldout_fvu"])
-        beating = [s for s in saes if s["heldout_fvu"] < best_km["heldout_fvu"]]
+        best_km = min(kmeans, key=lambda r: r.fvu)
+        beating = [s for s in saes if s.fvu < best_km.fvu]
         if beating:
-            sparsest = min(beating, key=lambda r: r["heldout_l0"])
+            sparsest = min(beating, key=lambda r: r.l0)
             lines.append(
-                f"The sparsest SAE with lower FVU than the best k-means ({best_km['name']}, "
-                f"{best_km['heldout_fvu']:.3f}) is {sparsest['name']}: FVU {sparsest['heldout_fvu']:.3f} at "
-                f"L0 {sparsest['heldout_l0']:.1f}."
+                f"The sparsest SAE with lower FVU than the best k-means ({best_km.name}, "
+                f"{best_km.fvu:.3f}) is {sparsest.name}: FVU {sparsest.fvu:.3f} at L0 {sparsest.l0:.1f}."
             )
         else:
-            lines.append(f"No SAE reaches the held-out FVU of {best_km['name']} ({best_km['heldout_fvu']:.3f}).")
-    recovered = [r for r in records if r.get("loss_recovered_vs_zero") is not None]
+            lines.append(f"No SAE reaches the held-out FVU of {best_km.name} ({best_km.fvu:.3f}).")
+    recovered = [r for r in records if r.downstream.get("loss_recovered_vs_zero") is not None]
     if recovered:
-        best = max(recovered, key=lambda r: r["loss_recovered_vs_zero"])
-        worst = min(recovered, key=lambda r: r["loss_recovered_vs_zero"])
+        best = max(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
+        worst = min(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
         lines.append(
-            f"Loss recovered vs zero-ablation ranges from {worst['loss_recovered_vs_zero']:.3f} ({worst['name']}) "
-            f"to {best['loss_recovered_vs_zero']:.3f} ({best['name']})."
+            f"Loss recovered vs zero-ablation ranges from {worst.downstream['loss_recovered_vs_zero']:.3f} "
+            f"({worst.name}) to {best.downstream['loss_recovered_vs_zero']:.3f} ({best.name})."
         )
     pairs = interpretation.get("alignment", [])
     if pairs:
@@ -158,8 +169,9 @@ def findings(records: list[dict], interpretation: dict) -> list[str]:
         relation = "above" if top["clusters_matched_f1"] > PEER_MATCHED_SHARE else "at or below"
         lines.append(
             f"{top['clusters_matched_f1']:.0%} of {top['clustering']} clusters have a {top['sae']} latent with "
-            f"activation-set F1 > 0.5 ({relation} the ~{PEER_MATCHED_SHARE:.0%} Exemplar Partitioning reports against "
-            f"Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within cosine 0.7."
+            f"activation-set F1 > {MATCH_F1} ({relation} the ~{PEER_MATCHED_SHARE:.0%} Exemplar Partitioning "
+            f"reports against Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within "
+            f"cosine {TWIN_COSINE}."
         )
     probes = interpretation.get("probes", [])
     if len(probes) > 2:
@@ -193,7 +205,7 @@ def findings_markdown(lines: list[str]) -> str:
 
 def render_markdown(
     profile: RunConfig,
-    records: list[dict],
+    records: list[DictionaryRecord],
     data: dict,
     plots: dict[str, str],
     interpretation: dict,
@@ -202,7 +214,8 @@ def render_markdown(
 ) -> str:
     """The report: data, reconstruction and downstream loss, cost, clustering quality,
     interpretation, findings (`found`, from `findings`) and the exact configuration."""
-    kmeans = [r for r in records if r["family"] == "k-means"]
+    rows = [r.row() for r in records]
+    kmeans = [r.row() for r in records if r.family is Family.KMEANS]
     findings_md = findings_markdown(found)
     downstream = data["downstream"]
     return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
@@ -233,7 +246,7 @@ its best direction times its projection (L0 = 1). top-m: greedy residual coding 
 k-means directions (L0 = m). Leader: Exemplar Partitioning's regions read as gain-shape. SAEs:
 TopK, trained with SAELens on the train split.
 
-{_table(records, COLUMNS)}
+{markdown_table(rows, COLUMNS)}
 
 ![L0-FVU frontier]({plots["frontier"]})
 
@@ -241,16 +254,16 @@ TopK, trained with SAELens on the train split.
 
 ### Clustering quality across k (held-out tokens, in the space k-means was fitted in)
 
-{_table(kmeans, QUALITY_COLUMNS)}
+{markdown_table(kmeans, QUALITY_COLUMNS)}
 
 ![quality across k]({plots["quality"]})
 
 ## Experiment 2: computational cost
 
 Fit time and peak memory (RSS growth) of fitting; encode throughput on held-out tokens;
-dictionary usage on held-out tokens (dead: never active; dense: active on more than 10% of tokens).
+dictionary usage on held-out tokens (dead: never active; dense: active on more than {DENSE_SHARE:.0%} of tokens).
 
-{_table(records, COST_COLUMNS)}
+{markdown_table(rows, COST_COLUMNS)}
 
 ## Experiment 3: feature interpretation
 
@@ -258,11 +271,11 @@ dictionary usage on held-out tokens (dead: never active; dense: active on more t
 
 ### Alignment and activation-set agreement
 
-Best cosine between each centred centroid and the SAE decoder directions (twin: cosine >= 0.7);
+Best cosine between each centred centroid and the SAE decoder directions (twin: cosine >= {TWIN_COSINE});
 F1 between a cluster's members and the same number of top-activating tokens of a latent, best
-latent per cluster (matched: F1 > 0.5, Exemplar Partitioning's criterion).
+latent per cluster (matched: F1 > {MATCH_F1}, Exemplar Partitioning's criterion).
 
-{_table(interpretation["alignment"], ALIGNMENT_COLUMNS)}
+{markdown_table(interpretation["alignment"], ALIGNMENT_COLUMNS)}
 
 ![alignment histogram]({plots["alignment"]})
 
@@ -272,7 +285,7 @@ Logistic probes trained on even held-out windows and tested on odd ones, scored 
 accuracy (mean recall over classes: the strata are far from equal in size); retained = balanced
 accuracy / that of raw activations.
 
-{_table(interpretation["probes"], PROBE_COLUMNS)}
+{markdown_table(interpretation["probes"], PROBE_COLUMNS)}
 
 ### Example features (most coherent among the frequently active)
 

@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.config import ConfigError, SaeSpec
 
@@ -94,7 +95,7 @@ def activation_scale(mean_norm: float, d_in: int) -> float:
 
 def train_topk(
     spec: SaeSpec,
-    batches: Callable[[], Iterator[torch.Tensor]],
+    batches: Batches,
     d_in: int,
     n_tokens: int,
     scale: float,

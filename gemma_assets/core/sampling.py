@@ -22,7 +22,7 @@ import numpy as np
 
 from gemma_assets.core.config import SampleSpec
 from gemma_assets.core.corpus import CorpusError, Document
-from gemma_assets.core.files import atomic_file
+from gemma_assets.core.files import load_arrays, save_arrays
 
 _TOKENIZE_BATCH = 64
 
@@ -119,21 +119,11 @@ def stratum_census(sample: TokenSample, scanned: Counter, taken: Counter) -> dic
 
 def save_sample(path: Path, sample: TokenSample) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of one."""
-    with atomic_file(path) as staging:
-        np.savez(
-            staging,
-            tokens=sample.tokens,
-            doc_ids=sample.doc_ids,
-            starts=sample.starts,
-            strata=sample.strata,
-            stratum_names=np.array(sample.stratum_names),
-        )
+    save_arrays(path, vars(sample) | {"stratum_names": np.array(sample.stratum_names)})
 
 
 def load_sample(path: Path) -> TokenSample:
     if not path.exists():
         raise FileNotFoundError(f"no token sample at {path}: materialise pile_sample first")
-    with np.load(path) as data:
-        return TokenSample(
-            data["tokens"], data["doc_ids"], data["starts"], data["strata"], tuple(data["stratum_names"].tolist())
-        )
+    arrays = load_arrays(path)
+    return TokenSample(**arrays | {"stratum_names": tuple(arrays["stratum_names"].tolist())})

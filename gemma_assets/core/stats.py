@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma_assets.core.files import atomic_file
+from gemma_assets.core.files import load_arrays, save_arrays
 
 NORM_BIN_EDGES = np.logspace(-3, 7, 201)  # token L2 norms, log-spaced bins
 
@@ -80,27 +80,17 @@ class ActivationMoments:
         return np.diag(self.covariance).copy()
 
     def save(self, path: Path) -> None:
-        with atomic_file(path) as staging:
-            np.savez(
-                staging,
-                count=self.count,
-                mean=self.mean,
-                comoment=self.comoment,
-                minimum=self.minimum,
-                maximum=self.maximum,
-                nonfinite=self.nonfinite,
-                norm_sum=self.norm_sum,
-                norm_histogram=self.norm_histogram,
-            )
+        save_arrays(path, vars(self))
 
     @classmethod
-    def load(cls, path) -> ActivationMoments:
-        with np.load(path) as data:
-            moments = cls(int(data["mean"].shape[0]))
-            moments.count, moments.nonfinite = int(data["count"]), int(data["nonfinite"])
-            moments.norm_sum = float(data["norm_sum"])
-            for name in ("mean", "comoment", "minimum", "maximum", "norm_histogram"):
-                setattr(moments, name, data[name])
+    def load(cls, path: Path) -> ActivationMoments:
+        arrays = load_arrays(path)
+        arrays.pop("d_model", None)  # files before it was saved lack it; the mean has its length
+        moments = cls(len(arrays["mean"]))
+
+        moments.count, moments.nonfinite = int(arrays.pop("count")), int(arrays.pop("nonfinite"))
+        moments.norm_sum = float(arrays.pop("norm_sum"))
+        vars(moments).update(arrays)
         return moments
 
 
@@ -163,32 +153,17 @@ class PartitionStats:
         )
 
     def save(self, path: Path) -> None:
-        self.moments.save(path.with_suffix(".moments.npz"))
-        with atomic_file(path) as staging:  # written last: its presence marks the cache entry complete
-            np.savez(
-                staging,
-                key=self.key,
-                version=self.version,
-                norms=self.norms,
-                positions=self.positions,
-                strata=self.strata,
-                sample=self.sample,
-                massive=self.massive,
-                windows=self.windows,
-            )
+        self.moments.save(moments_path(path))
+        # written last: its presence marks the cache entry complete
+        save_arrays(path, {name: value for name, value in vars(self).items() if name != "moments"})
 
     @classmethod
-    def load(cls, path) -> PartitionStats:
-        moments = ActivationMoments.load(path.with_suffix(".moments.npz"))
-        with np.load(path) as data:
-            return cls(
-                str(data["key"]),
-                str(data["version"]),
-                moments,
-                data["norms"],
-                data["positions"],
-                data["strata"],
-                data["sample"],
-                data["massive"],
-                data["windows"],
-            )
+    def load(cls, path: Path) -> PartitionStats:
+        arrays = load_arrays(path)
+        key, version = str(arrays.pop("key")), str(arrays.pop("version"))
+        return cls(key, version, ActivationMoments.load(moments_path(path)), **arrays)
+
+
+def moments_path(path: Path) -> Path:
+    """Where a partition's moments sit beside its statistics file."""
+    return path.with_suffix(".moments.npz")

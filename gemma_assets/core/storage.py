@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,10 +31,8 @@ import zarr
 import zarr.storage
 from fsspec.implementations.local import LocalFileSystem
 
+from gemma_assets.core.batches import Batches
 from gemma_assets.core.bf16 import bits_to_float
-
-# Shuffle is a numcodecs codec, not (yet) in the zarr v3 spec; zarr-python reads it fine
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 COMMIT_FILE = "COMMIT.json"
 CHUNK_BYTES = 2 * 2**20  # 2 MiB chunks: measured faster to write than 4 MiB, same ratio
@@ -98,11 +95,9 @@ class VerifiedStore(zarr.storage.WrapperStore):
 
 
 def _compressors() -> list:
-    import numcodecs.zarr3
+    from zarr.codecs.numcodecs import Shuffle
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numcodecs.zarr3 marks its codecs as experimental
-        return [numcodecs.zarr3.Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=1)]
+    return [Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=1)]
 
 
 @dataclass(frozen=True)
@@ -242,14 +237,14 @@ class ActivationStore:
         return Partition(key, zarr.open_group(store, mode="r"), manifest)
 
     def verify(self, key: str) -> list[str]:
-        """Problems found in a committed partition's files (empty list: intact)."""
+        """Problems found in a committed partition's files (empty list: intact), each naming the file."""
         manifest = self.manifest(key)
         version_path = self._path(f"part-{key}", manifest["version"])
         missing = self.missing_files(key, manifest)
-        problems = [f"partition {key}: chunk file {name} is missing" for name in missing]
+        problems = [f"chunk file {name} is missing" for name in missing]
         for name, expected in manifest["checksums"].items():
             if name not in missing and zlib.crc32(self.fs.cat_file(f"{version_path}/{name}")) != expected:
-                problems.append(f"partition {key}: chunk file {name} fails its CRC32 checksum")
+                problems.append(f"chunk file {name} fails its CRC32 checksum")
         return problems
 
     def iter_tokens(
@@ -280,6 +275,10 @@ class ActivationStore:
                     acts = acts[torch.from_numpy(keep)]
                     info = {name: values[keep] for name, values in info.items()}
                 yield (acts if transform is None else transform(acts)), info
+
+    def batches(self, keys: list[str], transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Batches:
+        """The non-BOS activations of `keys` as a re-iterable stream (one pass per call)."""
+        return lambda: (x for x, _ in self.iter_tokens(keys, transform=transform))
 
     def load_tokens(
         self,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma_assets.core.files import atomic_file
+from gemma_assets.core.files import load_arrays, save_arrays
 
 PREPROCESSINGS = ("none", "center", "standardize", "pca", "zca")
 
@@ -34,15 +34,12 @@ class Whitening:
         return (self.eigenvectors * np.sqrt(self.eigenvalues)) @ self.eigenvectors.T
 
     def save(self, path: Path) -> None:
-        with atomic_file(path) as staging:
-            np.savez(
-                staging, mean=self.mean, eigenvalues=self.eigenvalues, eigenvectors=self.eigenvectors, floor=self.floor
-            )
+        save_arrays(path, vars(self))
 
     @classmethod
-    def load(cls, path) -> Whitening:
-        with np.load(path) as data:
-            return cls(data["mean"], data["eigenvalues"], data["eigenvectors"], float(data["floor"]))
+    def load(cls, path: Path) -> Whitening:
+        arrays = load_arrays(path)
+        return cls(**arrays | {"floor": float(arrays["floor"])})
 
 
 @dataclass(frozen=True)

@@ -1,102 +1,83 @@
-"""activations: block-L residual stream of every sampled token, one zarr partition per work unit."""
+"""activations: block-L residual stream of every sampled token, one zarr partition per work unit,
+and the per-partition checks (integrity, finite values: ERROR and blocking)."""
 
-import time
+from collections.abc import Iterator
 
 import dagster as dg
-import numpy as np
 
-from gemma_assets.core import model, sampling
-from gemma_assets.core.config import RunConfig
-from gemma_assets.core.extraction import extract_windows
-from gemma_assets.defs.common import code_version, model_source
+from gemma_assets.core import model
+from gemma_assets.core.extraction import extract_partitions, store_attributes
+from gemma_assets.core.stages import statistics
+from gemma_assets.defs.checks import per_partition
+from gemma_assets.defs.common import GraphBuild, code_version
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 
 
-def partition_arrays(window_sample: sampling.TokenSample, acts_bits: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token arrays stored beside the activations, row-aligned with them."""
-    n_windows, context_len = window_sample.tokens.shape
-    return {
-        "activations": acts_bits,
-        "token_ids": window_sample.tokens.reshape(-1),
-        "positions": np.tile(np.arange(context_len, dtype=np.int32), n_windows),
-        "doc_ids": np.repeat(window_sample.doc_ids, context_len),
-        "doc_offsets": (window_sample.starts[:, None] + np.arange(-1, context_len - 1)).reshape(-1),
-        "strata": np.repeat(window_sample.strata, context_len),
+def activations(
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    """Residual stream after block L (= hidden_states[L+1]) as exact bf16, with token ids,
+    positions, document ids and strata; each partition committed atomically."""
+    prof, layout, device = run.config, storage.layout(context), compute.resolved_device
+    source = layout.model_source(prof)
+    sample, tokenizer = layout.sample(), model.load_tokenizer(source)
+    dtype = compute.torch_dtype(prof.model.dtype)
+    lm = model.load_model(source, prof.model.layer, device, dtype)
+    attrs = store_attributes(prof, tokenizer, sample, dtype)
+    store = layout.activation_store()
+    done = extract_partitions(
+        lm,
+        sample,
+        context.partition_keys,
+        prof,
+        store,
+        attrs,
+        compute.batch_size,
+        device,
+        context.log.info,
+        context.log.debug,
+    )
+    metadata = {
+        "partitions": done.partitions,
+        "tokens": done.tokens,
+        "d_model": done.d_model,
+        "layer": prof.model.layer,
     }
+    metadata |= {"tokens_per_s": done.tokens_per_s, "device": device, "store": dg.MetadataValue.path(store.root)}
+    return dg.MaterializeResult(metadata=metadata)
 
 
-def build_activations_asset(
-    run_config: RunConfig,
-    partitions_def: dg.PartitionsDefinition,
-    pile_sample: dg.AssetsDefinition,
-    compute_dtype: str,
-) -> dg.AssetsDefinition:
-    """`compute_dtype` is what `model.dtype` resolves to here (auto: bfloat16 with a GPU, float32
-    without): part of the version, so a store extracted on the CPU is stale on a GPU machine."""
+def activations_integrity(
+    context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    """Committed, CRC32 of every chunk file as recorded, shapes/dtype/attributes, token ids in
+    the vocabulary, positions 0..L-1 per window, BOS first; judged per partition."""
+    layout = storage.layout(context)
+    yield from per_partition(context, lambda key: statistics.partition_integrity(layout, run.config, key))
 
-    @dg.asset(
-        partitions_def=partitions_def,
+
+def activations_finite(
+    context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    """No NaN or Inf anywhere in the partition (BOS included); judged per partition."""
+    layout = storage.layout(context)
+    yield from per_partition(context, lambda key: statistics.partition_finite(layout, run.config, key))
+
+
+def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
+    """`compute_dtype` is part of the version, so a store extracted on the CPU is stale on a GPU machine."""
+    pile_sample = graph["pile_sample"]
+    asset = dg.asset(
+        partitions_def=graph.activation_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # one model load for many partitions
         pool="gpu",
         op_tags=GPU_TAGS,
         deps=[pile_sample],
-        code_version=code_version("1", run_config, ("model",), [pile_sample], depends_on=compute_dtype),
+        code_version=code_version("1", graph.run, ("model",), [pile_sample], depends_on=graph.compute_dtype),
         group_name="data",
         kinds={"zarr", "pytorch"},
-    )
-    def activations(
-        context: dg.AssetExecutionContext,
-        run: RunResource,
-        storage: StorageResource,
-        compute: ComputeResource,
-    ) -> dg.MaterializeResult:
-        """Residual stream after block L (= hidden_states[L+1]) as exact bf16, with token ids,
-        positions, document ids and strata; each partition committed atomically."""
-        prof = run.config
-        source = model_source(prof, storage)
-        sample = sampling.load_sample(storage.path("sample", "windows.npz"))
-        tokenizer = model.load_tokenizer(source)
-        lm = model.load_model(source, prof.model.layer, compute.resolved_device, compute.torch_dtype(prof.model.dtype))
-        store = storage.activation_store()
-        attrs = {
-            "model": prof.model.name,
-            "layer": prof.model.layer,
-            "hook_name": prof.model.hook_name,
-            "context_len": prof.sampling.context_len,
-            "bos_token_id": tokenizer.bos_token_id,
-            "vocab_size": len(tokenizer),
-            "stratum_names": list(sample.stratum_names),
-            "compute_dtype": str(compute.torch_dtype(prof.model.dtype)),
-        }
-        started = time.perf_counter()
-        keys = context.partition_keys
-        for done, key in enumerate(keys):
-            part = sample.partition(prof.partition_keys.index(key), prof.sampling.windows_per_partition)
-
-            def progress(tokens: int, rate: float, key: str = key) -> None:
-                context.log.debug(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
-
-            bits = extract_windows(
-                lm, part.tokens, prof.model.layer, compute.batch_size, compute.resolved_device, progress
-            )
-            manifest = store.write_partition(key, partition_arrays(part, bits), attrs)
-            rate = (done + 1) * prof.sampling.tokens_per_partition / (time.perf_counter() - started)
-            context.log.info(
-                f"committed partition {key} ({done + 1}/{len(keys)}): {manifest['n_tokens']} tokens, "
-                f"{rate:,.0f} tokens/s overall"
-            )
-        return dg.MaterializeResult(
-            metadata={
-                "partitions": len(keys),
-                "tokens": len(keys) * prof.sampling.tokens_per_partition,
-                "d_model": lm.config.hidden_size,
-                "layer": prof.model.layer,
-                "tokens_per_s": len(keys) * prof.sampling.tokens_per_partition / (time.perf_counter() - started),
-                "device": compute.resolved_device,
-                "store": dg.MetadataValue.path(store.root),
-            }
-        )
-
-    return activations
+    )(activations)
+    check = dg.asset_check(asset=asset, partitions_def=graph.activation_partitions, blocking=True)
+    return [asset, check(activations_integrity), check(activations_finite)]

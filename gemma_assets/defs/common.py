@@ -1,37 +1,45 @@
-"""Helpers shared by the asset modules: metadata rendering and the model source."""
+"""What every asset module shares: the graph being built, versions, metadata, the model source."""
+
+from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
-from gemma_assets.core import corpus, model
 from gemma_assets.core.config import RunConfig
-from gemma_assets.defs.resources import StorageResource
+from gemma_assets.core.records import Markdown
 
-TOKENIZER_CORPUS_DOCUMENTS = 400
 # downstream stages recompute by themselves (automation daemon) once their inputs change
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
-def corpus_documents(run: RunConfig, storage: StorageResource) -> Iterator[corpus.Document]:
-    """The run's corpus, building the offline corpus on first use."""
-    return corpus.open_corpus(run.corpus, storage.path("corpus"))
+@dataclass
+class GraphBuild:
+    """What a module's builder needs: the resolved run config, facts of this deployment that
+    versions depend on, the two partition definitions, and the assets built before it by name."""
 
+    run: RunConfig
+    location: str  # data_root/<run name>: outputs of the same config elsewhere are not these
+    compute_dtype: str  # what `model.dtype` resolves to here (auto: bfloat16 on a GPU)
+    activation_partitions: dg.StaticPartitionsDefinition
+    k_partitions: dg.StaticPartitionsDefinition
+    assets: dict[str, dg.AssetsDefinition] = field(default_factory=dict)
 
-def model_source(run: RunConfig, storage: StorageResource) -> str:
-    """`from_pretrained` source of the run's model (the tiny model is built once, here)."""
+    def __getitem__(self, name: str) -> dg.AssetsDefinition:
+        return self.assets[name]
 
-    def texts():  # a generator: the corpus is read only if the tiny model must be built
-        documents = corpus_documents(run, storage)
-        yield from (doc.text for doc in itertools.islice(documents, TOKENIZER_CORPUS_DOCUMENTS))
+    def upstream(self, *names: str) -> list[dg.AssetsDefinition]:
+        return [self.assets[name] for name in names]
 
-    return model.model_source(run.model, storage.models_dir, texts())
+    def deps(self, *names: str) -> list[dg.AssetDep]:
+        """Dependencies on these assets, each on all of its partitions (a k partition or an
+        unpartitioned asset reads every activation partition, never "the same" key)."""
+        return [dg.AssetDep(self.assets[name], partition_mapping=dg.AllPartitionMapping()) for name in names]
 
 
 def code_version(
@@ -52,16 +60,8 @@ def code_version(
     return f"{code}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]}"
 
 
-def table_md(frame: pl.DataFrame, float_format: str = "{:.4g}") -> dg.MetadataValue:
-    return dg.MetadataValue.md(markdown_table(frame, float_format))
-
-
-def markdown_table(frame: pl.DataFrame, float_format: str = "{:.4g}") -> str:
-    def cell(value) -> str:
-        return float_format.format(value) if isinstance(value, float) else str(value)
-
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    return header + "\n".join("| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows())
+def md(text: Markdown | str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(text)
 
 
 def image_md(path: Path) -> dg.MetadataValue:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from gemma_assets.core.config import RunConfig
-from gemma_assets.defs.activations import build_activations_asset
-from gemma_assets.defs.clustering import build_clustering_assets
-from gemma_assets.defs.density import build_density_assets
-from gemma_assets.defs.evaluation import build_evaluation_assets
+from gemma_assets.defs import activations, clustering, density, evaluation, report, sae, sampling, stats
+from gemma_assets.defs.common import GraphBuild
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,
     TRANSIENT_RETRY_TAGS,
@@ -20,82 +17,82 @@ from gemma_assets.defs.operations import (
     build_extraction_schedule,
     console_logger,
 )
-from gemma_assets.defs.report import build_report_asset
-from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource, default_data_root
-from gemma_assets.defs.sae import build_sae_assets
-from gemma_assets.defs.sampling import build_sample_asset
-from gemma_assets.defs.stats import build_stats_assets
+from gemma_assets.defs.resources import (
+    ComputeResource,
+    OperationsResource,
+    RunResource,
+    StorageResource,
+    default_data_root,
+)
 
 RUN_TAG = "gemma_assets/run"
 CONFIG_DIGEST_TAG = "gemma_assets/config_digest"
-# two features Dagster still labels beta/preview are used on purpose: single-run backfills
-# (one model load for many partitions) and per-partition asset checks
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
-warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+# each module's builder, in dependency order: a builder finds its upstream assets by name
+BUILDERS = (
+    sampling.build,
+    activations.build,
+    stats.build,
+    clustering.build,
+    density.build,
+    sae.build,
+    evaluation.build,
+    report.build,
+)
 
 
-def activation_partitions(profile: RunConfig) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(profile.partition_keys)
-
-
-def k_partitions(profile: RunConfig) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition([str(k) for k in profile.clustering.ks])
-
-
-def build_definitions(profile: RunConfig, data_root: str | None = None) -> dg.Definitions:
-    data_root = str(Path(data_root or default_data_root()).resolve())
-    partitions = activation_partitions(profile)
-    pile_sample = build_sample_asset(profile, str(Path(data_root, profile.name)))
-    compute_dtype = str(ComputeResource().torch_dtype(profile.model.dtype))
-    activations = build_activations_asset(profile, partitions, pile_sample, compute_dtype)
-    activation_stats, *stats_checks = build_stats_assets(profile, activations, partitions)
-    whitening, cluster_models = build_clustering_assets(profile, activation_stats, k_partitions(profile))
-    cluster_density, leader_clusters = build_density_assets(profile, cluster_models, whitening, k_partitions(profile))
-    sae_dictionary, sae_evaluation = build_sae_assets(profile, activation_stats)
-    downstream_loss, interpretation = build_evaluation_assets(profile, cluster_models, leader_clusters, sae_dictionary)
-    comparison_report = build_report_asset(
-        profile, cluster_models, leader_clusters, sae_evaluation, downstream_loss, interpretation
+def build_graph(run: RunConfig, location: str) -> tuple[GraphBuild, list[dg.AssetChecksDefinition]]:
+    """Every asset of the run (by name, in dependency order) and every asset check."""
+    graph = GraphBuild(
+        run,
+        location,
+        str(ComputeResource().torch_dtype(run.model.dtype)),
+        dg.StaticPartitionsDefinition(run.partition_keys),
+        dg.StaticPartitionsDefinition([str(k) for k in run.clustering.ks]),
     )
-    assets = [
-        pile_sample,
-        activations,
-        activation_stats,
-        whitening,
-        cluster_models,
-        cluster_density,
-        leader_clusters,
-        sae_dictionary,
-        sae_evaluation,
-        downstream_loss,
-        interpretation,
-        comparison_report,
-    ]
-    tags = {RUN_TAG: profile.name, CONFIG_DIGEST_TAG: profile.digest()}
-    # Dagster jobs cannot span assets with different partition definitions, so there is one
-    # job per definition; `gemma-assets materialize` and the UI's "Materialize all" run them all.
-    jobs = [
-        dg.define_asset_job("extract_activations", selection=[activations], tags={**tags, **TRANSIENT_RETRY_TAGS}),
+    checks = []
+    for build in BUILDERS:
+        for definition in build(graph):
+            if isinstance(definition, dg.AssetChecksDefinition):
+                checks.append(definition)
+            else:
+                graph.assets[definition.key.to_user_string()] = definition
+    return graph, checks
+
+
+def build_jobs(graph: GraphBuild, tags: dict[str, str]) -> list[dg.UnresolvedAssetJobDefinition]:
+    """One job per partition definition (Dagster jobs cannot span assets with different ones);
+    `gemma-assets materialize` and the UI's "Materialize all" run them all."""
+    unpartitioned = [asset for asset in graph.assets.values() if asset.partitions_def is None]
+    return [
         dg.define_asset_job(
-            "fit_cluster_models", selection=[cluster_models, cluster_density], tags={**tags, **TRANSIENT_RETRY_TAGS}
+            "extract_activations", selection=[graph["activations"]], tags={**tags, **TRANSIENT_RETRY_TAGS}
         ),
         dg.define_asset_job(
-            "analyse",
-            selection=dg.AssetSelection.assets(*[asset for asset in assets if asset.partitions_def is None]),
-            tags={**tags, **CRASH_ONLY_RETRY_TAGS},
+            "fit_cluster_models",
+            selection=graph.upstream("cluster_models", "cluster_density"),
+            tags={**tags, **TRANSIENT_RETRY_TAGS},
+        ),
+        dg.define_asset_job(
+            "analyse", selection=dg.AssetSelection.assets(*unpartitioned), tags={**tags, **CRASH_ONLY_RETRY_TAGS}
         ),
     ]
-    run = RunResource.of(profile)
-    resources = {
-        "run": run,
-        "storage": StorageResource(data_root=data_root, run=run),
-        "compute": ComputeResource(),
-    }
+
+
+def build_definitions(run: RunConfig, data_root: str | None = None) -> dg.Definitions:
+    data_root = str(Path(data_root or default_data_root()).resolve())
+    graph, checks = build_graph(run, str(Path(data_root, run.name)))
+    run_resource = RunResource.of(run)
     return dg.Definitions(
-        assets=assets,
-        asset_checks=stats_checks,
-        jobs=jobs,
-        schedules=[build_extraction_schedule(activations)],
+        assets=list(graph.assets.values()),
+        asset_checks=checks,
+        jobs=build_jobs(graph, {RUN_TAG: run.name, CONFIG_DIGEST_TAG: run.digest()}),
+        schedules=[build_extraction_schedule(graph["activations"])],
         sensors=[automation_sensor, build_check_alert_sensor()],
-        resources=resources,
+        resources={
+            "run": run_resource,
+            "storage": StorageResource(data_root=data_root, run=run_resource),
+            "compute": ComputeResource(),
+            "operations": OperationsResource.from_environment(),
+        },
         loggers={"console": console_logger},
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,12 +13,7 @@ from collections.abc import Sequence
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-PARTITIONS_PER_NIGHT_ENV_VAR = "GEMMA_ASSETS_PARTITIONS_PER_NIGHT"
-DEFAULT_PARTITIONS_PER_NIGHT = 8
-# Split ranges into runs of at most this many partitions, e.g. to spread a night over N GPUs
-# (each run loads the model once and holds one slot of the `gpu` pool). Unset: no split.
-PARTITIONS_PER_RUN_ENV_VAR = "GEMMA_ASSETS_PARTITIONS_PER_RUN"
-ALERT_WEBHOOK_ENV_VAR = "GEMMA_ASSETS_ALERT_WEBHOOK"
+from gemma_assets.defs.resources import ALERT_WEBHOOK_ENV_VAR, OperationsResource
 
 # Run retries (dagster.yaml `run_retries`) apply to every job. Extraction and k-means are long
 # GPU runs whose failures are mostly transient (preempted node, lost container, CUDA OOM on a
@@ -48,62 +42,64 @@ def contiguous_ranges(keys: Sequence[str], order: Sequence[str], max_len: int | 
     return [(first, last) for first, last in ranges]
 
 
+def missing_partitions(
+    instance: dg.DagsterInstance, activations: dg.AssetsDefinition
+) -> tuple[list[str], list[str], set[str]]:
+    """(every partition key, those neither materialised nor in progress, those in progress)."""
+    partitions_def = activations.partitions_def
+    keys = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+    done = instance.get_materialized_partitions(activations.key)
+    status = instance.get_status_by_partition(activations.key, keys, partitions_def) or {}
+    running = {key for key, state in status.items() if state == dg.AssetPartitionStatus.IN_PROGRESS}
+    return keys, [key for key in keys if key not in done and key not in running], running
+
+
+def nightly_requests(
+    context: dg.ScheduleEvaluationContext, activations: dg.AssetsDefinition, operations: OperationsResource
+) -> list[dg.RunRequest] | dg.SkipReason:
+    """Run requests for the missing activation partitions, at most `partitions_per_night`, one
+    per contiguous range of at most `partitions_per_run` (0: unsplit)."""
+    instance = context.instance
+    upstream = sorted(activations.dependency_keys - set(activations.keys), key=str)
+    unready = [key.to_user_string() for key in upstream if not instance.fetch_materializations(key, limit=1).records]
+    if unready:
+        return dg.SkipReason(f"upstream not materialised yet: {', '.join(unready)}")
+    keys, missing, running = missing_partitions(instance, activations)
+    if not missing:
+        in_progress = f" or in progress ({len(running)})" if running else ""
+        return dg.SkipReason(f"all {len(keys)} activation partitions materialised{in_progress}")
+    wanted = missing[: operations.partitions_per_night]
+    context.log.info(f"requesting {len(wanted)} of {len(missing)} missing activation partitions")
+    # a schedule's run_key is scoped to its tick: it only dedupes a re-evaluated tick
+    return [
+        dg.RunRequest(
+            run_key=f"activations-{first}-{last}",
+            tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+        )
+        for first, last in contiguous_ranges(wanted, keys, operations.partitions_per_run or None)
+    ]
+
+
 def build_extraction_schedule(
-    activations: dg.AssetsDefinition,
-    job_name: str = "extract_activations",
-    max_partitions: int | None = None,
-    max_partitions_per_run: int | None = None,
-    cron_schedule: str = "0 2 * * *",
+    activations: dg.AssetsDefinition, job_name: str = "extract_activations", cron_schedule: str = "0 2 * * *"
 ) -> dg.ScheduleDefinition:
     """Each night, request the activation partitions that are neither materialised nor in
-    progress, at most `max_partitions` (default $GEMMA_ASSETS_PARTITIONS_PER_NIGHT or 8).
-
-    One run per contiguous range (the asset is BackfillPolicy.single_run, so a range loads the
-    model once), split into runs of at most `max_partitions_per_run` (default
-    $GEMMA_ASSETS_PARTITIONS_PER_RUN, else unsplit); a failed run does not hold back the
-    others and is retried by run retries, then asked for again the next night.
-    """
-    partitions_def = activations.partitions_def
-    if partitions_def is None:
+    progress (limits: the `operations` resource). One run per contiguous range (the asset is
+    BackfillPolicy.single_run, so a range loads the model once); a failed run does not hold
+    back the others and is retried by run retries, then asked for again the next night."""
+    if activations.partitions_def is None:
         raise ValueError(f"{activations.key.to_user_string()} is not partitioned")
-    limit = max_partitions or int(os.environ.get(PARTITIONS_PER_NIGHT_ENV_VAR) or DEFAULT_PARTITIONS_PER_NIGHT)
-    per_run = max_partitions_per_run or int(os.environ.get(PARTITIONS_PER_RUN_ENV_VAR) or 0) or None
-    upstream = sorted(activations.dependency_keys - set(activations.keys), key=str)
 
     @dg.schedule(
         name="nightly_activations",
         cron_schedule=cron_schedule,
         job_name=job_name,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Extract up to {limit} missing activation partitions per night, one run per contiguous range.",
+        description="Extract the missing activation partitions (at most operations.partitions_per_night "
+        "a night), one run per contiguous range.",
     )
-    def nightly_activations(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
-        instance = context.instance
-        unready = [
-            key.to_user_string() for key in upstream if not instance.fetch_materializations(key, limit=1).records
-        ]
-        if unready:
-            return dg.SkipReason(f"upstream not materialised yet: {', '.join(unready)}")
-        keys = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-        done = instance.get_materialized_partitions(activations.key)
-        status = instance.get_status_by_partition(activations.key, keys, partitions_def) or {}
-        running = {key for key, state in status.items() if state == dg.AssetPartitionStatus.IN_PROGRESS}
-        missing = [key for key in keys if key not in done and key not in running]
-        if not missing:
-            return dg.SkipReason(
-                f"all {len(keys)} activation partitions materialised"
-                + (f" or in progress ({len(running)})" if running else "")
-            )
-        wanted = missing[:limit]
-        context.log.info(f"requesting {len(wanted)} of {len(missing)} missing activation partitions")
-        # a schedule's run_key is scoped to its tick: it only dedupes a re-evaluated tick
-        return [
-            dg.RunRequest(
-                run_key=f"activations-{first}-{last}",
-                tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
-            )
-            for first, last in contiguous_ranges(wanted, keys, per_run)
-        ]
+    def nightly_activations(context: dg.ScheduleEvaluationContext, operations: OperationsResource):
+        return nightly_requests(context, activations, operations)
 
     return nightly_activations
 
@@ -169,6 +165,50 @@ def delivery_error(error: Exception) -> str:
 RUN_END_EVENTS = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE)
 
 
+def runs_ended_since(instance: dg.DagsterInstance, cursor: str | None, batch_size: int) -> list[dg.EventLogRecord]:
+    """Run-end events after the cursor (a storage id), oldest first; with a full page of one
+    type, later events of the other type wait for the next tick."""
+    after = int(cursor) if cursor else None
+    ended: list[dg.EventLogRecord] = []
+    horizon: int | None = None
+    for event_type in RUN_END_EVENTS:
+        page = instance.fetch_run_status_changes(
+            dg.RunStatusChangeRecordsFilter(event_type, after_storage_id=after), limit=batch_size, ascending=True
+        )
+        ended += page.records
+        if page.has_more:
+            last = page.records[-1].storage_id
+            horizon = last if horizon is None else min(horizon, last)
+    kept = (record for record in ended if horizon is None or record.storage_id <= horizon)
+    return sorted(kept, key=lambda record: record.storage_id)
+
+
+def alert_failed_checks(
+    context: dg.SensorEvaluationContext, operations: OperationsResource, batch_size: int
+) -> dg.SensorResult:
+    """Log, and post to the webhook, every failed check evaluation of the runs that ended since
+    the cursor; the cursor moves on only once the alert is delivered."""
+    ended = runs_ended_since(context.instance, context.cursor, batch_size)
+    if not ended:
+        return dg.SensorResult(skip_reason="no run ended since the last tick", cursor=context.cursor)
+    cursor = str(ended[-1].storage_id)
+    failures = [(r.run_id, e) for r in ended for e in failed_check_evaluations(context.instance, r.run_id)]
+    if not failures:
+        return dg.SensorResult(skip_reason=f"{len(ended)} run(s) ended, no failed checks", cursor=cursor)
+    text = alert_text(failures)
+    context.log.warning(text)
+    url = operations.alert_webhook.strip()
+    if not url:
+        return dg.SensorResult(skip_reason=f"{len(failures)} failed check(s) logged; no webhook set", cursor=cursor)
+    try:
+        post_alert(url, text)
+    except (OSError, ValueError) as error:
+        # keep the old cursor: the same failures are alerted again on the next tick
+        context.log.error(f"alert webhook delivery failed: {delivery_error(error)}; retrying next tick")
+        return dg.SensorResult(skip_reason="webhook delivery failed", cursor=context.cursor)
+    return dg.SensorResult(skip_reason=f"{len(failures)} failed check(s) alerted", cursor=cursor)
+
+
 def build_check_alert_sensor(batch_size: int = 100) -> dg.SensorDefinition:
     """Alert on every failed asset check evaluation, blocking or not (non-blocking failures
     leave the run green, so run-failure sensors never see them).
@@ -184,45 +224,8 @@ def build_check_alert_sensor(batch_size: int = 100) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Failed asset checks -> sensor log, and Slack-style webhook when ${ALERT_WEBHOOK_ENV_VAR} is set.",
     )
-    def check_failure_alerts(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        instance = context.instance
-        after = int(context.cursor) if context.cursor else None
-        ended: list[dg.EventLogRecord] = []
-        horizon: int | None = None  # with a full page, later ids of the other type wait a tick
-        for event_type in RUN_END_EVENTS:
-            page = instance.fetch_run_status_changes(
-                dg.RunStatusChangeRecordsFilter(event_type, after_storage_id=after), limit=batch_size, ascending=True
-            )
-            ended += page.records
-            if page.has_more:
-                last = page.records[-1].storage_id
-                horizon = last if horizon is None else min(horizon, last)
-        ended = sorted(
-            (record for record in ended if horizon is None or record.storage_id <= horizon),
-            key=lambda record: record.storage_id,
-        )
-        if not ended:
-            return dg.SensorResult(skip_reason="no run ended since the last tick", cursor=context.cursor)
-        cursor = str(ended[-1].storage_id)
-        failures = [
-            (record.run_id, evaluation)
-            for record in ended
-            for evaluation in failed_check_evaluations(instance, record.run_id)
-        ]
-        if not failures:
-            return dg.SensorResult(skip_reason=f"{len(ended)} run(s) ended, no failed checks", cursor=cursor)
-        text = alert_text(failures)
-        context.log.warning(text)
-        url = os.environ.get(ALERT_WEBHOOK_ENV_VAR, "").strip()
-        if not url:
-            return dg.SensorResult(skip_reason=f"{len(failures)} failed check(s) logged; no webhook set", cursor=cursor)
-        try:
-            post_alert(url, text)
-        except (OSError, ValueError) as error:
-            # keep the old cursor: the same failures are alerted again on the next tick
-            context.log.error(f"alert webhook delivery failed: {delivery_error(error)}; retrying next tick")
-            return dg.SensorResult(skip_reason="webhook delivery failed", cursor=context.cursor)
-        return dg.SensorResult(skip_reason=f"{len(failures)} failed check(s) alerted", cursor=cursor)
+    def check_failure_alerts(context: dg.SensorEvaluationContext, operations: OperationsResource) -> dg.SensorResult:
+        return alert_failed_checks(context, operations, batch_size)
 
     return check_failure_alerts
 

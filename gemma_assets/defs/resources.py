@@ -1,4 +1,5 @@
-"""Resources: which run, where data lives, where compute runs. Frozen: derive, don't mutate."""
+"""Resources: which run, where data lives, where compute runs, how operations behave. Frozen:
+derive, don't mutate."""
 
 import os
 from pathlib import Path
@@ -7,7 +8,7 @@ import dagster as dg
 import torch
 
 from gemma_assets.core.config import RunConfig, parse_resolved
-from gemma_assets.core.storage import ActivationStore
+from gemma_assets.core.layout import RunLayout
 
 DATA_ROOT_ENV_VAR = "GEMMA_ASSETS_DATA_ROOT"
 
@@ -44,21 +45,21 @@ class StorageResource(dg.ConfigurableResource):
     run: RunResource
     activations_url: str = ""
 
-    @property
-    def run_root(self) -> Path:
-        return Path(self.data_root, self.run.config.name)
+    def layout(self, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext | None = None) -> RunLayout:
+        """The run's artefacts; inside an asset or check, only those of the assets it declares
+        (an undeclared read raises UndeclaredDependency)."""
+        root = Path(self.data_root, self.run.config.name)
+        layout = RunLayout(root, Path(self.data_root, "models"), self.activations_url)
+        if context is None:
+            return layout
+        assets_def = context.op_execution_context.assets_def
+        own = {key.to_user_string() for key in assets_def.keys}
+        own |= {check.asset_key.to_user_string() for check in assets_def.check_keys}
+        # a check's dependencies (its asset and any additional deps) are inputs, not dependency keys
+        upstream = set(assets_def.dependency_keys) | set(assets_def.keys_by_input_name.values())
+        declared = own | {key.to_user_string() for key in upstream}
 
-    def path(self, *parts: str) -> Path:
-        path = self.run_root.joinpath(*parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    @property
-    def models_dir(self) -> Path:
-        return Path(self.data_root, "models")
-
-    def activation_store(self) -> ActivationStore:
-        return ActivationStore(self.activations_url or str(self.run_root))
+        return layout.bound(", ".join(sorted(own)), declared)
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -80,3 +81,30 @@ class ComputeResource(dg.ConfigurableResource):
         if dtype == "auto":
             return torch.bfloat16 if self.resolved_device.startswith("cuda") else torch.float32
         return getattr(torch, dtype)
+
+
+ALERT_WEBHOOK_ENV_VAR = "GEMMA_ASSETS_ALERT_WEBHOOK"
+PARTITIONS_PER_NIGHT_ENV_VAR = "GEMMA_ASSETS_PARTITIONS_PER_NIGHT"
+PARTITIONS_PER_RUN_ENV_VAR = "GEMMA_ASSETS_PARTITIONS_PER_RUN"
+
+
+class OperationsResource(dg.ConfigurableResource):
+    """How the schedule and the alert sensor behave. Set in the deployment's environment: each
+    field is read through `dg.EnvVar` from the variable named beside it when that is set, so
+    the webhook URL (a secret) never shows in the UI, the logs or the run config."""
+
+    alert_webhook: str = ""  # $GEMMA_ASSETS_ALERT_WEBHOOK: Slack-style incoming webhook for failed checks
+    partitions_per_night: int = 8  # $GEMMA_ASSETS_PARTITIONS_PER_NIGHT: most activation partitions a night requests
+    # $GEMMA_ASSETS_PARTITIONS_PER_RUN: split nightly ranges into runs of at most this many
+    # partitions, e.g. to spread a night over N GPUs (each run loads the model once and holds one
+    # slot of the `gpu` pool). 0: no split
+    partitions_per_run: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "OperationsResource":
+        knobs = {
+            "alert_webhook": dg.EnvVar(ALERT_WEBHOOK_ENV_VAR),
+            "partitions_per_night": dg.EnvVar.int(PARTITIONS_PER_NIGHT_ENV_VAR),
+            "partitions_per_run": dg.EnvVar.int(PARTITIONS_PER_RUN_ENV_VAR),
+        }
+        return cls(**{field: var for field, var in knobs.items() if os.environ.get(var.env_var_name, "").strip()})

@@ -1,0 +1,285 @@
+"""Where every artefact of a run lives, which asset writes it, and how it is read back.
+
+Files on disk are the contract between the stages: this module writes that contract down. Each
+artefact has an owner (the asset that writes it). A layout bound to a reader (an asset, or the
+asset a check checks) refuses an artefact whose owner the reader does not declare as a
+dependency, so a missing edge in the asset graph fails loudly instead of ordering runs wrongly.
+
+    <root>/sample/windows.npz, strata.parquet          pile_sample
+    <root>/activations/part-<key>/                     activations (ActivationStore)
+    <root>/stats/part-<key>.npz, <split>_moments.npz,
+                 <table>.parquet, bos.json, *.png      activation_stats
+    <root>/whitening/whitening.npz, *.png              whitening
+    <root>/clusters/k-<k>/ (model, assignments,
+                 metrics)                              cluster_models
+    <root>/density/k-<k>.json                          cluster_density
+    <root>/clusters/leader/                            leader_clusters
+    <root>/saes/<name>/                                sae_dictionary
+    <root>/saes/evaluation.json                        sae_evaluation
+    <root>/evaluation/downstream.json                  downstream_loss
+    <root>/evaluation/interpretation.json,
+    <root>/report/features/, alignment_histogram.png   interpretation
+    <root>/report/report.md, .html, plots,
+    <root>/run_config.yaml                             comparison_report
+
+The corpus (`<root>/corpus`) and models (`<data_root>/models`) are sources, not assets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemma_assets.core import corpus, leader, model
+from gemma_assets.core.config import RESOLVED_CONFIG_FILE, ConfigError, RunConfig, SaeSpec
+from gemma_assets.core.dictionaries import Member, clustering_family
+from gemma_assets.core.files import load_arrays
+from gemma_assets.core.records import DictionaryRecord, Family
+from gemma_assets.core.sampling import TokenSample, load_sample
+from gemma_assets.core.stats import ActivationMoments, PartitionStats, moments_path
+from gemma_assets.core.storage import ActivationStore
+from gemma_assets.core.whitening import Preprocessor, Whitening
+
+TOKENIZER_CORPUS_DOCUMENTS = 400
+
+
+class UndeclaredDependency(RuntimeError):
+    """An asset read an artefact of an asset it does not depend on."""
+
+
+class MissingArtefact(FileNotFoundError):
+    """An artefact is not on disk: its owner has not been materialised (the message says which)."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The artefacts of one run under `root` (= data_root/<run name>)."""
+
+    root: Path
+    models_dir: Path
+    activations_url: str = ""  # an fsspec URL for the activation store; default: under root
+    reader: str | None = None  # the asset whose reads are checked (None: unchecked)
+    declared: frozenset[str] = field(default_factory=frozenset)  # the reader and its dependencies
+
+    def bound(self, reader: str, declared: Iterable[str]) -> RunLayout:
+        """This layout as `reader` sees it: artefacts of `declared` assets only."""
+        return RunLayout(self.root, self.models_dir, self.activations_url, reader, frozenset(declared) | {reader})
+
+    def _at(self, owner: str | None, *parts: str) -> Path:
+        if owner is not None and self.reader is not None and owner not in self.declared:
+            raise UndeclaredDependency(
+                f"asset {self.reader} reads {'/'.join(parts)}, an artefact of {owner}, without depending on it "
+                f"-> add {owner} to the deps of {self.reader}"
+            )
+        path = self.root.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _existing(self, owner: str, path: Path, what: str) -> Path:
+        if not path.exists():
+            raise MissingArtefact(f"no {what} at {path}: materialise {owner} first")
+        return path
+
+    # sources
+    @property
+    def corpus_dir(self) -> Path:
+        return self._at(None, "corpus")
+
+    def corpus(self, run: RunConfig) -> Iterator[corpus.Document]:
+        """The run's corpus, building the offline corpus on first use."""
+        return corpus.open_corpus(run.corpus, self.corpus_dir)
+
+    def model_source(self, run: RunConfig) -> str:
+        """`from_pretrained` source of the run's model (the tiny model is built once, here, with a
+        tokenizer trained on the first documents of the corpus)."""
+
+        def texts() -> Iterator[str]:  # a generator: the corpus is read only if the model must be built
+            yield from (doc.text for doc in itertools.islice(self.corpus(run), TOKENIZER_CORPUS_DOCUMENTS))
+
+        return model.model_source(run.model, self.models_dir, texts())
+
+    # pile_sample
+    @property
+    def sample_file(self) -> Path:
+        return self._at("pile_sample", "sample", "windows.npz")
+
+    @property
+    def strata_file(self) -> Path:
+        return self._at("pile_sample", "sample", "strata.parquet")
+
+    def sample(self) -> TokenSample:
+        return load_sample(self._existing("pile_sample", self.sample_file, "token sample"))
+
+    # activations
+    def activation_store(self) -> ActivationStore:
+        self._at("activations", "activations")
+        return ActivationStore(self.activations_url or str(self.root))
+
+    # activation_stats
+    def partition_stats_file(self, key: str) -> Path:
+        return self._at("activation_stats", "stats", f"part-{key}.npz")
+
+    def partition_stats(self, key: str) -> PartitionStats:
+        return PartitionStats.load(self._existing("activation_stats", self.partition_stats_file(key), "statistics"))
+
+    def partition_moments_file(self, key: str) -> Path:
+        return moments_path(self.partition_stats_file(key))
+
+    def partition_moments(self, key: str) -> ActivationMoments:
+        path = self._existing("activation_stats", self.partition_moments_file(key), "moments")
+        return ActivationMoments.load(path)
+
+    def moments_file(self, split: str) -> Path:
+        return self._at("activation_stats", "stats", f"{split}_moments.npz")
+
+    def moments(self, split: str = "train") -> ActivationMoments:
+        return ActivationMoments.load(self._existing("activation_stats", self.moments_file(split), "moments"))
+
+    def stats_file(self, name: str) -> Path:
+        """A table (`per_dim.parquet`, ...), `bos.json` or a plot of the statistics."""
+        return self._at("activation_stats", "stats", name)
+
+    def bos_ratio(self) -> float:
+        return json.loads(self.stats_file("bos.json").read_text())["bos_to_token_norm_ratio"]
+
+    # whitening
+    def whitening_file(self, name: str = "whitening.npz") -> Path:
+        return self._at("whitening", "whitening", name)
+
+    def whitening(self) -> Whitening:
+        return Whitening.load(self._existing("whitening", self.whitening_file(), "whitening"))
+
+    def preprocessor(self, kind: str, n_components: int = 0) -> Preprocessor:
+        """The map into the space a clustering is fitted in, from the fitted whitening."""
+        return Preprocessor.from_whitening(kind, self.whitening(), n_components)
+
+    # cluster_models
+    def kmeans_dir(self, k: int) -> Path:
+        return self._at("cluster_models", "clusters", f"k-{k:05d}")
+
+    def kmeans_model(self, k: int) -> dict[str, np.ndarray]:
+        """centroids, sizes, inertia_curve and gain_shape_atoms of k-means-k."""
+        path = self.kmeans_dir(k) / "model.npz"
+        return load_arrays(self._existing(f"cluster_models[{k}]", path, f"k-means model for k={k}"))
+
+    def kmeans_records(self, k: int) -> list[DictionaryRecord]:
+        """k-means-k's record, then those of its other readings."""
+        path = self._existing(f"cluster_models[{k}]", self.kmeans_dir(k) / "records.json", f"records of k={k}")
+        return [DictionaryRecord.from_json(r) for r in json.loads(path.read_text())]
+
+    def clustering_members(self, run: RunConfig) -> list[Member]:
+        """k-means-k and its readings for every k of the run, then leader clustering."""
+        preprocessor = self.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
+        members = []
+        for k in run.clustering.ks:
+            model = self.kmeans_model(k)
+            centroids, atoms = torch.from_numpy(model["centroids"]), torch.from_numpy(model["gain_shape_atoms"])
+            members += clustering_family(k, centroids, atoms, preprocessor)
+        return [*members, self.leader_member()]
+
+    # cluster_density
+    def density_file(self, k: int) -> Path:
+        return self._at("cluster_density", "density", f"k-{k:05d}.json")
+
+    # leader_clusters
+    @property
+    def leader_dir(self) -> Path:
+        return self._at("leader_clusters", "clusters", "leader")
+
+    def leader_record(self) -> DictionaryRecord:
+        path = self._existing("leader_clusters", self.leader_dir / "record.json", "leader clustering")
+        return DictionaryRecord.from_json(json.loads(path.read_text()))
+
+    def leader_member(self) -> Member:
+        regions = load_arrays(self._existing("leader_clusters", self.leader_dir / "model.npz", "leader clustering"))
+        dictionary = leader.leader_dictionary(torch.from_numpy(regions["exemplars"]), torch.from_numpy(regions["mean"]))
+        return Member(self.leader_record().name, Family.LEADER, dictionary)
+
+    # sae_dictionary
+    def sae_dir(self, name: str) -> Path:
+        return self._at("sae_dictionary", "saes", name)
+
+    def sae_members(self, specs: Sequence[SaeSpec], device: str = "cpu") -> list[Member]:
+        from gemma_assets.core import sae  # SAELens is imported only where SAEs are used
+
+        return [
+            Member(spec.name, spec.family, sae.load_dictionary(self.sae_dir(spec.name), device), spec.active_per_token)
+            for spec in specs
+        ]
+
+    # sae_evaluation
+    @property
+    def sae_evaluation_file(self) -> Path:
+        return self._at("sae_evaluation", "saes", "evaluation.json")
+
+    def sae_records(self) -> list[DictionaryRecord]:
+        path = self._existing("sae_evaluation", self.sae_evaluation_file, "SAE evaluation")
+        return [DictionaryRecord.from_json(r) for r in json.loads(path.read_text())]
+
+    # downstream_loss
+    @property
+    def downstream_file(self) -> Path:
+        return self._at("downstream_loss", "evaluation", "downstream.json")
+
+    def downstream(self) -> dict:
+        path = self._existing("downstream_loss", self.downstream_file, "spliced cross-entropy")
+        return json.loads(path.read_text())
+
+    # interpretation
+    @property
+    def interpretation_file(self) -> Path:
+        return self._at("interpretation", "evaluation", "interpretation.json")
+
+    def interpretation(self) -> dict:
+        path = self._existing("interpretation", self.interpretation_file, "interpretation")
+        return json.loads(path.read_text())
+
+    @property
+    def features_site(self) -> Path:
+        return self._at("interpretation", "report", "features")
+
+    @property
+    def alignment_plot(self) -> Path:
+        return self._at("interpretation", "report", "alignment_histogram.png")
+
+    # comparison_report
+    def report_file(self, name: str) -> Path:
+        """`report.md`, `report.html` or one of the report's plots."""
+        return self._at("comparison_report", "report", name)
+
+    @property
+    def resolved_config_file(self) -> Path:
+        return self._at("comparison_report", RESOLVED_CONFIG_FILE)
+
+    # outside the graph: what `gemma-assets export` writes
+    def export_dir(self, name: str) -> Path:
+        return self._at(None, "exports", name)
+
+
+def all_records(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
+    """Every dictionary's record: k-means and its readings per k, leader clustering, the SAEs."""
+    records = [record for k in run.clustering.ks for record in layout.kmeans_records(k)]
+    return [*records, layout.leader_record(), *layout.sae_records()]
+
+
+def find_member(layout: RunLayout, run: RunConfig, name: str, device: str = "cpu") -> Member:
+    """One dictionary of a finished run by its report name (only its own family is loaded)."""
+    specs = [spec for spec in run.sae_specs if spec.name == name]
+    members = layout.sae_members(specs, device) if specs else layout.clustering_members(run)
+    for member in members:
+        if member.name == name:
+            return member
+    names = [member.name for member in members] + [spec.name for spec in run.sae_specs]
+    close = difflib.get_close_matches(name, names, n=1)
+    raise ConfigError(
+        f"run {run.name} has no dictionary {name!r}"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + f" Its dictionaries: {', '.join(names)}"
+    )

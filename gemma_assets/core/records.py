@@ -1,0 +1,175 @@
+"""Typed results that stages hand to each other: one record per dictionary, one finding per problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+
+class Family(str, Enum):
+    """How a dictionary was made; the value is its name on disk."""
+
+    KMEANS = "k-means"
+    GAIN_SHAPE = "gain-shape"
+    TOP_M = "top-m"
+    LEADER = "leader"
+    SAE_TOPK = "sae-topk"
+    SAE_PRETRAINED = "sae-pretrained"
+
+    @property
+    def is_sae(self) -> bool:
+        return self in (Family.SAE_TOPK, Family.SAE_PRETRAINED)
+
+    @property
+    def is_clustering(self) -> bool:
+        return not self.is_sae
+
+    @classmethod
+    def of_sae(cls, architecture: str) -> Family:
+        return cls.SAE_PRETRAINED if architecture == "pretrained" else cls.SAE_TOPK
+
+    def label(self, k: int) -> str:
+        """The family as the report's tables and plots name it."""
+        return {
+            Family.TOP_M: f"top-m over k-means-{k}",
+            Family.LEADER: "leader (Exemplar Partitioning)",
+            Family.SAE_TOPK: "SAE (topk)",
+            Family.SAE_PRETRAINED: "SAE (pretrained)",
+        }.get(self, self.value)
+
+
+# the costs of a fit, shown in the report's cost table; every other fit fact goes to `facts`
+COST_KEYS = ("parameters", "fit_seconds", "fit_peak_rss_mb")
+
+
+@dataclass(frozen=True)
+class DictionaryRecord:
+    """One dictionary of the comparison: what it is, how it scores on held-out tokens, what it cost.
+
+    `k` is the number of features (clusters, regions or latents); `m` the features active per
+    token by construction (None where it varies per token)."""
+
+    name: str
+    family: Family
+    k: int
+    m: int | None
+    heldout: Mapping[str, float]  # metric name (fvu, mse, l0, ...) -> value on held-out tokens
+    cost: Mapping[str, float] = field(default_factory=dict)
+    facts: Mapping[str, Any] = field(default_factory=dict)  # iterations, converged, train_partitions, ...
+    downstream: Mapping[str, float] = field(default_factory=dict)  # spliced CE, joined by name
+
+    @property
+    def fvu(self) -> float:
+        return self.heldout["fvu"]
+
+    @property
+    def l0(self) -> float:
+        return self.heldout["l0"]
+
+    @property
+    def train_partitions(self) -> list[str]:
+        return list(self.facts.get("train_partitions", []))
+
+    def row(self) -> dict[str, Any]:
+        """Flat columns for tables and plots: held-out metrics prefixed `heldout_`."""
+        return {
+            "name": self.name,
+            "family": self.family.label(self.k),
+            "k": self.k,
+            "m": self.m,
+            **self.facts,
+            **self.cost,
+            **{f"heldout_{name}": value for name, value in self.heldout.items()},
+            **self.downstream,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family.value,
+            "k": self.k,
+            "m": self.m,
+            "heldout": dict(self.heldout),
+            "cost": dict(self.cost),
+            "facts": dict(self.facts),
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> DictionaryRecord:
+        return cls(
+            value["name"],
+            Family(value["family"]),
+            int(value["k"]),
+            value["m"],
+            value["heldout"],
+            value.get("cost", {}),
+            value.get("facts", {}),
+        )
+
+    @classmethod
+    def of_fit(
+        cls, name: str, family: Family, k: int, m: int | None, heldout: Mapping[str, float], facts: Mapping[str, Any]
+    ) -> DictionaryRecord:
+        """A record whose fit facts hold its costs among the rest (split here by COST_KEYS)."""
+        cost = {key: facts[key] for key in COST_KEYS if key in facts}
+        return cls(name, family, k, m, heldout, cost, {key: v for key, v in facts.items() if key not in cost})
+
+
+def join_downstream(
+    records: Iterable[DictionaryRecord], downstream: Mapping[str, Mapping[str, float]]
+) -> list[DictionaryRecord]:
+    """Each record with the spliced cross-entropy measured for its name (none: left as is)."""
+    return [replace(r, downstream=downstream[r.name]) if r.name in downstream else r for r in records]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem a data-quality check found: what and where, and what fixes it."""
+
+    message: str
+    fix: str
+    partition: str | None = None
+    row: int | None = None
+    position: int | None = None
+    dim: int | None = None
+
+    def __str__(self) -> str:
+        return f"partition {self.partition}: {self.message}" if self.partition is not None else self.message
+
+
+class Markdown(str):
+    """Text to be shown rendered as markdown (a table, a list)."""
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The verdict of one data-quality check, its description (naming the fix when it fails)
+    and the figures behind it."""
+
+    passed: bool
+    description: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    findings: tuple[Finding, ...] = ()
+
+    @classmethod
+    def of(cls, findings: Iterable[Finding], passed_text: str, metadata: Mapping[str, Any]) -> CheckReport:
+        """Passed when nothing was found; otherwise the findings, described."""
+        findings = tuple(findings)
+        return cls(not findings, describe(findings) if findings else passed_text, metadata, findings)
+
+
+def describe(findings: Iterable[Finding], shown: int = 10) -> str:
+    """The first `shown` findings, then each fix once with the partitions it applies to."""
+    findings = list(findings)
+    fixes: dict[str, list[str]] = {}
+    for finding in findings:
+        partitions = fixes.setdefault(finding.fix, [])
+        if finding.partition is not None and finding.partition not in partitions:
+            partitions.append(finding.partition)
+    text = "; ".join(str(f) for f in findings[:shown])
+    if len(findings) > shown:
+        text += f"; ... {len(findings) - shown} more"
+    remedies = [fix.format(partitions=", ".join(sorted(keys))) for fix, keys in fixes.items()]
+    return text + " -> " + "; ".join(remedies)

@@ -1,0 +1,161 @@
+"""whitening and cluster_models[k]: the clustering side of the comparison."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+import zarr.storage
+
+from gemma_assets.core import metrics, plots
+from gemma_assets.core.batches import Batches, map_data
+from gemma_assets.core.cluster_metrics import cluster_quality
+from gemma_assets.core.config import RunConfig
+from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
+from gemma_assets.core.files import atomic_dir, save_arrays, write_json
+from gemma_assets.core.kmeans import KMeansDictionary, KMeansResult, assign, fit_kmeans
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.memory import PeakRss
+from gemma_assets.core.records import DictionaryRecord, Family
+from gemma_assets.core.storage import ActivationStore
+from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
+
+
+@dataclass(frozen=True)
+class WhiteningRecord:
+    heldout_identity_max_abs_deviation: float
+    inverse_roundtrip_max_rel_error: float
+    eigenvalue_floor: float
+    condition_number: float
+    eigen_spectrum: Path
+
+
+def fit_whitening(layout: RunLayout, run: RunConfig) -> WhiteningRecord:
+    """Mean and covariance eigendecomposition of the train split (BOS excluded); ZCA with an
+    eigenvalue floor, checked on held-out tokens against the identity."""
+    moments = layout.moments("train")
+    fitted = Whitening.fit(moments.mean, moments.covariance)
+    fitted.save(layout.whitening_file())
+    zca = Preprocessor.from_whitening("zca", fitted)
+    heldout, _ = layout.activation_store().load_tokens(run.heldout_partition_keys)
+    whitened = zca.forward(heldout)
+    roundtrip = float(((zca.inverse(whitened) - heldout).norm(dim=1) / heldout.norm(dim=1)).max())
+    plot = plots.spectrum(
+        fitted.eigenvalues, layout.whitening_file("eigen_spectrum.png"), "principal component", "variance (eigenvalue)"
+    )
+    condition = float(fitted.eigenvalues[0] / fitted.eigenvalues[-1])
+    return WhiteningRecord(identity_deviation(whitened), roundtrip, float(fitted.floor), condition, plot)
+
+
+@dataclass(frozen=True)
+class TrainSplit:
+    """The train split in the space k-means is fitted in: in memory, or streamed from the store."""
+
+    data: torch.Tensor | Batches
+    preprocessor: Preprocessor
+    tokens: int
+    streamed: bool
+
+
+def train_split(layout: RunLayout, run: RunConfig) -> TrainSplit:
+    """In memory when it fits `clustering.in_memory_mb`; otherwise every Lloyd iteration streams
+    the store once (out of core)."""
+    spec = run.clustering
+    preprocessor = layout.preprocessor(spec.preprocessing, spec.n_components)
+    moments = layout.moments("train")
+    store = layout.activation_store()
+    streamed = moments.count * moments.d_model * 4 > spec.in_memory_mb * 2**20
+    keys = run.train_partition_keys
+    data = (
+        store.batches(keys, preprocessor.forward)
+        if streamed
+        else store.load_tokens(keys, transform=preprocessor.forward)[0]
+    )
+    return TrainSplit(data, preprocessor, moments.count, streamed)
+
+
+def _kmeans_facts(run: RunConfig, result: KMeansResult, peak_mb: float) -> dict:
+    spec = run.clustering
+    return {
+        "preprocessing": spec.preprocessing,
+        "n_components": spec.n_components,
+        "backend": spec.backend,
+        "seeding": spec.seeding,
+        "iterations": result.n_iter,
+        "converged": result.converged,
+        "fit_seconds": result.fit_seconds,
+        "fit_peak_rss_mb": peak_mb,
+        "distances_skipped_share": result.distances_skipped_share,
+        "train_inertia": result.inertia_curve[-1],
+        "dead_clusters_train": int((result.sizes == 0).sum()),
+    }
+
+
+def fit_k(layout: RunLayout, run: RunConfig, train: TrainSplit, k: int) -> list[DictionaryRecord]:
+    """K-means (exact Lloyd) on the train split, its gain-shape and top-m readings, their held-out
+    metrics and the cluster of every stored token, written together under clusters/k-<k>/."""
+    spec, store = run.clustering, layout.activation_store()
+    fit_args = {"max_iter": spec.max_iter, "tol": spec.tol, "bounds_mb": spec.in_memory_mb, "seeding": spec.seeding}
+    with PeakRss() as peak:
+        result = fit_kmeans(train.data, k, seed=spec.seed, backend=spec.backend, **fit_args)
+    # the same clustering read as dictionaries with more shapes (gain-shape's directions come
+    # from spherical k-means on the same tokens)
+    raw = map_data(train.data, train.preprocessor.inverse)
+    gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed, **fit_args)
+    family = clustering_family(k, result.centroids, gain_shape.atoms, train.preprocessor)
+    heldout = store.batches(run.heldout_partition_keys)
+    facts = {
+        "train_partitions": run.train_partition_keys,
+        "train_tokens": train.tokens,
+        "train_streamed": train.streamed,
+    }
+    facts |= {"fit_seconds": result.fit_seconds, "parameters": result.centroids.numel()}  # top-m reuses k-means
+    own_facts = {
+        Family.KMEANS: _kmeans_facts(run, result, peak.mb),
+        Family.GAIN_SHAPE: {"fit_seconds": spherical.fit_seconds, "iterations": spherical.n_iter},
+    }
+    # cluster quality is read in the space k-means was fitted in
+    quality = {Family.KMEANS: cluster_quality(map_data(heldout, train.preprocessor.forward)(), result.centroids)}
+    records = [
+        DictionaryRecord.of_fit(
+            member.name,
+            member.family,
+            k,
+            member.m,
+            quality.get(member.family, {}) | metrics.evaluate(heldout(), member.dictionary),
+            facts | own_facts.get(member.family, {}),
+        )
+        for member in family
+    ]
+    with atomic_dir(layout.kmeans_dir(k)) as out:  # model, labels and metrics agree
+        model = {"centroids": result.centroids, "sizes": result.sizes, "gain_shape_atoms": gain_shape.atoms}
+        save_arrays(
+            out / "model.npz", {n: v.numpy() for n, v in model.items()} | {"inertia_curve": result.inertia_curve}
+        )
+        write_assignments(out / "assignments", store, run.partition_keys, family[0].dictionary)
+        write_json(out / "records.json", [record.to_json() for record in records])
+    return records
+
+
+def write_assignments(path: Path, store: ActivationStore, keys: list[str], dictionary: KMeansDictionary) -> None:
+    """Cluster of every stored token (-1 for BOS), one zarr array per partition, row-aligned with
+    the activations; written beside and renamed into place, so readers never see half of it."""
+    with atomic_dir(path) as staging:
+        group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
+        for key in keys:
+            labels = np.full(store.open(key).n_tokens, -1, np.int32)
+            for x, info in store.iter_tokens([key]):
+                labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
+            group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
+
+
+def describe_fit(records: list[DictionaryRecord]) -> str:
+    """One log line for k-means-k and its readings."""
+    kmeans, *others = records
+    return (
+        f"k={kmeans.k}: {kmeans.facts['iterations']} iterations in {kmeans.cost['fit_seconds']:.1f}s, "
+        f"held-out FVU {kmeans.fvu:.4f}, " + ", ".join(f"{r.name} {r.fvu:.4f}" for r in others)
+    )

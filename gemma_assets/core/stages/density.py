@@ -1,0 +1,89 @@
+"""cluster_density[k] (diagonal GMM from k-means) and leader_clusters (Exemplar Partitioning)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from gemma_assets.core import interpret, metrics
+from gemma_assets.core.config import RunConfig
+from gemma_assets.core.files import atomic_dir, save_arrays, write_json
+from gemma_assets.core.gmm import fit_gmm, lowest_density
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.leader import fit_leader
+from gemma_assets.core.memory import PeakRss
+from gemma_assets.core.records import DictionaryRecord, Family
+
+CONTEXT_TOKENS = 5  # tokens shown on each side of a lowest-density token
+
+
+def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
+    """Diagonal-covariance Gaussian mixture (streamed EM) in whitened principal components,
+    initialised from the k-means-k centroids; held-out log-likelihood per token and the
+    lowest-density held-out tokens in context, written to density/k-<k>.json."""
+    store = layout.activation_store()
+    whitened = layout.whitening()
+    space = layout.preprocessor("pca", min(run.density.components, len(whitened.mean)))
+    kmeans_space = layout.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
+    centroids = torch.from_numpy(layout.kmeans_model(k)["centroids"])
+    train = store.batches(run.train_partition_keys, space.forward)
+    init = space.forward(kmeans_space.inverse(centroids))
+    gmm = fit_gmm(train, init, max_iter=run.density.max_iter, tol=run.density.tol)
+    heldout = store.batches(run.heldout_partition_keys, space.forward)
+    total, count = 0.0, 0
+    for x in heldout():
+        total += float(gmm.log_likelihood(x).sum())
+        count += len(x)
+    with_info = store.iter_tokens(run.heldout_partition_keys, transform=space.forward)
+    anomalies = lowest_density(gmm, with_info, run.density.anomalies)
+    key_of = {int(key): key for key in run.partition_keys}  # the reader carries partitions as numbers
+    for anomaly in anomalies:
+        anomaly["partition"] = key_of[anomaly["partition"]]
+        ids = store.open(anomaly["partition"]).array("token_ids")
+        row = np.array([anomaly["row"]])
+        context = interpret.contexts_of(ids, row, run.sampling.context_len, CONTEXT_TOKENS, with_bos=False)[0]
+        anomaly["context"] = interpret.context_text(context, tokenizer.decode)
+    record = {
+        "k": k,
+        "components": space.forward_matrix.shape[1],
+        "train_partitions": run.train_partition_keys,
+        "em_iterations": gmm.n_iter,
+        "converged": gmm.converged,
+        "train_log_likelihood_curve": gmm.log_likelihood_curve,
+        "heldout_mean_log_likelihood": total / count,
+        "active_components": int((gmm.weights > 0).sum()),
+        "anomalies": anomalies,
+    }
+    write_json(layout.density_file(k), record)
+    return record
+
+
+def fit_leader_regions(layout: RunLayout, run: RunConfig) -> DictionaryRecord:
+    """Leader clustering as in Exemplar Partitioning (centred, unit-norm tokens; a new region when
+    every exemplar is farther than a percentile-set cosine threshold), evaluated on the same
+    held-out tokens as every other dictionary; written under clusters/leader/."""
+    store = layout.activation_store()
+    mean = torch.from_numpy(layout.whitening().mean).float()
+    started = time.perf_counter()
+    with PeakRss() as peak:
+        result = fit_leader(store.batches(run.train_partition_keys)(), mean, run.leader.percentile)
+    fit_seconds = time.perf_counter() - started
+    heldout = metrics.evaluate(store.batches(run.heldout_partition_keys)(), result.dictionary())
+    facts = {
+        "train_partitions": run.train_partition_keys,
+        "fit_seconds": fit_seconds,
+        "fit_peak_rss_mb": peak.mb,
+        "threshold": result.threshold,
+        "tokens_seen": result.n_tokens_seen,
+        "stopped_early": result.stopped_early,
+        "parameters": result.exemplars.numel(),
+    }
+    k = len(result.exemplars)
+    record = DictionaryRecord.of_fit(f"leader-{k}", Family.LEADER, k, 1, heldout, facts)
+    with atomic_dir(layout.leader_dir) as folder:
+        arrays = {"exemplars": result.exemplars, "mean": mean, "counts": result.counts}
+        save_arrays(folder / "model.npz", {name: value.numpy() for name, value in arrays.items()})
+        write_json(folder / "record.json", record.to_json())
+    return record

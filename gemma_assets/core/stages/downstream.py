@@ -1,0 +1,92 @@
+"""downstream_loss: next-token cross-entropy with block L's output replaced by each dictionary's
+reconstruction."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from gemma_assets.core import splice
+from gemma_assets.core.config import RunConfig
+from gemma_assets.core.dictionaries import Member
+from gemma_assets.core.files import write_json
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.storage import ActivationStore
+
+
+def heldout_windows(store: ActivationStore, keys: list[str], context_len: int, limit: int) -> np.ndarray:
+    """Token windows [w, context_len] of the held-out partitions, at most `limit`."""
+    windows = np.concatenate([store.open(key).array("token_ids").reshape(-1, context_len) for key in keys])[:limit]
+    if not len(windows):
+        raise ValueError(
+            f"no held-out windows to measure the spliced cross-entropy on (partitions {keys}, limit {limit}): "
+            "raise evaluation.ce_windows or sample more windows"
+        )
+    return windows
+
+
+def _round_trip(member: Member, device: str) -> splice.Replacement:
+    def replace(x: torch.Tensor) -> torch.Tensor:
+        dictionary = member.dictionary
+        return dictionary.decode(dictionary.encode(x.to(device))).to(x.device)
+
+    return replace
+
+
+def spliced_losses(
+    layout: RunLayout,
+    run: RunConfig,
+    lm: torch.nn.Module,
+    members: list[Member],
+    device: str,
+    log: Callable[[str], None],
+) -> dict:
+    """Clean, zero- and mean-ablated CE, and per dictionary the spliced CE, delta CE and loss
+    recovered (SAELens' definitions); written to evaluation/downstream.json."""
+    windows = heldout_windows(
+        layout.activation_store(), run.heldout_partition_keys, run.sampling.context_len, run.evaluation.ce_windows
+    )
+    train_mean = torch.from_numpy(layout.moments("train").mean).float()
+    replacements: dict[str, splice.Replacement | None] = {
+        "clean": None,
+        "zero-ablation": torch.zeros_like,
+        "mean-ablation": lambda x: train_mean.to(x.device).expand_as(x),
+    }
+    for member in members:  # clusterings run on the CPU: their encoders are cheap and exact there
+        replacements[member.name] = _round_trip(member, device if member.family.is_sae else "cpu")
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        log(f"spliced CE: {done}/{total} windows x {len(replacements)} runs, {time.perf_counter() - started:.0f}s")
+
+    batch = run.evaluation.ce_batch_windows
+    ce = splice.cross_entropies(lm, windows, run.model.layer, replacements, batch, device, progress)
+    clean, zero, mean = ce["clean"], ce["zero-ablation"], ce["mean-ablation"]
+    result = {
+        "windows": len(windows),
+        "predicted_tokens": int(windows[:, 1:].size),
+        "clean_ce": clean,
+        "zero_ablation_ce": zero,
+        "mean_ablation_ce": mean,
+        "dictionaries": [
+            {
+                "name": member.name,
+                "family": member.family.value,
+                "ce": ce[member.name],
+                "delta_ce": ce[member.name] - clean,
+                "loss_recovered_vs_zero": splice.loss_recovered(ce[member.name], clean, zero),
+                "loss_recovered_vs_mean": splice.loss_recovered(ce[member.name], clean, mean),
+            }
+            for member in members
+        ],
+    }
+    write_json(layout.downstream_file, result)
+    return result
+
+
+def by_name(downstream: dict) -> dict[str, dict[str, float]]:
+    """The spliced figures of each dictionary, keyed by its name (to join with its record)."""
+    return {r["name"]: {k: v for k, v in r.items() if k not in ("name", "family")} for r in downstream["dictionaries"]}

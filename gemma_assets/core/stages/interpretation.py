@@ -1,0 +1,203 @@
+"""interpretation: clusters and SAE latents read side by side on held-out tokens."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemma_assets.core import feature_pages, interpret, plots
+from gemma_assets.core.codes import centred_units
+from gemma_assets.core.config import RunConfig
+from gemma_assets.core.dictionaries import Member
+from gemma_assets.core.files import write_json
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.records import Family
+from gemma_assets.core.storage import ActivationStore
+
+CODE_BATCH = 4096  # tokens encoded at once (codes of 65k-latent SAEs stay in memory bounds)
+
+
+def load_eval_tokens(
+    store: ActivationStore, keys: list[str], limit: int, context_len: int, width: int
+) -> interpret.EvalTokens:
+    """The first `limit` held-out non-BOS tokens, with contexts, strata and window ids."""
+    xs, token_ids, strata, contexts, windows, taken = [], [], [], [], [], 0
+    names: tuple[str, ...] = ()
+    for key in keys:
+        part = store.open(key)
+        names = tuple(part.manifest["attrs"]["stratum_names"])
+        all_ids = part.array("token_ids")
+        for x, info in store.iter_tokens([key]):
+            x, rows = x[: limit - taken], info["row"][: limit - taken]
+            xs.append(x)
+            token_ids.append(info["token_ids"][: len(rows)])
+            strata.append(info["strata"][: len(rows)])
+            contexts.append(interpret.contexts_of(all_ids, rows, context_len, width))
+            windows.append(int(key) * 10**6 + rows // context_len)  # unique across partitions
+            taken += len(rows)
+            if taken >= limit:
+                break
+        if taken >= limit:
+            break
+    if not taken:
+        raise ValueError(
+            f"no held-out tokens to interpret features on (partitions {keys}, limit {limit}): "
+            "raise evaluation.interpret_tokens or sample more windows"
+        )
+    return interpret.EvalTokens(
+        torch.cat(xs),
+        np.concatenate(token_ids),
+        np.concatenate(strata).astype(np.int64),
+        names,
+        np.concatenate(contexts),
+        np.concatenate(windows),
+    )
+
+
+def _activations(member: Member, x: torch.Tensor, device: str) -> interpret.FeatureActivations:
+    """Codes of every token, encoded on `device` in bounded batches, gathered on the CPU."""
+    return interpret.FeatureActivations.from_codes(
+        (member.dictionary.encode(x[i : i + CODE_BATCH].to(device)).to("cpu") for i in range(0, len(x), CODE_BATCH)),
+        member.dictionary.n_features,
+    )
+
+
+@dataclass
+class _Comparison:
+    """Every clustering against every SAE: alignment of directions and activation-set F1."""
+
+    pairs: list[dict]
+    best: dict[tuple[str, str], tuple]  # (clustering, sae) -> interpret.alignment's four tensors
+
+    @classmethod
+    def of(
+        cls, clusters: list[Member], latents: list[Member], acts: dict[str, interpret.FeatureActivations]
+    ) -> _Comparison:
+        pairs, best = [], {}
+        for cluster in clusters:
+            labels = np.empty(acts[cluster.name].n_tokens, np.int64)
+            labels[acts[cluster.name].token] = acts[cluster.name].feature
+            for latent in latents:
+                aligned = interpret.alignment(cluster.dictionary.directions(), latent.dictionary.directions().cpu())
+                best_cl, _, best_la, _ = best[(cluster.name, latent.name)] = aligned
+                f1, _ = interpret.activation_f1(labels, cluster.dictionary.n_features, acts[latent.name])
+                pairs.append(
+                    {
+                        "clustering": cluster.name,
+                        "sae": latent.name,
+                        "median_best_cosine": float(best_cl.median()),
+                        "clusters_with_twin": float((best_cl >= interpret.TWIN_COSINE).float().mean()),
+                        "latents_with_twin": float((best_la >= interpret.TWIN_COSINE).float().mean()),
+                        "mean_best_f1": float(f1.mean()),
+                        "clusters_matched_f1": float((f1 > interpret.MATCH_F1).mean()),
+                    }
+                )
+        return cls(pairs, best)
+
+    def twins(self, member: Member, clusters: list[Member], latents: list[Member]) -> list[str]:
+        """Per feature, its best match in the other family (clusters: the SAE with most features;
+        latents: the clustering with the largest k)."""
+        if not clusters or not latents:
+            return ["(no dictionary of the other family)"] * member.dictionary.n_features
+        if member in clusters:
+            other = max(latents, key=lambda m: m.dictionary.n_features)
+            cosine, index, _, _ = self.best[(member.name, other.name)]
+            kind = "latent"
+        else:
+            other = clusters[-1]
+            _, _, cosine, index = self.best[(other.name, member.name)]
+            kind = "cluster"
+        return [f"{other.name} {kind} {int(j)} (cosine {float(c):.3f})" for c, j in zip(cosine, index, strict=True)]
+
+
+@dataclass(frozen=True)
+class InterpretationRecord:
+    result: dict  # what evaluation/interpretation.json holds: tokens, alignment, probes, examples
+    site: Path
+    alignment_histogram: Path
+
+
+def _pages(
+    members: list[Member],
+    acts: dict[str, interpret.FeatureActivations],
+    tokens: interpret.EvalTokens,
+    centred: torch.Tensor,
+    unembedding: torch.Tensor,
+    twins_of: Callable[[Member], list[str]],
+    decode: Callable[[int], str],
+) -> tuple[dict[str, str], dict[str, list[dict]]]:
+    """Feature pages of every dictionary, and a few example features of each for the report."""
+    pages: dict[str, str] = {}
+    examples = {}
+    for member in members:
+        summaries = interpret.summarise(acts[member.name], tokens, centred)
+        promoted, suppressed = interpret.logit_effects(member.dictionary.directions().cpu(), unembedding)
+        twins = twins_of(member)
+        for summary in summaries:
+            feature = summary["feature"]
+            pages[f"{member.name}/feature-{feature:05d}.html"] = feature_pages.feature_page(
+                f"{member.name} feature {feature}",
+                summary,
+                tokens,
+                decode,
+                promoted[feature].tolist(),
+                suppressed[feature].tolist(),
+                twins[feature],
+            )
+        pages[f"{member.name}/index.html"] = feature_pages.index_page(member.name, summaries, twins, decode)
+        examples[member.name] = interpret.example_features(summaries, decode)
+    pages["index.html"] = feature_pages.index_page_of_dictionaries(
+        [(m.name, m.family.label(m.dictionary.n_features), m.dictionary.n_features) for m in members]
+    )
+    return pages, examples
+
+
+def interpret_dictionaries(
+    layout: RunLayout,
+    run: RunConfig,
+    latents: list[Member],
+    tokenizer,
+    unembedding: torch.Tensor,
+    device: str,
+    log: Callable[[str], None],
+) -> InterpretationRecord:
+    """Per-feature summaries and HTML pages, centroid/decoder alignment, activation-set F1 (as
+    Exemplar Partitioning reports it) and sparse probes of source stratum and token class, for
+    the k-means models and the run's SAEs (`latents`)."""
+    spec = run.evaluation
+    decoded: dict[int, str] = {}
+
+    def decode(token: int) -> str:
+        if token not in decoded:
+            decoded[token] = tokenizer.decode([token])
+        return decoded[token]
+
+    store = layout.activation_store()
+    keys, context_len = run.heldout_partition_keys, run.sampling.context_len
+    tokens = load_eval_tokens(store, keys, spec.interpret_tokens, context_len, spec.context_width)
+    centred = centred_units(tokens.x, torch.from_numpy(layout.moments("train").mean).float())
+    clusters = [m for m in layout.clustering_members(run) if m.family is Family.KMEANS]
+    members = clusters + latents
+    acts = {m.name: _activations(m, tokens.x, device if m.family.is_sae else "cpu") for m in members}
+    log(f"encoded {len(tokens.x)} held-out tokens with {len(members)} dictionaries")
+    comparison = _Comparison.of(clusters, latents, acts)
+    largest = clusters[-1].name
+    histogram = plots.alignment_histogram(
+        {latent.name: comparison.best[(largest, latent.name)][0].numpy() for latent in latents},
+        largest,
+        layout.alignment_plot,
+        interpret.TWIN_COSINE,
+    )
+    probes = interpret.probe_table(tokens, members, acts, spec.probe_tokens, spec.probe_max_features, decode)
+    log("probes: " + ", ".join(f"{p['features']} {p['stratum_balanced_accuracy']:.3f}" for p in probes))
+    twins_of = functools.partial(comparison.twins, clusters=clusters, latents=latents)
+    pages, examples = _pages(members, acts, tokens, centred, unembedding, twins_of, decode)
+    feature_pages.write_site(layout.features_site, pages)
+    result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "probes": probes, "examples": examples}
+    write_json(layout.interpretation_file, result)
+    return InterpretationRecord(result, layout.features_site, histogram)

@@ -1,0 +1,75 @@
+"""comparison_report: every dictionary side by side on the same held-out tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemma_assets.core import plots, report
+from gemma_assets.core.config import RunConfig, save_resolved
+from gemma_assets.core.files import write_text
+from gemma_assets.core.layout import RunLayout, all_records
+from gemma_assets.core.records import DictionaryRecord, Family, join_downstream
+from gemma_assets.core.stages.downstream import by_name
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    markdown: Path
+    html: Path
+    records: list[DictionaryRecord]
+    figures: dict[str, Path]
+    findings: list[str]
+
+
+def _figures(layout: RunLayout, records: list[DictionaryRecord]) -> dict[str, Path]:
+    def l0_rows(metric: str) -> list[dict]:
+        rows = [(r, r.row()) for r in records]
+        return [
+            {"name": r.name, "series": report.series(r), "l0": r.l0, "value": row[metric]}
+            for r, row in rows
+            if row.get(metric) is not None
+        ]
+
+    return {
+        "frontier": plots.l0_frontier(
+            l0_rows("heldout_fvu"),
+            layout.report_file("l0_fvu_frontier.png"),
+            "FVU on held-out tokens (lower is better)",
+        ),
+        "delta_ce": plots.l0_frontier(
+            l0_rows("delta_ce"),
+            layout.report_file("l0_delta_ce.png"),
+            "spliced CE - clean CE, nats (lower is better)",
+        ),
+        "quality": plots.quality_across_k(
+            [r.row() for r in records if r.family is Family.KMEANS], layout.report_file("quality_across_k.png")
+        ),
+        "alignment": layout.alignment_plot,
+    }
+
+
+def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) -> ReportRecord:
+    """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
+    clustering quality across k, computational cost, feature interpretation; the resolved config
+    is saved beside it."""
+    downstream = layout.downstream()
+    records = join_downstream(all_records(layout, run), by_name(downstream))
+    report.check_no_leakage(records, run.heldout_partition_keys)
+    readings = layout.interpretation()
+    figures = _figures(layout, records)
+    save_resolved(run, layout.resolved_config_file)
+    data = {
+        "train_tokens": layout.moments("train").count,
+        "heldout_tokens": layout.moments("heldout").count,
+        "bos_ratio": layout.bos_ratio(),
+        "downstream": downstream,
+    }
+    findings = report.findings(records, readings)
+    names = {name: path.name for name, path in figures.items()}
+    markdown = report.render_markdown(run, records, data, names, readings, findings, compute)
+    path = layout.report_file("report.md")
+    write_text(path, markdown)
+    html = layout.report_file("report.html")
+    write_text(html, report.render_html(markdown, f"gemma_assets report ({run.name})"))
+    return ReportRecord(path, html, records, figures, findings)

@@ -1,0 +1,70 @@
+"""sae_dictionary and sae_evaluation: the SAE side of the comparison, through SAELens."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from gemma_assets.core import metrics, sae
+from gemma_assets.core.config import RunConfig, SaeSpec
+from gemma_assets.core.files import atomic_dir, write_json
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.memory import PeakRss
+from gemma_assets.core.records import DictionaryRecord
+
+TRAINING_FILE = "training.json"
+
+
+def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> dict:
+    """One SAE of the run: a TopK SAE trained with SAELens' SAETrainer on the stored train split,
+    or a pretrained one loaded with SAE.from_pretrained; saved with its training facts under
+    saes/<name>/. Returns the facts."""
+    if spec.architecture == "pretrained":
+        started = time.perf_counter()
+        dictionary = sae.load_pretrained(spec, device)
+        facts = {"load_seconds": time.perf_counter() - started}
+    else:
+        moments = layout.moments("train")
+        with PeakRss() as peak:
+            dictionary, facts = sae.train_topk(
+                spec,
+                layout.activation_store().batches(run.train_partition_keys),
+                d_in=moments.d_model,
+                n_tokens=moments.count,
+                scale=sae.activation_scale(moments.norm_sum / moments.count, moments.d_model),
+                epochs=run.saes.train_epochs,
+                mean=torch.from_numpy(moments.mean).float(),
+                batch_size=run.saes.batch_size,
+                device=device,
+            )
+        facts |= {"fit_peak_rss_mb": peak.mb, "train_partitions": run.train_partition_keys}
+    training = {
+        "name": spec.name,
+        "architecture": spec.architecture,
+        "width": spec.width or dictionary.sae.cfg.d_sae,
+        "k": spec.k,
+        "scale": dictionary.scale,
+        "parameters": dictionary.n_parameters,
+        **facts,
+    }
+    with atomic_dir(layout.sae_dir(spec.name)) as staging:  # weights and their training record together
+        dictionary.save(staging)
+        write_json(staging / TRAINING_FILE, training)
+    return training
+
+
+def evaluate_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> DictionaryRecord:
+    """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
+    throughput) of one SAE on held-out non-BOS tokens."""
+    folder = layout.sae_dir(spec.name)
+    dictionary = sae.load_dictionary(folder, device)
+    training = json.loads((folder / TRAINING_FILE).read_text())
+    heldout = metrics.evaluate(layout.activation_store().batches(run.heldout_partition_keys)(), dictionary, device)
+    facts = {key: value for key, value in training.items() if key not in ("name", "width", "k")}
+    return DictionaryRecord.of_fit(spec.name, spec.family, training["width"], spec.active_per_token, heldout, facts)
+
+
+def save_evaluation(layout: RunLayout, records: list[DictionaryRecord]) -> None:
+    write_json(layout.sae_evaluation_file, [record.to_json() for record in records])
