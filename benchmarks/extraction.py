@@ -103,7 +103,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
-    layout = RunLayout(args.data_root / profile.name, args.data_root / "models")
+    layout = RunLayout.of(args.data_root, profile.name)
     source = layout.model_source(profile)
     tokenizer = model.load_tokenizer(source)
     spec = profile.sampling.model_copy(update={"partitions": 1, "windows_per_partition": args.windows})

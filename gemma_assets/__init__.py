@@ -7,7 +7,7 @@ else sets a warning filter.
 
 import warnings
 
-# (message regex, why): matched at the start of the warning's message
+# (message regex, where it comes from): the regex is matched at the start of the warning's message
 ACCEPTED_WARNINGS = (
     # the whole-chunk Shuffle codec is a numcodecs codec, not (yet) in the zarr v3 spec; zarr-python
     # reads and writes it fine (the store's codec chain was chosen by measurement)

@@ -26,7 +26,6 @@ from dagster._utils.interrupts import check_captured_interrupt
 
 from gemma_assets.core.config import (
     CONFIG_ENV_VAR,
-    RESOLVED_CONFIG_FILE,
     SHIPPED_CONFIGS,
     ConfigError,
     RunConfig,
@@ -36,6 +35,7 @@ from gemma_assets.core.config import (
 )
 from gemma_assets.core.corpus import CorpusError
 from gemma_assets.core.files import writable_folder
+from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.model import ModelAccessError
 from gemma_assets.core.storage import ActivationStore, StorageError
 from gemma_assets.defs.operations import contiguous_ranges
@@ -407,7 +407,7 @@ def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Pat
             "run": run_config.name,
             "config_digest": run_config.digest(),
             "dictionary": member.name,
-            "family": member.family.value,
+            "family": member.family.label(member.dictionary.n_features),
             "preprocessing": run_config.clustering.preprocessing,
             "train_partitions": run_config.train_partition_keys,
             "git_revision": git_revision(),
@@ -494,7 +494,7 @@ def _data_root(args: argparse.Namespace) -> str:
 
 
 def _writable(data_root: str, run_config: RunConfig) -> None:
-    folder = Path(data_root, run_config.name)
+    folder = RunLayout.of(data_root, run_config.name).root
     if problem := writable_folder(folder):
         raise ConfigError(
             f"the data root {data_root} cannot hold outputs ({folder}: {problem}) -> pass --data-root with a "
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "ui":
             _writable(data_root, run_config)
             # the code location reads the resolved file, so the UI shows exactly this config
-            resolved = save_resolved(run_config, Path(data_root, run_config.name, RESOLVED_CONFIG_FILE))
+            resolved = save_resolved(run_config, RunLayout.of(data_root, run_config.name).resolved_config_file)
             os.environ[CONFIG_ENV_VAR] = str(resolved)
             ensure_dagster_home()
             sys.exit(subprocess.call(["dagster", "dev", "-w", "workspace.yaml"]))
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         from gemma_assets.core.validation import validate_run
 
-        architecture = validate_run(run_config, Path(data_root, "models"))
+        architecture = validate_run(run_config, RunLayout.of(data_root, run_config.name).models_dir)
         if args.command == "materialize":
             _writable(data_root, run_config)
     except (ConfigError, ModelAccessError) as error:
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{run_config.sampling.partitions} partitions of {run_config.sampling.windows_per_partition} windows x "
             f"{run_config.sampling.context_len} tokens ({run_config.train_tokens:,} train tokens); k in "
             f"{list(run_config.clustering.ks)}; {len(run_config.sae_specs)} SAEs; outputs in "
-            f"{Path(data_root, run_config.name)}"
+            f"{RunLayout.of(data_root, run_config.name).root}"
         )
         return
 
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
 
     home = ensure_dagster_home()
     defs = build_definitions(run_config, data_root)
-    save_resolved(run_config, Path(data_root, run_config.name, RESOLVED_CONFIG_FILE))
+    save_resolved(run_config, RunLayout.of(data_root, run_config.name).resolved_config_file)
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance, Interrupts(instance) as interrupts:
         try:

@@ -235,3 +235,34 @@ def test_leader_bad_config_raises():
         fit_leader([torch.ones(10, 4)], torch.zeros(4))
     with pytest.raises(ValueError, match="no tokens"):
         fit_leader([torch.zeros(0, 4)], torch.zeros(4))
+
+
+def test_member_mean_reading_equals_a_direct_numpy_computation():
+    """Each region is read as the mean of its train tokens: the region of a token is its nearest
+    exemplar by cosine of centred vectors, computed here with plain numpy loops."""
+    from gemma_assets.core.leader import RegionMeanDictionary, region_means
+
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(500, 6)) + rng.choice([-4, 0, 4], size=(500, 1))
+    heldout = rng.normal(size=(80, 6)) * 2
+    mean = train.mean(0)
+    exemplars = train[[0, 7, 99, 250]] - mean
+    exemplars /= np.linalg.norm(exemplars, axis=1, keepdims=True)
+    exemplars = np.vstack([exemplars, -np.ones((1, 6)) / np.sqrt(6)])  # a region no train token may fall in
+
+    def region(x: np.ndarray) -> int:
+        centred = (x - mean) / np.linalg.norm(x - mean)
+        return int(np.argmax([centred @ e for e in exemplars]))
+
+    expected = np.tile(mean, (len(exemplars), 1))
+    for r in range(len(exemplars)):
+        members = [x for x in train if region(x) == r]
+        if members:
+            expected[r] = np.mean(members, axis=0)
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    means = region_means([t(train[:200]), t(train[200:])], t(exemplars), t(mean))
+    np.testing.assert_allclose(means.numpy(), expected, rtol=1e-4, atol=1e-4)
+    reading = RegionMeanDictionary(t(exemplars), t(mean), means)
+    x_hat = reading.decode(reading.encode(t(heldout))).numpy()
+    np.testing.assert_allclose(x_hat, np.stack([expected[region(x)] for x in heldout]), rtol=1e-4, atol=1e-4)
+    assert evaluate([t(heldout)], reading)["l0"] == 1.0

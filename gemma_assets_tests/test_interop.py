@@ -41,7 +41,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def exports(tiny_run, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("exports")
-    leader = tiny_run.layout.leader_record().name
+    leader = tiny_run.layout.leader_records()[0].name
     folders = {}
     for name in [*EXPORTED, leader]:
         folders[name] = out / name

@@ -60,7 +60,7 @@ def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
     lm = model.load_model(str(tiny_run.layout.models_dir / "tiny-gemma2"), prof.model.layer, "cpu", torch.float32)
     windows = heldout_windows(tiny_run.layout.activation_store(), prof.heldout_partition_keys, 32, 12)
     noise = torch.Generator().manual_seed(0)
-    ce = splice.cross_entropies(
+    per_window = splice.cross_entropies(
         lm,
         windows,
         prof.model.layer,
@@ -73,6 +73,8 @@ def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
         batch_size=5,
         device="cpu",
     )
+    assert all(losses.shape == (len(windows),) for losses in per_window.values())  # one sum per window
+    ce = {name: float(losses.sum() / windows[:, 1:].size) for name, losses in per_window.items()}
     assert ce["perfect"] == pytest.approx(ce["clean"], abs=1e-6)
     assert ce["noisy"] != pytest.approx(ce["clean"], abs=1e-3)  # the splice reaches the logits
     # the clean CE is the model's own loss on these windows
@@ -150,7 +152,13 @@ def test_summaries_contexts_and_probes_on_known_answers():
     features = rng.normal(size=(400, 30))
     features[:, 7] += 4 * y
     assert interpret.select_by_class_separation(features, y, 1).tolist() == [7]
-    assert interpret.sparse_probe(features[:200], y[:200], features[200:], y[200:]) > 0.95
+    assert (interpret.sparse_probe(features[:200], y[:200], features[200:]) == y[200:]).mean() > 0.95
+    # a stratum-balanced subset: equal tokens per kept stratum in each half; a tiny stratum is left out, named
+    strata = np.array([0] * 60 + [1] * 100 + [2] * 6)
+    train = np.arange(len(strata)) % 2 == 0
+    mask, left_out = interpret.stratum_balanced(strata, train, ("code", "prose", "rare"), minimum=5)
+    assert [int((mask & train & (strata == s)).sum()) for s in (0, 1, 2)] == [30, 30, 0]
+    assert list(left_out) == ["rare"] and "3 train and 3 test tokens" in left_out["rare"]
     assert [interpret.token_class(t) for t in (" the", "42", " ,", "\n", "x1")] == [
         "word",
         "number",

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gemma_assets.core import bootstrap
 from gemma_assets.core.codes import Codes
 from gemma_assets.core.dictionaries import Member
 
+MIN_STRATUM_TOKENS = 20  # per probe half: with fewer, a stratum's recall is noise
 TWIN_COSINE = 0.7  # a direction with a match at least this close has a twin in the other dictionary
 MATCH_F1 = 0.5  # Exemplar Partitioning's threshold for a cluster with a matching latent
 
@@ -204,19 +206,41 @@ def select_by_class_separation(features: np.ndarray, labels: np.ndarray, m: int)
     return np.argsort(-(between / (features.var(0) + 1e-12)))[:m]
 
 
-def sparse_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray) -> float:
-    """Balanced test accuracy (mean recall over the classes) of a logistic-regression probe
-    with features standardised on train and classes weighted to equal total weight."""
+def sparse_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Test predictions of a logistic-regression probe with features standardised on train and
+    classes weighted to equal total weight."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(train_labels)) < 2:
-        return float(balanced_accuracy_score(test_labels, np.full(len(test_labels), train_labels[0])))
+        return np.full(len(test), train_labels[0])
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, class_weight="balanced"))
     probe.fit(train, train_labels)
-    return float(balanced_accuracy_score(test_labels, probe.predict(test)))
+    return probe.predict(test)
+
+
+def stratum_balanced(
+    strata: np.ndarray, train: np.ndarray, names: tuple[str, ...], minimum: int = MIN_STRATUM_TOKENS
+) -> tuple[np.ndarray, dict[str, str]]:
+    """A stratum-balanced subset (boolean mask) of the probe tokens: every stratum with at least
+    `minimum` tokens in both the train and the test half keeps as many of each as the smallest
+    such stratum (the first ones, in token order); and why each other stratum was left out."""
+    counts = {s: (int((train & (strata == s)).sum()), int((~train & (strata == s)).sum())) for s in np.unique(strata)}
+    kept = {s: c for s, c in counts.items() if min(c) >= minimum}
+    left_out = {
+        names[s] if s < len(names) else str(s): f"{c[0]} train and {c[1]} test tokens (fewer than {minimum})"
+        for s, c in counts.items()
+        if s not in kept
+    }
+    mask = np.zeros(len(strata), bool)
+    if len(kept) < 2:
+        return mask, left_out
+    per_half = (min(c[0] for c in kept.values()), min(c[1] for c in kept.values()))
+    for s in kept:
+        for half, quota in ((train, per_half[0]), (~train, per_half[1])):
+            mask[np.flatnonzero(half & (strata == s))[:quota]] = True
+    return mask, left_out
 
 
 def logit_effects(
@@ -272,41 +296,48 @@ def probe_table(
     probe_tokens: int,
     max_features: int,
     decode: Callable[[int], str],
-) -> list[dict]:
-    """Logistic probes (balanced accuracy: strata are far from equal in size) of source stratum
-    and token class on the first probe_tokens tokens, trained on even windows and tested on odd
-    ones, from: raw activations; each clustering's one-hot code (L0 = 1); each SAE's latents,
-    all of them and the 1 and k most class-separating ones (selected on train). Dictionaries
-    wider than max_features are left out (their dense codes would not fit). The first row is
-    the majority-class baseline, the second raw activations, which `retained` divides by."""
-    from sklearn.metrics import balanced_accuracy_score
-
+) -> tuple[list[dict], dict]:
+    """Logistic probes of source stratum and token class on the first probe_tokens tokens,
+    trained on even windows and tested on odd ones, from: raw activations; each clustering's
+    one-hot code (L0 = 1); each SAE's latents, all of them and the 1 and k most class-separating
+    ones (selected on train). Stratum probes see a stratum-balanced subset (strata too small to
+    be balanced are left out, and the second value says why); token-class probes weight classes
+    equally. Each balanced accuracy, and its ratio to raw activations' (`retained`), comes with a
+    95% interval from a bootstrap over the test windows (paired with the raw probe). Dictionaries
+    wider than max_features are left out (their dense codes would not fit). The first row is the
+    majority-class baseline, the second raw activations."""
     n = min(probe_tokens, len(tokens.x))
-    classes = np.array([token_class(decode(int(t))) for t in tokens.token_ids[:n]])
-    targets = {"stratum": tokens.strata[:n], "token_class": classes}
     train = tokens.windows[:n] % 2 == 0
-    # always answering the most common class of the training half: 1 / number of classes
-    rows = [
-        {"features": "majority class (baseline)", "l0": 0}
-        | {
-            f"{t}_balanced_accuracy": balanced_accuracy_score(
-                y[~train], np.full((~train).sum(), _most_common(y[train]))
-            )
-            for t, y in targets.items()
-        }
-    ]
-    for label, features, l0, select in _probe_inputs(tokens, members, acts, n, max_features):
-        row = {"features": label, "l0": l0}
-        for target, y in targets.items():
-            columns = slice(None) if select is None else select_by_class_separation(features[train], y[train], select)
-            row[f"{target}_balanced_accuracy"] = sparse_probe(
-                features[train][:, columns], y[train], features[~train][:, columns], y[~train]
-            )
+    balanced, left_out = stratum_balanced(tokens.strata[:n], train, tokens.stratum_names)
+    classes = np.array([token_class(decode(int(t))) for t in tokens.token_ids[:n]])
+    targets = {"stratum": (tokens.strata[:n], balanced), "token_class": (classes, np.ones(n, bool))}
+    targets = {name: target for name, target in targets.items() if target[1].any()}
+    baseline = {
+        name: np.full((~train & subset).sum(), _most_common(y[train & subset])) for name, (y, subset) in targets.items()
+    }
+    inputs = [("majority class (baseline)", None, 0, None), *_probe_inputs(tokens, members, acts, n, max_features)]
+    counts: list[dict[str, bootstrap.ClassCounts]] = []
+    for _, features, _, select in inputs:
+        counts.append({})
+        for target, (y, subset) in targets.items():
+            fit, test = train & subset, ~train & subset
+            if features is None:
+                predicted = baseline[target]
+            else:
+                columns = slice(None) if select is None else select_by_class_separation(features[fit], y[fit], select)
+                predicted = sparse_probe(features[fit][:, columns], y[fit], features[test][:, columns])
+            counts[-1][target] = bootstrap.ClassCounts.of(y[test], predicted, tokens.windows[:n][test])
+    rows = []
+    for (label, _, l0, _), found in zip(inputs, counts, strict=True):
+        row: dict = {"features": label, "l0": l0}
+        for target, probe in found.items():
+            accuracy, retained = bootstrap.probe_intervals(probe, counts[1][target])
+            row |= {f"{target}_balanced_accuracy": accuracy.value, f"{target}_retained": retained.value}
+            row |= {f"{target}_balanced_accuracy_interval": [accuracy.low, accuracy.high]}
+            row |= {f"{target}_retained_interval": [retained.low, retained.high]}
         rows.append(row)
-    for row in rows:
-        for target in targets:
-            row[f"{target}_retained"] = row[f"{target}_balanced_accuracy"] / rows[1][f"{target}_balanced_accuracy"]
-    return rows
+    subset = {"stratum_tokens": int(balanced.sum()), "strata_left_out": left_out}
+    return rows, subset
 
 
 def _probe_inputs(

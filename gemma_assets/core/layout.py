@@ -11,7 +11,7 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
                  <table>.parquet, bos.json, *.png      activation_stats
     <root>/whitening/whitening.npz, *.png              whitening
     <root>/clusters/k-<k>/ (model, assignments,
-                 metrics)                              cluster_models
+                 records, per-window sums)             cluster_models
     <root>/density/k-<k>.json                          cluster_density
     <root>/clusters/leader/                            leader_clusters
     <root>/saes/<name>/                                sae_dictionary
@@ -21,6 +21,7 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
     <root>/report/features/, alignment_histogram.png   interpretation
     <root>/report/report.md, .html, plots,
     <root>/run_config.yaml                             comparison_report
+    <root>/exports/<name>/                             gemma-assets export (outside the graph)
 
 The corpus (`<root>/corpus`) and models (`<data_root>/models`) are sources, not assets.
 """
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from gemma_assets.core import corpus, leader, model
+from gemma_assets.core.bootstrap import WindowSums, unflatten
 from gemma_assets.core.config import RESOLVED_CONFIG_FILE, ConfigError, RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.files import load_arrays
@@ -48,6 +50,7 @@ from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening
 
 TOKENIZER_CORPUS_DOCUMENTS = 400
+WINDOWS_FILE = "windows.npz"  # per-window metric sums of a folder's dictionaries (core.bootstrap)
 
 
 class UndeclaredDependency(RuntimeError):
@@ -67,6 +70,11 @@ class RunLayout:
     activations_url: str = ""  # an fsspec URL for the activation store; default: under root
     reader: str | None = None  # the asset whose reads are checked (None: unchecked)
     declared: frozenset[str] = field(default_factory=frozenset)  # the reader and its dependencies
+
+    @classmethod
+    def of(cls, data_root: str | Path, run_name: str, activations_url: str = "") -> RunLayout:
+        """The layout of run `run_name` under `data_root` (models are shared by every run there)."""
+        return cls(Path(data_root, run_name), Path(data_root, "models"), activations_url)
 
     def bound(self, reader: str, declared: Iterable[str]) -> RunLayout:
         """This layout as `reader` sees it: artefacts of `declared` assets only."""
@@ -182,7 +190,7 @@ class RunLayout:
             model = self.kmeans_model(k)
             centroids, atoms = torch.from_numpy(model["centroids"]), torch.from_numpy(model["gain_shape_atoms"])
             members += clustering_family(k, centroids, atoms, preprocessor)
-        return [*members, self.leader_member()]
+        return [*members, *self.leader_members()]
 
     # cluster_density
     def density_file(self, k: int) -> Path:
@@ -193,14 +201,19 @@ class RunLayout:
     def leader_dir(self) -> Path:
         return self._at("leader_clusters", "clusters", "leader")
 
-    def leader_record(self) -> DictionaryRecord:
-        path = self._existing("leader_clusters", self.leader_dir / "record.json", "leader clustering")
-        return DictionaryRecord.from_json(json.loads(path.read_text()))
+    def leader_records(self) -> list[DictionaryRecord]:
+        """The leader regions' records: the gain-shape reading, then the member-mean one."""
+        path = self._existing("leader_clusters", self.leader_dir / "records.json", "leader clustering")
+        return [DictionaryRecord.from_json(r) for r in json.loads(path.read_text())]
 
-    def leader_member(self) -> Member:
+    def leader_members(self) -> list[Member]:
         regions = load_arrays(self._existing("leader_clusters", self.leader_dir / "model.npz", "leader clustering"))
-        dictionary = leader.leader_dictionary(torch.from_numpy(regions["exemplars"]), torch.from_numpy(regions["mean"]))
-        return Member(self.leader_record().name, Family.LEADER, dictionary)
+        exemplars, mean = torch.from_numpy(regions["exemplars"]), torch.from_numpy(regions["mean"])
+        readings = {
+            Family.LEADER: leader.leader_dictionary(exemplars, mean),
+            Family.LEADER_MEAN: leader.RegionMeanDictionary(exemplars, mean, torch.from_numpy(regions["region_means"])),
+        }
+        return [Member(r.name, r.family, readings[r.family]) for r in self.leader_records()]
 
     # sae_dictionary
     def sae_dir(self, name: str) -> Path:
@@ -218,6 +231,10 @@ class RunLayout:
     @property
     def sae_evaluation_file(self) -> Path:
         return self._at("sae_evaluation", "saes", "evaluation.json")
+
+    @property
+    def sae_windows_file(self) -> Path:
+        return self._at("sae_evaluation", "saes", "evaluation_windows.npz")
 
     def sae_records(self) -> list[DictionaryRecord]:
         path = self._existing("sae_evaluation", self.sae_evaluation_file, "SAE evaluation")
@@ -266,7 +283,7 @@ class RunLayout:
 def all_records(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
     """Every dictionary's record: k-means and its readings per k, leader clustering, the SAEs."""
     records = [record for k in run.clustering.ks for record in layout.kmeans_records(k)]
-    return [*records, layout.leader_record(), *layout.sae_records()]
+    return [*records, *layout.leader_records(), *layout.sae_records()]
 
 
 def find_member(layout: RunLayout, run: RunConfig, name: str, device: str = "cpu") -> Member:
@@ -283,3 +300,17 @@ def find_member(layout: RunLayout, run: RunConfig, name: str, device: str = "cpu
         + (f"; did you mean {close[0]!r}?" if close else "")
         + f" Its dictionaries: {', '.join(names)}"
     )
+
+
+def all_window_sums(layout: RunLayout, run: RunConfig) -> dict[str, WindowSums]:
+    """Per-window held-out sums of every dictionary, by name (what intervals are computed from)."""
+    files = [layout.kmeans_dir(k) / WINDOWS_FILE for k in run.clustering.ks]
+    files += [layout.leader_dir / WINDOWS_FILE, layout.sae_windows_file]
+    sums: dict[str, WindowSums] = {}
+    for path in files:
+        if not path.exists():
+            raise MissingArtefact(
+                f"no per-window sums at {path}: rematerialise the asset that writes {path.parent.name}"
+            )
+        sums |= unflatten(load_arrays(path))
+    return sums

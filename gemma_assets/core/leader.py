@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gemma_assets.core.codes import centred_units
+from gemma_assets.core.codes import Codes, centred_units
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.dictionaries import GainShapeDictionary
 
@@ -81,6 +81,48 @@ def leader_dictionary(exemplars: torch.Tensor, mean: torch.Tensor) -> GainShapeD
     """Leader regions read as a dictionary: a token's region is its nearest exemplar on the
     sphere (its Voronoi cell), and it keeps its own gain along that exemplar's direction."""
     return GainShapeDictionary(exemplars, mean, signed=False)
+
+
+@dataclass(frozen=True)
+class RegionMeanDictionary:
+    """Leader regions read through their members: a token's region is its nearest exemplar on the
+    sphere (as in `leader_dictionary`), and it is reconstructed as the mean of the train tokens
+    of that region (L0 = 1, no free coefficient: k-means' own reading of a cluster)."""
+
+    exemplars: torch.Tensor  # [r, d] unit directions in centred space
+    mean: torch.Tensor  # [d]
+    region_means: torch.Tensor  # [r, d] raw units
+
+    @property
+    def n_features(self) -> int:
+        return len(self.exemplars)
+
+    def directions(self) -> torch.Tensor:
+        return self.exemplars
+
+    def regions(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) @ self.exemplars.T).argmax(1)
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        return Codes.one_hot(self.regions(x), torch.ones(len(x)))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return self.region_means[codes.indices[:, 0]]
+
+
+def region_means(batches: Iterable[torch.Tensor], exemplars: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Mean raw activation [r, d] of the tokens of each region (nearest exemplar on the sphere);
+    a region no token falls in keeps the data mean."""
+    sums = torch.zeros(exemplars.shape, dtype=torch.float64)
+    counts = torch.zeros(len(exemplars), dtype=torch.float64)
+    assign = RegionMeanDictionary(exemplars, mean, sums)
+    for x in batches:
+        regions = assign.regions(x)
+        sums.index_add_(0, regions, x.double())
+        counts += torch.bincount(regions, minlength=len(exemplars)).double()
+    means = sums / counts.clamp_min(1)[:, None]
+    means[counts == 0] = mean.double()
+    return means.float()
 
 
 def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float = 5.0) -> LeaderResult:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gemma_assets.core.bootstrap import WindowSums
 from gemma_assets.core.codes import Codes, Dictionary
 
 DENSE_SHARE = 0.1
+WINDOW_FIELDS = ("n", "sse", "sq", "x", "cosine", "relative_norm", "l0")
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -41,21 +43,53 @@ class ReconstructionMetrics:
     d_model: int = 0
     encode_seconds: float = 0.0
     fires: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    windows: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # window id -> its sums
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: Codes) -> None:
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: Codes, windows: np.ndarray | None = None) -> None:
+        """Add a batch; with `windows` (the window id of each token) the sums are also kept per
+        window, for intervals by a bootstrap over windows."""
         x64, x_hat64 = x.double(), x_hat.double()
         if self.sum_x is None:
             self.sum_x, self.d_model = np.zeros(x.shape[1]), x.shape[1]
             self.fires = torch.zeros(self.n_features, dtype=torch.long)
+        per_token = {
+            "sse": ((x64 - x_hat64) ** 2).sum(1),
+            "sq": (x64**2).sum(1),
+            "cosine": torch.nn.functional.cosine_similarity(x64, x_hat64, dim=1),
+            "relative_norm": x_hat64.norm(dim=1) / x64.norm(dim=1).clamp_min(1e-12),
+            "l0": codes.l0().double(),
+        }
         self.n_tokens += len(x)
-        self.sum_sq_error += float(((x64 - x_hat64) ** 2).sum())
-        self.sum_sq_norm += float((x64**2).sum())
+        self.sum_sq_error += float(per_token["sse"].sum())
+        self.sum_sq_norm += float(per_token["sq"].sum())
         self.sum_x += x64.sum(0).numpy()
-        self.sum_cosine += float(torch.nn.functional.cosine_similarity(x64, x_hat64, dim=1).sum())
-        self.sum_relative_norm += float((x_hat64.norm(dim=1) / x64.norm(dim=1).clamp_min(1e-12)).sum())
-        self.sum_l0 += float(codes.l0().double().sum())
+        self.sum_cosine += float(per_token["cosine"].sum())
+        self.sum_relative_norm += float(per_token["relative_norm"].sum())
+        self.sum_l0 += float(per_token["l0"].sum())
+        if windows is not None:
+            self._add_windows(windows, x64, per_token)
         # a feature that fires twice in one token (never, for these dictionaries) counts once per token
         self.fires += torch.bincount(codes.indices[codes.active].cpu(), minlength=self.n_features)
+
+    def _add_windows(self, windows: np.ndarray, x64: torch.Tensor, per_token: dict[str, torch.Tensor]) -> None:
+        ids, inverse = np.unique(windows, return_inverse=True)
+        index = torch.from_numpy(inverse)
+        sums = {
+            name: torch.zeros(len(ids), dtype=torch.float64).index_add_(0, index, v) for name, v in per_token.items()
+        }
+        sums["n"] = torch.bincount(index, minlength=len(ids)).double()
+        sums["x"] = torch.zeros(len(ids), x64.shape[1], dtype=torch.float64).index_add_(0, index, x64)
+        for row, window in enumerate(ids.tolist()):
+            kept = self.windows.setdefault(window, {name: 0.0 for name in sums})
+            for name, values in sums.items():
+                kept[name] = kept[name] + values[row].numpy()
+
+    def window_sums(self) -> WindowSums:
+        """The per-window sums, windows in increasing id order."""
+        order = sorted(self.windows)
+        return WindowSums.of(
+            {name: np.stack([np.asarray(self.windows[w][name]) for w in order]) for name in WINDOW_FIELDS}
+        )
 
     def result(self) -> dict[str, float]:
         if not self.n_tokens:
@@ -81,8 +115,23 @@ class ReconstructionMetrics:
 def evaluate(batches: Iterable[torch.Tensor], dictionary: Dictionary, device: str = "cpu") -> dict[str, float]:
     """The metric suite of a dictionary over batches of raw activations (raw units throughout);
     encoding runs on `device`, and its time gives the encode throughput."""
+    return _accumulate(((x, None) for x in batches), dictionary, device).result()
+
+
+def evaluate_windows(
+    batches: Iterable[tuple[torch.Tensor, np.ndarray]], dictionary: Dictionary, device: str = "cpu"
+) -> tuple[dict[str, float], WindowSums]:
+    """`evaluate` over (activations, window id of each token) batches, with the per-window sums
+    that intervals are computed from."""
+    metrics = _accumulate(batches, dictionary, device)
+    return metrics.result(), metrics.window_sums()
+
+
+def _accumulate(
+    batches: Iterable[tuple[torch.Tensor, np.ndarray | None]], dictionary: Dictionary, device: str
+) -> ReconstructionMetrics:
     metrics = ReconstructionMetrics(dictionary.n_features)
-    for x in batches:
+    for x, windows in batches:
         on_device = x.to(device)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
@@ -91,5 +140,5 @@ def evaluate(batches: Iterable[torch.Tensor], dictionary: Dictionary, device: st
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         metrics.encode_seconds += time.perf_counter() - started
-        metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"))
-    return metrics.result()
+        metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"), windows)
+    return metrics

@@ -15,6 +15,7 @@ class Family(str, Enum):
     GAIN_SHAPE = "gain-shape"
     TOP_M = "top-m"
     LEADER = "leader"
+    LEADER_MEAN = "leader-mean"
     SAE_TOPK = "sae-topk"
     SAE_PRETRAINED = "sae-pretrained"
 
@@ -22,19 +23,21 @@ class Family(str, Enum):
     def is_sae(self) -> bool:
         return self in (Family.SAE_TOPK, Family.SAE_PRETRAINED)
 
-    @property
-    def is_clustering(self) -> bool:
-        return not self.is_sae
-
     @classmethod
     def of_sae(cls, architecture: str) -> Family:
-        return cls.SAE_PRETRAINED if architecture == "pretrained" else cls.SAE_TOPK
+        families = {"pretrained": cls.SAE_PRETRAINED, "topk": cls.SAE_TOPK}
+        if architecture not in families:
+            raise ValueError(
+                f"no dictionary family for SAE architecture {architecture!r}; known: {', '.join(families)}"
+            )
+        return families[architecture]
 
     def label(self, k: int) -> str:
         """The family as the report's tables and plots name it."""
         return {
             Family.TOP_M: f"top-m over k-means-{k}",
             Family.LEADER: "leader (Exemplar Partitioning)",
+            Family.LEADER_MEAN: "leader, member mean",
             Family.SAE_TOPK: "SAE (topk)",
             Family.SAE_PRETRAINED: "SAE (pretrained)",
         }.get(self, self.value)

@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 
+from gemma_assets.core.bootstrap import DRAWS, Comparison, Evidence, Interval
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.metrics import DENSE_SHARE
@@ -63,6 +64,7 @@ PROBE_COLUMNS = (
     "token_class_balanced_accuracy",
     "token_class_retained",
 )
+INTERVAL_METRICS = ("fvu", "mse", "cosine", "l0")
 PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
 
 
@@ -104,6 +106,8 @@ def git_revision() -> str:
 
 
 def _cell(value) -> str:
+    if isinstance(value, Interval):
+        return f"{value.value:.4g} [{value.low:.4g}, {value.high:.4g}]"
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
@@ -120,48 +124,73 @@ def frame_table(frame: pl.DataFrame) -> Markdown:
     return markdown_table(frame.iter_rows(named=True), frame.columns)
 
 
-def findings(records: list[DictionaryRecord], interpretation: dict) -> list[str]:
-    """Statements that follow from the numbers; nothing is claimed that they do not show."""
+def verdict(comparison: Comparison, lower: str = "lower", higher: str = "higher") -> str:
+    """How A stands against B: a direction only when the paired interval excludes no difference."""
+    if comparison.resolved:
+        return lower if comparison.difference.value < 0 else higher
+    return "indistinguishable"
+
+
+def spread(comparison: Comparison) -> str:
+    """The paired interval behind a verdict, and when unresolved, the windows that would resolve it."""
+    d = comparison.difference
+    text = f"paired difference {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] over {comparison.windows} windows"
+    needed = None if comparison.resolved else comparison.windows_to_resolve()
+    return text + (f"; about {needed:,} windows would resolve it" if needed else "")
+
+
+def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Evidence) -> list[str]:
+    """Statements that follow from the numbers; a difference is claimed only where its paired
+    interval over held-out windows excludes zero."""
     kmeans = sorted((r for r in records if r.family is Family.KMEANS), key=lambda r: r.k)
     saes = [r for r in records if r.family.is_sae]
     lines = []
     if len(kmeans) > 1:
         first, last = kmeans[0], kmeans[-1]
-        ce_first, ce_last = first.downstream.get("delta_ce"), last.downstream.get("delta_ce")
-        lines.append(
-            f"Raising k from {first.k} to {last.k} lowers the held-out FVU of k-means from "
-            f"{first.fvu:.3f} to {last.fvu:.3f} at L0 = 1"
-            + (
-                f", and its spliced delta CE from {ce_first:.3f} to {ce_last:.3f} nats."
-                if ce_first is not None and ce_last is not None
-                else "."
-            )
+        fvu = evidence.compare(last.name, first.name, "fvu")
+        change = {"lower": "lowers", "higher": "raises"}.get(verdict(fvu), "leaves indistinguishable")
+        line = (
+            f"Raising k from {first.k} to {last.k} {change} the held-out FVU of k-means at L0 = 1 "
+            f"({first.fvu:.3f} to {last.fvu:.3f}; {spread(fvu)})"
         )
+        if first.name in evidence.ce and last.name in evidence.ce:
+            ce = evidence.compare_delta_ce(last.name, first.name)
+            line += (
+                f"; its spliced delta CE goes from {first.downstream['delta_ce']:.3f} to "
+                f"{last.downstream['delta_ce']:.3f} nats, {verdict(ce)} ({spread(ce)})"
+            )
+        lines.append(line + ".")
     for km in kmeans:
         for sae in (s for s in saes if s.k == km.k and s.m == 1):
-            verdict = "lower" if sae.fvu < km.fvu else "higher"
+            fvu = evidence.compare(sae.name, km.name, "fvu")
+            stands = {"lower": "a lower held-out FVU than", "higher": "a higher held-out FVU than"}
             lines.append(
-                f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has {verdict} held-out FVU "
-                f"({sae.fvu:.3f}) than {km.name} ({km.fvu:.3f})."
+                f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has "
+                f"{stands.get(verdict(fvu), 'a held-out FVU indistinguishable from that of')} {km.name} "
+                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {spread(fvu)})."
             )
     if kmeans and saes:
         best_km = min(kmeans, key=lambda r: r.fvu)
-        beating = [s for s in saes if s.fvu < best_km.fvu]
+        beating = [s for s in saes if evidence.compare(s.name, best_km.name, "fvu").resolved and s.fvu < best_km.fvu]
         if beating:
             sparsest = min(beating, key=lambda r: r.l0)
             lines.append(
-                f"The sparsest SAE with lower FVU than the best k-means ({best_km.name}, "
-                f"{best_km.fvu:.3f}) is {sparsest.name}: FVU {sparsest.fvu:.3f} at L0 {sparsest.l0:.1f}."
+                f"The sparsest SAE whose held-out FVU is lower than the best k-means ({best_km.name}, "
+                f"{best_km.fvu:.3f}) beyond its interval is {sparsest.name}: FVU {sparsest.fvu:.3f} at L0 "
+                f"{sparsest.l0:.1f} ({spread(evidence.compare(sparsest.name, best_km.name, 'fvu'))})."
             )
         else:
-            lines.append(f"No SAE reaches the held-out FVU of {best_km.name} ({best_km.fvu:.3f}).")
-    recovered = [r for r in records if r.downstream.get("loss_recovered_vs_zero") is not None]
+            lines.append(
+                f"No SAE has a held-out FVU lower than {best_km.name} ({best_km.fvu:.3f}) beyond its interval."
+            )
+    recovered = [r for r in records if r.name in evidence.ce]
     if recovered:
         best = max(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
         worst = min(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
         lines.append(
-            f"Loss recovered vs zero-ablation ranges from {worst.downstream['loss_recovered_vs_zero']:.3f} "
-            f"({worst.name}) to {best.downstream['loss_recovered_vs_zero']:.3f} ({best.name})."
+            f"Loss recovered vs zero-ablation ranges from {evidence.loss_recovered(worst.name, 'zero-ablation')} "
+            f"({worst.name}) to {evidence.loss_recovered(best.name, 'zero-ablation')} ({best.name}), with 95% intervals "
+            f"over {len(evidence.ce[best.name])} windows."
         )
     pairs = interpretation.get("alignment", [])
     if pairs:
@@ -173,17 +202,45 @@ def findings(records: list[DictionaryRecord], interpretation: dict) -> list[str]
             f"reports against Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within "
             f"cosine {TWIN_COSINE}."
         )
-    probes = interpretation.get("probes", [])
+    probes = [probe_intervals(p) for p in interpretation.get("probes", [])]
     if len(probes) > 2:
         baseline, raw = probes[0], probes[1]
         for target, label in (("stratum", "the source stratum"), ("token_class", "the token class")):
-            best = max(probes[2:], key=lambda p: p[f"{target}_retained"])
+            if f"{target}_retained" not in raw:
+                left_out = interpretation.get("probe_subset", {}).get("strata_left_out", {})
+                why = "; ".join(f"{name}: {reason}" for name, reason in left_out.items())
+                lines.append(f"No probe of {label}: fewer than two strata can be balanced ({why}).")
+                continue
+            best = max(probes[2:], key=lambda p: p[f"{target}_retained"].value)
+            retained = best[f"{target}_retained"]
             lines.append(
-                f"Probing {label}, raw activations reach {raw[f'{target}_balanced_accuracy']:.3f} balanced accuracy (majority class "
-                f"{baseline[f'{target}_balanced_accuracy']:.3f}); the best code, {best['features']}, retains "
-                f"{best[f'{target}_retained']:.0%} of it."
+                f"Probing {label}, raw activations reach {raw[f'{target}_balanced_accuracy']} balanced accuracy "
+                f"(majority class {baseline[f'{target}_balanced_accuracy'].value:.3f}); the best code, "
+                f"{best['features']}, reaches {best[f'{target}_balanced_accuracy']} and retains {retained.value:.0%} "
+                f"[{retained.low:.0%}, {retained.high:.0%}] of it (paired over the test windows)."
             )
     return lines
+
+
+def probe_intervals(row: dict[str, Any]) -> dict[str, Any]:
+    """A probe row with each accuracy and retained share that has an interval as an Interval."""
+    shown = {key: value for key, value in row.items() if not key.endswith("_interval")}
+    for key in shown:
+        if f"{key}_interval" in row:
+            shown[key] = Interval(row[key], *row[f"{key}_interval"])
+    return shown
+
+
+def with_intervals(record: DictionaryRecord, evidence: Evidence) -> dict[str, Any]:
+    """A record's table row with each figure that has an interval shown as `value [low, high]`."""
+    row = record.row()
+    if record.name in evidence.windows:
+        row |= {f"heldout_{metric}": evidence.metric(record.name, metric) for metric in INTERVAL_METRICS}
+    if record.name in evidence.ce:
+        row["delta_ce"] = evidence.delta_ce(record.name)
+        row["loss_recovered_vs_zero"] = evidence.loss_recovered(record.name, "zero-ablation")
+        row["loss_recovered_vs_mean"] = evidence.loss_recovered(record.name, "mean-ablation")
+    return row
 
 
 def _examples_md(examples: dict) -> str:
@@ -199,6 +256,12 @@ def _examples_md(examples: dict) -> str:
     return "\n".join(lines)
 
 
+def _left_out(strata: dict[str, str]) -> str:
+    if not strata:
+        return "(every stratum kept)"
+    return "(left out, too few tokens to balance: " + "; ".join(f"{name}, {why}" for name, why in strata.items()) + ")"
+
+
 def findings_markdown(lines: list[str]) -> str:
     return "\n".join(f"- {line}" for line in lines) or "- (not enough models)"
 
@@ -211,10 +274,11 @@ def render_markdown(
     interpretation: dict,
     found: list[str],
     compute: dict,
+    evidence: Evidence,
 ) -> str:
     """The report: data, reconstruction and downstream loss, cost, clustering quality,
     interpretation, findings (`found`, from `findings`) and the exact configuration."""
-    rows = [r.row() for r in records]
+    rows = [with_intervals(r, evidence) for r in records]
     kmeans = [r.row() for r in records if r.family is Family.KMEANS]
     findings_md = findings_markdown(found)
     downstream = data["downstream"]
@@ -235,6 +299,10 @@ Run `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revis
   reconstruction at every position but BOS. Clean CE {downstream["clean_ce"]:.4f} nats,
   zero-ablation {downstream["zero_ablation_ce"]:.4f}, mean-ablation {downstream["mean_ablation_ce"]:.4f}.
   Loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean).
+- Intervals: `value [low, high]` is the estimate with its 95% percentile interval from
+  {DRAWS:,} bootstrap resamples of the held-out *windows* (tokens of one window share their
+  context and are not independent). A finding says one dictionary beats another only when the
+  paired interval of the difference, on the same resampled windows, excludes zero.
 
 ## Findings
 {findings_md}
@@ -243,8 +311,12 @@ Run `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revis
 
 k-means: a token is its nearest centroid (L0 = 1). Gain-shape: spherical k-means, a token is
 its best direction times its projection (L0 = 1). top-m: greedy residual coding with m of the
-k-means directions (L0 = m). Leader: Exemplar Partitioning's regions read as gain-shape. SAEs:
-TopK, trained with SAELens on the train split.
+k-means directions (L0 = m). Leader: Exemplar Partitioning's regions (a token's region is its
+nearest exemplar on the sphere), read two ways: gain-shape on the exemplar direction (`leader-N`)
+and the mean of the region's train tokens (`leader-N-mean`, k-means' reading of a cluster).
+Exemplar Partitioning itself uses the exemplar as membership criterion and intervention
+direction and defines no reconstruction; both readings are this project's. SAEs: TopK, trained
+with SAELens on the train split.
 
 {markdown_table(rows, COLUMNS)}
 
@@ -282,10 +354,12 @@ latent per cluster (matched: F1 > {MATCH_F1}, Exemplar Partitioning's criterion)
 ### Sparse probing
 
 Logistic probes trained on even held-out windows and tested on odd ones, scored by balanced
-accuracy (mean recall over classes: the strata are far from equal in size); retained = balanced
-accuracy / that of raw activations.
+accuracy (mean recall over classes); retained = balanced accuracy / that of raw activations, with
+95% intervals from a bootstrap over the test windows (paired with the raw probe). Stratum probes
+see a stratum-balanced subset of {interpretation["probe_subset"]["stratum_tokens"]:,} tokens
+{_left_out(interpretation["probe_subset"]["strata_left_out"])}.
 
-{markdown_table(interpretation["probes"], PROBE_COLUMNS)}
+{markdown_table([probe_intervals(p) for p in interpretation["probes"]], PROBE_COLUMNS)}
 
 ### Example features (most coherent among the frequently active)
 

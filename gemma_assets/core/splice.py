@@ -19,13 +19,13 @@ Replacement = Callable[[torch.Tensor], torch.Tensor]  # raw activations [n, d] -
 
 
 @torch.no_grad()
-def _summed_cross_entropy(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[float, int]:
-    """(summed next-token CE over every predicted position, number of positions)."""
+def _window_cross_entropy(model: torch.nn.Module, input_ids: torch.Tensor) -> np.ndarray:
+    """Summed next-token CE of each window [b] over its predicted positions."""
     logits = model(input_ids=input_ids, use_cache=False).logits.float()
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"
+        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
     )
-    return float(loss), input_ids[:, 1:].numel()
+    return loss.reshape(len(input_ids), -1).sum(1).double().cpu().numpy()
 
 
 def cross_entropies(
@@ -36,11 +36,11 @@ def cross_entropies(
     batch_size: int,
     device: str,
     on_progress: Callable[[int, int], None] | None = None,
-) -> dict[str, float]:
-    """Mean next-token CE (nats) of `windows` [w, T] under each replacement of block `layer`'s
-    output at positions 1..T-1 (None: the clean model)."""
-    totals = dict.fromkeys(replacements, 0.0)
-    count = 0
+) -> dict[str, np.ndarray]:
+    """Summed next-token CE (nats) of each of `windows` [w, T] under each replacement of block
+    `layer`'s output at positions 1..T-1 (None: the clean model): [w] per replacement, over the
+    T-1 predictions of each window (the mean CE is the sum over windows / (w (T-1)))."""
+    per_window: dict[str, list[np.ndarray]] = {name: [] for name in replacements}
     current: list[Replacement | None] = [None]
 
     def splice(_module, _inputs, output):
@@ -58,14 +58,12 @@ def cross_entropies(
             ids = torch.from_numpy(windows[start : start + batch_size].astype(np.int64)).to(device)
             for name, replacement in replacements.items():
                 current[0] = replacement
-                loss, n = _summed_cross_entropy(model, ids)
-                totals[name] += loss
-            count += n
+                per_window[name].append(_window_cross_entropy(model, ids))
             if on_progress is not None:
                 on_progress(min(start + batch_size, len(windows)), len(windows))
     finally:
         handle.remove()
-    return {name: total / count for name, total in totals.items()}
+    return {name: np.concatenate(losses) for name, losses in per_window.items()}
 
 
 def loss_recovered(spliced: float, clean: float, ablated: float) -> float:

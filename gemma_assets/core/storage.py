@@ -117,6 +117,11 @@ class Partition:
         return self.group[name][start:stop]
 
 
+def window_ids(key: str, rows: np.ndarray, context_len: int) -> np.ndarray:
+    """A window's id, the same in every reader: partition number x 10^6 + its index in the partition."""
+    return int(key) * 10**6 + rows // context_len
+
+
 class ActivationStore:
     """Committed activation partitions of one profile under a local path or fsspec URL."""
 
@@ -279,6 +284,17 @@ class ActivationStore:
     def batches(self, keys: list[str], transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Batches:
         """The non-BOS activations of `keys` as a re-iterable stream (one pass per call)."""
         return lambda: (x for x, _ in self.iter_tokens(keys, transform=transform))
+
+    def window_batches(self, keys: list[str]) -> Callable[[], Iterator[tuple[torch.Tensor, np.ndarray]]]:
+        """Like `batches`, each batch with the window id of its tokens (see `window_ids`)."""
+
+        def batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+            for key in keys:
+                context_len = self.manifest(key)["attrs"]["context_len"]
+                for x, info in self.iter_tokens([key]):
+                    yield x, window_ids(key, info["row"], context_len)
+
+        return batches
 
     def load_tokens(
         self,

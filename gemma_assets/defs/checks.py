@@ -1,33 +1,44 @@
 """Check reports of `core` turned into Dagster check results: one function for whole-asset
 checks, one for checks judged partition by partition."""
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import dagster as dg
+
+# not exported by Dagster 1.13, but what makes a per-partition evaluation current in the UI
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 
 from gemma_assets.core.records import CheckReport, Markdown
+from gemma_assets.core.report import markdown_table
+
+FINDING_COLUMNS = ("partition", "row", "position", "dim", "message", "fix")
 
 
-def metadata_of(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Markdown text shown rendered; numbers and plain text as they are."""
-    return {
-        name: dg.MetadataValue.md(value) if isinstance(value, Markdown) else value for name, value in values.items()
-    }
+def metadata_of(report: CheckReport) -> dict[str, Any]:
+    """The report's figures (markdown shown rendered) and, when it found problems, where each is."""
+    values: Mapping[str, Any] = report.metadata
+    metadata = {name: dg.MetadataValue.md(v) if isinstance(v, Markdown) else v for name, v in values.items()}
+    if report.findings:
+        rows = [dataclasses.asdict(finding) for finding in report.findings[:50]]
+        metadata["findings"] = dg.MetadataValue.md(markdown_table(rows, FINDING_COLUMNS))
+    return metadata
 
 
 def check_result(
     report: CheckReport, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
 ) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        passed=report.passed, severity=severity, description=report.description, metadata=metadata_of(report.metadata)
+        passed=report.passed, severity=severity, description=report.description, metadata=metadata_of(report)
     )
 
 
-def _latest_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str):
+def _latest_materialization(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
     ).records
@@ -57,7 +68,7 @@ def per_partition(
             severity=dg.AssetCheckSeverity.ERROR,
             blocking=spec.blocking,
             description=report.description,
-            metadata=metadata_of(report.metadata),
+            metadata=metadata_of(report),
             target_materialization_data=_latest_materialization(context.instance, spec.asset_key, key),
         )
     yield dg.Output(None)  # the check step's own output

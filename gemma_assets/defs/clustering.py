@@ -55,9 +55,9 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         partitions_def=graph.k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # load the training tokens once for all k
         deps=[whitening_asset, *graph.deps("activation_stats", "activations")],
-        # 5: one records.json per k. The k values are partitions, not part of the version:
+        # 6: per-window sums beside the records. The k values are partitions, not part of the version:
         # adding a k leaves the other k fresh
-        code_version=code_version("5", graph.run, ("clustering",), [whitening_asset], exclude=("clustering.ks",)),
+        code_version=code_version("6", graph.run, ("clustering",), [whitening_asset], exclude=("clustering.ks",)),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch", "zarr"},

@@ -1,4 +1,4 @@
-"""What every asset module shares: the graph being built, versions, metadata, the model source."""
+"""What every asset module shares: the graph being built, versions and metadata."""
 
 from __future__ import annotations
 

@@ -36,10 +36,14 @@ def leader_clusters(
     """Leader clustering as in Exemplar Partitioning (centred, unit-norm tokens; a new region
     when every exemplar is farther than a percentile-set cosine threshold), evaluated on the
     same held-out tokens as every other dictionary."""
-    record = density.fit_leader_regions(storage.layout(context), run.config)
-    context.log.info(f"leader clustering: {record.k} regions, held-out FVU {record.fvu:.4f}")
-    metadata = {"regions": record.k, "threshold": record.facts["threshold"], "heldout_fvu": record.fvu}
-    return dg.MaterializeResult(metadata=metadata | {"tokens_seen": record.facts["tokens_seen"]})
+    gain_shape, member_mean = density.fit_leader_regions(storage.layout(context), run.config)
+    context.log.info(
+        f"leader clustering: {gain_shape.k} regions, held-out FVU {gain_shape.fvu:.4f} (gain-shape on the "
+        f"exemplar), {member_mean.fvu:.4f} (member mean)"
+    )
+    metadata = {"regions": gain_shape.k, "threshold": gain_shape.facts["threshold"]}
+    metadata |= {"heldout_fvu_gain_shape": gain_shape.fvu, "heldout_fvu_member_mean": member_mean.fvu}
+    return dg.MaterializeResult(metadata=metadata | {"tokens_seen": gain_shape.facts["tokens_seen"]})
 
 
 def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
@@ -56,8 +60,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     )(cluster_density)
     leader = dg.asset(
         deps=graph.deps("whitening", "activations"),
-        # 2: one record.json
-        code_version=code_version("2", graph.run, ("leader",), [graph["whitening"]]),
+        # 4: the member-mean reading beside the gain-shape one, per-window sums
+        code_version=code_version("4", graph.run, ("leader",), [graph["whitening"]]),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},

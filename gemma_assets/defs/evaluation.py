@@ -26,7 +26,10 @@ def downstream_loss(
     members = layout.clustering_members(prof) + layout.sae_members(prof.sae_specs, device)
     result = downstream.spliced_losses(layout, prof, lm, members, device, context.log.info)
     ablations = {name: result[name] for name in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")}
-    context.log.info(", ".join(f"{name} {value:.4f}" for name, value in ablations.items()) + " nats")
+    context.log.info(
+        f"clean CE {result['clean_ce']:.4f}, zero-ablation {result['zero_ablation_ce']:.4f}, "
+        f"mean-ablation {result['mean_ablation_ce']:.4f} nats on {result['windows']} windows"
+    )
     columns = tuple(result["dictionaries"][0]) if result["dictionaries"] else ("name",)
     spliced = md(markdown_table(result["dictionaries"], columns))
     return dg.MaterializeResult(
@@ -53,7 +56,7 @@ def interpretation_asset(
         metadata={
             "pages": dg.MetadataValue.path(str(read.site / "index.html")),
             "alignment": md(markdown_table(pairs, tuple(pairs[0]) if pairs else ("clustering",))),
-            "probes": md(markdown_table(probes, tuple(probes[0]))),
+            "probes": md(markdown_table(probes, tuple(k for k in probes[0] if not k.endswith("_interval")))),
             "alignment_histogram": image_md(read.alignment_histogram),
         }
     )
@@ -64,7 +67,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     loss = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],
-        code_version=code_version("1", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
+        # 2: CE per window
+        code_version=code_version("2", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
         group_name="evaluation",
         pool="gpu",
         kinds={"pytorch"},

@@ -42,7 +42,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
             automation_condition=FOLLOW_UPSTREAM,
             deps=[*inputs, *graph.deps("activation_stats")],
             # the report prints the whole resolved config
-            code_version=code_version("2", graph.run, ("",), inputs),
+            # 3: bootstrap intervals and paired findings
+            code_version=code_version("3", graph.run, ("",), inputs),
             group_name="report",
             kinds={"markdown", "html"},
         )(comparison_report)

@@ -48,8 +48,7 @@ class StorageResource(dg.ConfigurableResource):
     def layout(self, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext | None = None) -> RunLayout:
         """The run's artefacts; inside an asset or check, only those of the assets it declares
         (an undeclared read raises UndeclaredDependency)."""
-        root = Path(self.data_root, self.run.config.name)
-        layout = RunLayout(root, Path(self.data_root, "models"), self.activations_url)
+        layout = RunLayout.of(self.data_root, self.run.config.name, self.activations_url)
         if context is None:
             return layout
         assets_def = context.op_execution_context.assets_def

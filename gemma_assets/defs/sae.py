@@ -9,7 +9,18 @@ from gemma_assets.core.stages import saes
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
-TRAINING_COLUMNS = ("name", "architecture", "width", "k", "scale", "parameters", "fit_seconds", "load_seconds")
+TRAINING_COLUMNS = (
+    "name",
+    "architecture",
+    "width",
+    "k",
+    "scale",
+    "parameters",
+    "train_tokens",
+    "fit_seconds",
+    "fit_peak_rss_mb",
+    "load_seconds",
+)
 HELDOUT_COLUMNS = ("name", "heldout_fvu", "heldout_mse", "heldout_l0")
 
 
@@ -33,12 +44,13 @@ def sae_evaluation(
     """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
     throughput) of every SAE on held-out non-BOS tokens."""
     prof, layout = run.config, storage.layout(context)
-    records = []
+    evaluated = []
     for spec in prof.sae_specs:
-        records.append(saes.evaluate_sae(layout, prof, spec, compute.resolved_device))
-        context.log.info(f"SAE {spec.name}: held-out FVU {records[-1].fvu:.4f}, L0 {records[-1].l0:.1f}")
-    saes.save_evaluation(layout, records)
-    table = markdown_table([record.row() for record in records], HELDOUT_COLUMNS)
+        evaluated.append(saes.evaluate_sae(layout, prof, spec, compute.resolved_device))
+        record = evaluated[-1][0]
+        context.log.info(f"SAE {spec.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.1f}")
+    saes.save_evaluation(layout, evaluated)
+    table = markdown_table([record.row() for record, _ in evaluated], HELDOUT_COLUMNS)
     return dg.MaterializeResult(metadata={"heldout_metrics": md(table)})
 
 
@@ -54,8 +66,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     evaluation = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[dictionary, *graph.deps("activations")],
-        # 3: typed records
-        code_version=code_version("3", graph.run, upstream=[dictionary]),
+        # 4: typed records and per-window sums
+        code_version=code_version("4", graph.run, upstream=[dictionary]),
         group_name="sae",
         kinds={"pytorch"},
     )(sae_evaluation)

@@ -10,14 +10,14 @@ import torch
 import zarr
 import zarr.storage
 
-from gemma_assets.core import metrics, plots
+from gemma_assets.core import bootstrap, metrics, plots
 from gemma_assets.core.batches import Batches, map_data
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.kmeans import KMeansDictionary, KMeansResult, assign, fit_kmeans
-from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.layout import WINDOWS_FILE, RunLayout
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.records import DictionaryRecord, Family
 from gemma_assets.core.storage import ActivationStore
@@ -106,7 +106,11 @@ def fit_k(layout: RunLayout, run: RunConfig, train: TrainSplit, k: int) -> list[
     raw = map_data(train.data, train.preprocessor.inverse)
     gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed, **fit_args)
     family = clustering_family(k, result.centroids, gain_shape.atoms, train.preprocessor)
-    heldout = store.batches(run.heldout_partition_keys)
+    heldout, heldout_windows = (
+        store.batches(run.heldout_partition_keys),
+        store.window_batches(run.heldout_partition_keys),
+    )
+    evaluated = {member.name: metrics.evaluate_windows(heldout_windows(), member.dictionary) for member in family}
     facts = {
         "train_partitions": run.train_partition_keys,
         "train_tokens": train.tokens,
@@ -125,7 +129,7 @@ def fit_k(layout: RunLayout, run: RunConfig, train: TrainSplit, k: int) -> list[
             member.family,
             k,
             member.m,
-            quality.get(member.family, {}) | metrics.evaluate(heldout(), member.dictionary),
+            quality.get(member.family, {}) | evaluated[member.name][0],
             facts | own_facts.get(member.family, {}),
         )
         for member in family
@@ -137,6 +141,7 @@ def fit_k(layout: RunLayout, run: RunConfig, train: TrainSplit, k: int) -> list[
         )
         write_assignments(out / "assignments", store, run.partition_keys, family[0].dictionary)
         write_json(out / "records.json", [record.to_json() for record in records])
+        save_arrays(out / WINDOWS_FILE, bootstrap.flatten({name: sums for name, (_, sums) in evaluated.items()}))
     return records
 
 

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import torch
 
-from gemma_assets.core import interpret, metrics
+from gemma_assets.core import bootstrap, interpret, leader, metrics
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
-from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.layout import WINDOWS_FILE, RunLayout
 from gemma_assets.core.leader import fit_leader
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.records import DictionaryRecord, Family
@@ -41,8 +41,9 @@ def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
     key_of = {int(key): key for key in run.partition_keys}  # the reader carries partitions as numbers
     for anomaly in anomalies:
         anomaly["partition"] = key_of[anomaly["partition"]]
-        ids = store.open(anomaly["partition"]).array("token_ids")
-        row = np.array([anomaly["row"]])
+        start = anomaly["row"] - anomaly["position"]  # only the anomaly's window is read
+        ids = store.open(anomaly["partition"]).array("token_ids", start, start + run.sampling.context_len)
+        row = np.array([anomaly["position"]])
         context = interpret.contexts_of(ids, row, run.sampling.context_len, CONTEXT_TOKENS, with_bos=False)[0]
         anomaly["context"] = interpret.context_text(context, tokenizer.decode)
     record = {
@@ -60,17 +61,24 @@ def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
     return record
 
 
-def fit_leader_regions(layout: RunLayout, run: RunConfig) -> DictionaryRecord:
+def fit_leader_regions(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
     """Leader clustering as in Exemplar Partitioning (centred, unit-norm tokens; a new region when
-    every exemplar is farther than a percentile-set cosine threshold), evaluated on the same
-    held-out tokens as every other dictionary; written under clusters/leader/."""
+    every exemplar is farther than a percentile-set cosine threshold), read two ways: gain-shape
+    on the exemplar direction, and the mean of the region's train tokens; both evaluated on the
+    same held-out tokens as every other dictionary and written under clusters/leader/."""
     store = layout.activation_store()
     mean = torch.from_numpy(layout.whitening().mean).float()
     started = time.perf_counter()
     with PeakRss() as peak:
         result = fit_leader(store.batches(run.train_partition_keys)(), mean, run.leader.percentile)
     fit_seconds = time.perf_counter() - started
-    heldout = metrics.evaluate(store.batches(run.heldout_partition_keys)(), result.dictionary())
+    means = leader.region_means(store.batches(run.train_partition_keys)(), result.exemplars, mean)
+    readings = {
+        Family.LEADER: result.dictionary(),
+        Family.LEADER_MEAN: leader.RegionMeanDictionary(result.exemplars, mean, means),
+    }
+    heldout_windows = store.window_batches(run.heldout_partition_keys)
+    evaluated = {family: metrics.evaluate_windows(heldout_windows(), d) for family, d in readings.items()}
     facts = {
         "train_partitions": run.train_partition_keys,
         "fit_seconds": fit_seconds,
@@ -81,9 +89,11 @@ def fit_leader_regions(layout: RunLayout, run: RunConfig) -> DictionaryRecord:
         "parameters": result.exemplars.numel(),
     }
     k = len(result.exemplars)
-    record = DictionaryRecord.of_fit(f"leader-{k}", Family.LEADER, k, 1, heldout, facts)
+    names = {Family.LEADER: f"leader-{k}", Family.LEADER_MEAN: f"leader-{k}-mean"}
+    records = [DictionaryRecord.of_fit(names[f], f, k, 1, evaluated[f][0], facts) for f in readings]
     with atomic_dir(layout.leader_dir) as folder:
-        arrays = {"exemplars": result.exemplars, "mean": mean, "counts": result.counts}
+        arrays = {"exemplars": result.exemplars, "mean": mean, "counts": result.counts, "region_means": means}
         save_arrays(folder / "model.npz", {name: value.numpy() for name, value in arrays.items()})
-        write_json(folder / "record.json", record.to_json())
-    return record
+        write_json(folder / "records.json", [record.to_json() for record in records])
+        save_arrays(folder / WINDOWS_FILE, bootstrap.flatten({names[f]: evaluated[f][1] for f in readings}))
+    return records

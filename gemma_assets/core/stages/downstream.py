@@ -63,14 +63,19 @@ def spliced_losses(
         log(f"spliced CE: {done}/{total} windows x {len(replacements)} runs, {time.perf_counter() - started:.0f}s")
 
     batch = run.evaluation.ce_batch_windows
-    ce = splice.cross_entropies(lm, windows, run.model.layer, replacements, batch, device, progress)
+    per_window = splice.cross_entropies(lm, windows, run.model.layer, replacements, batch, device, progress)
+    predictions = windows.shape[1] - 1
+    ce = {name: float(losses.sum() / (len(losses) * predictions)) for name, losses in per_window.items()}
     clean, zero, mean = ce["clean"], ce["zero-ablation"], ce["mean-ablation"]
     result = {
         "windows": len(windows),
         "predicted_tokens": int(windows[:, 1:].size),
+        "predictions_per_window": predictions,
         "clean_ce": clean,
         "zero_ablation_ce": zero,
         "mean_ablation_ce": mean,
+        # summed CE of each window, for intervals by a bootstrap over windows
+        "ce_per_window": {name: losses.tolist() for name, losses in per_window.items()},
         "dictionaries": [
             {
                 "name": member.name,

@@ -17,7 +17,7 @@ from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.records import Family
-from gemma_assets.core.storage import ActivationStore
+from gemma_assets.core.storage import ActivationStore, window_ids
 
 CODE_BATCH = 4096  # tokens encoded at once (codes of 65k-latent SAEs stay in memory bounds)
 
@@ -38,7 +38,7 @@ def load_eval_tokens(
             token_ids.append(info["token_ids"][: len(rows)])
             strata.append(info["strata"][: len(rows)])
             contexts.append(interpret.contexts_of(all_ids, rows, context_len, width))
-            windows.append(int(key) * 10**6 + rows // context_len)  # unique across partitions
+            windows.append(window_ids(key, rows, context_len))
             taken += len(rows)
             if taken >= limit:
                 break
@@ -193,11 +193,14 @@ def interpret_dictionaries(
         layout.alignment_plot,
         interpret.TWIN_COSINE,
     )
-    probes = interpret.probe_table(tokens, members, acts, spec.probe_tokens, spec.probe_max_features, decode)
+    probes, probe_subset = interpret.probe_table(
+        tokens, members, acts, spec.probe_tokens, spec.probe_max_features, decode
+    )
     log("probes: " + ", ".join(f"{p['features']} {p['stratum_balanced_accuracy']:.3f}" for p in probes))
     twins_of = functools.partial(comparison.twins, clusters=clusters, latents=latents)
     pages, examples = _pages(members, acts, tokens, centred, unembedding, twins_of, decode)
     feature_pages.write_site(layout.features_site, pages)
-    result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "probes": probes, "examples": examples}
+    result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "probes": probes, "probe_subset": probe_subset}
+    result["examples"] = examples
     write_json(layout.interpretation_file, result)
     return InterpretationRecord(result, layout.features_site, histogram)

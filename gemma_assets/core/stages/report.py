@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gemma_assets.core import plots, report
+from gemma_assets.core.bootstrap import Evidence
 from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_text
-from gemma_assets.core.layout import RunLayout, all_records
+from gemma_assets.core.layout import RunLayout, all_records, all_window_sums
 from gemma_assets.core.records import DictionaryRecord, Family, join_downstream
 from gemma_assets.core.stages.downstream import by_name
 
@@ -65,9 +68,14 @@ def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) 
         "bos_ratio": layout.bos_ratio(),
         "downstream": downstream,
     }
-    findings = report.findings(records, readings)
+    evidence = Evidence(
+        all_window_sums(layout, run),
+        {name: np.asarray(losses) for name, losses in downstream["ce_per_window"].items()},
+        downstream["predictions_per_window"],
+    )
+    findings = report.findings(records, readings, evidence)
     names = {name: path.name for name, path in figures.items()}
-    markdown = report.render_markdown(run, records, data, names, readings, findings, compute)
+    markdown = report.render_markdown(run, records, data, names, readings, findings, compute, evidence)
     path = layout.report_file("report.md")
     write_text(path, markdown)
     html = layout.report_file("report.html")

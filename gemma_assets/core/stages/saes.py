@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from gemma_assets.core import metrics, sae
+from gemma_assets.core import bootstrap, metrics, sae
 from gemma_assets.core.config import RunConfig, SaeSpec
-from gemma_assets.core.files import atomic_dir, write_json
+from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.records import DictionaryRecord
@@ -55,16 +55,21 @@ def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> d
     return training
 
 
-def evaluate_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> DictionaryRecord:
+def evaluate_sae(
+    layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str
+) -> tuple[DictionaryRecord, bootstrap.WindowSums]:
     """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
-    throughput) of one SAE on held-out non-BOS tokens."""
+    throughput) of one SAE on held-out non-BOS tokens, with its per-window sums."""
     folder = layout.sae_dir(spec.name)
     dictionary = sae.load_dictionary(folder, device)
     training = json.loads((folder / TRAINING_FILE).read_text())
-    heldout = metrics.evaluate(layout.activation_store().batches(run.heldout_partition_keys)(), dictionary, device)
+    batches = layout.activation_store().window_batches(run.heldout_partition_keys)
+    heldout, windows = metrics.evaluate_windows(batches(), dictionary, device)
     facts = {key: value for key, value in training.items() if key not in ("name", "width", "k")}
-    return DictionaryRecord.of_fit(spec.name, spec.family, training["width"], spec.active_per_token, heldout, facts)
+    record = DictionaryRecord.of_fit(spec.name, spec.family, training["width"], spec.active_per_token, heldout, facts)
+    return record, windows
 
 
-def save_evaluation(layout: RunLayout, records: list[DictionaryRecord]) -> None:
-    write_json(layout.sae_evaluation_file, [record.to_json() for record in records])
+def save_evaluation(layout: RunLayout, evaluated: list[tuple[DictionaryRecord, bootstrap.WindowSums]]) -> None:
+    save_arrays(layout.sae_windows_file, bootstrap.flatten({record.name: windows for record, windows in evaluated}))
+    write_json(layout.sae_evaluation_file, [record.to_json() for record, _ in evaluated])

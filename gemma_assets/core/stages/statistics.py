@@ -25,7 +25,6 @@ from gemma_assets.core.storage import ActivationStore
 
 MAX_QUANTILE_SAMPLE = 200_000  # train tokens kept in memory for the approximate per-dim quantiles
 SPLITS = ("train", "heldout")
-TABLES = ("per_dim", "summary", "by_position", "by_stratum", "massive_tokens")
 
 
 @dataclass(frozen=True)
@@ -48,11 +47,13 @@ def partition_stats(
     path = layout.partition_stats_file(key)
     manifest = store.manifest(key)
     non_bos = manifest["n_tokens"] - manifest["n_tokens"] // manifest["attrs"]["context_len"]
-    if path.exists():
-        cached = layout.partition_stats(key)
-        if cached.version == manifest["version"] and len(cached.sample) == min(sample_size, non_bos):
-            log(f"statistics of partition {key}: reused (unchanged since last pass)")
-            return cached
+    try:
+        cached = layout.partition_stats(key) if path.exists() else None
+    except (OSError, KeyError, ValueError):  # a damaged or half-deleted cache entry is recomputed
+        cached = None
+    if cached and cached.version == manifest["version"] and len(cached.sample) == min(sample_size, non_bos):
+        log(f"statistics of partition {key}: reused (unchanged since last pass)")
+        return cached
     stats = PartitionStats.compute(store, key, sample_size)
     stats.save(path)
     log(f"statistics of partition {key}: {stats.moments.count} tokens")

@@ -1,0 +1,96 @@
+"""Intervals by a bootstrap over windows: nominal coverage on a known answer, per-window sums that
+add up to the metrics, and findings that claim no difference the data cannot carry."""
+
+import numpy as np
+import pytest
+import torch
+
+from gemma_assets.core import bootstrap, report
+from gemma_assets.core.bootstrap import Evidence, WindowSums
+from gemma_assets.core.metrics import evaluate, evaluate_windows
+from gemma_assets.core.records import DictionaryRecord, Family
+
+
+def test_interval_of_a_mean_over_independent_windows_covers_the_truth_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    true_mean, repeats, covered = 2.0, 300, 0
+    for repeat in range(repeats):
+        tokens_per_window = rng.integers(20, 40, size=40).astype(float)
+        sums = rng.normal(true_mean, 1.0, size=40) * tokens_per_window  # window means scatter around 2
+        found = bootstrap.ratio_interval(sums, tokens_per_window, draws=400, seed=repeat)
+        covered += found.low <= true_mean <= found.high
+    # 95% nominal; the percentile bootstrap runs a little narrow at 40 windows
+    assert 0.88 <= covered / repeats <= 0.99, covered / repeats
+
+
+def test_window_sums_add_up_to_the_metrics():
+    torch.manual_seed(0)
+    x = torch.randn(600, 8) + 3
+
+    class Shrink:  # a dictionary whose reconstruction is a scaled copy
+        n_features = 8
+
+        def encode(self, x):
+            from gemma_assets.core.codes import Codes
+
+            return Codes.from_dense(x * 0.5)
+
+        def decode(self, codes):
+            return codes.dense(8)
+
+    windows = np.repeat(np.arange(20), 30)
+    batches = [(x[i : i + 100], windows[i : i + 100]) for i in range(0, 600, 100)]  # windows span batches
+    metrics, sums = evaluate_windows(batches, Shrink())
+    plain = evaluate([x[i : i + 100] for i in range(0, 600, 100)], Shrink())
+    assert sums.n_windows == 20 and sums.n.sum() == 600
+    ones = np.ones((1, 20))
+    assert sums.fvu(ones)[0] == pytest.approx(metrics["fvu"], rel=1e-12) == pytest.approx(plain["fvu"], rel=1e-12)
+    assert sums.mse(ones)[0] == pytest.approx(metrics["mse"], rel=1e-12)
+    assert sums.mean_of("cosine")(ones)[0] == pytest.approx(metrics["cosine"], rel=1e-12)
+
+
+def _sums(sse: np.ndarray, rng: np.random.Generator) -> WindowSums:
+    n = np.full(len(sse), 30.0)
+    return WindowSums(n, sse, n * 10.0, rng.normal(0, 1, (len(sse), 4)), n * 0.8, n, n)
+
+
+def _evidence(sse_a: np.ndarray, sse_b: np.ndarray) -> tuple[list[DictionaryRecord], Evidence]:
+    rng = np.random.default_rng(1)
+    a, b = _sums(sse_a, rng), _sums(sse_b, rng)
+    b = WindowSums(a.n, sse_b, a.sq, a.x, a.cosine, a.relative_norm, a.l0)  # the same tokens
+    ones = np.ones((1, len(sse_a)))
+    records = [
+        DictionaryRecord("kmeans-64", Family.KMEANS, 64, 1, {"fvu": float(a.fvu(ones)[0]), "l0": 1.0}),
+        DictionaryRecord("topk-64-k1", Family.SAE_TOPK, 64, 1, {"fvu": float(b.fvu(ones)[0]), "l0": 1.0}),
+    ]
+    return records, Evidence({"kmeans-64": a, "topk-64-k1": b}, {}, 31)
+
+
+def test_dictionaries_equal_up_to_noise_are_called_indistinguishable():
+    rng = np.random.default_rng(2)
+    errors = rng.gamma(5.0, 20.0, size=48)  # per-window error sums, varying a lot between windows
+    records, evidence = _evidence(errors, errors * rng.normal(1.0, 0.02, size=48))
+    [line] = [f for f in report.findings(records, {}, evidence) if f.startswith("At L0 = 1")]
+    assert "indistinguishable" in line and "windows would resolve it" in line
+    assert "No SAE has a held-out FVU lower than kmeans-64" in " ".join(report.findings(records, {}, evidence))
+
+
+def test_a_clear_difference_is_claimed_with_its_interval():
+    rng = np.random.default_rng(3)
+    errors = rng.gamma(5.0, 20.0, size=48)
+    records, evidence = _evidence(errors, errors * 0.8)
+    [line] = [f for f in report.findings(records, {}, evidence) if f.startswith("At L0 = 1")]
+    assert "a lower held-out FVU than kmeans-64" in line and "paired difference -" in line
+    comparison = evidence.compare("topk-64-k1", "kmeans-64", "fvu")
+    assert comparison.resolved and comparison.difference.high < 0
+
+
+def test_delta_ce_interval_is_paired_on_windows():
+    rng = np.random.default_rng(4)
+    clean = rng.gamma(4.0, 25.0, size=40)  # summed CE per window varies far more than the splice's effect
+    spliced = clean + rng.normal(3.0, 0.5, size=40)
+    evidence = Evidence({}, {"clean": clean, "a": spliced, "zero-ablation": clean + 60}, 31)
+    delta = evidence.delta_ce("a")
+    assert delta.low > 0 and delta.value == pytest.approx((spliced - clean).sum() / (40 * 31))
+    recovered = evidence.loss_recovered("a", "zero-ablation")
+    assert recovered.low < recovered.value < recovered.high and recovered.value == pytest.approx(1 - 3 / 60, abs=0.02)
