@@ -94,6 +94,9 @@ def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):
     assert all(math.isfinite(r["delta_ce"]) for r in downstream["dictionaries"])
     interpretation = layout.interpretation()
     assert len(interpretation["alignment"]) == len(prof.clustering.ks) * len(prof.sae_specs)
+    for pair in interpretation["alignment"]:  # the matched share with its interval over clusters
+        low, high = pair["clusters_matched_f1_interval"]
+        assert low <= pair["clusters_matched_f1"] <= high
     assert [p["features"] for p in interpretation["probes"][:2]] == ["majority class (baseline)", "raw activations"]
     site = layout.features_site
     page = (site / "kmeans-64" / "feature-00000.html").read_text()

@@ -194,15 +194,24 @@ def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Ev
         )
     pairs = interpretation.get("alignment", [])
     if pairs:
-        top = max(pairs, key=lambda p: p["clusters_matched_f1"])
-        relation = "above" if top["clusters_matched_f1"] > PEER_MATCHED_SHARE else "at or below"
+        top = with_row_intervals(max(pairs, key=lambda p: p["clusters_matched_f1"]))
+        share = top["clusters_matched_f1"]
+        share = share if isinstance(share, Interval) else Interval(share, share, share)
+        relation = (
+            "above"
+            if share.low > PEER_MATCHED_SHARE
+            else "below"
+            if share.high < PEER_MATCHED_SHARE
+            else "not distinguishable from"
+        )
         lines.append(
-            f"{top['clusters_matched_f1']:.0%} of {top['clustering']} clusters have a {top['sae']} latent with "
+            f"{share.value:.0%} [{share.low:.0%}, {share.high:.0%}] of {top['clustering']} clusters (interval resampling "
+            f"the clusters) have a {top['sae']} latent with "
             f"activation-set F1 > {MATCH_F1} ({relation} the ~{PEER_MATCHED_SHARE:.0%} Exemplar Partitioning "
             f"reports against Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within "
             f"cosine {TWIN_COSINE}."
         )
-    probes = [probe_intervals(p) for p in interpretation.get("probes", [])]
+    probes = [with_row_intervals(p) for p in interpretation.get("probes", [])]
     if len(probes) > 2:
         baseline, raw = probes[0], probes[1]
         for target, label in (("stratum", "the source stratum"), ("token_class", "the token class")):
@@ -222,8 +231,9 @@ def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Ev
     return lines
 
 
-def probe_intervals(row: dict[str, Any]) -> dict[str, Any]:
-    """A probe row with each accuracy and retained share that has an interval as an Interval."""
+def with_row_intervals(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row (a probe, an alignment pair) with each figure that has an `<name>_interval`
+    beside it as an Interval."""
     shown = {key: value for key, value in row.items() if not key.endswith("_interval")}
     for key in shown:
         if f"{key}_interval" in row:
@@ -347,7 +357,7 @@ Best cosine between each centred centroid and the SAE decoder directions (twin: 
 F1 between a cluster's members and the same number of top-activating tokens of a latent, best
 latent per cluster (matched: F1 > {MATCH_F1}, Exemplar Partitioning's criterion).
 
-{markdown_table(interpretation["alignment"], ALIGNMENT_COLUMNS)}
+{markdown_table([with_row_intervals(p) for p in interpretation["alignment"]], ALIGNMENT_COLUMNS)}
 
 ![alignment histogram]({plots["alignment"]})
 
@@ -359,7 +369,7 @@ accuracy (mean recall over classes); retained = balanced accuracy / that of raw 
 see a stratum-balanced subset of {interpretation["probe_subset"]["stratum_tokens"]:,} tokens
 {_left_out(interpretation["probe_subset"]["strata_left_out"])}.
 
-{markdown_table([probe_intervals(p) for p in interpretation["probes"]], PROBE_COLUMNS)}
+{markdown_table([with_row_intervals(p) for p in interpretation["probes"]], PROBE_COLUMNS)}
 
 ### Example features (most coherent among the frequently active)
 

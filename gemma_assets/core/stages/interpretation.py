@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma_assets.core import feature_pages, interpret, plots
+from gemma_assets.core import bootstrap, feature_pages, interpret, plots
 from gemma_assets.core.codes import centred_units
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.dictionaries import Member
@@ -86,6 +86,7 @@ class _Comparison:
                 aligned = interpret.alignment(cluster.dictionary.directions(), latent.dictionary.directions().cpu())
                 best_cl, _, best_la, _ = best[(cluster.name, latent.name)] = aligned
                 f1, _ = interpret.activation_f1(labels, cluster.dictionary.n_features, acts[latent.name])
+                matched = bootstrap.share_interval(f1 > interpret.MATCH_F1)  # resampling the clusters
                 pairs.append(
                     {
                         "clustering": cluster.name,
@@ -94,7 +95,8 @@ class _Comparison:
                         "clusters_with_twin": float((best_cl >= interpret.TWIN_COSINE).float().mean()),
                         "latents_with_twin": float((best_la >= interpret.TWIN_COSINE).float().mean()),
                         "mean_best_f1": float(f1.mean()),
-                        "clusters_matched_f1": float((f1 > interpret.MATCH_F1).mean()),
+                        "clusters_matched_f1": matched.value,
+                        "clusters_matched_f1_interval": [matched.low, matched.high],
                     }
                 )
         return cls(pairs, best)
