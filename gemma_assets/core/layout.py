@@ -34,6 +34,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +95,9 @@ class RunLayout:
         if not path.exists():
             raise MissingArtefact(f"no {what} at {path}: materialise {owner} first")
         return path
+
+    def _json(self, owner: str, path: Path, what: str) -> Any:
+        return json.loads(self._existing(owner, path, what).read_text())
 
     # sources
     @property
@@ -179,8 +183,8 @@ class RunLayout:
 
     def kmeans_records(self, k: int) -> list[DictionaryRecord]:
         """k-means-k's record, then those of its other readings."""
-        path = self._existing(f"cluster_models[{k}]", self.kmeans_dir(k) / "records.json", f"records of k={k}")
-        return [DictionaryRecord.from_json(r) for r in json.loads(path.read_text())]
+        records = self._json(f"cluster_models[{k}]", self.kmeans_dir(k) / "records.json", f"records of k={k}")
+        return [DictionaryRecord.from_json(r) for r in records]
 
     def clustering_members(self, run: RunConfig) -> list[Member]:
         """k-means-k and its readings for every k of the run, then leader clustering."""
@@ -203,8 +207,8 @@ class RunLayout:
 
     def leader_records(self) -> list[DictionaryRecord]:
         """The leader regions' records: the gain-shape reading, then the member-mean one."""
-        path = self._existing("leader_clusters", self.leader_dir / "records.json", "leader clustering")
-        return [DictionaryRecord.from_json(r) for r in json.loads(path.read_text())]
+        records = self._json("leader_clusters", self.leader_dir / "records.json", "leader clustering")
+        return [DictionaryRecord.from_json(r) for r in records]
 
     def leader_members(self) -> list[Member]:
         regions = load_arrays(self._existing("leader_clusters", self.leader_dir / "model.npz", "leader clustering"))
@@ -237,8 +241,8 @@ class RunLayout:
         return self._at("sae_evaluation", "saes", "evaluation_windows.npz")
 
     def sae_records(self) -> list[DictionaryRecord]:
-        path = self._existing("sae_evaluation", self.sae_evaluation_file, "SAE evaluation")
-        return [DictionaryRecord.from_json(r) for r in json.loads(path.read_text())]
+        records = self._json("sae_evaluation", self.sae_evaluation_file, "SAE evaluation")
+        return [DictionaryRecord.from_json(r) for r in records]
 
     # downstream_loss
     @property
@@ -246,8 +250,7 @@ class RunLayout:
         return self._at("downstream_loss", "evaluation", "downstream.json")
 
     def downstream(self) -> dict:
-        path = self._existing("downstream_loss", self.downstream_file, "spliced cross-entropy")
-        return json.loads(path.read_text())
+        return self._json("downstream_loss", self.downstream_file, "spliced cross-entropy")
 
     # interpretation
     @property
@@ -255,8 +258,7 @@ class RunLayout:
         return self._at("interpretation", "evaluation", "interpretation.json")
 
     def interpretation(self) -> dict:
-        path = self._existing("interpretation", self.interpretation_file, "interpretation")
-        return json.loads(path.read_text())
+        return self._json("interpretation", self.interpretation_file, "interpretation")
 
     @property
     def features_site(self) -> Path:
