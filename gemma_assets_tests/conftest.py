@@ -47,7 +47,7 @@ class TinyRun:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
     data_root = tmp_path_factory.mktemp("data")
-    profile = load_run_config("tiny")
+    profile = load_run_config("tiny", ["seeds=2"])  # the shipped tiny fits one seed; the tests cover refits
     defs = build_definitions(profile, data_root=str(data_root))
     with dg.instance_for_test() as instance:
         results = materialize_all(profile, defs, instance, log_level="WARNING")

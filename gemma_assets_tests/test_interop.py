@@ -45,7 +45,15 @@ def exports(tiny_run, tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for name in [*EXPORTED, leader]:
         folders[name] = out / name
-        main(["export", name, "--config", "tiny", "--data-root", str(tiny_run.data_root), "--out", str(folders[name])])
+        config = [
+            "--config",
+            "tiny",
+            "--set",
+            f"seeds={tiny_run.profile.seeds}",
+            "--data-root",
+            str(tiny_run.data_root),
+        ]
+        main(["export", name, *config, "--out", str(folders[name])])
     return folders
 
 

@@ -65,7 +65,6 @@ def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
         windows,
         prof.model.layer,
         {
-            "clean": None,
             "perfect": lambda x: x.clone(),
             "noisy": lambda x: x + 5 * torch.randn(x.shape, generator=noise),
             "zero": torch.zeros_like,
@@ -84,6 +83,42 @@ def test_spliced_cross_entropy_of_perfect_reconstruction_is_clean(tiny_run):
     assert ce["clean"] == pytest.approx(reference, rel=1e-5)
     assert splice.loss_recovered(ce["clean"], ce["clean"], ce["zero"]) == 1.0
     assert splice.loss_recovered(ce["zero"], ce["clean"], ce["zero"]) == 0.0
+
+
+def _random_gemma(kind: str) -> torch.nn.Module:
+    """A small random Gemma-2 (softcapped logits) or Gemma 3 (local and global layers, the
+    demo's architecture) with a sliding window shorter than the windows."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2)
+    shape |= dict(num_key_value_heads=1, head_dim=16, sliding_window=8, attn_implementation="eager")
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0)).eval()
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape, sliding_window_pattern=3)).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_shared_prefix_splice_equals_a_full_forward_per_dictionary(kind, monkeypatch):
+    """Blocks 0..L run once and the chunked log-softmax give what a full forward per replacement
+    gives (the benchmark's baseline), at every layer, including the softcapped and the
+    local/global-attention models; a logit chunk of 7 positions splits windows mid-way."""
+    from benchmarks.splice import per_dictionary_forward
+
+    monkeypatch.setattr(splice, "LOGIT_CHUNK_BYTES", 7 * 4 * 300)
+    lm = _random_gemma(kind)
+    windows = np.random.default_rng(0).integers(3, 300, size=(5, 20)).astype(np.int32)
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=torch.Generator().manual_seed(1)))[0]
+    replacements = {"zero": torch.zeros_like, "rank-4": lambda x: (x @ basis) @ basis.T, "scaled": lambda x: 0.5 * x}
+    for layer in (0, 2, 5):
+        ours = splice.cross_entropies(lm, windows, layer, replacements, batch_size=2, device="cpu")
+        reference = per_dictionary_forward(lm, windows, layer, replacements, batch_size=2)
+        assert set(ours) == set(reference) == {"clean", *replacements}
+        for name in reference:
+            np.testing.assert_allclose(ours[name], reference[name], rtol=1e-5, err_msg=f"{kind} {name} layer {layer}")
+        assert not np.allclose(ours["rank-4"], ours["clean"])  # the replacement reaches the logits
+    with pytest.raises(ValueError, match="'clean' names the unreplaced model"):
+        splice.cross_entropies(lm, windows, 1, {"clean": torch.zeros_like}, 2, "cpu")
 
 
 def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):

@@ -14,6 +14,7 @@ to train on, a k above the train tokens, missing corpus files, duplicate names).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import glob
@@ -243,6 +244,7 @@ class SaeSpec:
     release: str = ""  # pretrained only: an SAELens release and id, or an SAE folder
     sae_id: str = ""
     path: str = ""
+    seed: int = 0  # topk: seeds > 0 are the replicas that measure the spread over seeds
 
     @property
     def family(self) -> Family:
@@ -252,6 +254,15 @@ class SaeSpec:
     def active_per_token(self) -> int | None:
         """L0 by construction (TopK); None where it varies per token."""
         return self.k or None
+
+    def with_seed(self, seed: int) -> SaeSpec:
+        """The replica of this (trained) SAE fitted with another seed."""
+        return dataclasses.replace(self, name=seed_name(self.name, seed), seed=seed)
+
+
+def seed_name(name: str, seed: int) -> str:
+    """The name of a dictionary's replica fitted with `seed` (seed 0 keeps the plain name)."""
+    return f"{name}-seed{seed}" if seed else name
 
 
 class SaesSpec(Section):
@@ -303,6 +314,12 @@ class RunConfig(Section):
     quality: QualitySpec = Field(default_factory=QualitySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     saes: SaesSpec = Field(default_factory=SaesSpec)
+    seeds: int = Field(
+        1,
+        ge=1,
+        description="k-means, gain-shape and trained SAEs are fitted with seeds 0..seeds-1; tables and the "
+        "spliced CE read seed 0, the seed table the mean and spread over all",
+    )
 
     @field_validator("name")
     @classmethod
@@ -331,6 +348,12 @@ class RunConfig(Section):
     @property
     def sae_specs(self) -> tuple[SaeSpec, ...]:
         return self.saes.specs
+
+    @property
+    def sae_seed_replicas(self) -> dict[str, tuple[SaeSpec, ...]]:
+        """Per trained SAE, its replicas fitted with seeds 1..seeds-1 (pretrained SAEs have no seed)."""
+        trained = [spec for spec in self.sae_specs if spec.architecture == "topk"]
+        return {spec.name: tuple(spec.with_seed(seed) for seed in range(1, self.seeds)) for spec in trained}
 
     def to_yaml(self, one_line: bool = False) -> str:
         """The resolved config as YAML: block style for files, flow style on one line for the UI

@@ -196,6 +196,16 @@ def activation_f1(labels: np.ndarray, k: int, latents: FeatureActivations) -> tu
     return best, latent
 
 
+def partition_f1(labels_a: np.ndarray, labels_b: np.ndarray, k_a: int, k_b: int) -> np.ndarray:
+    """Best F1 [k_a] of each cluster of partition a against the clusters of partition b of the
+    same tokens (two clusterings' member sets; 0 for an empty cluster)."""
+    counts = np.zeros((k_a, k_b))
+    np.add.at(counts, (labels_a, labels_b), 1)
+    sizes = counts.sum(1, keepdims=True) + counts.sum(0, keepdims=True)
+    f1 = np.divide(2 * counts, sizes, out=np.zeros_like(counts), where=sizes > 0)
+    return f1.max(1)
+
+
 def select_by_class_separation(features: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
     """Indices of the m features whose class means differ most relative to their spread
     (a between-class / total variance ratio, as in sparse probing)."""

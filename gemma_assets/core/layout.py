@@ -11,11 +11,12 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
                  <table>.parquet, bos.json, *.png      activation_stats
     <root>/whitening/whitening.npz, *.png              whitening
     <root>/clusters/k-<k>/ (model, assignments,
-                 records, per-window sums)             cluster_models
+                 records, per-window sums, seed
+                 replicas and their centroids)         cluster_models
     <root>/density/k-<k>.json                          cluster_density
     <root>/clusters/leader/                            leader_clusters
-    <root>/saes/<name>/                                sae_dictionary
-    <root>/saes/evaluation.json                        sae_evaluation
+    <root>/saes/<name>/, <name>-seed<s>/               sae_dictionary
+    <root>/saes/evaluation.json, seeds.json            sae_evaluation
     <root>/evaluation/downstream.json                  downstream_loss
     <root>/evaluation/interpretation.json,
     <root>/report/features/, alignment_histogram.png   interpretation
@@ -44,7 +45,7 @@ from gemma_assets.core.bootstrap import WindowSums, unflatten
 from gemma_assets.core.config import RESOLVED_CONFIG_FILE, ConfigError, RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.files import load_arrays
-from gemma_assets.core.records import DictionaryRecord, Family
+from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread
 from gemma_assets.core.sampling import TokenSample, load_sample
 from gemma_assets.core.stats import ActivationMoments, PartitionStats, moments_path
 from gemma_assets.core.storage import ActivationStore
@@ -52,6 +53,8 @@ from gemma_assets.core.whitening import Preprocessor, Whitening
 
 TOKENIZER_CORPUS_DOCUMENTS = 400
 WINDOWS_FILE = "windows.npz"  # per-window metric sums of a folder's dictionaries (core.bootstrap)
+SEEDS_FILE = "seeds.json"  # records of a folder's dictionaries refitted with seeds 1, 2, ...
+SEED_MODELS_FILE = "seed_models.npz"  # their centroids (cross-seed agreement)
 
 
 class UndeclaredDependency(RuntimeError):
@@ -186,6 +189,17 @@ class RunLayout:
         records = self._json(f"cluster_models[{k}]", self.kmeans_dir(k) / "records.json", f"records of k={k}")
         return [DictionaryRecord.from_json(r) for r in records]
 
+    def kmeans_seed_records(self, k: int) -> dict[str, list[DictionaryRecord]]:
+        """Per reading of k-means-k (by its seed-0 name), the records of its refits with seeds 1..."""
+        replicas = self._json(f"cluster_models[{k}]", self.kmeans_dir(k) / SEEDS_FILE, f"seed replicas of k={k}")
+        return {name: [DictionaryRecord.from_json(r) for r in records] for name, records in replicas.items()}
+
+    def kmeans_seed_centroids(self, k: int) -> list[torch.Tensor]:
+        """Centroids of k-means-k refitted with seeds 1, 2, ... (empty for a one-seed run)."""
+        path = self._existing(f"cluster_models[{k}]", self.kmeans_dir(k) / SEED_MODELS_FILE, f"seed models of k={k}")
+        arrays = load_arrays(path)
+        return [torch.from_numpy(arrays[f"seed{seed}"]) for seed in range(1, len(arrays) + 1)]
+
     def clustering_members(self, run: RunConfig) -> list[Member]:
         """k-means-k and its readings for every k of the run, then leader clustering."""
         preprocessor = self.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
@@ -244,6 +258,15 @@ class RunLayout:
         records = self._json("sae_evaluation", self.sae_evaluation_file, "SAE evaluation")
         return [DictionaryRecord.from_json(r) for r in records]
 
+    @property
+    def sae_seeds_file(self) -> Path:
+        return self._at("sae_evaluation", "saes", SEEDS_FILE)
+
+    def sae_seed_records(self) -> dict[str, list[DictionaryRecord]]:
+        """Per trained SAE (by its seed-0 name), the records of its refits with seeds 1..."""
+        replicas = self._json("sae_evaluation", self.sae_seeds_file, "SAE seed replicas")
+        return {name: [DictionaryRecord.from_json(r) for r in records] for name, records in replicas.items()}
+
     # downstream_loss
     @property
     def downstream_file(self) -> Path:
@@ -286,6 +309,17 @@ def all_records(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
     """Every dictionary's record: k-means and its readings per k, leader clustering, the SAEs."""
     records = [record for k in run.clustering.ks for record in layout.kmeans_records(k)]
     return [*records, *layout.leader_records(), *layout.sae_records()]
+
+
+def all_seed_spreads(layout: RunLayout, run: RunConfig) -> list[SeedSpread]:
+    """Held-out metrics over seeds of every dictionary fitted with more than one seed."""
+    replicas = {name: r for k in run.clustering.ks for name, r in layout.kmeans_seed_records(k).items()}
+    replicas |= layout.sae_seed_records()
+    return [
+        SeedSpread.of(record, replicas[record.name][: run.seeds - 1])
+        for record in all_records(layout, run)
+        if run.seeds > 1 and replicas.get(record.name)
+    ]
 
 
 def find_member(layout: RunLayout, run: RunConfig, name: str, device: str = "cpu") -> Member:

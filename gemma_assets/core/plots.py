@@ -33,13 +33,19 @@ def norm_histogram(edges: np.ndarray, counts: np.ndarray, path: Path) -> Path:
 
 
 def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
-    """A value against L0 (log scale), one line per series of dictionaries (rows carry
-    series, name, l0 and value)."""
+    """A value against L0 (log scale) with an error bar, one line per series of dictionaries
+    (rows carry series, name, l0, value and bar: its (low, high))."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for series in sorted({row["series"] for row in rows}):
-        points = sorted((row["l0"], row["value"], row["name"]) for row in rows if row["series"] == series)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=series)
-        for l0, value, name in points:
+    names = sorted({row["series"] for row in rows})
+    for index, series in enumerate(names):
+        points = sorted((row["l0"], row["value"], row["name"], row["bar"]) for row in rows if row["series"] == series)
+        values = np.array([p[1] for p in points])
+        bars = np.array([[value - p[3][0], p[3][1] - value] for value, p in zip(values, points, strict=True)])
+        # series at the same L0 (every L0 = 1 family) are drawn side by side, so their bars stay apart
+        dodge = 2 ** (0.025 * (index - (len(names) - 1) / 2))
+        l0s = [p[0] * dodge for p in points]
+        ax.errorbar(l0s, values, yerr=np.clip(bars, 0, None).T, marker="o", markersize=4, capsize=2, label=series)
+        for l0, (_, value, name, _) in zip(l0s, points, strict=True):
             ax.annotate(name, (l0, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("L0 (active features per token)")

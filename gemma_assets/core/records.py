@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
+
+import numpy as np
 
 
 class Family(str, Enum):
@@ -118,6 +120,44 @@ class DictionaryRecord:
         """A record whose fit facts hold its costs among the rest (split here by COST_KEYS)."""
         cost = {key: facts[key] for key in COST_KEYS if key in facts}
         return cls(name, family, k, m, heldout, cost, {key: v for key, v in facts.items() if key not in cost})
+
+
+SEED_METRICS = ("fvu", "mse", "cosine", "l0")
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """A dictionary's held-out metrics over the seeds it was fitted with (seed 0 first)."""
+
+    name: str
+    values: Mapping[str, Sequence[float]]  # metric -> one value per seed
+
+    @classmethod
+    def of(cls, record: DictionaryRecord, replicas: Sequence[DictionaryRecord]) -> SeedSpread:
+        runs = [record, *replicas]
+        return cls(record.name, {metric: [r.heldout[metric] for r in runs] for metric in SEED_METRICS})
+
+    @property
+    def seeds(self) -> int:
+        return len(self.values["fvu"])
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean(self.values[metric]))
+
+    def sd(self, metric: str) -> float:
+        """Sample standard deviation over seeds (nan for one seed)."""
+        return float(np.std(self.values[metric], ddof=1)) if self.seeds > 1 else float("nan")
+
+    def row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": self.name, "seeds": self.seeds}
+        for metric in SEED_METRICS:
+            row |= {
+                f"{metric}_mean": self.mean(metric),
+                f"{metric}_sd": self.sd(metric),
+                f"{metric}_min": min(self.values[metric]),
+                f"{metric}_max": max(self.values[metric]),
+            }
+        return row
 
 
 def join_downstream(

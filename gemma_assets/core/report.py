@@ -13,7 +13,7 @@ from gemma_assets.core.bootstrap import DRAWS, Comparison, Evidence, Interval
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.metrics import DENSE_SHARE
-from gemma_assets.core.records import DictionaryRecord, Family, Markdown
+from gemma_assets.core.records import DictionaryRecord, Family, Markdown, SeedSpread
 
 COLUMNS = (
     "name",
@@ -64,6 +64,20 @@ PROBE_COLUMNS = (
     "token_class_balanced_accuracy",
     "token_class_retained",
 )
+SEED_COLUMNS = (
+    "name",
+    "seeds",
+    "fvu_mean",
+    "fvu_sd",
+    "fvu_min",
+    "fvu_max",
+    "mse_mean",
+    "mse_sd",
+    "cosine_mean",
+    "cosine_sd",
+    "l0_mean",
+)
+SEED_AGREEMENT_COLUMNS = ("dictionary", "other_seed", "median_best_cosine", "features_with_twin", "clusters_matched_f1")
 INTERVAL_METRICS = ("fvu", "mse", "cosine", "l0")
 PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
 
@@ -211,6 +225,14 @@ def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Ev
             f"reports against Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within "
             f"cosine {TWIN_COSINE}."
         )
+        own = [a for a in interpretation.get("seed_agreement", []) if a["dictionary"] == top["clustering"]]
+        if own:
+            refit = with_row_intervals(own[0])["clusters_matched_f1"]
+            lines.append(
+                f"Refitted with another seed ({own[0]['other_seed']}), {top['clustering']} finds {refit.value:.0%} "
+                f"[{refit.low:.0%}, {refit.high:.0%}] of its own clusters again at F1 > {MATCH_F1}: cluster-latent "
+                "agreement is read against this seed-to-seed level, not against 100%."
+            )
     probes = [with_row_intervals(p) for p in interpretation.get("probes", [])]
     if len(probes) > 2:
         baseline, raw = probes[0], probes[1]
@@ -272,6 +294,31 @@ def _left_out(strata: dict[str, str]) -> str:
     return "(left out, too few tokens to balance: " + "; ".join(f"{name}, {why}" for name, why in strata.items()) + ")"
 
 
+def _seeds_md(profile: RunConfig, spreads: list[SeedSpread]) -> str:
+    if not spreads:
+        return (
+            f"One seed (`seeds: {profile.seeds}`): the spread over refits is not measured; set `seeds` to 3 "
+            "or more to measure it."
+        )
+    return f"""k-means (and its gain-shape and top-m readings) and the trained SAEs, refitted with
+seeds 0..{profile.seeds - 1}: mean, sample SD and range of the held-out metrics. The table above and the
+spliced CE read seed 0; its intervals measure the sampling error of the held-out windows, this
+table the noise of fitting.
+
+{markdown_table([s.row() for s in spreads], SEED_COLUMNS)}"""
+
+
+def _seed_agreement_md(rows: list[dict]) -> str:
+    if not rows:
+        return "One seed: no refit to compare with."
+    return f"""How much of a dictionary reappears when it is refitted with another seed, on the same tokens:
+centroids (decoder directions) of seed 0 with a twin in the refit (cosine >= {TWIN_COSINE}), and k-means
+clusters whose member set matches a refit cluster's at F1 > {MATCH_F1}. Cluster-latent agreement
+above is read against this level.
+
+{markdown_table([with_row_intervals(r) for r in rows], SEED_AGREEMENT_COLUMNS)}"""
+
+
 def findings_markdown(lines: list[str]) -> str:
     return "\n".join(f"- {line}" for line in lines) or "- (not enough models)"
 
@@ -285,6 +332,7 @@ def render_markdown(
     found: list[str],
     compute: dict,
     evidence: Evidence,
+    spreads: list[SeedSpread],
 ) -> str:
     """The report: data, reconstruction and downstream loss, cost, clustering quality,
     interpretation, findings (`found`, from `findings`) and the exact configuration."""
@@ -334,6 +382,13 @@ with SAELens on the train split.
 
 ![delta CE against L0]({plots["delta_ce"]})
 
+Error bars: FVU, the range over seeds where the run has several (else the 95% interval over
+windows); delta CE, the 95% interval over windows.
+
+### Spread over seeds
+
+{_seeds_md(profile, spreads)}
+
 ### Clustering quality across k (held-out tokens, in the space k-means was fitted in)
 
 {markdown_table(kmeans, QUALITY_COLUMNS)}
@@ -360,6 +415,10 @@ latent per cluster (matched: F1 > {MATCH_F1}, Exemplar Partitioning's criterion)
 {markdown_table([with_row_intervals(p) for p in interpretation["alignment"]], ALIGNMENT_COLUMNS)}
 
 ![alignment histogram]({plots["alignment"]})
+
+### Agreement across seeds
+
+{_seed_agreement_md(interpretation.get("seed_agreement", []))}
 
 ### Sparse probing
 

@@ -34,7 +34,7 @@ def cluster_models(
         context.log.info(f"train split larger than {prof.clustering.in_memory_mb} MB: streamed from the store")
     metadata = {}
     for key in context.partition_keys:
-        kmeans, *variants = records = clustering.fit_k(layout, prof, train, int(key))
+        kmeans, *variants = records = clustering.fit_k(layout, prof, train, int(key), context.log.info)
         context.log.info(clustering.describe_fit(records))
         summary = {"heldout_fvu": kmeans.fvu, "heldout_mse": kmeans.heldout["mse"]}
         summary |= {"iterations": kmeans.facts["iterations"], "fit_seconds": kmeans.cost["fit_seconds"]}
@@ -55,9 +55,11 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         partitions_def=graph.k_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # load the training tokens once for all k
         deps=[whitening_asset, *graph.deps("activation_stats", "activations")],
-        # 6: per-window sums beside the records. The k values are partitions, not part of the version:
-        # adding a k leaves the other k fresh
-        code_version=code_version("6", graph.run, ("clustering",), [whitening_asset], exclude=("clustering.ks",)),
+        # 7: seed replicas. The k values are partitions, not part of the version: adding a k
+        # leaves the other k fresh
+        code_version=code_version(
+            "7", graph.run, ("clustering", "seeds"), [whitening_asset], exclude=("clustering.ks",)
+        ),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch", "zarr"},

@@ -4,7 +4,7 @@ import dagster as dg
 import torch
 
 from gemma_assets.core import model
-from gemma_assets.core.report import markdown_table
+from gemma_assets.core.report import SEED_AGREEMENT_COLUMNS, markdown_table
 from gemma_assets.core.stages import downstream, interpretation
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
@@ -55,7 +55,12 @@ def interpretation_asset(
     return dg.MaterializeResult(
         metadata={
             "pages": dg.MetadataValue.path(str(read.site / "index.html")),
-            "alignment": md(markdown_table(pairs, tuple(pairs[0]) if pairs else ("clustering",))),
+            "alignment": md(
+                markdown_table(
+                    pairs, tuple(k for k in pairs[0] if not k.endswith("_interval")) if pairs else ("clustering",)
+                )
+            ),
+            "seed_agreement": md(markdown_table(read.result["seed_agreement"], SEED_AGREEMENT_COLUMNS)),
             "probes": md(markdown_table(probes, tuple(k for k in probes[0] if not k.endswith("_interval")))),
             "alignment_histogram": image_md(read.alignment_histogram),
         }
@@ -67,8 +72,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     loss = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],
-        # 2: CE per window
-        code_version=code_version("2", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
+        # 3: blocks 0..L shared by every replacement
+        code_version=code_version("3", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
         group_name="evaluation",
         pool="gpu",
         kinds={"pytorch"},
@@ -77,8 +82,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         name="interpretation",
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],
-        # every evaluation key but the spliced cross-entropy's
-        code_version=code_version("1", graph.run, ("clustering.ks", "evaluation"), dictionaries, exclude=SPLICE_KEYS),
+        # every evaluation key but the spliced cross-entropy's; 2: agreement across seeds
+        code_version=code_version("2", graph.run, ("clustering.ks", "evaluation"), dictionaries, exclude=SPLICE_KEYS),
         group_name="evaluation",
         kinds={"pytorch", "html"},
     )(interpretation_asset)

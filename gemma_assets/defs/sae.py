@@ -1,5 +1,6 @@
 """sae_dictionary and sae_evaluation: the SAE side of the comparison, through SAELens."""
 
+import itertools
 import json
 
 import dagster as dg
@@ -31,7 +32,7 @@ def sae_dictionary(
     (tiny/demo), or pretrained Gemma Scope SAEs loaded with SAE.from_pretrained."""
     prof, layout = run.config, storage.layout(context)
     rows = []
-    for spec in prof.sae_specs:
+    for spec in [*prof.sae_specs, *itertools.chain(*prof.sae_seed_replicas.values())]:
         training = saes.make_sae(layout, prof, spec, compute.resolved_device)
         rows.append({key: value for key, value in training.items() if key != "train_partitions"})
         context.log.info(f"SAE {spec.name}: {json.dumps(rows[-1])}")
@@ -44,12 +45,18 @@ def sae_evaluation(
     """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
     throughput) of every SAE on held-out non-BOS tokens."""
     prof, layout = run.config, storage.layout(context)
-    evaluated = []
+    evaluated, replicas = [], {}
     for spec in prof.sae_specs:
         evaluated.append(saes.evaluate_sae(layout, prof, spec, compute.resolved_device))
         record = evaluated[-1][0]
         context.log.info(f"SAE {spec.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.1f}")
-    saes.save_evaluation(layout, evaluated)
+    for name, specs in prof.sae_seed_replicas.items():
+        replicas[name] = [saes.evaluate_sae(layout, prof, spec, compute.resolved_device)[0] for spec in specs]
+        if specs:
+            context.log.info(
+                f"SAE {name} over seeds: held-out FVU " + ", ".join(f"{r.fvu:.4f}" for r in replicas[name])
+            )
+    saes.save_evaluation(layout, evaluated, replicas)
     table = markdown_table([record.row() for record, _ in evaluated], HELDOUT_COLUMNS)
     return dg.MaterializeResult(metadata={"heldout_metrics": md(table)})
 
@@ -59,15 +66,15 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     dictionary = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=graph.deps("activation_stats", "activations"),
-        code_version=code_version("2", graph.run, ("saes",), [stats]),
+        code_version=code_version("3", graph.run, ("saes", "seeds"), [stats]),  # 3: seed replicas
         group_name="sae",
         kinds={"pytorch"},
     )(sae_dictionary)
     evaluation = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[dictionary, *graph.deps("activations")],
-        # 4: typed records and per-window sums
-        code_version=code_version("4", graph.run, upstream=[dictionary]),
+        # 5: seed replicas
+        code_version=code_version("5", graph.run, upstream=[dictionary]),
         group_name="sae",
         kinds={"pytorch"},
     )(sae_evaluation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import zarr.storage
 from gemma_assets.core import bootstrap, metrics, plots
 from gemma_assets.core.batches import Batches, map_data
 from gemma_assets.core.cluster_metrics import cluster_quality
-from gemma_assets.core.config import RunConfig
-from gemma_assets.core.dictionaries import clustering_family, fit_gain_shape
+from gemma_assets.core.config import RunConfig, seed_name
+from gemma_assets.core.dictionaries import Member, clustering_family, fit_gain_shape
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.kmeans import KMeansDictionary, KMeansResult, assign, fit_kmeans
-from gemma_assets.core.layout import WINDOWS_FILE, RunLayout
+from gemma_assets.core.layout import SEED_MODELS_FILE, SEEDS_FILE, WINDOWS_FILE, RunLayout
 from gemma_assets.core.memory import PeakRss
 from gemma_assets.core.records import DictionaryRecord, Family
 from gemma_assets.core.storage import ActivationStore
@@ -94,54 +95,96 @@ def _kmeans_facts(run: RunConfig, result: KMeansResult, peak_mb: float) -> dict:
     }
 
 
-def fit_k(layout: RunLayout, run: RunConfig, train: TrainSplit, k: int) -> list[DictionaryRecord]:
-    """K-means (exact Lloyd) on the train split, its gain-shape and top-m readings, their held-out
-    metrics and the cluster of every stored token, written together under clusters/k-<k>/."""
-    spec, store = run.clustering, layout.activation_store()
+@dataclass(frozen=True)
+class _SeededFit:
+    """k-means-k and its readings fitted with one seed, evaluated on held-out windows."""
+
+    seed: int
+    kmeans: KMeansResult
+    kmeans_peak_mb: float
+    gain_shape_atoms: torch.Tensor
+    spherical: KMeansResult
+    family: list[Member]
+    evaluated: dict[str, tuple[dict, bootstrap.WindowSums]]  # by member name
+
+    def records(self, run: RunConfig, train: TrainSplit, quality: dict) -> list[DictionaryRecord]:
+        facts = {
+            "train_partitions": run.train_partition_keys,
+            "train_tokens": train.tokens,
+            "train_streamed": train.streamed,
+            "seed": self.seed,
+        }
+        facts |= {"fit_seconds": self.kmeans.fit_seconds, "parameters": self.kmeans.centroids.numel()}  # top-m
+        own_facts = {
+            Family.KMEANS: _kmeans_facts(run, self.kmeans, self.kmeans_peak_mb),
+            Family.GAIN_SHAPE: {"fit_seconds": self.spherical.fit_seconds, "iterations": self.spherical.n_iter},
+        }
+        return [
+            DictionaryRecord.of_fit(
+                seed_name(member.name, self.seed),
+                member.family,
+                len(self.kmeans.centroids),
+                member.m,
+                quality.get(member.family, {}) | self.evaluated[member.name][0],
+                facts | own_facts.get(member.family, {}),
+            )
+            for member in self.family
+        ]
+
+
+def _fit_seeded(run: RunConfig, train: TrainSplit, heldout_windows: Batches, k: int, seed: int) -> _SeededFit:
+    spec = run.clustering
     fit_args = {"max_iter": spec.max_iter, "tol": spec.tol, "bounds_mb": spec.in_memory_mb, "seeding": spec.seeding}
     with PeakRss() as peak:
-        result = fit_kmeans(train.data, k, seed=spec.seed, backend=spec.backend, **fit_args)
+        result = fit_kmeans(train.data, k, seed=spec.seed + seed, backend=spec.backend, **fit_args)
     # the same clustering read as dictionaries with more shapes (gain-shape's directions come
     # from spherical k-means on the same tokens)
     raw = map_data(train.data, train.preprocessor.inverse)
-    gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed, **fit_args)
+    gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed + seed, **fit_args)
     family = clustering_family(k, result.centroids, gain_shape.atoms, train.preprocessor)
+    evaluated = {member.name: metrics.evaluate_windows(heldout_windows(), member.dictionary) for member in family}
+    return _SeededFit(seed, result, peak.mb, gain_shape.atoms, spherical, family, evaluated)
+
+
+def fit_k(
+    layout: RunLayout, run: RunConfig, train: TrainSplit, k: int, log: Callable[[str], None] = lambda _: None
+) -> list[DictionaryRecord]:
+    """K-means (exact Lloyd) on the train split, its gain-shape and top-m readings, their held-out
+    metrics and the cluster of every stored token, written together under clusters/k-<k>/; with
+    `seeds` > 1 also the refits with seeds 1.. (their records and centroids, no assignments)."""
+    store = layout.activation_store()
     heldout, heldout_windows = (
         store.batches(run.heldout_partition_keys),
         store.window_batches(run.heldout_partition_keys),
     )
-    evaluated = {member.name: metrics.evaluate_windows(heldout_windows(), member.dictionary) for member in family}
-    facts = {
-        "train_partitions": run.train_partition_keys,
-        "train_tokens": train.tokens,
-        "train_streamed": train.streamed,
-    }
-    facts |= {"fit_seconds": result.fit_seconds, "parameters": result.centroids.numel()}  # top-m reuses k-means
-    own_facts = {
-        Family.KMEANS: _kmeans_facts(run, result, peak.mb),
-        Family.GAIN_SHAPE: {"fit_seconds": spherical.fit_seconds, "iterations": spherical.n_iter},
-    }
+    fits = []
+    for seed in range(run.seeds):
+        fits.append(_fit_seeded(run, train, heldout_windows, k, seed))
+        if run.seeds > 1:
+            log(f"k={k}, seed {seed}: held-out FVU {fits[-1].evaluated[f'kmeans-{k}'][0]['fvu']:.4f}")
+    first, *replicas = fits
     # cluster quality is read in the space k-means was fitted in
-    quality = {Family.KMEANS: cluster_quality(map_data(heldout, train.preprocessor.forward)(), result.centroids)}
-    records = [
-        DictionaryRecord.of_fit(
-            member.name,
-            member.family,
-            k,
-            member.m,
-            quality.get(member.family, {}) | evaluated[member.name][0],
-            facts | own_facts.get(member.family, {}),
-        )
-        for member in family
-    ]
+    quality = {Family.KMEANS: cluster_quality(map_data(heldout, train.preprocessor.forward)(), first.kmeans.centroids)}
+    records = first.records(run, train, quality)
+    seed_records = {member.name: [] for member in first.family}
+    for fit in replicas:
+        for member, record in zip(fit.family, fit.records(run, train, {}), strict=True):
+            seed_records[member.name].append(record.to_json())
     with atomic_dir(layout.kmeans_dir(k)) as out:  # model, labels and metrics agree
-        model = {"centroids": result.centroids, "sizes": result.sizes, "gain_shape_atoms": gain_shape.atoms}
+        model = {
+            "centroids": first.kmeans.centroids,
+            "sizes": first.kmeans.sizes,
+            "gain_shape_atoms": first.gain_shape_atoms,
+        }
         save_arrays(
-            out / "model.npz", {n: v.numpy() for n, v in model.items()} | {"inertia_curve": result.inertia_curve}
+            out / "model.npz", {n: v.numpy() for n, v in model.items()} | {"inertia_curve": first.kmeans.inertia_curve}
         )
-        write_assignments(out / "assignments", store, run.partition_keys, family[0].dictionary)
+        write_assignments(out / "assignments", store, run.partition_keys, first.family[0].dictionary)
         write_json(out / "records.json", [record.to_json() for record in records])
-        save_arrays(out / WINDOWS_FILE, bootstrap.flatten({name: sums for name, (_, sums) in evaluated.items()}))
+        windows = {name: sums for name, (_, sums) in first.evaluated.items()}
+        save_arrays(out / WINDOWS_FILE, bootstrap.flatten(windows))
+        write_json(out / SEEDS_FILE, seed_records)
+        save_arrays(out / SEED_MODELS_FILE, {f"seed{fit.seed}": fit.kmeans.centroids.numpy() for fit in replicas})
     return records
 
 

@@ -50,8 +50,7 @@ def spliced_losses(
         layout.activation_store(), run.heldout_partition_keys, run.sampling.context_len, run.evaluation.ce_windows
     )
     train_mean = torch.from_numpy(layout.moments("train").mean).float()
-    replacements: dict[str, splice.Replacement | None] = {
-        "clean": None,
+    replacements: dict[str, splice.Replacement] = {
         "zero-ablation": torch.zeros_like,
         "mean-ablation": lambda x: train_mean.to(x.device).expand_as(x),
     }
@@ -60,7 +59,7 @@ def spliced_losses(
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
-        log(f"spliced CE: {done}/{total} windows x {len(replacements)} runs, {time.perf_counter() - started:.0f}s")
+        log(f"spliced CE: {done}/{total} windows x {len(replacements) + 1} runs, {time.perf_counter() - started:.0f}s")
 
     batch = run.evaluation.ce_batch_windows
     per_window = splice.cross_entropies(lm, windows, run.model.layer, replacements, batch, device, progress)

@@ -12,9 +12,10 @@ import torch
 
 from gemma_assets.core import bootstrap, feature_pages, interpret, plots
 from gemma_assets.core.codes import centred_units
-from gemma_assets.core.config import RunConfig
+from gemma_assets.core.config import RunConfig, seed_name
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
+from gemma_assets.core.kmeans import KMeansDictionary, assign
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.records import Family
 from gemma_assets.core.storage import ActivationStore, window_ids
@@ -117,6 +118,60 @@ class _Comparison:
         return [f"{other.name} {kind} {int(j)} (cosine {float(c):.3f})" for c, j in zip(cosine, index, strict=True)]
 
 
+def _agreement(name: str, other: str, a: torch.Tensor, b: torch.Tensor, matched: np.ndarray | None) -> dict:
+    best, _, _, _ = interpret.alignment(a, b)
+    row = {
+        "dictionary": name,
+        "other_seed": other,
+        "median_best_cosine": float(best.median()),
+        "features_with_twin": float((best >= interpret.TWIN_COSINE).float().mean()),
+    }
+    if matched is not None:  # resampling the clusters
+        share = bootstrap.share_interval(matched > interpret.MATCH_F1)
+        row |= {"clusters_matched_f1": share.value, "clusters_matched_f1_interval": [share.low, share.high]}
+    return row
+
+
+def seed_agreement(
+    layout: RunLayout,
+    run: RunConfig,
+    clusters: list[Member],
+    latents: list[Member],
+    tokens: interpret.EvalTokens,
+    acts: dict[str, interpret.FeatureActivations],
+) -> list[dict]:
+    """How much of each dictionary reappears when it is refitted with another seed: k-means
+    clusters of seed 0 with a twin centroid (cosine) and a matching member set (F1) in seed s,
+    SAE latents of seed 0 with a twin decoder direction in seed s. The yardstick for the
+    cluster-latent agreement: agreement below the seed-to-seed level is not evidence of
+    different structure."""
+    rows = []
+    for cluster in clusters:
+        k = cluster.dictionary.n_features
+        labels = np.empty(acts[cluster.name].n_tokens, np.int64)
+        labels[acts[cluster.name].token] = acts[cluster.name].feature
+        preprocessor = cluster.dictionary.preprocessor
+        for seed, centroids in enumerate(layout.kmeans_seed_centroids(k)[: run.seeds - 1], start=1):
+            refit = KMeansDictionary(centroids, preprocessor)
+            refit_labels = assign(preprocessor.forward(tokens.x), centroids)[0].numpy()
+            matched = interpret.partition_f1(labels, refit_labels, k, k)
+            rows.append(
+                _agreement(
+                    cluster.name,
+                    seed_name(cluster.name, seed),
+                    cluster.dictionary.directions(),
+                    refit.directions(),
+                    matched,
+                )
+            )
+    replicas = run.sae_seed_replicas
+    for latent in latents:
+        for refit in layout.sae_members(replicas.get(latent.name, ())):
+            a, b = latent.dictionary.directions().cpu(), refit.dictionary.directions()
+            rows.append(_agreement(latent.name, refit.name, a, b, None))
+    return rows
+
+
 @dataclass(frozen=True)
 class InterpretationRecord:
     result: dict  # what evaluation/interpretation.json holds: tokens, alignment, probes, examples
@@ -202,7 +257,9 @@ def interpret_dictionaries(
     twins_of = functools.partial(comparison.twins, clusters=clusters, latents=latents)
     pages, examples = _pages(members, acts, tokens, centred, unembedding, twins_of, decode)
     feature_pages.write_site(layout.features_site, pages)
-    result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "probes": probes, "probe_subset": probe_subset}
+    agreement = seed_agreement(layout, run, clusters, latents, tokens, acts)
+    result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "seed_agreement": agreement}
+    result |= {"probes": probes, "probe_subset": probe_subset}
     result["examples"] = examples
     write_json(layout.interpretation_file, result)
     return InterpretationRecord(result, layout.features_site, histogram)

@@ -11,8 +11,8 @@ from gemma_assets.core import plots, report
 from gemma_assets.core.bootstrap import Evidence
 from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_text
-from gemma_assets.core.layout import RunLayout, all_records, all_window_sums
-from gemma_assets.core.records import DictionaryRecord, Family, join_downstream
+from gemma_assets.core.layout import RunLayout, all_records, all_seed_spreads, all_window_sums
+from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread, join_downstream
 from gemma_assets.core.stages.downstream import by_name
 
 
@@ -25,23 +25,35 @@ class ReportRecord:
     findings: list[str]
 
 
-def _figures(layout: RunLayout, records: list[DictionaryRecord]) -> dict[str, Path]:
-    def l0_rows(metric: str) -> list[dict]:
-        rows = [(r, r.row()) for r in records]
-        return [
-            {"name": r.name, "series": report.series(r), "l0": r.l0, "value": row[metric]}
-            for r, row in rows
-            if row.get(metric) is not None
-        ]
+def _figures(
+    layout: RunLayout, records: list[DictionaryRecord], evidence: Evidence, spreads: list[SeedSpread]
+) -> dict[str, Path]:
+    over_seeds = {spread.name: spread for spread in spreads}
 
+    def fvu_bar(record: DictionaryRecord) -> tuple[float, float]:
+        if record.name in over_seeds:
+            values = over_seeds[record.name].values["fvu"]
+            return min(values), max(values)
+        window = evidence.metric(record.name, "fvu")
+        return window.low, window.high
+
+    def ce_bar(record: DictionaryRecord) -> tuple[float, float]:
+        window = evidence.delta_ce(record.name)
+        return window.low, window.high
+
+    def point(record: DictionaryRecord, value: float, bar: tuple[float, float]) -> dict:
+        return {"name": record.name, "series": report.series(record), "l0": record.l0, "value": value, "bar": bar}
+
+    fvu = [point(r, r.fvu, fvu_bar(r)) for r in records if r.name in evidence.windows]
+    delta_ce = [point(r, r.downstream["delta_ce"], ce_bar(r)) for r in records if r.name in evidence.ce]
     return {
         "frontier": plots.l0_frontier(
-            l0_rows("heldout_fvu"),
+            fvu,
             layout.report_file("l0_fvu_frontier.png"),
             "FVU on held-out tokens (lower is better)",
         ),
         "delta_ce": plots.l0_frontier(
-            l0_rows("delta_ce"),
+            delta_ce,
             layout.report_file("l0_delta_ce.png"),
             "spliced CE - clean CE, nats (lower is better)",
         ),
@@ -60,7 +72,6 @@ def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) 
     records = join_downstream(all_records(layout, run), by_name(downstream))
     report.check_no_leakage(records, run.heldout_partition_keys)
     readings = layout.interpretation()
-    figures = _figures(layout, records)
     save_resolved(run, layout.resolved_config_file)
     data = {
         "train_tokens": layout.moments("train").count,
@@ -73,9 +84,11 @@ def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) 
         {name: np.asarray(losses) for name, losses in downstream["ce_per_window"].items()},
         downstream["predictions_per_window"],
     )
+    spreads = all_seed_spreads(layout, run)
+    figures = _figures(layout, records, evidence, spreads)
     findings = report.findings(records, readings, evidence)
     names = {name: path.name for name, path in figures.items()}
-    markdown = report.render_markdown(run, records, data, names, readings, findings, compute, evidence)
+    markdown = report.render_markdown(run, records, data, names, readings, findings, compute, evidence, spreads)
     path = layout.report_file("report.md")
     write_text(path, markdown)
     html = layout.report_file("report.html")

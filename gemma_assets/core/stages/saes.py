@@ -38,6 +38,7 @@ def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> d
                 mean=torch.from_numpy(moments.mean).float(),
                 batch_size=run.saes.batch_size,
                 device=device,
+                seed=spec.seed,
             )
         facts |= {"fit_peak_rss_mb": peak.mb, "train_partitions": run.train_partition_keys}
     training = {
@@ -45,6 +46,7 @@ def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> d
         "architecture": spec.architecture,
         "width": spec.width or dictionary.sae.cfg.d_sae,
         "k": spec.k,
+        "seed": spec.seed,
         "scale": dictionary.scale,
         "parameters": dictionary.n_parameters,
         **facts,
@@ -70,6 +72,13 @@ def evaluate_sae(
     return record, windows
 
 
-def save_evaluation(layout: RunLayout, evaluated: list[tuple[DictionaryRecord, bootstrap.WindowSums]]) -> None:
+def save_evaluation(
+    layout: RunLayout,
+    evaluated: list[tuple[DictionaryRecord, bootstrap.WindowSums]],
+    replicas: dict[str, list[DictionaryRecord]],
+) -> None:
+    """The SAEs' records with their per-window sums, and the records of their seed replicas
+    (by the seed-0 name)."""
     save_arrays(layout.sae_windows_file, bootstrap.flatten({record.name: windows for record, windows in evaluated}))
+    write_json(layout.sae_seeds_file, {name: [r.to_json() for r in records] for name, records in replicas.items()})
     write_json(layout.sae_evaluation_file, [record.to_json() for record, _ in evaluated])

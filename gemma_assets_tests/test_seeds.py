@@ -1,0 +1,67 @@
+"""Refits with other seeds: the spread over seeds and how much of a dictionary reappears in a refit
+(the tiny run fits two seeds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gemma_assets.core import interpret
+from gemma_assets.core.layout import all_records, all_seed_spreads
+from gemma_assets.core.records import SEED_METRICS
+
+
+def test_partition_f1_known_answers():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    relabelled = np.array([2, 2, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(interpret.partition_f1(labels, relabelled, 3, 3), [1, 1, 1])
+    split = np.array([0, 0, 1, 1, 2, 2, 3, 3])  # cluster 2 of `labels` split in halves
+    f1 = interpret.partition_f1(labels, split, 3, 4)
+    np.testing.assert_allclose(f1, [1, 1, 2 * 2 / (4 + 2)])
+    np.testing.assert_allclose(interpret.partition_f1(labels, split, 4, 4)[3], 0)  # an empty cluster
+
+
+def test_every_refittable_dictionary_has_its_spread_over_seeds(tiny_run):
+    layout, run = tiny_run.layout, tiny_run.profile
+    assert run.seeds == 2
+    spreads = {spread.name: spread for spread in all_seed_spreads(layout, run)}
+    fitted = [r for r in all_records(layout, run) if not r.family.value.startswith("leader")]
+    assert set(spreads) == {r.name for r in fitted}  # k-means, gain-shape, top-m and every trained SAE
+    for record in fitted:
+        spread = spreads[record.name]
+        assert spread.seeds == 2
+        for metric in SEED_METRICS:
+            first, refit = spread.values[metric]
+            assert first == record.heldout[metric]  # seed 0 is the record the tables show
+            assert spread.mean(metric) == pytest.approx((first + refit) / 2)
+            assert spread.sd(metric) == pytest.approx(abs(first - refit) / np.sqrt(2))
+    for name in ("kmeans-64", "gain-shape-128", "topk-64-k4"):  # a refit is a different fit
+        assert spreads[name].values["fvu"][0] != spreads[name].values["fvu"][1], name
+    replica = layout.kmeans_seed_records(64)["kmeans-64"][0]
+    assert replica.name == "kmeans-64-seed1" and replica.facts["seed"] == 1
+    training = json.loads((layout.sae_dir("topk-64-k4-seed1") / "training.json").read_text())
+    assert training["seed"] == 1
+
+
+def test_seed_agreement_compares_each_dictionary_with_its_refit(tiny_run):
+    layout, run = tiny_run.layout, tiny_run.profile
+    rows = {row["dictionary"]: row for row in layout.interpretation()["seed_agreement"]}
+    assert set(rows) == {f"kmeans-{k}" for k in run.clustering.ks} | {s.name for s in run.sae_specs}
+    for k in run.clustering.ks:
+        row = rows[f"kmeans-{k}"]
+        assert row["other_seed"] == f"kmeans-{k}-seed1"
+        low, high = row["clusters_matched_f1_interval"]
+        assert 0 <= low <= row["clusters_matched_f1"] <= high <= 1
+    # the twin share recomputed from the saved centroids (centring: a centroid is its centred direction)
+    assert run.clustering.preprocessing == "center"
+    row, (refit,) = rows["kmeans-64"], layout.kmeans_seed_centroids(64)
+    first = torch.from_numpy(layout.kmeans_model(64)["centroids"])
+    units = [torch.nn.functional.normalize(c, dim=1) for c in (first, refit)]
+    best = (units[0] @ units[1].T).max(1).values
+    assert row["features_with_twin"] == pytest.approx(float((best >= interpret.TWIN_COSINE).float().mean()))
+    report = layout.report_file("report.md").read_text()
+    assert "### Spread over seeds" in report and "| kmeans-64 | 2 |" in report
+    assert "| kmeans-64 | kmeans-64-seed1 |" in report
