@@ -3,7 +3,9 @@ spliced cross-entropy, interpretation measures on known answers, and the tiny ru
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -143,6 +145,34 @@ def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):
     assert "<table>" in layout.report_file("report.html").read_text()
     for plot in ("l0_fvu_frontier", "l0_delta_ce", "quality_across_k", "alignment_histogram"):
         assert layout.report_file(f"{plot}.png").stat().st_size > 1000
+
+
+def test_intervals_reach_the_report_json_and_the_asset_metadata(tiny_run):
+    import dagster as dg
+
+    layout = tiny_run.layout
+    figures = json.loads(layout.report_file("report.json").read_text())
+    assert figures["run"] == "tiny" and figures["config_digest"] == tiny_run.profile.digest()
+    assert figures["intervals"]["resampled"] == "held-out windows" and figures["intervals"]["ce_windows"] == 48
+    rows = {row["name"]: row for row in figures["dictionaries"]}
+    assert set(rows) == set(tiny_run.records())
+    for row in rows.values():
+        for metric in (
+            "heldout_fvu",
+            "heldout_mse",
+            "heldout_cosine",
+            "heldout_l0",
+            "delta_ce",
+            "loss_recovered_vs_zero",
+        ):
+            assert row[metric]["low"] <= row[metric]["value"] <= row[metric]["high"], (row["name"], metric)
+    assert rows["kmeans-64"]["heldout_fvu"]["value"] == tiny_run.records()["kmeans-64"]["heldout_fvu"]
+    assert {s["name"] for s in figures["seed_spread"]} >= {"kmeans-64", "topk-64-k1"}
+    assert figures["findings"] and all(isinstance(line, str) for line in figures["findings"])
+    for asset, table in (("comparison_report", "heldout_metrics"), ("interpretation", "alignment")):
+        event = tiny_run.instance.get_latest_materialization_event(dg.AssetKey(asset))
+        text = event.asset_materialization.metadata[table].value
+        assert re.search(r"\| [-0-9.e+]+ \[[-0-9.e+]+, [-0-9.e+]+\] \|", text), (asset, text[:300])
 
 
 def test_activation_f1_and_alignment_on_known_answers():

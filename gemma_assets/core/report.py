@@ -275,6 +275,33 @@ def with_intervals(record: DictionaryRecord, evidence: Evidence) -> dict[str, An
     return row
 
 
+def _jsonable(value: Any) -> Any:
+    return {"value": value.value, "low": value.low, "high": value.high} if isinstance(value, Interval) else value
+
+
+def report_json(
+    profile: RunConfig, rows: list[dict[str, Any]], spreads: list[SeedSpread], found: list[str], evidence: Evidence
+) -> dict[str, Any]:
+    """The report's figures for programs: every dictionary's row, figures with an interval as
+    {value, low, high}; the spread over seeds; the findings."""
+    any_ce = next(iter(evidence.ce.values()), ())
+    return {
+        "run": profile.name,
+        "config_digest": profile.digest(),
+        "git_revision": git_revision(),
+        "intervals": {
+            "level": 0.95,
+            "bootstrap_draws": DRAWS,
+            "resampled": "held-out windows",
+            "heldout_windows": next(iter(evidence.windows.values())).n_windows if evidence.windows else 0,
+            "ce_windows": len(any_ce),
+        },
+        "dictionaries": [{key: _jsonable(value) for key, value in row.items()} for row in rows],
+        "seed_spread": [spread.row() for spread in spreads],
+        "findings": found,
+    }
+
+
 def _examples_md(examples: dict) -> str:
     lines = []
     for name, features in examples.items():

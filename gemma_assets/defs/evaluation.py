@@ -4,7 +4,13 @@ import dagster as dg
 import torch
 
 from gemma_assets.core import model
-from gemma_assets.core.report import SEED_AGREEMENT_COLUMNS, markdown_table
+from gemma_assets.core.report import (
+    ALIGNMENT_COLUMNS,
+    PROBE_COLUMNS,
+    SEED_AGREEMENT_COLUMNS,
+    markdown_table,
+    with_row_intervals,
+)
 from gemma_assets.core.stages import downstream, interpretation
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
@@ -51,17 +57,16 @@ def interpretation_asset(
     read = interpretation.interpret_dictionaries(
         layout, prof, latents, tokenizer, unembedding.detach(), device, context.log.info
     )
-    pairs, probes = read.result["alignment"], read.result["probes"]
+    tables = {  # value [95% interval] where the figure has one
+        name: [with_row_intervals(row) for row in read.result[name]]
+        for name in ("alignment", "seed_agreement", "probes")
+    }
     return dg.MaterializeResult(
         metadata={
             "pages": dg.MetadataValue.path(str(read.site / "index.html")),
-            "alignment": md(
-                markdown_table(
-                    pairs, tuple(k for k in pairs[0] if not k.endswith("_interval")) if pairs else ("clustering",)
-                )
-            ),
-            "seed_agreement": md(markdown_table(read.result["seed_agreement"], SEED_AGREEMENT_COLUMNS)),
-            "probes": md(markdown_table(probes, tuple(k for k in probes[0] if not k.endswith("_interval")))),
+            "alignment": md(markdown_table(tables["alignment"], ALIGNMENT_COLUMNS)),
+            "seed_agreement": md(markdown_table(tables["seed_agreement"], SEED_AGREEMENT_COLUMNS)),
+            "probes": md(markdown_table(tables["probes"], PROBE_COLUMNS)),
             "alignment_histogram": image_md(read.alignment_histogram),
         }
     )

@@ -10,7 +10,7 @@ import numpy as np
 from gemma_assets.core import plots, report
 from gemma_assets.core.bootstrap import Evidence
 from gemma_assets.core.config import RunConfig, save_resolved
-from gemma_assets.core.files import write_text
+from gemma_assets.core.files import write_json, write_text
 from gemma_assets.core.layout import RunLayout, all_records, all_seed_spreads, all_window_sums
 from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread, join_downstream
 from gemma_assets.core.stages.downstream import by_name
@@ -20,7 +20,9 @@ from gemma_assets.core.stages.downstream import by_name
 class ReportRecord:
     markdown: Path
     html: Path
+    json: Path
     records: list[DictionaryRecord]
+    rows: list[dict]  # the records' table rows, figures with an interval as Interval
     figures: dict[str, Path]
     findings: list[str]
 
@@ -66,8 +68,8 @@ def _figures(
 
 def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) -> ReportRecord:
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
-    clustering quality across k, computational cost, feature interpretation; the resolved config
-    is saved beside it."""
+    clustering quality across k, computational cost, feature interpretation; its figures with
+    their intervals as report.json; the resolved config saved beside it."""
     downstream = layout.downstream()
     records = join_downstream(all_records(layout, run), by_name(downstream))
     report.check_no_leakage(records, run.heldout_partition_keys)
@@ -93,4 +95,7 @@ def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) 
     write_text(path, markdown)
     html = layout.report_file("report.html")
     write_text(html, report.render_html(markdown, f"gemma_assets report ({run.name})"))
-    return ReportRecord(path, html, records, figures, findings)
+    rows = [report.with_intervals(record, evidence) for record in records]
+    figures_json = layout.report_file("report.json")
+    write_json(figures_json, report.report_json(run, rows, spreads, findings, evidence))
+    return ReportRecord(path, html, figures_json, records, rows, figures, findings)
