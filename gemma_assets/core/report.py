@@ -178,11 +178,18 @@ def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Ev
         for sae in (s for s in saes if s.k == km.k and s.m == 1):
             fvu = evidence.compare(sae.name, km.name, "fvu")
             stands = {"lower": "a lower held-out FVU than", "higher": "a higher held-out FVU than"}
-            lines.append(
+            line = (
                 f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has "
                 f"{stands.get(verdict(fvu), 'a held-out FVU indistinguishable from that of')} {km.name} "
-                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {spread(fvu)})."
+                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {spread(fvu)})"
             )
+            if sae.name in evidence.ce and km.name in evidence.ce:
+                ce = evidence.compare_delta_ce(sae.name, km.name)
+                line += (
+                    f"; its spliced delta CE is {verdict(ce)} ({sae.downstream['delta_ce']:.3f} vs "
+                    f"{km.downstream['delta_ce']:.3f} nats; {spread(ce)})"
+                )
+            lines.append(line + ".")
     if kmeans and saes:
         best_km = min(kmeans, key=lambda r: r.fvu)
         beating = [s for s in saes if evidence.compare(s.name, best_km.name, "fvu").resolved and s.fvu < best_km.fvu]
