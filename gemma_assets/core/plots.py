@@ -44,7 +44,9 @@ def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
         # series at the same L0 (every L0 = 1 family) are drawn side by side, so their bars stay apart
         dodge = 2 ** (0.025 * (index - (len(names) - 1) / 2))
         l0s = [p[0] * dodge for p in points]
-        ax.errorbar(l0s, values, yerr=np.clip(bars, 0, None).T, marker="o", markersize=4, capsize=2, label=series)
+        marker = "os^Dv"[index // 10 % 5]  # the colour cycle has 10 colours: the 11th series changes marker
+        bars = np.clip(bars, 0, None).T
+        ax.errorbar(l0s, values, yerr=bars, marker=marker, markersize=4, capsize=2, label=series)
         for l0, (_, value, name, _) in zip(l0s, points, strict=True):
             ax.annotate(name, (l0, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
