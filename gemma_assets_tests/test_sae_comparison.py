@@ -166,7 +166,8 @@ def test_intervals_reach_the_report_json_and_the_asset_metadata(tiny_run):
             "loss_recovered_vs_zero",
         ):
             assert row[metric]["low"] <= row[metric]["value"] <= row[metric]["high"], (row["name"], metric)
-    assert rows["kmeans-64"]["heldout_fvu"]["value"] == tiny_run.records()["kmeans-64"]["heldout_fvu"]
+    # the point estimate from the per-window sums is the record's FVU (to rounding)
+    assert rows["kmeans-64"]["heldout_fvu"]["value"] == pytest.approx(tiny_run.records()["kmeans-64"]["heldout_fvu"])
     assert {s["name"] for s in figures["seed_spread"]} >= {"kmeans-64", "topk-64-k1"}
     assert figures["findings"] and all(isinstance(line, str) for line in figures["findings"])
     for asset, table in (("comparison_report", "heldout_metrics"), ("interpretation", "alignment")):
