@@ -8,7 +8,7 @@ import torch
 from gemma_assets.core import bootstrap, report
 from gemma_assets.core.bootstrap import Evidence, WindowSums
 from gemma_assets.core.metrics import evaluate, evaluate_windows
-from gemma_assets.core.records import DictionaryRecord, Family
+from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread
 
 
 def test_interval_of_a_mean_over_independent_windows_covers_the_truth_at_the_nominal_rate():
@@ -83,6 +83,19 @@ def test_a_clear_difference_is_claimed_with_its_interval():
     assert "a lower held-out FVU than kmeans-64" in line and "paired difference -" in line
     comparison = evidence.compare("topk-64-k1", "kmeans-64", "fvu")
     assert comparison.resolved and comparison.difference.high < 0
+
+
+def test_a_difference_within_the_spread_over_seeds_is_not_claimed():
+    """The paired window interval excludes 0, but refits of the two overlap: no claim."""
+    rng = np.random.default_rng(3)
+    records, evidence = _evidence(*(lambda e: (e, e * 0.8))(rng.gamma(5.0, 20.0, size=48)))
+    kmeans, sae = (r.heldout["fvu"] for r in records)
+    apart = [SeedSpread("kmeans-64", {"fvu": [kmeans, kmeans * 1.01]}), SeedSpread("topk-64-k1", {"fvu": [sae, sae]})]
+    overlapping = [apart[0], SeedSpread("topk-64-k1", {"fvu": [sae, kmeans * 1.005]})]
+    [claimed] = [f for f in report.findings(records, {}, evidence, apart) if f.startswith("At L0 = 1")]
+    assert "a lower held-out FVU than kmeans-64" in claimed
+    [line] = [f for f in report.findings(records, {}, evidence, overlapping) if f.startswith("At L0 = 1")]
+    assert "indistinguishable" in line and "but their ranges over seeds overlap" in line
 
 
 def test_delta_ce_interval_is_paired_on_windows():

@@ -316,9 +316,7 @@ def all_seed_spreads(layout: RunLayout, run: RunConfig) -> list[SeedSpread]:
     replicas = {name: r for k in run.clustering.ks for name, r in layout.kmeans_seed_records(k).items()}
     replicas |= layout.sae_seed_records()
     return [
-        SeedSpread.of(record, replicas[record.name][: run.seeds - 1])
-        for record in all_records(layout, run)
-        if run.seeds > 1 and replicas.get(record.name)
+        SeedSpread.of(record, replicas[record.name]) for record in all_records(layout, run) if replicas.get(record.name)
     ]
 
 

@@ -34,11 +34,13 @@ def norm_histogram(edges: np.ndarray, counts: np.ndarray, path: Path) -> Path:
 
 def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
     """A value against L0 (log scale) with an error bar, one line per series of dictionaries
-    (rows carry series, name, l0, value and bar: its (low, high))."""
+    (rows carry series, name, l0, value and bar: its (low, high); optionally seed_range, drawn
+    as a wide pale bar behind the point)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     names = sorted({row["series"] for row in rows})
     for index, series in enumerate(names):
-        points = sorted((row["l0"], row["value"], row["name"], row["bar"]) for row in rows if row["series"] == series)
+        members = sorted((row for row in rows if row["series"] == series), key=lambda row: row["l0"])
+        points = [(row["l0"], row["value"], row["name"], row["bar"]) for row in members]
         values = np.array([p[1] for p in points])
         bars = np.array([[value - p[3][0], p[3][1] - value] for value, p in zip(values, points, strict=True)])
         # series at the same L0 (every L0 = 1 family) are drawn side by side, so their bars stay apart
@@ -46,7 +48,10 @@ def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
         l0s = [p[0] * dodge for p in points]
         marker = "os^Dv"[index // 10 % 5]  # the colour cycle has 10 colours: the 11th series changes marker
         bars = np.clip(bars, 0, None).T
-        ax.errorbar(l0s, values, yerr=bars, marker=marker, markersize=4, capsize=2, label=series)
+        drawn = ax.errorbar(l0s, values, yerr=bars, marker=marker, markersize=4, capsize=2, label=series)
+        for l0, row in zip(l0s, members, strict=True):
+            if "seed_range" in row:
+                ax.vlines(l0, *row["seed_range"], color=drawn[0].get_color(), linewidth=5, alpha=0.3)
         for l0, (_, value, name, _) in zip(l0s, points, strict=True):
             ax.annotate(name, (l0, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)

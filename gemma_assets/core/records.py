@@ -145,8 +145,8 @@ class SeedSpread:
         return float(np.mean(self.values[metric]))
 
     def sd(self, metric: str) -> float:
-        """Sample standard deviation over seeds (nan for one seed)."""
-        return float(np.std(self.values[metric], ddof=1)) if self.seeds > 1 else float("nan")
+        """Sample standard deviation over the seeds (a spread has two or more)."""
+        return float(np.std(self.values[metric], ddof=1))
 
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"name": self.name, "seeds": self.seeds}

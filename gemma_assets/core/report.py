@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from gemma_assets.core.bootstrap import DRAWS, Comparison, Evidence, Interval
+from gemma_assets.core.bootstrap import DRAWS, LEVEL, Comparison, Evidence, Interval
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.metrics import DENSE_SHARE
@@ -153,19 +154,39 @@ def spread(comparison: Comparison) -> str:
     return text + (f"; about {needed:,} windows would resolve it" if needed else "")
 
 
-def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Evidence) -> list[str]:
+def _seed_ranges_apart(a: str, b: str, spreads: Mapping[str, SeedSpread]) -> bool:
+    """Whether the refits of a and b keep their order in held-out FVU (their ranges over seeds do
+    not overlap); True where either was fitted once."""
+    if a not in spreads or b not in spreads:
+        return True
+    fvu_a, fvu_b = spreads[a].values["fvu"], spreads[b].values["fvu"]
+    return max(fvu_a) < min(fvu_b) or max(fvu_b) < min(fvu_a)
+
+
+def findings(
+    records: list[DictionaryRecord], interpretation: dict, evidence: Evidence, spreads: Sequence[SeedSpread] = ()
+) -> list[str]:
     """Statements that follow from the numbers; a difference is claimed only where its paired
-    interval over held-out windows excludes zero."""
+    interval over held-out windows excludes zero and, for FVU, the two dictionaries' ranges over
+    seeds (where both have refits) do not overlap."""
     kmeans = sorted((r for r in records if r.family is Family.KMEANS), key=lambda r: r.k)
     saes = [r for r in records if r.family.is_sae]
+    over_seeds = {spread.name: spread for spread in spreads}
+
+    def compare_fvu(a: str, b: str) -> tuple[str, str]:
+        comparison = evidence.compare(a, b, "fvu")
+        if comparison.resolved and not _seed_ranges_apart(a, b, over_seeds):
+            return "indistinguishable", f"{spread(comparison)}, but their ranges over seeds overlap"
+        return verdict(comparison), spread(comparison)
+
     lines = []
     if len(kmeans) > 1:
         first, last = kmeans[0], kmeans[-1]
-        fvu = evidence.compare(last.name, first.name, "fvu")
-        change = {"lower": "lowers", "higher": "raises"}.get(verdict(fvu), "leaves indistinguishable")
+        fvu_verdict, fvu_spread = compare_fvu(last.name, first.name)
+        change = {"lower": "lowers", "higher": "raises"}.get(fvu_verdict, "leaves indistinguishable")
         line = (
             f"Raising k from {first.k} to {last.k} {change} the held-out FVU of k-means at L0 = 1 "
-            f"({first.fvu:.3f} to {last.fvu:.3f}; {spread(fvu)})"
+            f"({first.fvu:.3f} to {last.fvu:.3f}; {fvu_spread})"
         )
         if first.name in evidence.ce and last.name in evidence.ce:
             ce = evidence.compare_delta_ce(last.name, first.name)
@@ -176,12 +197,12 @@ def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Ev
         lines.append(line + ".")
     for km in kmeans:
         for sae in (s for s in saes if s.k == km.k and s.m == 1):
-            fvu = evidence.compare(sae.name, km.name, "fvu")
+            fvu_verdict, fvu_spread = compare_fvu(sae.name, km.name)
             stands = {"lower": "a lower held-out FVU than", "higher": "a higher held-out FVU than"}
             line = (
                 f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has "
-                f"{stands.get(verdict(fvu), 'a held-out FVU indistinguishable from that of')} {km.name} "
-                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {spread(fvu)})"
+                f"{stands.get(fvu_verdict, 'a held-out FVU indistinguishable from that of')} {km.name} "
+                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {fvu_spread})"
             )
             if sae.name in evidence.ce and km.name in evidence.ce:
                 ce = evidence.compare_delta_ce(sae.name, km.name)
@@ -192,13 +213,13 @@ def findings(records: list[DictionaryRecord], interpretation: dict, evidence: Ev
             lines.append(line + ".")
     if kmeans and saes:
         best_km = min(kmeans, key=lambda r: r.fvu)
-        beating = [s for s in saes if evidence.compare(s.name, best_km.name, "fvu").resolved and s.fvu < best_km.fvu]
+        beating = [s for s in saes if compare_fvu(s.name, best_km.name)[0] == "lower"]
         if beating:
             sparsest = min(beating, key=lambda r: r.l0)
             lines.append(
                 f"The sparsest SAE whose held-out FVU is lower than the best k-means ({best_km.name}, "
                 f"{best_km.fvu:.3f}) beyond its interval is {sparsest.name}: FVU {sparsest.fvu:.3f} at L0 "
-                f"{sparsest.l0:.1f} ({spread(evidence.compare(sparsest.name, best_km.name, 'fvu'))})."
+                f"{sparsest.l0:.1f} ({compare_fvu(sparsest.name, best_km.name)[1]})."
             )
         else:
             lines.append(
@@ -283,7 +304,10 @@ def with_intervals(record: DictionaryRecord, evidence: Evidence) -> dict[str, An
 
 
 def _jsonable(value: Any) -> Any:
-    return {"value": value.value, "low": value.low, "high": value.high} if isinstance(value, Interval) else value
+    """An interval as {value, low, high}; NaN as null (strict JSON parsers reject NaN)."""
+    if isinstance(value, Interval):
+        return {name: _jsonable(getattr(value, name)) for name in ("value", "low", "high")}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def report_json(
@@ -297,14 +321,14 @@ def report_json(
         "config_digest": profile.digest(),
         "git_revision": git_revision(),
         "intervals": {
-            "level": 0.95,
+            "level": LEVEL,
             "bootstrap_draws": DRAWS,
             "resampled": "held-out windows",
             "heldout_windows": next(iter(evidence.windows.values())).n_windows if evidence.windows else 0,
             "ce_windows": len(any_ce),
         },
         "dictionaries": [{key: _jsonable(value) for key, value in row.items()} for row in rows],
-        "seed_spread": [spread.row() for spread in spreads],
+        "seed_spread": [{key: _jsonable(v) for key, v in spread.row().items()} for spread in spreads],
         "findings": found,
     }
 
@@ -365,12 +389,12 @@ def render_markdown(
     interpretation: dict,
     found: list[str],
     compute: dict,
-    evidence: Evidence,
+    rows: list[dict[str, Any]],
     spreads: list[SeedSpread],
 ) -> str:
     """The report: data, reconstruction and downstream loss, cost, clustering quality,
-    interpretation, findings (`found`, from `findings`) and the exact configuration."""
-    rows = [with_intervals(r, evidence) for r in records]
+    interpretation, findings (`found`, from `findings`) and the exact configuration; `rows` are
+    the records' table rows with their intervals (`with_intervals`)."""
     kmeans = [r.row() for r in records if r.family is Family.KMEANS]
     findings_md = findings_markdown(found)
     downstream = data["downstream"]
@@ -394,7 +418,8 @@ Run `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revis
 - Intervals: `value [low, high]` is the estimate with its 95% percentile interval from
   {DRAWS:,} bootstrap resamples of the held-out *windows* (tokens of one window share their
   context and are not independent). A finding says one dictionary beats another only when the
-  paired interval of the difference, on the same resampled windows, excludes zero.
+  paired interval of the difference, on the same resampled windows, excludes zero, and for FVU
+  also only when, where both were fitted with several seeds, their ranges over seeds do not overlap.
 
 ## Findings
 {findings_md}
@@ -416,8 +441,8 @@ with SAELens on the train split.
 
 ![delta CE against L0]({plots["delta_ce"]})
 
-Error bars: FVU, the range over seeds where the run has several (else the 95% interval over
-windows); delta CE, the 95% interval over windows.
+Error bars: the 95% interval over held-out windows (seed 0); the wide pale bar behind an FVU
+point is its range over seeds, where the run has several.
 
 ### Spread over seeds
 

@@ -88,7 +88,10 @@ def _clean_pass(model: torch.nn.Module, input_ids: torch.Tensor, layer: int) -> 
         handle.remove()
     (block_output,) = recorded
     if not isinstance(block_output, torch.Tensor):
-        raise TypeError(f"block {layer} returns {type(block_output).__name__}, not a tensor: unsupported model")
+        raise TypeError(
+            f"block {layer} returns {type(block_output).__name__}, not a tensor (transformers before 5): "
+            "install transformers>=5 as pyproject requires"
+        )
     return _summed_cross_entropy(model, hidden, input_ids), block_output
 
 

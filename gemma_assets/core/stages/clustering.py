@@ -161,7 +161,8 @@ def fit_k(
     for seed in range(run.seeds):
         fits.append(_fit_seeded(run, train, heldout_windows, k, seed))
         if run.seeds > 1:
-            log(f"k={k}, seed {seed}: held-out FVU {fits[-1].evaluated[f'kmeans-{k}'][0]['fvu']:.4f}")
+            kmeans = fits[-1].family[0].name
+            log(f"k={k}, seed {seed}: held-out FVU of {kmeans} {fits[-1].evaluated[kmeans][0]['fvu']:.4f}")
     first, *replicas = fits
     # cluster quality is read in the space k-means was fitted in
     quality = {Family.KMEANS: cluster_quality(map_data(heldout, train.preprocessor.forward)(), first.kmeans.centroids)}

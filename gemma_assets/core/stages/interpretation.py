@@ -15,7 +15,7 @@ from gemma_assets.core.codes import centred_units
 from gemma_assets.core.config import RunConfig, seed_name
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
-from gemma_assets.core.kmeans import KMeansDictionary, assign
+from gemma_assets.core.kmeans import KMeansDictionary
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.records import Family
 from gemma_assets.core.storage import ActivationStore, window_ids
@@ -81,8 +81,7 @@ class _Comparison:
     ) -> _Comparison:
         pairs, best = [], {}
         for cluster in clusters:
-            labels = np.empty(acts[cluster.name].n_tokens, np.int64)
-            labels[acts[cluster.name].token] = acts[cluster.name].feature
+            labels = acts[cluster.name].labels()
             for latent in latents:
                 aligned = interpret.alignment(cluster.dictionary.directions(), latent.dictionary.directions().cpu())
                 best_cl, _, best_la, _ = best[(cluster.name, latent.name)] = aligned
@@ -148,12 +147,10 @@ def seed_agreement(
     rows = []
     for cluster in clusters:
         k = cluster.dictionary.n_features
-        labels = np.empty(acts[cluster.name].n_tokens, np.int64)
-        labels[acts[cluster.name].token] = acts[cluster.name].feature
-        preprocessor = cluster.dictionary.preprocessor
-        for seed, centroids in enumerate(layout.kmeans_seed_centroids(k)[: run.seeds - 1], start=1):
-            refit = KMeansDictionary(centroids, preprocessor)
-            refit_labels = assign(preprocessor.forward(tokens.x), centroids)[0].numpy()
+        labels = acts[cluster.name].labels()
+        for seed, centroids in enumerate(layout.kmeans_seed_centroids(k), start=1):
+            refit = KMeansDictionary(centroids, cluster.dictionary.preprocessor)
+            refit_labels = refit.encode(tokens.x).indices[:, 0].numpy()
             matched = interpret.partition_f1(labels, refit_labels, k, k)
             rows.append(
                 _agreement(

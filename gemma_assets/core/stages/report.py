@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gemma_assets.core import plots, report
-from gemma_assets.core.bootstrap import Evidence
+from gemma_assets.core.bootstrap import Evidence, Interval
 from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_json, write_text
 from gemma_assets.core.layout import RunLayout, all_records, all_seed_spreads, all_window_sums
@@ -32,22 +33,19 @@ def _figures(
 ) -> dict[str, Path]:
     over_seeds = {spread.name: spread for spread in spreads}
 
-    def fvu_bar(record: DictionaryRecord) -> tuple[float, float]:
-        if record.name in over_seeds:
-            values = over_seeds[record.name].values["fvu"]
-            return min(values), max(values)
-        window = evidence.metric(record.name, "fvu")
-        return window.low, window.high
+    def point(record: DictionaryRecord, value: float, window: Interval, seeds: Sequence[float] = ()) -> dict:
+        row = {"name": record.name, "series": report.series(record), "l0": record.l0, "value": value}
+        row["bar"] = (window.low, window.high)
+        return row | ({"seed_range": (min(seeds), max(seeds))} if seeds else {})
 
-    def ce_bar(record: DictionaryRecord) -> tuple[float, float]:
-        window = evidence.delta_ce(record.name)
-        return window.low, window.high
-
-    def point(record: DictionaryRecord, value: float, bar: tuple[float, float]) -> dict:
-        return {"name": record.name, "series": report.series(record), "l0": record.l0, "value": value, "bar": bar}
-
-    fvu = [point(r, r.fvu, fvu_bar(r)) for r in records if r.name in evidence.windows]
-    delta_ce = [point(r, r.downstream["delta_ce"], ce_bar(r)) for r in records if r.name in evidence.ce]
+    fvu = [
+        point(
+            r, r.fvu, evidence.metric(r.name, "fvu"), over_seeds[r.name].values["fvu"] if r.name in over_seeds else ()
+        )
+        for r in records
+        if r.name in evidence.windows
+    ]
+    delta_ce = [point(r, r.downstream["delta_ce"], evidence.delta_ce(r.name)) for r in records if r.name in evidence.ce]
     return {
         "frontier": plots.l0_frontier(
             fvu,
@@ -87,15 +85,15 @@ def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) 
         downstream["predictions_per_window"],
     )
     spreads = all_seed_spreads(layout, run)
+    rows = [report.with_intervals(record, evidence) for record in records]  # the tables' figures
     figures = _figures(layout, records, evidence, spreads)
-    findings = report.findings(records, readings, evidence)
+    findings = report.findings(records, readings, evidence, spreads)
     names = {name: path.name for name, path in figures.items()}
-    markdown = report.render_markdown(run, records, data, names, readings, findings, compute, evidence, spreads)
+    markdown = report.render_markdown(run, records, data, names, readings, findings, compute, rows, spreads)
     path = layout.report_file("report.md")
     write_text(path, markdown)
     html = layout.report_file("report.html")
     write_text(html, report.render_html(markdown, f"gemma_assets report ({run.name})"))
-    rows = [report.with_intervals(record, evidence) for record in records]
     figures_json = layout.report_file("report.json")
     write_json(figures_json, report.report_json(run, rows, spreads, findings, evidence))
     return ReportRecord(path, html, figures_json, records, rows, figures, findings)
