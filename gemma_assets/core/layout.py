@@ -102,6 +102,11 @@ class RunLayout:
     def _json(self, owner: str, path: Path, what: str) -> Any:
         return json.loads(self._existing(owner, path, what).read_text())
 
+    def _seed_records(self, owner: str, path: Path, what: str) -> dict[str, list[DictionaryRecord]]:
+        """A seeds.json: per seed-0 name, the records of its refits."""
+        replicas = self._json(owner, path, what)
+        return {name: [DictionaryRecord.from_json(r) for r in records] for name, records in replicas.items()}
+
     # sources
     @property
     def corpus_dir(self) -> Path:
@@ -191,8 +196,7 @@ class RunLayout:
 
     def kmeans_seed_records(self, k: int) -> dict[str, list[DictionaryRecord]]:
         """Per reading of k-means-k (by its seed-0 name), the records of its refits with seeds 1..."""
-        replicas = self._json(f"cluster_models[{k}]", self.kmeans_dir(k) / SEEDS_FILE, f"seed replicas of k={k}")
-        return {name: [DictionaryRecord.from_json(r) for r in records] for name, records in replicas.items()}
+        return self._seed_records(f"cluster_models[{k}]", self.kmeans_dir(k) / SEEDS_FILE, f"seed replicas of k={k}")
 
     def kmeans_seed_centroids(self, k: int) -> list[torch.Tensor]:
         """Centroids of k-means-k refitted with seeds 1, 2, ... (empty for a one-seed run)."""
@@ -264,8 +268,7 @@ class RunLayout:
 
     def sae_seed_records(self) -> dict[str, list[DictionaryRecord]]:
         """Per trained SAE (by its seed-0 name), the records of its refits with seeds 1..."""
-        replicas = self._json("sae_evaluation", self.sae_seeds_file, "SAE seed replicas")
-        return {name: [DictionaryRecord.from_json(r) for r in records] for name, records in replicas.items()}
+        return self._seed_records("sae_evaluation", self.sae_seeds_file, "SAE seed replicas")
 
     # downstream_loss
     @property
