@@ -38,25 +38,39 @@ class ModelAccessError(RuntimeError):
     """The model cannot be loaded; the message says what to do."""
 
 
+def train_tokenizer(texts: Iterable[str], vocab_size: int, padded_to: int = 0):
+    """A byte-level BPE tokenizer trained on `texts` with Gemma's special-token ids (pad 0, eos 1,
+    bos 2, unk 3). `padded_to` > vocab_size appends never-produced `<unused{i}>` entries up to
+    that many ids, the way Gemma's own vocabulary holds unused tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    if padded_to > bpe.get_vocab_size():
+        serialised = json.loads(bpe.to_str())
+        vocab = serialised["model"]["vocab"]
+        vocab.update({f"<unused{i}>": i for i in range(len(vocab), padded_to)})
+        bpe = Tokenizer.from_str(json.dumps(serialised))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
 def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
     """Train a small BPE tokenizer on `texts` and save a random-init Gemma-2 beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
     with atomic_dir(target) as staging:
-        bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=TINY_VOCAB,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        bpe.train_from_iterator(texts, trainer=trainer)
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-        )
+        tokenizer = train_tokenizer(texts, TINY_VOCAB)
         tokenizer.save_pretrained(staging)
         config = Gemma2Config(
             vocab_size=len(tokenizer),
@@ -142,12 +156,24 @@ def architecture(spec: ModelSpec, cache_dir: Path) -> ModelArchitecture:
     return ModelArchitecture(config.num_hidden_layers, config.hidden_size)
 
 
+STANDINS_HINT = (
+    "to rehearse the gemma-2-2b path without the hub: gemma-assets preflight --config gemma-2-2b --offline-standins"
+)
+
+
+def offline_hint() -> str:
+    """What to do when the hub cannot answer: the cache that was searched when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        return f"HF_HUB_OFFLINE is set and the Hugging Face cache ({cache}) has no copy: fill it, or unset HF_HUB_OFFLINE; {STANDINS_HINT}"
+    return f"check the network; offline, fill the Hugging Face cache first and set HF_HUB_OFFLINE=1; {STANDINS_HINT}"
+
+
 def _access_error(source: str, error: Exception) -> ModelAccessError:
     return ModelAccessError(
         f"cannot load {source!r} ({type(error).__name__}: {error}). For google/gemma-2-2b: "
-        "accept the license at https://huggingface.co/google/gemma-2-2b, set HF_TOKEN to a "
-        "token of that account, and check the network; offline, fill the Hugging Face cache "
-        "first and set HF_HUB_OFFLINE=1. Without a GPU, use --config demo."
+        "accept the license at https://huggingface.co/google/gemma-2-2b and set HF_TOKEN to a "
+        f"token of that account; {offline_hint()}. Without a GPU, use --config demo."
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.config import ConfigError, SaeSpec
+from gemma_assets.core.model import ModelAccessError, offline_hint
 
 SCALE_FILE = "activation_scale.json"
 DEAD_AFTER_TOKENS = 16384
@@ -82,9 +83,8 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
     try:
         sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
     except Exception as error:
-        raise RuntimeError(
-            f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): "
-            "check the network, or fill the Hugging Face cache and set HF_HUB_OFFLINE=1"
+        raise ModelAccessError(
+            f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): {offline_hint()}"
         ) from error
     return SaeDictionary(sae.eval(), 1.0)  # Gemma Scope is trained on raw activations
 
@@ -194,10 +194,7 @@ def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) 
         try:
             config = load_sae_config_from_huggingface(spec.release, spec.sae_id)
         except Exception as error:
-            problems.append(
-                f"{where}: cannot read its config ({type(error).__name__}: {error}) -> check the network, "
-                "or fill the Hugging Face cache and set HF_HUB_OFFLINE=1"
-            )
+            problems.append(f"{where}: cannot read its config ({type(error).__name__}: {error}) -> {offline_hint()}")
             continue
         problems += _hook_problems(where, config.get("d_in"), _hook_of(config), d_model, hook_name)
     return problems
