@@ -168,7 +168,7 @@ def bench_kmeans(args, device: str) -> list[dict]:
         x = centres[labels] + torch.randn(n, d, device=device, generator=generator)
         init = x[torch.randperm(n, device=device, generator=generator)[:k]].clone()
         sync(device)
-        result = fit_kmeans(x, k, max_iter=args.kmeans_iters, tol=0.0, init=init)
+        result = fit_kmeans(x, k, max_iter=args.kmeans_iters, tol=0.0, init=init, device=device)
         sync(device)
         per_iter = result.fit_seconds / result.n_iter
         rows.append(

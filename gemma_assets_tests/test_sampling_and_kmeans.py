@@ -68,3 +68,14 @@ def test_kmeans_parallel_seeds_as_well_as_kmeans_plusplus_and_is_reproducible():
     greedy = [seeding_cost("k-means++", seed) for seed in range(4)]
     assert sum(parallel) <= 1.1 * sum(greedy)
     assert seeding_cost("k-means||", 0) == parallel[0]
+
+
+def test_random_seeding_draws_distinct_rows_reproducibly():
+    x = torch.randn(500, 8)
+    from gemma_assets.core.kmeans import random_rows
+
+    first = random_rows(x, 64, torch.Generator().manual_seed(3))
+    again = random_rows(x, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    rows = {tuple(row.tolist()) for row in first}
+    assert len(rows) == 64 and rows <= {tuple(row.tolist()) for row in x}

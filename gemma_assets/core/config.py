@@ -135,8 +135,10 @@ class KMeansSpec(Section):
     )
     n_components: int = Field(0, ge=0, description="> 0: keep only the leading principal components")
     backend: Literal["torch", "minibatch", "cuml"] = Field("torch", description="k-means implementation")
-    seeding: Literal["k-means||", "k-means++"] = Field(
-        "k-means||", description="k-means|| (Bahmani et al.) or greedy k-means++ (k passes over the sample)"
+    seeding: Literal["k-means||", "k-means++", "random"] = Field(
+        "k-means||",
+        description="k-means|| (Bahmani et al.), greedy k-means++ (k passes over the sample), or random: k "
+        "distinct rows (one pass; for rehearsing large k on a CPU, not for results)",
     )
     in_memory_mb: int = Field(
         8192,
@@ -192,6 +194,13 @@ class EvaluationSpec(Section):
     context_width: int = Field(5, ge=0, description="tokens either side of an example on the feature pages")
     probe_max_features: int = Field(
         16384, ge=1, description="larger dictionaries are not probed (dense codes would not fit)"
+    )
+    logit_effect_features: int = Field(
+        0,
+        ge=0,
+        description="features per dictionary, the most active first, whose pages show the tokens their "
+        "direction promotes and suppresses through the unembedding; 0 = all. Each costs 2 x vocab x d_model "
+        "FLOPs (1.2 GFLOP at Gemma-2's 256k vocabulary), on the GPU when there is one",
     )
 
 

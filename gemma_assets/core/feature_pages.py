@@ -86,12 +86,20 @@ def feature_page(
         body.append("</table>")
     else:
         body.append('<p class="muted">Dead on these tokens: never active.</p>')
-    body.append("<h2>Logit effects of the direction</h2><table><tr><th>promoted</th><th>suppressed</th></tr>")
-    body += [
-        f"<tr><td class='ctx'>{_text(decode, p)}</td><td class='ctx'>{_text(decode, s)}</td></tr>"
-        for p, s in zip(promoted, suppressed, strict=True)
-    ]
-    body.append(f"</table><h2>Best match in the other family</h2><p>{html.escape(twin)}</p>")
+    body.append("<h2>Logit effects of the direction</h2>")
+    if promoted:
+        body.append("<table><tr><th>promoted</th><th>suppressed</th></tr>")
+        body += [
+            f"<tr><td class='ctx'>{_text(decode, p)}</td><td class='ctx'>{_text(decode, s)}</td></tr>"
+            for p, s in zip(promoted, suppressed, strict=True)
+        ]
+        body.append("</table>")
+    else:
+        body.append(
+            '<p class="muted">Not computed: the feature is not among the evaluation.logit_effect_features '
+            "most active of its dictionary.</p>"
+        )
+    body.append(f"<h2>Best match in the other family</h2><p>{html.escape(twin)}</p>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head><body>{''.join(body)}</body></html>"
 
 

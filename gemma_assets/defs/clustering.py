@@ -4,7 +4,7 @@ import dagster as dg
 
 from gemma_assets.core.stages import clustering
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md
-from gemma_assets.defs.resources import RunResource, StorageResource
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 
 def whitening(context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource) -> dg.MaterializeResult:
@@ -24,7 +24,7 @@ def whitening(context: dg.AssetExecutionContext, run: RunResource, storage: Stor
 
 
 def cluster_models(
-    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """K-means (k-means++ init, exact Lloyd) fitted on the train split (in memory or streamed),
     its gain-shape and top-m readings, held-out metrics, and the cluster of every stored token."""
@@ -34,7 +34,9 @@ def cluster_models(
         context.log.info(f"train split larger than {prof.clustering.in_memory_mb} MB: streamed from the store")
     metadata = {}
     for key in context.partition_keys:
-        kmeans, *variants = records = clustering.fit_k(layout, prof, train, int(key), context.log.info)
+        kmeans, *variants = records = clustering.fit_k(
+            layout, prof, train, int(key), context.log.info, compute.resolved_device
+        )
         context.log.info(clustering.describe_fit(records))
         summary = {"heldout_fvu": kmeans.fvu, "heldout_mse": kmeans.heldout["mse"]}
         summary |= {"iterations": kmeans.facts["iterations"], "fit_seconds": kmeans.cost["fit_seconds"]}

@@ -53,7 +53,7 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[models, *graph.deps("whitening", "activations")],
         # 2: the record moved to density/k-NNNNN.json
-        code_version=code_version("2", graph.run, ("density",), [models]),
+        code_version=code_version("3", graph.run, ("density",), [models]),
         automation_condition=FOLLOW_UPSTREAM,
         group_name="clustering",
         kinds={"pytorch"},

@@ -132,9 +132,17 @@ class _SeededFit:
         ]
 
 
-def _fit_seeded(run: RunConfig, train: TrainSplit, heldout_windows: Batches, k: int, seed: int) -> _SeededFit:
+def _fit_seeded(
+    run: RunConfig, train: TrainSplit, heldout_windows: Batches, k: int, seed: int, device: str
+) -> _SeededFit:
     spec = run.clustering
-    fit_args = {"max_iter": spec.max_iter, "tol": spec.tol, "bounds_mb": spec.in_memory_mb, "seeding": spec.seeding}
+    fit_args = {
+        "max_iter": spec.max_iter,
+        "tol": spec.tol,
+        "bounds_mb": spec.in_memory_mb,
+        "seeding": spec.seeding,
+        "device": device,
+    }
     with PeakRss() as peak:
         result = fit_kmeans(train.data, k, seed=spec.seed + seed, backend=spec.backend, **fit_args)
     # the same clustering read as dictionaries with more shapes (gain-shape's directions come
@@ -147,7 +155,12 @@ def _fit_seeded(run: RunConfig, train: TrainSplit, heldout_windows: Batches, k: 
 
 
 def fit_k(
-    layout: RunLayout, run: RunConfig, train: TrainSplit, k: int, log: Callable[[str], None] = lambda _: None
+    layout: RunLayout,
+    run: RunConfig,
+    train: TrainSplit,
+    k: int,
+    log: Callable[[str], None] = lambda _: None,
+    device: str = "cpu",
 ) -> list[DictionaryRecord]:
     """K-means (exact Lloyd) on the train split, its gain-shape and top-m readings, their held-out
     metrics and the cluster of every stored token, written together under clusters/k-<k>/; with
@@ -159,7 +172,7 @@ def fit_k(
     )
     fits = []
     for seed in range(run.seeds):
-        fits.append(_fit_seeded(run, train, heldout_windows, k, seed))
+        fits.append(_fit_seeded(run, train, heldout_windows, k, seed, device))
         if run.seeds > 1:
             kmeans = fits[-1].family[0].name
             log(f"k={k}, seed {seed}: held-out FVU of {kmeans} {fits[-1].evaluated[kmeans][0]['fvu']:.4f}")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from gemma_assets.core import bootstrap, interpret, leader, metrics
+from gemma_assets.core.batches import as_batches
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
@@ -29,6 +30,9 @@ def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
     kmeans_space = layout.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
     centroids = torch.from_numpy(layout.kmeans_model(k)["centroids"])
     train = store.batches(run.train_partition_keys, space.forward)
+    if run.train_tokens * space.forward_matrix.shape[1] * 4 <= run.clustering.in_memory_mb * 2**20:
+        # the projected split is small (components << d_model): read the store once, not once per EM pass
+        train = as_batches(store.load_tokens(run.train_partition_keys, transform=space.forward)[0])
     init = space.forward(kmeans_space.inverse(centroids))
     gmm = fit_gmm(train, init, max_iter=run.density.max_iter, tol=run.density.tol)
     heldout = store.batches(run.heldout_partition_keys, space.forward)

@@ -184,13 +184,18 @@ def _pages(
     unembedding: torch.Tensor,
     twins_of: Callable[[Member], list[str]],
     decode: Callable[[int], str],
+    limit: int,
 ) -> tuple[dict[str, str], dict[str, list[dict]]]:
     """Feature pages of every dictionary, and a few example features of each for the report."""
     pages: dict[str, str] = {}
     examples = {}
     for member in members:
         summaries = interpret.summarise(acts[member.name], tokens, centred)
-        promoted, suppressed = interpret.logit_effects(member.dictionary.directions().cpu(), unembedding)
+        chosen = sorted(range(len(summaries)), key=lambda f: -summaries[f]["count"])[: limit or None]
+        directions = member.dictionary.directions()[torch.tensor(chosen, dtype=torch.long)]
+        promoted_rows, suppressed_rows = interpret.logit_effects(directions.to(unembedding.device), unembedding)
+        promoted = dict(zip(chosen, promoted_rows.tolist(), strict=True))
+        suppressed = dict(zip(chosen, suppressed_rows.tolist(), strict=True))
         twins = twins_of(member)
         for summary in summaries:
             feature = summary["feature"]
@@ -199,8 +204,8 @@ def _pages(
                 summary,
                 tokens,
                 decode,
-                promoted[feature].tolist(),
-                suppressed[feature].tolist(),
+                promoted.get(feature, []),
+                suppressed.get(feature, []),
                 twins[feature],
             )
         pages[f"{member.name}/index.html"] = feature_pages.index_page(member.name, summaries, twins, decode)
@@ -250,9 +255,19 @@ def interpret_dictionaries(
     probes, probe_subset = interpret.probe_table(
         tokens, members, acts, spec.probe_tokens, spec.probe_max_features, decode
     )
-    log("probes: " + ", ".join(f"{p['features']} {p['stratum_balanced_accuracy']:.3f}" for p in probes))
+    # a target whose classes cannot be balanced on these tokens (one stratum) has no probe
+    targets = [t for t in ("stratum", "token_class") if f"{t}_balanced_accuracy" in probes[0]]
+    log(
+        f"probes, balanced accuracy of {' / '.join(targets) or 'no target'}: "
+        + ", ".join(
+            f"{p['features']} " + " / ".join(f"{p[f'{t}_balanced_accuracy']:.3f}" for t in targets) for p in probes
+        )
+    )
     twins_of = functools.partial(comparison.twins, clusters=clusters, latents=latents)
-    pages, examples = _pages(members, acts, tokens, centred, unembedding, twins_of, decode)
+    # logit effects read every direction through the [vocab, d] unembedding: on the GPU when there is one
+    pages, examples = _pages(
+        members, acts, tokens, centred, unembedding.to(device), twins_of, decode, spec.logit_effect_features
+    )
     feature_pages.write_site(layout.features_site, pages)
     agreement = seed_agreement(layout, run, clusters, latents, tokens, acts)
     result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "seed_agreement": agreement}
