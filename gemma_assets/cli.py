@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,9 +332,11 @@ def materialize_all(
     wait_timeout_s: float | None = None,
     interrupts: Interrupts | None = None,
     debug: bool = False,
+    meter: Callable[[str], AbstractContextManager] | None = None,
 ) -> list:
     """Run what is not up to date (everything with `force`), stage by stage; raises StageFailed
-    at the first failed run. Returns the execution results (empty when all was up to date)."""
+    at the first failed run. Returns the execution results (empty when all was up to date).
+    `meter(run_id)`, when given, wraps each execution (preflight measures them)."""
     for stale in release_stale_runs(instance):
         print(describe_stale(stale), flush=True)
     rerun = failed_blocking_checks(defs, instance)
@@ -369,14 +372,15 @@ def materialize_all(
             run_id = make_new_run_id()
             if interrupts is not None:
                 interrupts.run_id = run_id
-            result = defs.resolve_job_def(stage.job).execute_in_process(
-                instance=instance,
-                run_id=run_id,
-                asset_selection=[dg.AssetKey(name) for name in stage_run.assets],
-                tags=tags,
-                run_config={"loggers": {"console": {"config": {"log_level": log_level, "tracebacks": debug}}}},
-                raise_on_error=False,
-            )
+            with meter(run_id) if meter else nullcontext():
+                result = defs.resolve_job_def(stage.job).execute_in_process(
+                    instance=instance,
+                    run_id=run_id,
+                    asset_selection=[dg.AssetKey(name) for name in stage_run.assets],
+                    tags=tags,
+                    run_config={"loggers": {"console": {"config": {"log_level": log_level, "tracebacks": debug}}}},
+                    raise_on_error=False,
+                )
             if interrupts is not None:
                 interrupts.run_id = None  # finished: an interrupt now has no run to mark
             if not result.success:
@@ -455,17 +459,43 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a dictionary of a finished run as an SAELens SAE folder")
     export.add_argument("dictionary", metavar="DICTIONARY_NAME", help="as the report names it, e.g. kmeans-256")
     export.add_argument("--out", type=Path, help="folder to write (default: DATA_ROOT/RUN/exports/DICTIONARY_NAME)")
-    for command in (run, ui, validate, export):
+    preflight = commands.add_parser(
+        "preflight",
+        help="run the whole graph on small slices of the config, measure every asset, estimate the full run",
+    )
+    preflight.add_argument("--json", type=Path, metavar="PATH", help="also write the measurements and estimate as JSON")
+    preflight.add_argument(
+        "--points",
+        type=int,
+        default=2,
+        choices=[1, 2, 3],
+        help="slices to measure, each with more windows (2: fixed costs such as model loads are told apart "
+        "from per-token ones; 1: faster, the estimate is an upper bound)",
+    )
+    preflight.add_argument(
+        "--windows",
+        type=int,
+        metavar="N",
+        help="windows per partition of the first slice (default: enough for the largest k)",
+    )
+    preflight.add_argument(
+        "--offline-standins",
+        action="store_true",
+        help="rehearse google/gemma-2-2b with Gemma Scope offline: build stand-ins in the real layouts in a "
+        "Hugging Face cache under DATA_ROOT/standins and run with HF_HUB_OFFLINE=1",
+    )
+    for command in (run, ui, validate, export, preflight):
         _add_config_arguments(command)
     _add_config_arguments(show, data_root=False)
     run.add_argument("--force", action="store_true", help="recompute everything, even what is up to date")
-    run.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        help="Dagster console log level (DEBUG shows per-batch progress)",
-    )
+    for command, level in ((run, "INFO"), (preflight, "WARNING")):
+        command.add_argument(
+            "--log-level",
+            default=level,
+            type=str.upper,
+            choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+            help="Dagster console log level (DEBUG shows per-batch progress)",
+        )
     run.add_argument(
         "--wait-timeout",
         type=float,
@@ -473,7 +503,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up when a pool slot (the GPU) stays held by another live run this long (default: wait)",
     )
-    run.add_argument("--debug", action="store_true", help="print the traceback behind a failure")
+    for command in (run, preflight):
+        command.add_argument("--debug", action="store_true", help="print the traceback behind a failure")
     return parser
 
 
@@ -502,6 +533,23 @@ def _writable(data_root: str, run_config: RunConfig) -> None:
         )
 
 
+def _preflight(args: argparse.Namespace, run_config: RunConfig, data_root: Path) -> None:
+    from gemma_assets import preflight
+
+    if args.offline_standins:
+        from gemma_assets.core import standins
+
+        location = standins.StandIns(data_root / "standins")
+        os.environ.update(location.environment())  # before the hub client is first imported
+        run_config = standins.rehearsal_config(run_config, standins.build(data_root, run_config))
+    try:
+        preflight.preflight(run_config, data_root, args.points, args.windows, args.json, args.log_level)
+    except StageFailed as error:
+        if args.debug and error.details:
+            print(error.details, file=sys.stderr)
+        _fail(f"preflight: {error}", error.code)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "config" and args.action == "reference":
@@ -524,12 +572,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "export":
             print(export_dictionary(run_config, data_root, args.dictionary, args.out))
             return
+        if args.command == "preflight":
+            _preflight(args, run_config, Path(data_root))
+            return
         from gemma_assets.core.validation import validate_run
 
         architecture = validate_run(run_config, RunLayout.of(data_root, run_config.name).models_dir)
         if args.command == "materialize":
             _writable(data_root, run_config)
-    except (ConfigError, ModelAccessError) as error:
+    except (ConfigError, ModelAccessError, CorpusError, StorageError) as error:
         _fail(str(error), KNOWN_ERRORS[type(error)])
     except FileNotFoundError as error:  # a dictionary of a run that has not been materialised
         _fail(str(error), EXIT_STORAGE)

@@ -32,3 +32,32 @@ class PeakRss:
     @property
     def mb(self) -> float:
         return (self.peak - self.start) / 2**20
+
+
+class RssTrace:
+    """Resident memory of this process sampled every `interval` seconds while the block runs:
+    the peak over any time window afterwards (e.g. one Dagster step of a run)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []  # (time.time(), rss bytes)
+
+    def __enter__(self) -> RssTrace:
+        self._process = psutil.Process()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="gemma-assets-rss")
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.samples.append((time.time(), self._process.memory_info().rss))
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+    def peak_between(self, start: float, end: float) -> int:
+        inside = [rss for at, rss in self.samples if start <= at <= end]
+        return max(inside) if inside else max((rss for _, rss in self.samples), default=0)

@@ -1,0 +1,347 @@
+"""`gemma-assets preflight`: the whole asset graph of a run config on small slices of it, each
+asset measured (wall time, peak RSS, peak GPU memory, throughput), then an estimate of the full
+run built from those measurements (`core/costs.py`).
+
+A slice keeps everything of the config that sets a shape (model, layer, every k, every SAE,
+seeds, epochs) and shrinks only what is counted in tokens: one held-out partition, at most
+SLICE_TRAIN_PARTITIONS train partitions of just enough windows for the largest k, a window of
+spliced CE and the held-out tokens for interpretation. Slices live in DATA_ROOT/preflight with
+their own Dagster instance; the model cache (DATA_ROOT/models) is shared with real runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import torch
+
+from gemma_assets.core import costs
+from gemma_assets.core.config import ConfigError, RunConfig, save_resolved
+from gemma_assets.core.files import write_json
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.memory import RssTrace
+
+SLICE_TRAIN_PARTITIONS = 16  # more, smaller partitions: the largest k fits with fewer held-out tokens
+MIN_WINDOWS = 4  # held-out probes test on odd windows, and their bootstrap needs two of them
+CE_WINDOWS = 1  # per point: the second slice splices 2, and so on
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    run: RunConfig
+    clipped: tuple[str, ...]  # one message per k the slice cannot hold
+
+
+def slice_of(run: RunConfig, windows: int | None = None, point: int = 1) -> SlicePlan:
+    """The `point`-th slice of `run` (point 2 holds twice the windows of point 1)."""
+    sample = run.sampling
+    train_partitions = min(len(run.train_partition_keys), SLICE_TRAIN_PARTITIONS)
+    per_window = sample.context_len - 1  # BOS is never fitted on
+    needed = math.ceil(max(run.clustering.ks) / (train_partitions * per_window))
+    base = windows or max(MIN_WINDOWS, needed)
+    per_partition = base * point
+    train_tokens = train_partitions * per_partition * per_window
+    kept = [k for k in run.clustering.ks if k <= train_tokens]
+    clipped = tuple(
+        f"k={k} is not rehearsed: the slice holds {train_tokens:,} train tokens ({train_partitions} partitions x "
+        f"{per_partition} windows x {per_window}), fewer than k -> leave --windows out, or pass --windows "
+        f"{math.ceil(k / (train_partitions * per_window))} or more"
+        for k in run.clustering.ks
+        if k > train_tokens
+    )
+    if not kept:
+        raise ConfigError(f"no k fits the slice: {clipped[0]}")
+    data = run.model_dump(mode="json")
+    data["sampling"] |= {
+        "partitions": train_partitions + 1,
+        "windows_per_partition": per_partition,
+        "holdout_partitions": 1,
+    }
+    data["clustering"]["ks"] = kept
+    heldout_tokens = per_partition * per_window
+    evaluation = data["evaluation"]
+    evaluation["ce_windows"] = min(run.evaluation.ce_windows, CE_WINDOWS * point, per_partition)
+    evaluation["ce_batch_windows"] = min(run.evaluation.ce_batch_windows, evaluation["ce_windows"])
+    evaluation["interpret_tokens"] = min(run.evaluation.interpret_tokens, heldout_tokens)
+    evaluation["probe_tokens"] = min(run.evaluation.probe_tokens, evaluation["interpret_tokens"])
+    return SlicePlan(RunConfig.model_validate(data), clipped)
+
+
+@dataclass
+class ExecutionPeaks:
+    rss_bytes: int
+    gpu_bytes: int
+
+
+@dataclass
+class Meter:
+    """Wraps each Dagster execution: resets the CUDA peak, and records the execution's peaks."""
+
+    trace: RssTrace
+    peaks: dict[str, ExecutionPeaks] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, run_id: str) -> Iterator[None]:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.peaks[run_id] = ExecutionPeaks(
+                self.trace.peak_between(started, time.time()), torch.cuda.max_memory_allocated() if cuda else 0
+            )
+
+
+def _step_windows(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[tuple[float, float]]]:
+    """Per step (= asset) of a run, its (start, end) wall-clock times."""
+    starts: dict[str, float] = {}
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or entry.step_key is None:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            starts[entry.step_key] = entry.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            windows.setdefault(entry.step_key, []).append(
+                (starts.pop(entry.step_key, entry.timestamp), entry.timestamp)
+            )
+    return windows
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
+
+
+@dataclass
+class SliceResult:
+    run: RunConfig
+    seconds: float
+    measured: list[costs.Measured]
+    store_bytes: int
+    other_bytes: int
+    facts: dict
+
+    def to_json(self) -> dict:
+        sample = self.run.sampling
+        return {
+            "partitions": sample.partitions,
+            "windows_per_partition": sample.windows_per_partition,
+            "tokens": sample.n_windows * sample.context_len,
+            "train_tokens": self.run.train_tokens,
+            "ks": list(self.run.clustering.ks),
+            "ce_windows": self.run.evaluation.ce_windows,
+            "interpret_tokens": self.run.evaluation.interpret_tokens,
+            "seconds": self.seconds,
+            "store_bytes": self.store_bytes,
+            "other_bytes": self.other_bytes,
+            "assets": [asdict(m) | {"throughput_per_s": m.throughput} for m in self.measured],
+            **self.facts,
+        }
+
+
+def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str) -> SliceResult:
+    """Materialise every asset of the slice from scratch in `data_root` and measure each."""
+    from gemma_assets.cli import materialize_all
+    from gemma_assets.core.validation import validate_run
+    from gemma_assets.defs.graph import build_definitions
+
+    run = plan.run
+    shutil.rmtree(data_root, ignore_errors=True)  # a measurement starts from nothing
+    data_root.mkdir(parents=True)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (data_root / "models").symlink_to(models_dir.resolve(), target_is_directory=True)
+    home = data_root / "dagster"
+    home.mkdir()
+    os.environ["DAGSTER_HOME"] = str(home)
+    if Path("dagster.yaml").exists():
+        shutil.copy("dagster.yaml", home / "dagster.yaml")
+    layout = RunLayout.of(data_root, run.name)
+    architecture = validate_run(run, layout.models_dir)
+    defs = build_definitions(run, str(data_root))
+    save_resolved(run, layout.resolved_config_file)
+    started = time.perf_counter()
+    with dg.DagsterInstance.from_config(str(home)) as instance, RssTrace() as trace:
+        meter = Meter(trace)
+        results = materialize_all(run, defs, instance, log_level, meter=meter)
+        seconds = time.perf_counter() - started
+        work = costs.asset_work(run)
+        totals: dict[str, list[float]] = {}
+        for result in results:
+            peaks = meter.peaks[result.run_id]
+            for asset, spans in _step_windows(instance, result.run_id).items():
+                row = totals.setdefault(asset, [0.0, 0, 0])
+                row[0] += sum(end - start for start, end in spans)
+                row[1] = max(row[1], max(trace.peak_between(start, end) for start, end in spans))
+                row[2] = max(row[2], peaks.gpu_bytes)
+    measured = [
+        costs.Measured(asset, row[0], int(row[1]), int(row[2]), work[asset].units, work[asset].unit)
+        for asset, row in totals.items()
+        if asset in work
+    ]
+    store = _tree_bytes(layout.root / "activations")
+    facts = _report_facts(layout, run) | {"d_model": architecture.d_model, "n_layers": architecture.n_layers}
+    return SliceResult(run, seconds, measured, store, _tree_bytes(layout.root) - store, facts)
+
+
+def _value(cell):
+    return cell["value"] if isinstance(cell, dict) else cell
+
+
+def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
+    """What the slice's report says ran: its dictionaries with held-out L0 and FVU, and the
+    pretrained SAEs with how they were loaded."""
+    report_json = layout.report_file("report.json")
+    rows = json.loads(report_json.read_text())["dictionaries"] if report_json.exists() else []
+    pretrained = {spec.name: spec for spec in run.sae_specs if spec.architecture == "pretrained"}
+    dictionaries = [
+        {
+            "name": row["name"],
+            "family": row["family"],
+            "features": row["k"],
+            "heldout_l0": _value(row.get("heldout_l0")),
+            "heldout_fvu": _value(row.get("heldout_fvu")),
+            "delta_ce": _value(row.get("delta_ce")),
+        }
+        for row in rows
+    ]
+    measured = {d["name"]: d for d in dictionaries}
+    return {
+        "layer": run.model.layer,
+        "model": run.model.name,
+        "report": str(layout.report_file("report.md")) if layout.report_file("report.md").exists() else None,
+        "report_json": str(report_json) if report_json.exists() else None,
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE") == "1",
+        "dictionaries": dictionaries,
+        "pretrained_saes": [
+            {
+                "name": name,
+                "release": spec.release,
+                "sae_id": spec.sae_id,
+                "path": spec.path,
+                "loaded_with": "SAE.load_from_disk" if spec.path else "SAE.from_pretrained",
+                **{key: measured.get(name, {}).get(key) for key in ("features", "heldout_l0", "heldout_fvu")},
+            }
+            for name, spec in pretrained.items()
+        ],
+    }
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n_bytes) < 1024 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def measured_table(result: SliceResult) -> str:
+    lines = [
+        "| asset | seconds | peak RSS | peak GPU | throughput |",
+        "|---|---|---|---|---|",
+    ]
+    for m in result.measured:
+        lines.append(
+            f"| {m.asset} | {m.seconds:.1f} | {_size(m.peak_rss_bytes)} | {_size(m.peak_gpu_bytes) if m.peak_gpu_bytes else '-'}"
+            f" | {m.throughput:,.0f} {m.unit}/s |"
+        )
+    return "\n".join(lines)
+
+
+def estimate_table(estimates: list[costs.Estimate], store_bytes: float, other_bytes: float) -> str:
+    lines = ["| asset | time | peak RSS | peak GPU | work | scaling assumption |", "|---|---|---|---|---|---|"]
+    for e in estimates:
+        lines.append(
+            f"| {e.asset} | {_duration(e.seconds)} | {_size(e.peak_rss_bytes)} | "
+            f"{_size(e.peak_gpu_bytes) if e.peak_gpu_bytes else '-'} | {e.units:,.0f} {e.unit} | {e.assumption} |"
+        )
+    total = sum(e.seconds for e in estimates)
+    peak = max((e.peak_rss_bytes for e in estimates), default=0)
+    lines.append(f"| **all** | **{_duration(total)}** | **{_size(peak)}** | | | sum of the assets; peak of the peaks |")
+    lines.append(
+        f"\nOn disk: activation store ~{_size(store_bytes)}, other artefacts ~{_size(other_bytes)} "
+        "(both linear in tokens)."
+    )
+    return "\n".join(lines)
+
+
+def preflight(
+    run: RunConfig,
+    data_root: Path,
+    points: int = 2,
+    windows: int | None = None,
+    json_path: Path | None = None,
+    log_level: str = "WARNING",
+    say: Callable[[str], None] = print,
+) -> dict:
+    """Run `points` slices of `run`, print what each asset measured and the full-run estimate;
+    returns (and writes to `json_path`) everything as JSON."""
+    slices: list[SliceResult] = []
+    clipped: tuple[str, ...] = ()
+    for point in range(1, points + 1):
+        plan = slice_of(run, windows, point)
+        clipped = clipped or plan.clipped
+        for message in plan.clipped if point == 1 else ():
+            say(f"gemma-assets preflight: warning: {message}")
+        sample = plan.run.sampling
+        say(
+            f"\nslice {point}/{points}: {sample.partitions} partitions x {sample.windows_per_partition} windows x "
+            f"{sample.context_len} tokens, k in {list(plan.run.clustering.ks)}, {len(plan.run.sae_specs)} SAEs, "
+            f"{plan.run.evaluation.ce_windows} spliced window(s) ..."
+        )
+        result = run_slice(plan, data_root / "preflight" / f"slice-{point}", data_root / "models", log_level)
+        slices.append(result)
+        say(f"slice {point}: every asset done in {result.seconds:.0f} s\n\n{measured_table(result)}")
+    d_model = slices[0].facts["d_model"]
+    estimates = costs.estimate([s.measured for s in slices], run, d_model, costs.streamed_train(slices[0].run, d_model))
+    token_points = [(s.run.sampling.n_windows * s.run.sampling.context_len, s.store_bytes) for s in slices]
+    other_points = [(s.run.sampling.n_windows * s.run.sampling.context_len, s.other_bytes) for s in slices]
+    store_bytes = costs.store_bytes_estimate(token_points, run)
+    other_bytes = costs.store_bytes_estimate(other_points, run)
+    sample = run.sampling
+    say(
+        f"\nestimate for the full run {run.name} ({sample.partitions} partitions x {sample.windows_per_partition} "
+        f"windows x {sample.context_len} tokens, {run.evaluation.ce_windows} spliced windows) on this machine, "
+        f"from {points} slice(s){'' if points > 1 else ' (one slice: fixed costs scale too, an upper bound)'}:\n\n"
+        + estimate_table(estimates, store_bytes, other_bytes)
+    )
+    document = {
+        "run": run.name,
+        "config_digest": run.digest(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "clipped": list(clipped),
+        "slices": [s.to_json() for s in slices],
+        "estimate": {
+            "assets": [e.to_json() for e in estimates],
+            "seconds": sum(e.seconds for e in estimates),
+            "peak_rss_bytes": max((e.peak_rss_bytes for e in estimates), default=0),
+            "store_bytes": store_bytes,
+            "other_bytes": other_bytes,
+            "points": points,
+        },
+    }
+    if json_path is not None:
+        write_json(json_path, document)
+        say(f"\nJSON: {json_path}")
+    sys.stdout.flush()
+    return document

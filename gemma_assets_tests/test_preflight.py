@@ -1,0 +1,82 @@
+"""gemma-assets preflight: slices of a config, the cost model, and the errors that name a fix
+(the full offline rehearsal of gemma-2-2b is test_rehearsal.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gemma_assets import preflight
+from gemma_assets.cli import main
+from gemma_assets.core import costs, model
+from gemma_assets.core.config import ConfigError, load_run_config
+
+
+def test_a_slice_keeps_every_shape_and_holds_the_largest_k():
+    research = load_run_config("gemma-2-2b")
+    plan = preflight.slice_of(research)
+    sliced = plan.run
+    assert plan.clipped == ()
+    assert sliced.clustering.ks == research.clustering.ks
+    assert sliced.sae_specs == research.sae_specs and sliced.model == research.model
+    train_partitions = min(preflight.SLICE_TRAIN_PARTITIONS, len(research.train_partition_keys))
+    assert sliced.sampling.holdout_partitions == 1 and sliced.sampling.partitions == train_partitions + 1
+    smaller = train_partitions * (sliced.sampling.windows_per_partition - 1) * 127
+    assert sliced.train_tokens >= max(research.clustering.ks) > smaller
+    assert sliced.evaluation.ce_windows == 1
+    demo = preflight.slice_of(load_run_config("demo")).run
+    assert demo.sampling.windows_per_partition == preflight.MIN_WINDOWS  # two odd windows to test probes on
+    second = preflight.slice_of(research, point=2).run
+    assert second.sampling.windows_per_partition == 2 * sliced.sampling.windows_per_partition
+    assert second.evaluation.ce_windows == 2
+
+
+def test_a_slice_too_small_for_a_k_says_which_and_how_to_fix_it():
+    plan = preflight.slice_of(load_run_config("gemma-2-2b"), windows=5)
+    assert plan.run.clustering.ks == (64, 128, 256, 4096)
+    (message,) = plan.clipped
+    train_partitions = min(preflight.SLICE_TRAIN_PARTITIONS, 15)
+    assert message.startswith(f"k=16384 is not rehearsed: the slice holds {train_partitions * 5 * 127:,} train tokens")
+    assert message.endswith(f"pass --windows {math.ceil(16384 / (train_partitions * 127))} or more")
+    with pytest.raises(ConfigError, match="no k fits the slice: k=64 .* pass --windows 2 or more"):
+        preflight.slice_of(load_run_config("demo", ["clustering.ks=[64]", "sampling.context_len=8"]), windows=1)
+
+
+def test_the_estimate_separates_fixed_costs_from_per_token_ones():
+    demo = load_run_config("demo")
+    work = costs.asset_work(demo)
+    tokens = work["activations"].units
+    assert tokens == 8 * 48 * 128 and work["downstream_loss"].units == 32
+    # 10 s of model load plus 1 ms per token, measured at 1/8 and 1/4 of the tokens
+    slices = [
+        [costs.Measured("activations", 10 + share * tokens / 1000, 2**30, 0, share * tokens, "tokens")]
+        for share in (1 / 8, 1 / 4)
+    ]
+    (two_points,) = costs.estimate(slices, demo, 640)
+    assert two_points.seconds == pytest.approx(10 + tokens / 1000)
+    (one_point,) = costs.estimate(slices[:1], demo, 640)
+    assert one_point.seconds == pytest.approx(8 * (10 + tokens / 8000))  # an upper bound: the load scaled too
+    assert "linear in tokens" in one_point.assumption
+
+
+def test_offline_standins_stand_in_for_gemma_2_2b_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preflight", "--config", "tiny", "--offline-standins", "--data-root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "stands in for google/gemma-2-2b" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_missing_standins_name_the_preflight_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(model.ModelAccessError) as error:
+        model.load_tokenizer("google/gemma-2-2b")
+    assert "HF_HUB_OFFLINE is set and the Hugging Face cache" in str(error.value)
+    assert "gemma-assets preflight --config gemma-2-2b --offline-standins" in str(error.value)
+
+
+def test_an_unreachable_hub_without_offline_mode_names_the_fixes(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    message = model.offline_hint()
+    assert "set HF_HUB_OFFLINE=1" in message and "--offline-standins" in message
