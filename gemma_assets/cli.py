@@ -539,11 +539,12 @@ def _preflight(args: argparse.Namespace, run_config: RunConfig, data_root: Path)
     if args.offline_standins:
         from gemma_assets.core import standins
 
-        location = standins.StandIns(data_root / "standins")
+        location = standins.location(data_root, run_config)  # refuses other models before touching the environment
         os.environ.update(location.environment())  # before the hub client is first imported
-        run_config = standins.rehearsal_config(run_config, standins.build(data_root, run_config))
+        run_config = standins.rehearsal_config(run_config, standins.build(location, run_config))
+    _writable(str(data_root / "preflight"), run_config)
     try:
-        preflight.preflight(run_config, data_root, args.points, args.windows, args.json, args.log_level)
+        preflight.preflight(run_config, data_root, args.points, args.windows, args.json, args.log_level, args.debug)
     except StageFailed as error:
         if args.debug and error.details:
             print(error.details, file=sys.stderr)

@@ -48,6 +48,11 @@ def slice_of(run: RunConfig, windows: int | None = None, point: int = 1) -> Slic
     train_partitions = min(len(run.train_partition_keys), SLICE_TRAIN_PARTITIONS)
     per_window = sample.context_len - 1  # BOS is never fitted on
     needed = math.ceil(max(run.clustering.ks) / (train_partitions * per_window))
+    if windows is not None and windows < MIN_WINDOWS:
+        raise ConfigError(
+            f"--windows {windows} is too few: the held-out probes test on odd windows and their bootstrap needs "
+            f"two of them -> pass --windows {MIN_WINDOWS} or more, or leave it out"
+        )
     base = windows or max(MIN_WINDOWS, needed)
     per_partition = base * point
     train_tokens = train_partitions * per_partition * per_window
@@ -78,30 +83,21 @@ def slice_of(run: RunConfig, windows: int | None = None, point: int = 1) -> Slic
 
 
 @dataclass
-class ExecutionPeaks:
-    rss_bytes: int
-    gpu_bytes: int
-
-
-@dataclass
 class Meter:
-    """Wraps each Dagster execution: resets the CUDA peak, and records the execution's peaks."""
+    """Wraps each Dagster execution: resets the CUDA peak and records it (one per execution:
+    the assets of one execution share it)."""
 
-    trace: RssTrace
-    peaks: dict[str, ExecutionPeaks] = field(default_factory=dict)
+    gpu_peaks: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, run_id: str) -> Iterator[None]:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        started = time.time()
         try:
             yield
         finally:
-            self.peaks[run_id] = ExecutionPeaks(
-                self.trace.peak_between(started, time.time()), torch.cuda.max_memory_allocated() if cuda else 0
-            )
+            self.gpu_peaks[run_id] = torch.cuda.max_memory_reserved() if cuda else 0
 
 
 def _step_windows(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[tuple[float, float]]]:
@@ -152,7 +148,7 @@ class SliceResult:
         }
 
 
-def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str) -> SliceResult:
+def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str, debug: bool = False) -> SliceResult:
     """Materialise every asset of the slice from scratch in `data_root` and measure each."""
     from gemma_assets.cli import materialize_all
     from gemma_assets.core.validation import validate_run
@@ -174,18 +170,17 @@ def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str
     save_resolved(run, layout.resolved_config_file)
     started = time.perf_counter()
     with dg.DagsterInstance.from_config(str(home)) as instance, RssTrace() as trace:
-        meter = Meter(trace)
-        results = materialize_all(run, defs, instance, log_level, meter=meter)
+        meter = Meter()
+        results = materialize_all(run, defs, instance, log_level, debug=debug, meter=meter)
         seconds = time.perf_counter() - started
         work = costs.asset_work(run)
         totals: dict[str, list[float]] = {}
         for result in results:
-            peaks = meter.peaks[result.run_id]
             for asset, spans in _step_windows(instance, result.run_id).items():
                 row = totals.setdefault(asset, [0.0, 0, 0])
                 row[0] += sum(end - start for start, end in spans)
                 row[1] = max(row[1], max(trace.peak_between(start, end) for start, end in spans))
-                row[2] = max(row[2], peaks.gpu_bytes)
+                row[2] = max(row[2], meter.gpu_peaks[result.run_id])
     measured = [
         costs.Measured(asset, row[0], int(row[1]), int(row[2]), work[asset].units, work[asset].unit)
         for asset, row in totals.items()
@@ -292,6 +287,7 @@ def preflight(
     windows: int | None = None,
     json_path: Path | None = None,
     log_level: str = "WARNING",
+    debug: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict:
     """Run `points` slices of `run`, print what each asset measured and the full-run estimate;
@@ -309,15 +305,15 @@ def preflight(
             f"{sample.context_len} tokens, k in {list(plan.run.clustering.ks)}, {len(plan.run.sae_specs)} SAEs, "
             f"{plan.run.evaluation.ce_windows} spliced window(s) ..."
         )
-        result = run_slice(plan, data_root / "preflight" / f"slice-{point}", data_root / "models", log_level)
+        result = run_slice(plan, data_root / "preflight" / f"slice-{point}", data_root / "models", log_level, debug)
         slices.append(result)
         say(f"slice {point}: every asset done in {result.seconds:.0f} s\n\n{measured_table(result)}")
     d_model = slices[0].facts["d_model"]
     estimates = costs.estimate([s.measured for s in slices], run, d_model, costs.streamed_train(slices[0].run, d_model))
     token_points = [(s.run.sampling.n_windows * s.run.sampling.context_len, s.store_bytes) for s in slices]
     other_points = [(s.run.sampling.n_windows * s.run.sampling.context_len, s.other_bytes) for s in slices]
-    store_bytes = costs.store_bytes_estimate(token_points, run)
-    other_bytes = costs.store_bytes_estimate(other_points, run)
+    store_bytes = costs.bytes_on_disk(token_points, run)
+    other_bytes = costs.bytes_on_disk(other_points, run)
     sample = run.sampling
     say(
         f"\nestimate for the full run {run.name} ({sample.partitions} partitions x {sample.windows_per_partition} "

@@ -65,5 +65,7 @@ def test_bad_k():
         fit_kmeans(x, 0)
     with pytest.raises(ConfigError, match="k=11 exceeds the 10 training tokens"):
         fit_kmeans(x, 11)
-    with pytest.raises(ConfigError, match=re.escape("unknown k-means seeding 'random'; valid: k-means||, k-means++")):
-        fit_kmeans(x, 2, seeding="random")
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown k-means seeding 'forgy'; valid: k-means||, k-means++, random")
+    ):
+        fit_kmeans(x, 2, seeding="forgy")

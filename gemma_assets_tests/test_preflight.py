@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -39,8 +40,8 @@ def test_a_slice_too_small_for_a_k_says_which_and_how_to_fix_it():
     train_partitions = min(preflight.SLICE_TRAIN_PARTITIONS, 15)
     assert message.startswith(f"k=16384 is not rehearsed: the slice holds {train_partitions * 5 * 127:,} train tokens")
     assert message.endswith(f"pass --windows {math.ceil(16384 / (train_partitions * 127))} or more")
-    with pytest.raises(ConfigError, match="no k fits the slice: k=64 .* pass --windows 2 or more"):
-        preflight.slice_of(load_run_config("demo", ["clustering.ks=[64]", "sampling.context_len=8"]), windows=1)
+    with pytest.raises(ConfigError, match="no k fits the slice: k=2048 .* pass --windows 42 or more"):
+        preflight.slice_of(load_run_config("demo", ["clustering.ks=[2048]", "sampling.context_len=8"]), windows=4)
 
 
 def test_the_estimate_separates_fixed_costs_from_per_token_ones():
@@ -65,6 +66,7 @@ def test_offline_standins_stand_in_for_gemma_2_2b_only(tmp_path, capsys):
         main(["preflight", "--config", "tiny", "--offline-standins", "--data-root", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "stands in for google/gemma-2-2b" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "HF_HUB_OFFLINE" not in os.environ  # refused before the environment is touched
 
 
 def test_missing_standins_name_the_preflight_command(monkeypatch, tmp_path):
@@ -80,3 +82,19 @@ def test_an_unreachable_hub_without_offline_mode_names_the_fixes(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     message = model.offline_hint()
     assert "set HF_HUB_OFFLINE=1" in message and "--offline-standins" in message
+
+
+def test_too_few_windows_and_unknown_widths_are_named():
+    from gemma_assets.core.standins import GemmaScopeFile
+
+    with pytest.raises(ConfigError, match="--windows 2 is too few.* pass --windows 4 or more"):
+        preflight.slice_of(load_run_config("demo"), windows=2)
+    widths = [GemmaScopeFile(f"layer_12/width_{w}/average_l0_9").width for w in ("16k", "65k", "1m")]
+    assert widths == [16384, 65536, 1048576]
+    with pytest.raises(ConfigError, match="cannot read the width"):
+        GemmaScopeFile("layer_12/canonical").width  # noqa: B018
+
+
+def test_a_slope_lost_in_noise_keeps_the_upper_bound():
+    assert costs.extrapolate([(10, 5.0), (20, 4.0)], 100) == pytest.approx(100 * 4.0 / 20)
+    assert costs.extrapolate([(10, 3.0), (20, 5.0)], 100) == pytest.approx(1 + 0.2 * 100)

@@ -30,7 +30,7 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
         "pile_sample": Scaling(tokens, "tokens", "linear in sampled tokens (tokenising the chosen documents)"),
         "activations": Scaling(tokens, "tokens", "linear in tokens: forward to the block, copy, compress, write"),
         "activation_stats": Scaling(tokens, "tokens", "linear in tokens: one pass, d^2 work per token"),
-        "whitening": Scaling(run.train_tokens, "tokens", "linear in train tokens (a held-out check) plus a d^3 fit"),
+        "whitening": Scaling(heldout_tokens, "tokens", "linear in held-out tokens (the identity check) plus a d^3 fit"),
         "leader_clusters": Scaling(run.train_tokens, "tokens", "linear in train tokens (one pass, leaders fixed)"),
         "sae_dictionary": Scaling(
             run.train_tokens * run.saes.train_epochs if trained else 1,
@@ -41,9 +41,16 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
         ),
         "sae_evaluation": Scaling(heldout_tokens, "tokens", "linear in held-out tokens, at every SAE width"),
         "cluster_models": Scaling(
-            run.train_tokens, "tokens", "linear in train tokens at every k and seed, at the slice's iteration counts"
+            run.train_tokens,
+            "tokens",
+            "linear in train tokens at every k and seed, at the slice's iteration counts (a slice holds few "
+            "tokens per cluster and converges sooner: up to clustering.max_iter Lloyd iterations may follow)",
         ),
-        "cluster_density": Scaling(run.train_tokens, "tokens", "linear in train tokens (EM at fixed iterations)"),
+        "cluster_density": Scaling(
+            run.train_tokens,
+            "tokens",
+            "linear in train tokens at the slice's EM iterations (up to density.max_iter may follow)",
+        ),
         "downstream_loss": Scaling(
             min(run.evaluation.ce_windows, heldout_windows),
             "windows",
@@ -89,15 +96,17 @@ class Estimate:
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """A fixed part and a slope through the measured (units, value) points: through the origin
     from one point, the least-squares line from several, both kept non-negative."""
+    units, value = max(points)
+    through_origin = (0.0, value / units if units else 0.0)
     if len({u for u, _ in points}) < 2:
-        units, value = max(points)
-        return 0.0, value / units if units else 0.0
+        return through_origin
     n = len(points)
     mean_u = sum(u for u, _ in points) / n
     mean_v = sum(v for _, v in points) / n
     slope = sum((u - mean_u) * (v - mean_v) for u, v in points) / sum((u - mean_u) ** 2 for u, _ in points)
-    slope = max(slope, 0.0)
-    return max(mean_v - slope * mean_u, 0.0), slope
+    if slope <= 0 or mean_v - slope * mean_u < 0:  # noise over the per-unit cost: keep the upper bound
+        return through_origin
+    return mean_v - slope * mean_u, slope
 
 
 def extrapolate(points: list[tuple[float, float]], at: float) -> float:
@@ -163,6 +172,6 @@ def estimate(
     return estimates
 
 
-def store_bytes_estimate(points: list[tuple[float, float]], full: RunConfig) -> float:
+def bytes_on_disk(points: list[tuple[float, float]], full: RunConfig) -> float:
     """Bytes on disk of the full run from (tokens, bytes) of the slices: linear in tokens."""
     return extrapolate(points, full.sampling.n_windows * full.sampling.context_len)

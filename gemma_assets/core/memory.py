@@ -59,5 +59,8 @@ class RssTrace:
         self._thread.join()
 
     def peak_between(self, start: float, end: float) -> int:
+        """The largest sample in [start, end]; a window shorter than the interval gets the last
+        sample before it."""
         inside = [rss for at, rss in self.samples if start <= at <= end]
-        return max(inside) if inside else max((rss for _, rss in self.samples), default=0)
+        before = [rss for at, rss in self.samples if at < start]
+        return max(inside) if inside else (before[-1] if before else 0)

@@ -22,6 +22,7 @@ which `hub_environment` points the hub client at.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,10 +84,12 @@ class GemmaScopeFile:
 
     @property
     def width(self) -> int:
-        match = re.search(r"width_(\d+)k", self.path)
-        return {1: 1024, 4: 4096, 16: 16384, 32: 32768, 65: 65536, 131: 131072, 262: 262144, 524: 524288}[
-            int(match.group(1))
-        ]
+        """Latents: Gemma Scope names powers of two by their rounded size (width_16k, width_65k, width_1m)."""
+        match = re.search(r"width_(\d+)([km])", self.path)
+        if match is None:
+            raise ConfigError(f"cannot read the width of Gemma Scope SAE {self.path!r} (no width_<N>k or width_<N>m)")
+        rounded = int(match.group(1)) * (1000 if match.group(2) == "k" else 1_000_000)
+        return 2 ** round(math.log2(rounded))
 
     @property
     def average_l0(self) -> int:
@@ -213,14 +216,18 @@ def build_saes(stand_ins: StandIns, files: list[GemmaScopeFile], acts: Callable[
     _publish(stand_ins, SAE_REPO)
 
 
-def build(data_root: Path, run: RunConfig, log: Callable[[str], None] = print) -> StandIns:
-    """Build (once; idempotent) every stand-in the run's sources need under data_root/standins."""
+def location(data_root: Path, run: RunConfig) -> StandIns:
+    """Where the run's stand-ins live (data_root/standins); refuses a run they cannot stand in for."""
     if run.model.kind != "hub" or run.model.name != MODEL_REPO:
         raise ConfigError(
             f"--offline-standins stands in for {MODEL_REPO} (and Gemma Scope), not {run.model.name!r} -> use it "
             "with --config gemma-2-2b, or a config whose model is google/gemma-2-2b"
         )
-    stand_ins = StandIns(Path(data_root) / "standins")
+    return StandIns(Path(data_root) / "standins")
+
+
+def build(stand_ins: StandIns, run: RunConfig, log: Callable[[str], None] = print) -> StandIns:
+    """Build (once; idempotent) every stand-in the run's sources need."""
     files = gemma_scope_files(run.sae_specs)
     log(f"stand-ins under {stand_ins.root}: Pile-format corpus, {MODEL_REPO}, {len(files)} Gemma Scope files")
     build_offline_corpus(stand_ins.corpus_dir, max_documents=CORPUS_DOCUMENTS)

@@ -12,7 +12,7 @@ import zarr
 import zarr.storage
 
 from gemma_assets.core import bootstrap, metrics, plots
-from gemma_assets.core.batches import Batches, map_data
+from gemma_assets.core.batches import Batches, as_batches, map_data
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.config import RunConfig, seed_name
 from gemma_assets.core.dictionaries import Member, clustering_family, fit_gain_shape
@@ -147,7 +147,8 @@ def _fit_seeded(
         result = fit_kmeans(train.data, k, seed=spec.seed + seed, backend=spec.backend, **fit_args)
     # the same clustering read as dictionaries with more shapes (gain-shape's directions come
     # from spherical k-means on the same tokens)
-    raw = map_data(train.data, train.preprocessor.inverse)
+    # batch by batch even when the split is in memory: a second copy of a 36 GB split would not fit
+    raw = map_data(as_batches(train.data), train.preprocessor.inverse)
     gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed + seed, **fit_args)
     family = clustering_family(k, result.centroids, gain_shape.atoms, train.preprocessor)
     evaluated = {member.name: metrics.evaluate_windows(heldout_windows(), member.dictionary) for member in family}
