@@ -622,4 +622,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m gemma_assets.cli` runs this file as __main__, a second copy beside the
+    # gemma_assets.cli that preflight imports: run that module's main, so one StageFailed exists
+    from gemma_assets.cli import main as package_main
+
+    package_main()

@@ -33,7 +33,7 @@ from gemma_assets.core.memory import RssTrace
 
 SLICE_TRAIN_PARTITIONS = 16  # more, smaller partitions: the largest k fits with fewer held-out tokens
 MIN_WINDOWS = 4  # held-out probes test on odd windows, and their bootstrap needs two of them
-CE_WINDOWS = 1  # per point: the second slice splices 2, and so on
+CE_WINDOWS = 2  # per point (the report's window bootstrap needs two); the second slice splices 4
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ def test_a_slice_keeps_every_shape_and_holds_the_largest_k():
     assert sliced.sampling.holdout_partitions == 1 and sliced.sampling.partitions == train_partitions + 1
     smaller = train_partitions * (sliced.sampling.windows_per_partition - 1) * 127
     assert sliced.train_tokens >= max(research.clustering.ks) > smaller
-    assert sliced.evaluation.ce_windows == 1
+    assert sliced.evaluation.ce_windows == 2  # the report's window bootstrap needs two
     demo = preflight.slice_of(load_run_config("demo")).run
     assert demo.sampling.windows_per_partition == preflight.MIN_WINDOWS  # two odd windows to test probes on
     second = preflight.slice_of(research, point=2).run
     assert second.sampling.windows_per_partition == 2 * sliced.sampling.windows_per_partition
-    assert second.evaluation.ce_windows == 2
+    assert second.evaluation.ce_windows == 4
 
 
 def test_a_slice_too_small_for_a_k_says_which_and_how_to_fix_it():
