@@ -328,7 +328,7 @@ def preflight(
         "clipped": list(clipped),
         "slices": [s.to_json() for s in slices],
         "estimate": {
-            "assets": [e.to_json() for e in estimates],
+            "assets": [asdict(e) for e in estimates],
             "seconds": sum(e.seconds for e in estimates),
             "peak_rss_bytes": max((e.peak_rss_bytes for e in estimates), default=0),
             "store_bytes": store_bytes,

@@ -3,7 +3,7 @@ of a full run from measured slices of it (`gemma-assets preflight`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from gemma_assets.core.config import RunConfig
 
@@ -80,17 +80,10 @@ class Measured:
 
 
 @dataclass(frozen=True)
-class Estimate:
-    asset: str
-    seconds: float
-    peak_rss_bytes: int
-    peak_gpu_bytes: int
-    units: float
-    unit: str
-    assumption: str
+class Estimate(Measured):
+    """One asset of the full run, as the slices predict it, and the scaling assumption behind it."""
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    assumption: str
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
