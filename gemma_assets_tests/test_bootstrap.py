@@ -107,3 +107,17 @@ def test_delta_ce_interval_is_paired_on_windows():
     assert delta.low > 0 and delta.value == pytest.approx((spliced - clean).sum() / (40 * 31))
     recovered = evidence.loss_recovered("a", "zero-ablation")
     assert recovered.low < recovered.value < recovered.high and recovered.value == pytest.approx(1 - 3 / 60, abs=0.02)
+
+
+def test_one_spliced_window_gives_values_and_no_interval_and_claims_nothing():
+    """ce_windows=1 is a valid config (a preflight slice splices one window): the report shows
+    each figure with no interval and never claims a difference it cannot resample."""
+    clean, spliced = np.array([100.0]), np.array([130.0])
+    evidence = Evidence({}, {"clean": clean, "a": spliced, "b": spliced + 5, "zero-ablation": clean + 60}, 31)
+    delta = evidence.delta_ce("a")
+    assert delta.value == pytest.approx(30 / 31) and not delta.bounded and not delta.excludes(0.0)
+    assert str(delta) == f"{30 / 31:.4g} [no interval]"
+    comparison = evidence.compare_delta_ce("a", "b")
+    assert not comparison.resolved and comparison.windows_to_resolve() is None
+    assert report.verdict(comparison) == "indistinguishable"
+    assert "no interval" in report.spread(comparison)

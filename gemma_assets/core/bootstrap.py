@@ -11,6 +11,7 @@ difference then reflects how much the two differ on the same text, not how much 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -22,40 +23,54 @@ LEVEL = 0.95
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its percentile bootstrap interval."""
+    """A point estimate with its percentile bootstrap interval (NaN bounds: no interval, as
+    from a single window)."""
 
     value: float
     low: float
     high: float
 
+    @property
+    def bounded(self) -> bool:
+        return bool(np.isfinite(self.low) and np.isfinite(self.high))
+
     def excludes(self, value: float = 0.0) -> bool:
-        return not self.low <= value <= self.high
+        return self.bounded and not self.low <= value <= self.high
 
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
+    def format(self, spec: str = ".4g") -> str:
+        bounds = f"[{self.low:{spec}}, {self.high:{spec}}]" if self.bounded else "[no interval]"
+        return f"{self.value:{spec}} {bounds}"
+
     def __str__(self) -> str:
-        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+        return self.format()
 
 
+@functools.cache
 def resample_weights(n_windows: int, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
     """[draws, n_windows] counts: how often each window is drawn in each resample (each row
-    sums to n_windows)."""
+    sums to n_windows). Read-only and cached: every interval of a report draws the same ones."""
     if n_windows < 2:
         raise ValueError(f"a bootstrap over windows needs at least 2 windows, got {n_windows}")
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_windows, np.full(n_windows, 1 / n_windows), size=draws).astype(np.float64)
+    weights = rng.multinomial(n_windows, np.full(n_windows, 1 / n_windows), size=draws).astype(np.float64)
+    weights.setflags(write=False)
+    return weights
 
 
 def interval(
     statistic: Callable[[np.ndarray], np.ndarray], n_windows: int, draws: int = DRAWS, seed: int = 0
 ) -> Interval:
     """`statistic(weights [k, W]) -> [k]` evaluated on all windows once (weights of ones) and on
-    every resample; the interval is the central LEVEL share of the resampled values."""
-    weights = resample_weights(n_windows, draws, seed)
+    every resample; the interval is the central LEVEL share of the resampled values. One window
+    has a value and no interval (NaN bounds: nothing to resample)."""
     point = float(statistic(np.ones((1, n_windows)))[0])
-    values = statistic(weights)
+    if n_windows < 2:
+        return Interval(point, float("nan"), float("nan"))
+    values = statistic(resample_weights(n_windows, draws, seed))
     values = values[np.isfinite(values)]
     tail = (1 - LEVEL) / 2
     low, high = np.quantile(values, [tail, 1 - tail]) if len(values) else (np.nan, np.nan)

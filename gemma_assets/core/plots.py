@@ -47,7 +47,7 @@ def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
         dodge = 2 ** (0.025 * (index - (len(names) - 1) / 2))
         l0s = [p[0] * dodge for p in points]
         marker = "os^Dv"[index // 10 % 5]  # the colour cycle has 10 colours: the 11th series changes marker
-        bars = np.clip(bars, 0, None).T
+        bars = np.clip(np.nan_to_num(bars), 0, None).T  # no interval (one window): no bar
         drawn = ax.errorbar(l0s, values, yerr=bars, marker=marker, markersize=4, capsize=2, label=series)
         for l0, row in zip(l0s, members, strict=True):
             if "seed_range" in row:

@@ -122,7 +122,7 @@ def git_revision() -> str:
 
 def _cell(value) -> str:
     if isinstance(value, Interval):
-        return f"{value.value:.4g} [{value.low:.4g}, {value.high:.4g}]"
+        return value.format()
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
@@ -149,6 +149,8 @@ def verdict(comparison: Comparison, lower: str = "lower", higher: str = "higher"
 def spread(comparison: Comparison) -> str:
     """The paired interval behind a verdict, and when unresolved, the windows that would resolve it."""
     d = comparison.difference
+    if not d.bounded:
+        return f"difference {d.value:+.3f} on {comparison.windows} window: no interval (a bootstrap needs two or more)"
     text = f"paired difference {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] over {comparison.windows} windows"
     needed = None if comparison.resolved else comparison.windows_to_resolve()
     return text + (f"; about {needed:,} windows would resolve it" if needed else "")
