@@ -13,6 +13,7 @@ re-seeded, since moving it would break EM's guarantee of a non-decreasing likeli
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from gemma_assets.core.config import ConfigError
 from gemma_assets.core.kmeans import assign
 
 _LOG_2PI = math.log(2 * math.pi)
+JOINT_BYTES = 16 * 2**20  # [rows, k] float64 per step: cache-sized (65,536 rows at k = 16,384 are 8.6 GB)
 
 
 @dataclass(frozen=True)
@@ -36,22 +38,35 @@ class GaussianMixture:
     n_iter: int
     converged: bool
 
+    @functools.cached_property
+    def _joint_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log weight + log normaliser [k], and the [k, 2d + 1] coefficients of [x^2, x, 1] whose
+        product is sum_d (x - m)^2 / v: the whole quadratic form in one GEMM (float64 makes the
+        cancellation harmless)."""
+        precision = 1 / self.variances  # [k, d]
+        coefficients = torch.cat(
+            [precision, -2 * self.means * precision, (self.means**2 * precision).sum(1, keepdim=True)], 1
+        )
+        log_norm = -0.5 * (self.means.shape[1] * _LOG_2PI + self.variances.log().sum(1))
+        return self.weights.log() + log_norm, coefficients
+
     def log_joint(self, x: torch.Tensor) -> torch.Tensor:
         """log weight_k + log N(x | mean_k, diag variance_k), [n, k] float64, for x [n, d]."""
         x = x.to(self.means)
-        precision = 1 / self.variances  # [k, d]
-        # sum_d (x - m)^2 / v expanded into GEMMs; float64 makes the cancellation harmless
-        quad = x**2 @ precision.T - 2 * x @ (self.means * precision).T + (self.means**2 * precision).sum(1)
-        log_norm = -0.5 * (x.shape[1] * _LOG_2PI + self.variances.log().sum(1))  # [k]
-        return self.weights.log() + log_norm - 0.5 * quad
+        constant, coefficients = self._joint_terms
+        return torch.addmm(constant, torch.cat([x**2, x, torch.ones_like(x[:, :1])], 1), coefficients.T, alpha=-0.5)
+
+    def row_chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x in row chunks whose [rows, k] joint stays within JOINT_BYTES."""
+        return list(x.split(max(1, JOINT_BYTES // (8 * len(self.weights)))))
 
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density [n] float64 of each row of x [n, d]."""
-        return torch.logsumexp(self.log_joint(x), 1)
+        return torch.cat([torch.logsumexp(self.log_joint(rows), 1) for rows in self.row_chunks(x)])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Most probable component [n] of each row of x [n, d]."""
-        return self.log_joint(x).argmax(1)
+        return torch.cat([self.log_joint(rows).argmax(1) for rows in self.row_chunks(x)])
 
 
 @dataclass
@@ -87,19 +102,19 @@ def _hard_stats(batches: Batches, init_means: torch.Tensor) -> _Stats:
 
 def _soft_stats(gmm: GaussianMixture, batches: Batches) -> _Stats:
     """E-step over every batch: the responsibilities' sufficient statistics and the log-likelihood."""
-    stats = _Stats(0, 0.0, torch.zeros_like(gmm.weights), torch.zeros_like(gmm.means), torch.zeros_like(gmm.means))
-    for x in batches():
-        _check(x, gmm.means.shape[1])
-        x = x.to(gmm.means)
-        joint = gmm.log_joint(x)  # [n, k]
-        log_px = torch.logsumexp(joint, 1)  # [n]
-        resp = (joint - log_px[:, None]).exp()  # [n, k]; exactly 0 for zero-weight components
-        stats.n += len(x)
-        stats.log_likelihood += float(log_px.sum())
-        stats.resp += resp.sum(0)
-        stats.resp_x += resp.T @ x
-        stats.resp_x2 += resp.T @ x**2
-    return stats
+    d = gmm.means.shape[1]
+    n, log_likelihood = 0, 0.0
+    sums = gmm.means.new_zeros((len(gmm.means), 1 + 2 * d))  # [sum r, sum r x, sum r x^2] per component
+    for batch in batches():
+        _check(batch, d)
+        for x in gmm.row_chunks(batch.to(gmm.means)):
+            resp = gmm.log_joint(x)  # [n, k], turned into the responsibilities in place
+            log_px = torch.logsumexp(resp, 1)  # [n]
+            resp.sub_(log_px[:, None]).exp_()  # exactly 0 for zero-weight components
+            n += len(x)
+            log_likelihood += float(log_px.sum())
+            sums += resp.T @ torch.cat([torch.ones_like(x[:, :1]), x, x**2], 1)
+    return _Stats(n, log_likelihood, sums[:, 0], sums[:, 1 : 1 + d], sums[:, 1 + d :])
 
 
 def _m_step(gmm: GaussianMixture, stats: _Stats, var_floor: float) -> GaussianMixture:
