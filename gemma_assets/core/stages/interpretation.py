@@ -77,13 +77,19 @@ class _Comparison:
 
     @classmethod
     def of(
-        cls, clusters: list[Member], latents: list[Member], acts: dict[str, interpret.FeatureActivations]
+        cls,
+        clusters: list[Member],
+        latents: list[Member],
+        acts: dict[str, interpret.FeatureActivations],
+        device: str,
     ) -> _Comparison:
         pairs, best = [], {}
         for cluster in clusters:
             labels = acts[cluster.name].labels()
             for latent in latents:
-                aligned = interpret.alignment(cluster.dictionary.directions(), latent.dictionary.directions().cpu())
+                aligned = interpret.alignment(
+                    cluster.dictionary.directions(), latent.dictionary.directions().to(device)
+                )
                 best_cl, _, best_la, _ = best[(cluster.name, latent.name)] = aligned
                 f1, _ = interpret.activation_f1(labels, cluster.dictionary.n_features, acts[latent.name])
                 matched = bootstrap.share_interval(f1 > interpret.MATCH_F1)  # resampling the clusters
@@ -244,7 +250,7 @@ def interpret_dictionaries(
     members = clusters + latents
     acts = {m.name: _activations(m, tokens.x, device if m.family.is_sae else "cpu") for m in members}
     log(f"encoded {len(tokens.x)} held-out tokens with {len(members)} dictionaries")
-    comparison = _Comparison.of(clusters, latents, acts)
+    comparison = _Comparison.of(clusters, latents, acts, device)
     largest = clusters[-1].name
     histogram = plots.alignment_histogram(
         {latent.name: comparison.best[(largest, latent.name)][0].numpy() for latent in latents},
