@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stats import write_store  # noqa: E402
 from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
-from gemma_assets.core.memory import PeakRss  # noqa: E402
+from gemma_assets.core.memory import RssTrace  # noqa: E402
 from gemma_assets.core.storage import ActivationStore  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def out_of_core_child(budget_mb: int, factor: int, k: int, iterations: int, d: i
         # the compiled kernel's runtime (~50 MB) is a per-process cost like torch's, not per token
         warm = torch.randn(4 * k, d)
         fit_kmeans(warm, k, max_iter=1, init=warm[:k])
-        with PeakRss() as rss:
+        with RssTrace() as rss:
             fit_kmeans(
                 batches,
                 k,

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gemma_assets.core.bf16 import bf16_to_bits  # noqa: E402
-from gemma_assets.core.memory import PeakRss  # noqa: E402
+from gemma_assets.core.memory import RssTrace  # noqa: E402
 from gemma_assets.core.stats import ActivationMoments, PartitionStats  # noqa: E402
 from gemma_assets.core.storage import ActivationStore  # noqa: E402
 
@@ -52,12 +52,12 @@ def write_store(root: Path, n_partitions: int, tokens: int, d_model: int, contex
 
 def measure(store: ActivationStore, keys: list[str], d_model: int) -> dict:
     gb = sum(store.manifest(k)["n_tokens"] for k in keys) * d_model * 2 / 1e9
-    with PeakRss() as read_rss:
+    with RssTrace() as read_rss:
         started = time.perf_counter()
         for _ in store.iter_tokens(keys, exclude_bos=False):
             pass
         read_seconds = time.perf_counter() - started
-    with PeakRss() as stats_rss:
+    with RssTrace() as stats_rss:
         started = time.perf_counter()
         total = ActivationMoments(d_model)
         for key in keys:

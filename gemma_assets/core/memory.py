@@ -1,4 +1,4 @@
-"""Peak resident memory of a block of code (RSS high-water mark, sampled)."""
+"""Resident memory of this process while a block of code runs (sampled)."""
 
 from __future__ import annotations
 
@@ -8,42 +8,18 @@ import time
 import psutil
 
 
-class PeakRss:
-    """RSS high-water mark (MB) above the starting level while the block runs."""
-
-    def __enter__(self) -> PeakRss:
-        self._process = psutil.Process()
-        self.start = self._process.memory_info().rss
-        self.peak = self.start
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self._running = False
-        self._thread.join()
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
 class RssTrace:
-    """Resident memory of this process sampled every `interval` seconds while the block runs:
-    the peak over any time window afterwards (e.g. one Dagster step of a run)."""
+    """RSS sampled every `interval` seconds while the block runs: its high-water mark above the
+    starting level (`mb`), and afterwards the peak over any time window (e.g. one Dagster step)."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.samples: list[tuple[float, int]] = []  # (time.time(), rss bytes)
 
     def __enter__(self) -> RssTrace:
         self._process = psutil.Process()
+        self.start = self._process.memory_info().rss
+        self.samples.append((time.time(), self.start))
         self._running = True
         self._thread = threading.Thread(target=self._sample, daemon=True, name="gemma-assets-rss")
         self._thread.start()
@@ -57,6 +33,11 @@ class RssTrace:
     def __exit__(self, *exc) -> None:
         self._running = False
         self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        """The high-water mark above the level at entry, in MB."""
+        return (max(rss for _, rss in self.samples) - self.start) / 2**20
 
     def peak_between(self, start: float, end: float) -> int:
         """The largest sample in [start, end]; a window shorter than the interval gets the last

@@ -19,7 +19,7 @@ from gemma_assets.core.dictionaries import Member, clustering_family, fit_gain_s
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.kmeans import KMeansDictionary, KMeansResult, assign, fit_kmeans
 from gemma_assets.core.layout import SEED_MODELS_FILE, SEEDS_FILE, WINDOWS_FILE, RunLayout
-from gemma_assets.core.memory import PeakRss
+from gemma_assets.core.memory import RssTrace
 from gemma_assets.core.records import DictionaryRecord, Family
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor, Whitening, identity_deviation
@@ -143,7 +143,7 @@ def _fit_seeded(
         "seeding": spec.seeding,
         "device": device,
     }
-    with PeakRss() as peak:
+    with RssTrace() as peak:
         result = fit_kmeans(train.data, k, seed=spec.seed + seed, backend=spec.backend, **fit_args)
     # the same clustering read as dictionaries with more shapes (gain-shape's directions come
     # from spherical k-means on the same tokens)

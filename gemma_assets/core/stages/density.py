@@ -14,7 +14,7 @@ from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.layout import WINDOWS_FILE, RunLayout
 from gemma_assets.core.leader import fit_leader
-from gemma_assets.core.memory import PeakRss
+from gemma_assets.core.memory import RssTrace
 from gemma_assets.core.records import DictionaryRecord, Family
 
 CONTEXT_TOKENS = 5  # tokens shown on each side of a lowest-density token
@@ -73,7 +73,7 @@ def fit_leader_regions(layout: RunLayout, run: RunConfig) -> list[DictionaryReco
     store = layout.activation_store()
     mean = torch.from_numpy(layout.whitening().mean).float()
     started = time.perf_counter()
-    with PeakRss() as peak:
+    with RssTrace() as peak:
         result = fit_leader(store.batches(run.train_partition_keys)(), mean, run.leader.percentile)
     fit_seconds = time.perf_counter() - started
     means = leader.region_means(store.batches(run.train_partition_keys)(), result.exemplars, mean)

@@ -11,7 +11,7 @@ from gemma_assets.core import bootstrap, metrics, sae
 from gemma_assets.core.config import RunConfig, SaeSpec
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.layout import RunLayout
-from gemma_assets.core.memory import PeakRss
+from gemma_assets.core.memory import RssTrace
 from gemma_assets.core.records import DictionaryRecord
 
 TRAINING_FILE = "training.json"
@@ -27,7 +27,7 @@ def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> d
         facts = {"load_seconds": time.perf_counter() - started}
     else:
         moments = layout.moments("train")
-        with PeakRss() as peak:
+        with RssTrace() as peak:
             dictionary, facts = sae.train_topk(
                 spec,
                 layout.activation_store().batches(run.train_partition_keys),
