@@ -33,7 +33,7 @@ from gemma_assets.core.memory import RssTrace
 
 SLICE_TRAIN_PARTITIONS = 16  # more, smaller partitions: the largest k fits with fewer held-out tokens
 MIN_WINDOWS = 4  # held-out probes test on odd windows, and their bootstrap needs two of them
-CE_WINDOWS = 2  # per point (the report's window bootstrap needs two); the second slice splices 4
+CE_WINDOWS = 1  # per point: each window is 1 + dictionaries forwards past the block and through the unembedding
 
 
 @dataclass(frozen=True)
@@ -117,17 +117,12 @@ def _step_windows(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[t
     return windows
 
 
-def _tree_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
-
-
 @dataclass
 class SliceResult:
     run: RunConfig
     seconds: float
     measured: list[costs.Measured]
-    store_bytes: int
-    other_bytes: int
+    disk: dict[str, int]  # bytes by costs.DISK_GROWTH category
     facts: dict
 
     def to_json(self) -> dict:
@@ -141,8 +136,7 @@ class SliceResult:
             "ce_windows": self.run.evaluation.ce_windows,
             "interpret_tokens": self.run.evaluation.interpret_tokens,
             "seconds": self.seconds,
-            "store_bytes": self.store_bytes,
-            "other_bytes": self.other_bytes,
+            "disk_bytes": self.disk,
             "assets": [asdict(m) | {"throughput_per_s": m.throughput} for m in self.measured],
             **self.facts,
         }
@@ -169,7 +163,7 @@ def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str
     defs = build_definitions(run, str(data_root))
     save_resolved(run, layout.resolved_config_file)
     started = time.perf_counter()
-    with dg.DagsterInstance.from_config(str(home)) as instance, RssTrace() as trace:
+    with dg.DagsterInstance.from_config(str(home)) as instance, RssTrace(interval=0.05) as trace:
         meter = Meter()
         results = materialize_all(run, defs, instance, log_level, debug=debug, meter=meter)
         seconds = time.perf_counter() - started
@@ -186,9 +180,8 @@ def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str
         for asset, row in totals.items()
         if asset in work
     ]
-    store = _tree_bytes(layout.root / "activations")
     facts = _report_facts(layout, run) | {"d_model": architecture.d_model, "n_layers": architecture.n_layers}
-    return SliceResult(run, seconds, measured, store, _tree_bytes(layout.root) - store, facts)
+    return SliceResult(run, seconds, measured, costs.disk_use(layout.root), facts)
 
 
 def _value(cell):
@@ -250,6 +243,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def measured_table(result: SliceResult) -> str:
     lines = [
         "| asset | seconds | peak RSS | peak GPU | throughput |",
@@ -258,12 +255,12 @@ def measured_table(result: SliceResult) -> str:
     for m in result.measured:
         lines.append(
             f"| {m.asset} | {m.seconds:.1f} | {_size(m.peak_rss_bytes)} | {_size(m.peak_gpu_bytes) if m.peak_gpu_bytes else '-'}"
-            f" | {m.throughput:,.0f} {m.unit}/s |"
+            f" | {_rate(m.throughput)} {m.unit}/s |"
         )
     return "\n".join(lines)
 
 
-def estimate_table(estimates: list[costs.Estimate], store_bytes: float, other_bytes: float) -> str:
+def estimate_table(estimates: list[costs.Estimate], disk: dict[str, float]) -> str:
     lines = ["| asset | time | peak RSS | peak GPU | work | scaling assumption |", "|---|---|---|---|---|---|"]
     for e in estimates:
         lines.append(
@@ -273,10 +270,9 @@ def estimate_table(estimates: list[costs.Estimate], store_bytes: float, other_by
     total = sum(e.seconds for e in estimates)
     peak = max((e.peak_rss_bytes for e in estimates), default=0)
     lines.append(f"| **all** | **{_duration(total)}** | **{_size(peak)}** | | | sum of the assets; peak of the peaks |")
-    lines.append(
-        f"\nOn disk: activation store ~{_size(store_bytes)}, other artefacts ~{_size(other_bytes)} "
-        "(both linear in tokens)."
-    )
+    lines += ["", "| on disk | size | scaling assumption |", "|---|---|---|"]
+    lines += [f"| {category} | {_size(disk[category])} | {costs.DISK_GROWTH[category]} |" for category in disk]
+    lines.append(f"| **all** | **{_size(sum(disk.values()))}** | |")
     return "\n".join(lines)
 
 
@@ -310,16 +306,13 @@ def preflight(
         say(f"slice {point}: every asset done in {result.seconds:.0f} s\n\n{measured_table(result)}")
     d_model = slices[0].facts["d_model"]
     estimates = costs.estimate([s.measured for s in slices], run, d_model, costs.streamed_train(slices[0].run, d_model))
-    token_points = [(s.run.sampling.n_windows * s.run.sampling.context_len, s.store_bytes) for s in slices]
-    other_points = [(s.run.sampling.n_windows * s.run.sampling.context_len, s.other_bytes) for s in slices]
-    store_bytes = costs.bytes_on_disk(token_points, run)
-    other_bytes = costs.bytes_on_disk(other_points, run)
+    disk = costs.disk_estimate([(s.run, s.disk) for s in slices], run)
     sample = run.sampling
     say(
         f"\nestimate for the full run {run.name} ({sample.partitions} partitions x {sample.windows_per_partition} "
         f"windows x {sample.context_len} tokens, {run.evaluation.ce_windows} spliced windows) on this machine, "
         f"from {points} slice(s){'' if points > 1 else ' (one slice: fixed costs scale too, an upper bound)'}:\n\n"
-        + estimate_table(estimates, store_bytes, other_bytes)
+        + estimate_table(estimates, disk)
     )
     document = {
         "run": run.name,
@@ -331,8 +324,8 @@ def preflight(
             "assets": [asdict(e) for e in estimates],
             "seconds": sum(e.seconds for e in estimates),
             "peak_rss_bytes": max((e.peak_rss_bytes for e in estimates), default=0),
-            "store_bytes": store_bytes,
-            "other_bytes": other_bytes,
+            "store_bytes": disk["store"],
+            "disk_bytes": disk,
             "points": points,
         },
     }

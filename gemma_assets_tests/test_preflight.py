@@ -25,12 +25,12 @@ def test_a_slice_keeps_every_shape_and_holds_the_largest_k():
     assert sliced.sampling.holdout_partitions == 1 and sliced.sampling.partitions == train_partitions + 1
     smaller = train_partitions * (sliced.sampling.windows_per_partition - 1) * 127
     assert sliced.train_tokens >= max(research.clustering.ks) > smaller
-    assert sliced.evaluation.ce_windows == 2  # the report's window bootstrap needs two
+    assert sliced.evaluation.ce_windows == 1  # the report shows one window's CE without an interval
     demo = preflight.slice_of(load_run_config("demo")).run
     assert demo.sampling.windows_per_partition == preflight.MIN_WINDOWS  # two odd windows to test probes on
     second = preflight.slice_of(research, point=2).run
     assert second.sampling.windows_per_partition == 2 * sliced.sampling.windows_per_partition
-    assert second.evaluation.ce_windows == 4
+    assert second.evaluation.ce_windows == 2
 
 
 def test_a_slice_too_small_for_a_k_says_which_and_how_to_fix_it():
@@ -59,6 +59,31 @@ def test_the_estimate_separates_fixed_costs_from_per_token_ones():
     (one_point,) = costs.estimate(slices[:1], demo, 640)
     assert one_point.seconds == pytest.approx(8 * (10 + tokens / 8000))  # an upper bound: the load scaled too
     assert "linear in tokens" in one_point.assumption
+
+
+def test_disk_grows_by_what_each_file_holds(tmp_path):
+    """Centroids and SAE weights do not grow with tokens; the store and assignments do."""
+    research = load_run_config("gemma-2-2b")
+    files = {
+        "activations/part-0000/x/c/0": 1000,
+        "clusters/k-16384/model.npz": 500,
+        "clusters/k-16384/assignments/part-0000/c/0": 40,
+        "clusters/k-16384/windows.npz": 30,
+        "stats/part-0000.moments.npz": 20,
+        "saes/gemma-scope-65k-canonical/sae_weights.safetensors": 700,
+    }
+    for name, size in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"0" * size)
+    use = costs.disk_use(tmp_path)
+    assert use == {"store": 1000, "per_token": 40, "per_heldout_window": 30, "per_partition": 20, "fixed": 1200}
+    sliced = preflight.slice_of(research).run
+    full = costs.disk_estimate([(sliced, use)], research)
+    tokens = costs.disk_units(research)["store"] / costs.disk_units(sliced)["store"]
+    assert full["store"] == pytest.approx(1000 * tokens) and full["per_token"] == pytest.approx(40 * tokens)
+    assert full["fixed"] == 1200 and full["per_partition"] == pytest.approx(20 * 17 / 16)
+    windows = (2 * 2048) / sliced.sampling.windows_per_partition
+    assert full["per_heldout_window"] == pytest.approx(30 * windows)
 
 
 def test_offline_standins_stand_in_for_gemma_2_2b_only(tmp_path, capsys):

@@ -4,6 +4,7 @@ of a full run from measured slices of it (`gemma-assets preflight`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from gemma_assets.core.config import RunConfig
 
@@ -165,6 +166,56 @@ def estimate(
     return estimates
 
 
-def bytes_on_disk(points: list[tuple[float, float]], full: RunConfig) -> float:
-    """Bytes on disk of the full run from (tokens, bytes) of the slices: linear in tokens."""
-    return extrapolate(points, full.sampling.n_windows * full.sampling.context_len)
+# How a run's files grow: by category, what they hold and the quantity their size is linear in
+DISK_GROWTH = {
+    "store": "the activation store: linear in tokens",
+    "per_token": "the token sample and the cluster of every token: linear in tokens",
+    "per_heldout_window": "per-window metric sums (the bootstrap's input): linear in held-out windows",
+    "per_partition": "statistics of each partition (d x d moments): linear in partitions",
+    "fixed": "centroids, SAE weights, whitening, feature pages, report: constant in tokens",
+}
+
+
+def disk_category(relative: Path) -> str:
+    """The DISK_GROWTH category of a file at `relative` under a run's root (core/layout's names)."""
+    parts = relative.parts
+    if parts[0] == "activations":
+        return "store"
+    if parts[0] == "sample" or "assignments" in parts:
+        return "per_token"
+    if relative.name in ("windows.npz", "evaluation_windows.npz"):
+        return "per_heldout_window"
+    if parts[0] == "stats" and relative.name.startswith("part-"):
+        return "per_partition"
+    return "fixed"
+
+
+def disk_use(root: Path) -> dict[str, int]:
+    """Bytes of the files under a run's root, by DISK_GROWTH category."""
+    use = dict.fromkeys(DISK_GROWTH, 0)
+    for path in root.rglob("*"):
+        if path.is_file():
+            use[disk_category(path.relative_to(root))] += path.stat().st_size
+    return use
+
+
+def disk_units(run: RunConfig) -> dict[str, float]:
+    """The quantity each DISK_GROWTH category is linear in, for `run`."""
+    sample = run.sampling
+    tokens = sample.n_windows * sample.context_len
+    return {
+        "store": tokens,
+        "per_token": tokens,
+        "per_heldout_window": sample.holdout_partitions * sample.windows_per_partition,
+        "per_partition": sample.partitions,
+        "fixed": 1,
+    }
+
+
+def disk_estimate(slices: list[tuple[RunConfig, dict[str, int]]], full: RunConfig) -> dict[str, float]:
+    """The full run's bytes per DISK_GROWTH category, through the slices' (units, bytes)."""
+    at = disk_units(full)
+    return {
+        category: extrapolate([(disk_units(run)[category], use[category]) for run, use in slices], at[category])
+        for category in DISK_GROWTH
+    }
