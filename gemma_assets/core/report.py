@@ -231,10 +231,11 @@ def findings(
     if recovered:
         best = max(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
         worst = min(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
+        windows = len(evidence.ce[best.name])
         lines.append(
             f"Loss recovered vs zero-ablation ranges from {evidence.loss_recovered(worst.name, 'zero-ablation')} "
-            f"({worst.name}) to {evidence.loss_recovered(best.name, 'zero-ablation')} ({best.name}), with 95% intervals "
-            f"over {len(evidence.ce[best.name])} windows."
+            f"({worst.name}) to {evidence.loss_recovered(best.name, 'zero-ablation')} ({best.name}), "
+            + (f"with 95% intervals over {windows} windows." if windows > 1 else "on one window (no interval).")
         )
     pairs = interpretation.get("alignment", [])
     if pairs:
