@@ -171,12 +171,14 @@ def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str
         totals: dict[str, list[float]] = {}
         for result in results:
             for asset, spans in _step_windows(instance, result.run_id).items():
-                row = totals.setdefault(asset, [0.0, 0, 0])
+                row = totals.setdefault(asset, [0.0, 0, 0, trace.at(spans[0][0])])
                 row[0] += sum(end - start for start, end in spans)
                 row[1] = max(row[1], max(trace.peak_between(start, end) for start, end in spans))
                 row[2] = max(row[2], meter.gpu_peaks[result.run_id])
     measured = [
-        costs.Measured(asset, row[0], int(row[1]), int(row[2]), work[asset].units, work[asset].unit)
+        costs.Measured(
+            asset, row[0], int(row[1]), int(row[2]), work[asset].units, work[asset].unit, start_rss_bytes=int(row[3])
+        )
         for asset, row in totals.items()
         if asset in work
     ]

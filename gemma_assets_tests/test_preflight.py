@@ -123,3 +123,19 @@ def test_too_few_windows_and_unknown_widths_are_named():
 def test_a_slope_lost_in_noise_keeps_the_upper_bound():
     assert costs.extrapolate([(10, 5.0), (20, 4.0)], 100) == pytest.approx(100 * 4.0 / 20)
     assert costs.extrapolate([(10, 3.0), (20, 5.0)], 100) == pytest.approx(1 + 0.2 * 100)
+
+
+def test_memory_scales_what_the_asset_adds_not_what_earlier_slices_left():
+    """The second slice starts in a process the first one grew; the estimate keeps the first
+    slice's baseline and scales only the asset's own growth."""
+    demo = load_run_config("demo")
+    tokens = costs.asset_work(demo)["activations"].units
+    gb = 2**30
+    slices = [
+        [costs.Measured("activations", 10.0, 2 * gb, 0, tokens / 8, "tokens", start_rss_bytes=1 * gb)],
+        [costs.Measured("activations", 20.0, 5 * gb, 0, tokens / 4, "tokens", start_rss_bytes=3 * gb)],
+    ]
+    (estimate,) = costs.estimate(slices, demo, 640)
+    # growth 1 GB at 1/8 and 2 GB at 1/4 of the tokens: 8 GB at all of them, on the 1 GB baseline
+    assert estimate.peak_rss_bytes == pytest.approx(9 * gb, rel=1e-6)
+    assert "RSS the asset adds" in estimate.assumption

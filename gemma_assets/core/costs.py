@@ -3,7 +3,7 @@ of a full run from measured slices of it (`gemma-assets preflight`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemma_assets.core.config import RunConfig
@@ -74,6 +74,12 @@ class Measured:
     peak_gpu_bytes: int
     units: float
     unit: str
+    # the process's RSS when the asset started: the peak minus it is what the asset itself added
+    start_rss_bytes: int = field(default=0, kw_only=True)
+
+    @property
+    def growth_bytes(self) -> int:
+        return max(0, self.peak_rss_bytes - self.start_rss_bytes)
 
     @property
     def throughput(self) -> float:
@@ -146,21 +152,26 @@ def estimate(
                 f"; plus {reads} streamed reads of the train split (it exceeds in_memory_mb="
                 f"{full.clustering.in_memory_mb}) at the statistics pass's read rate"
             )
+        # later slices run in a process that earlier ones grew: the first slice's starting RSS
+        # is the baseline a full run has, and only what the asset adds scales
+        first = runs[0]
         if len(slices) > 1:
-            rss = extrapolate([(m.units, m.peak_rss_bytes) for m in runs], scaling.units)
-            memory_note = "memory: line through the slices"
+            growth = extrapolate([(m.units, m.growth_bytes) for m in runs], scaling.units)
+            rss = max(first.start_rss_bytes + growth, first.peak_rss_bytes)
+            memory_note = "memory: the RSS the asset adds, on a line through the slices"
         else:
-            rss = max(m.peak_rss_bytes for m in runs)
+            rss = first.peak_rss_bytes
             memory_note = "memory: the slice's peak"
         estimates.append(
             Estimate(
                 asset,
                 seconds,
-                int(max(rss, max(m.peak_rss_bytes for m in runs))),
+                int(rss),
                 max(m.peak_gpu_bytes for m in runs),
                 scaling.units,
                 scaling.unit,
                 f"{assumption}; {memory_note}",
+                start_rss_bytes=first.start_rss_bytes,
             )
         )
     return estimates

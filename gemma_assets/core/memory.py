@@ -39,6 +39,11 @@ class RssTrace:
         """The high-water mark above the level at entry, in MB."""
         return (max(rss for _, rss in self.samples) - self.start) / 2**20
 
+    def at(self, moment: float) -> int:
+        """The last sample at or before `moment` (the first sample if none)."""
+        before = [rss for at, rss in self.samples if at <= moment]
+        return before[-1] if before else self.samples[0][1]
+
     def peak_between(self, start: float, end: float) -> int:
         """The largest sample in [start, end]; a window shorter than the interval gets the last
         sample before it."""
