@@ -9,8 +9,8 @@ import warnings
 
 # (message regex, where it comes from): the regex is matched at the start of the warning's message
 ACCEPTED_WARNINGS = (
-    # the whole-chunk Shuffle codec is a numcodecs codec, not (yet) in the zarr v3 spec; zarr-python
-    # reads and writes it fine (the store's codec chain was chosen by measurement)
+    # stores written before the Blosc codec used numcodecs' whole-chunk Shuffle, not (yet) in the
+    # zarr v3 spec; zarr-python reads them fine
     ("Numcodecs codecs are not in the Zarr version 3", "zarr"),
     # Dagster features used on purpose while it labels them beta or preview: single-run backfills
     # (one model load for many partitions), pools, and per-partition asset checks

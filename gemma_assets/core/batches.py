@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # called once per pass over the data; each call yields [n, d] batches afresh
 Batches = Callable[[], Iterable[torch.Tensor]]
@@ -22,3 +27,42 @@ def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Te
     if callable(data):
         return lambda: (fn(batch) for batch in data())
     return fn(data)
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """`items`, produced on a background thread up to `depth` ahead of the consumer: reading and
+    decoding the next batch (zarr, zstd and torch release the GIL) overlaps the work on this one.
+    The producer's exception is raised here, in order; a consumer that stops early stops it."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                ready.put((item, None))
+        except BaseException as error:  # handed to the consumer, raised in its thread
+            ready.put((None, error))
+            return
+        ready.put((done, None))
+
+    worker = threading.Thread(target=produce, daemon=True, name="gemma-assets-prefetch")
+    worker.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()

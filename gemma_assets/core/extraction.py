@@ -9,8 +9,11 @@ the output after the final norm, not the residual stream).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +54,11 @@ def residual_stream(model: torch.nn.Module, input_ids: torch.Tensor, layer: int)
     return captured[0]
 
 
+# rows handed to the store writer: (the partition's host buffer, rows [0, stop) of it final once
+# `ready()` returns)
+RowsReady = Callable[[np.ndarray, int, Callable[[], None]], None]
+
+
 def extract_windows(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -58,16 +66,20 @@ def extract_windows(
     batch_size: int,
     device: str,
     on_progress: Callable[[int, float], None] | None = None,
+    on_rows: RowsReady | None = None,
 ) -> np.ndarray:
     """bf16 bit patterns [windows * context_len, d_model] of block `layer` for token windows.
 
     On CUDA the bf16 results are copied into pinned host memory without blocking, and the
     NaN/Inf test stays on the device: the GPU is synchronised only for the ~10 progress reports.
+    `on_rows` gets each batch as soon as its copy is issued, with a `ready()` that waits for that
+    copy alone, so the batch can be compressed and written while the next one is computed.
     """
     n_windows, context_len = tokens.shape
     d_model = model.config.hidden_size
     cuda = device.startswith("cuda")
     out = torch.empty((n_windows * context_len, d_model), dtype=torch.int16, pin_memory=cuda)
+    bits = out.numpy().view(np.uint16)
     nonfinite = []  # per window, on the device
     n_batches = -(-n_windows // batch_size)
     report_every = max(1, n_batches // 10)
@@ -78,6 +90,11 @@ def extract_windows(
         nonfinite.append((~torch.isfinite(hidden)).flatten(1).any(1))
         rows = slice(start * context_len, (start + len(batch)) * context_len)
         out[rows].copy_(hidden.reshape(-1, d_model).to(torch.bfloat16).view(torch.int16), non_blocking=cuda)
+        if on_rows is not None:
+            copied = torch.cuda.Event() if cuda else None
+            if copied is not None:
+                copied.record()
+            on_rows(bits, rows.stop, copied.synchronize if copied is not None else lambda: None)
         if on_progress is not None and (number % report_every == 0 or number == n_batches):
             if cuda:
                 torch.cuda.synchronize(device)
@@ -91,14 +108,47 @@ def extract_windows(
             f"block {layer} produced NaN/Inf activations in windows {bad[:10]}: the model weights "
             "or dtype are broken (try dtype float32, or reload the model)"
         )
-    return out.numpy().view(np.uint16)
+    return bits
 
 
-def partition_arrays(window_sample: TokenSample, acts_bits: np.ndarray) -> dict[str, np.ndarray]:
+class WriteQueue:
+    """Store writes on one background thread, in submission order, at most `depth` jobs behind
+    the producer (which then waits for the oldest). A job's exception, and its `on_done`
+    callback, surface in the producer's thread when the job is collected."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._pending: deque[tuple[Future, Callable[[Any], None] | None]] = deque()
+
+    def submit(self, job: Callable[[], Any], on_done: Callable[[Any], None] | None = None) -> None:
+        self._pending.append((self._pool.submit(job), on_done))
+        while len(self._pending) > self.depth:
+            self._collect()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._collect()
+
+    def _collect(self) -> None:
+        future, on_done = self._pending.popleft()
+        result = future.result()
+        if on_done is not None:
+            on_done(result)
+
+    def __enter__(self) -> WriteQueue:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for future, _ in self._pending:
+            future.cancel()  # after a failure: nothing more is written, uncommitted versions stay invisible
+        self._pool.shutdown(wait=True)
+
+
+def per_token_arrays(window_sample: TokenSample) -> dict[str, np.ndarray]:
     """Per-token arrays stored beside the activations, row-aligned with them."""
     n_windows, context_len = window_sample.tokens.shape
     return {
-        "activations": acts_bits,
         "token_ids": window_sample.tokens.reshape(-1),
         "positions": np.tile(np.arange(context_len, dtype=np.int32), n_windows),
         "doc_ids": np.repeat(window_sample.doc_ids, context_len),
@@ -143,21 +193,44 @@ def extract_partitions(
 ) -> ExtractionRecord:
     """Residual stream after block L of every window of `keys`, each partition committed
     atomically to `store` as exact bf16 with its per-token arrays; `log` gets a line per
-    partition, `detail` about ten per partition."""
+    partition, `detail` about ten per partition.
+
+    Overlapped: each batch is compressed and written on a background thread while the next one
+    is computed; a partition is committed once all its rows are written and found finite."""
     started = time.perf_counter()
-    per_partition = run.sampling.tokens_per_partition
-    for done, key in enumerate(keys):
-        part = sample.partition(run.partition_keys.index(key), run.sampling.windows_per_partition)
+    d_model = lm.config.hidden_size
+    committed = 0
 
-        def progress(tokens: int, rate: float, key: str = key) -> None:
-            detail(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
-
-        bits = extract_windows(lm, part.tokens, run.model.layer, batch_size, device, progress)
-        manifest = store.write_partition(key, partition_arrays(part, bits), attrs)
-        rate = (done + 1) * per_partition / (time.perf_counter() - started)
+    def logged(manifest: dict) -> None:
+        nonlocal committed
+        committed += 1
+        rate = committed * run.sampling.tokens_per_partition / (time.perf_counter() - started)
         log(
-            f"committed partition {key} ({done + 1}/{len(keys)}): {manifest['n_tokens']} tokens, "
+            f"committed partition {manifest['key']} ({committed}/{len(keys)}): {manifest['n_tokens']} tokens, "
             f"{rate:,.0f} tokens/s overall"
         )
-    tokens = len(keys) * per_partition
-    return ExtractionRecord(len(keys), tokens, lm.config.hidden_size, tokens / (time.perf_counter() - started))
+
+    with WriteQueue() as queue:
+        for key in keys:
+            part = sample.partition(run.partition_keys.index(key), run.sampling.windows_per_partition)
+            writer = store.writer(key, part.tokens.size, d_model)
+
+            def progress(tokens: int, rate: float, key: str = key) -> None:
+                detail(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
+
+            def hand_over(bits: np.ndarray, stop: int, ready: Callable[[], None], writer=writer) -> None:
+                queue.submit(lambda: (ready(), writer.write_rows(bits, stop)))
+
+            try:
+                extract_windows(lm, part.tokens, run.model.layer, batch_size, device, progress, hand_over)
+            except NonFiniteActivationsError:
+                queue.drain()
+                writer.abort()
+                raise
+            arrays = per_token_arrays(part)
+            queue.submit(
+                lambda writer=writer, arrays=arrays: writer.commit(arrays, attrs) | {"key": writer.key}, logged
+            )
+        queue.drain()
+    tokens = len(keys) * run.sampling.tokens_per_partition
+    return ExtractionRecord(len(keys), tokens, d_model, tokens / (time.perf_counter() - started))

@@ -11,14 +11,19 @@ removes; readers only ever see committed versions. Partitions never share files,
 concurrent writers of different partitions cannot interfere.
 
 bf16 has no zarr dtype: activations are stored as their exact uint16 bit pattern, with
-`dtype: bfloat16` in the array attributes. The codec chain (whole-chunk byte shuffle,
+`dtype: bfloat16` in the array attributes. The codec (Blosc: byte shuffle over 1 MiB blocks,
 then zstd level 1) was chosen by measurement: see docs/experimental_setup.md.
+
+Writes are parallel: zarr encodes the chunks of one assignment concurrently on its thread pool
+(Blosc releases the GIL), and the CRC32 of every file is taken from the bytes as they are
+written, so a commit never reads the partition back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -94,10 +99,31 @@ class VerifiedStore(zarr.storage.WrapperStore):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
 
-def _compressors() -> list:
-    from zarr.codecs.numcodecs import Shuffle
+# Blosc's byte shuffle over 1 MiB blocks compresses as well as a whole-chunk shuffle then zstd
+# (1.44x on real residual streams), is a codec of the zarr v3 spec, and releases the GIL, so
+# zarr's pool encodes chunks in parallel (numcodecs' Shuffle holds it: 2 threads ran slower than 1)
+ACTIVATION_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "typesize": 2, "blocksize": 2**20}
+PER_TOKEN_ZSTD_LEVEL = 3
+PER_TOKEN_CHUNK_ROWS = 2**16  # token ids, positions, ...: a few hundred KB a chunk, not a hundred tiny files
 
-    return [Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=1)]
+# zarr's encoding pool and in-flight chunks sized to the machine (its defaults: 4 + cores threads)
+zarr.config.set({"threading.max_workers": os.cpu_count() or 1, "async.concurrency": 4 * (os.cpu_count() or 1)})
+
+
+class ChecksummingStore(zarr.storage.WrapperStore):
+    """Records the CRC32 of every file zarr writes through it, keyed like the manifest."""
+
+    def __init__(self, store: zarr.abc.store.Store, checksums: dict[str, int] | None = None):
+        super().__init__(store)
+        self.checksums: dict[str, int] = {} if checksums is None else checksums
+
+    def _with_store(self, store: zarr.abc.store.Store) -> ChecksummingStore:
+        return ChecksummingStore(store, self.checksums)
+
+    async def set(self, key: str, value) -> None:
+        # zlib releases the GIL: checksums of concurrent chunk writes run in parallel
+        self.checksums[key] = await asyncio.to_thread(zlib.crc32, value.as_numpy_array())
+        await self._store.set(key, value)
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,84 @@ def window_ids(key: str, rows: np.ndarray, context_len: int) -> np.ndarray:
     return int(key) * 10**6 + rows // context_len
 
 
+class PartitionWriter:
+    """One partition version being written: activation rows chunk by chunk as they become final
+    (so extraction can hand over each batch while it computes the next), then the per-token
+    arrays and the commit. Nothing is visible to readers before `commit`; `abort` removes it."""
+
+    def __init__(self, store: ActivationStore, key: str, n_tokens: int, d_model: int) -> None:
+        self.store, self.key, self.n_tokens, self.d_model = store, key, n_tokens, d_model
+        self.version = f"v-{uuid.uuid4().hex}"
+        self.version_path = store._path(f"part-{key}", self.version)
+        self._zarr = ChecksummingStore(store._zarr_store(self.version_path, read_only=False))
+        self.group = zarr.open_group(self._zarr, mode="w")
+        self.chunk_rows = max(1, CHUNK_BYTES // (2 * d_model))
+        self._activations = self.group.create_array(
+            ACTIVATIONS,
+            shape=(n_tokens, d_model),
+            chunks=(self.chunk_rows, d_model),
+            dtype=np.uint16,
+            compressors=zarr.codecs.BloscCodec(**ACTIVATION_CODEC),
+        )
+        self.rows_written = 0
+
+    def write_rows(self, bits: np.ndarray, stop: int) -> None:
+        """Rows [0, stop) of `bits` ([n_tokens, d] uint16, the partition's buffer) are final:
+        write the whole chunks among those not yet written (the last chunk once stop = n_tokens)."""
+        if bits.shape != (self.n_tokens, self.d_model):
+            raise StorageError(
+                f"partition {self.key}: activations {bits.shape} differ from the declared "
+                f"({self.n_tokens}, {self.d_model})"
+            )
+        end = stop if stop >= self.n_tokens else stop // self.chunk_rows * self.chunk_rows
+        if end > self.rows_written:
+            self._activations[self.rows_written : end] = bits[self.rows_written : end]
+            self.rows_written = end
+
+    def commit(self, per_token: dict[str, np.ndarray], attrs: dict) -> dict:
+        """Write the per-token arrays (row-aligned with the activations), then make this version
+        the partition's committed one in one atomic step; returns the manifest."""
+        if self.rows_written != self.n_tokens:
+            raise StorageError(f"partition {self.key}: {self.rows_written} of {self.n_tokens} rows written")
+        if any(len(values) != self.n_tokens for values in per_token.values()):
+            raise StorageError(f"partition {self.key}: per-token arrays differ in length from activations")
+        for name, values in per_token.items():
+            array = self.group.create_array(
+                name,
+                shape=values.shape,
+                chunks=(PER_TOKEN_CHUNK_ROWS,),
+                dtype=values.dtype,
+                compressors=zarr.codecs.ZstdCodec(level=PER_TOKEN_ZSTD_LEVEL),
+            )
+            array[...] = values
+        self._activations.attrs["dtype"] = "bfloat16"
+        self.group.attrs.update(attrs)
+        manifest = {
+            "version": self.version,
+            "n_tokens": int(self.n_tokens),
+            "d_model": int(self.d_model),
+            "checksums": self._checksums(),
+            "attrs": attrs,
+        }
+        self.store._commit(self.key, manifest)
+        return manifest
+
+    def _checksums(self) -> dict[str, int]:
+        """CRC32 of every file of the version: as written, or read back for any file zarr wrote
+        by another route than `set`."""
+        fs, root = self.store.fs, self.version_path
+        files = sorted(path[len(root) + 1 :] for path in fs.find(root))
+        recorded = self._zarr.checksums
+        return {
+            name: recorded[name] if name in recorded else zlib.crc32(fs.cat_file(f"{root}/{name}")) for name in files
+        }
+
+    def abort(self) -> None:
+        """Remove the uncommitted version (a later write of the partition would remove it too)."""
+        if self.store.fs.exists(self.version_path):
+            self.store.fs.rm(self.version_path, recursive=True)
+
+
 class ActivationStore:
     """Committed activation partitions of one profile under a local path or fsspec URL."""
 
@@ -142,6 +246,10 @@ class ActivationStore:
             fs = AsyncFileSystemWrapper(fs, asynchronous=True)
         return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
 
+    def writer(self, key: str, n_tokens: int, d_model: int) -> PartitionWriter:
+        """A new, invisible version of partition `key`, written row block by row block."""
+        return PartitionWriter(self, key, n_tokens, d_model)
+
     def write_partition(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
         """Write one partition and commit it; returns the commit manifest.
 
@@ -149,38 +257,9 @@ class ActivationStore:
         arrays of the same length.
         """
         acts = arrays["activations"]
-        n_tokens, d_model = acts.shape
-        if any(len(values) != n_tokens for values in arrays.values()):
-            raise StorageError(f"partition {key}: per-token arrays differ in length from activations")
-        version = f"v-{uuid.uuid4().hex}"
-        version_path = self._path(f"part-{key}", version)
-        group = zarr.open_group(self._zarr_store(version_path, read_only=False), mode="w")
-        chunk_rows = max(1, CHUNK_BYTES // (2 * d_model))
-        for name, values in arrays.items():
-            chunks = (chunk_rows, d_model) if values.ndim == 2 else (chunk_rows,)
-            array = group.create_array(
-                name,
-                shape=values.shape,
-                chunks=chunks,
-                dtype=values.dtype,
-                compressors=_compressors() if name == "activations" else zarr.codecs.ZstdCodec(level=3),
-            )
-            array[...] = values
-        group["activations"].attrs["dtype"] = "bfloat16"
-        group.attrs.update(attrs)
-        manifest = {
-            "version": version,
-            "n_tokens": int(n_tokens),
-            "d_model": int(d_model),
-            "checksums": self._checksums(version_path),
-            "attrs": attrs,
-        }
-        self._commit(key, manifest)
-        return manifest
-
-    def _checksums(self, version_path: str) -> dict[str, int]:
-        files = sorted(self.fs.find(version_path))
-        return {path[len(version_path) + 1 :]: zlib.crc32(self.fs.cat_file(path)) for path in files}
+        writer = self.writer(key, *acts.shape)
+        writer.write_rows(acts, len(acts))
+        return writer.commit({name: values for name, values in arrays.items() if name != ACTIVATIONS}, attrs)
 
     def _commit(self, key: str, manifest: dict) -> None:
         pointer = self._path(f"part-{key}", COMMIT_FILE)
