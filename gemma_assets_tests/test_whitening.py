@@ -1,11 +1,13 @@
-"""Whitening from streamed moments: identity on held-out data, exact inverses, every preprocessing."""
+"""Whitening from streamed moments: identity on held-out data (also at condition number 1e7 with the
+CPU's mixed-precision co-moment), exact inverses, every preprocessing."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from gemma_assets.core.stats import ActivationMoments
+from gemma_assets.core.stats import PRECISIONS, ActivationMoments
 from gemma_assets.core.whitening import PREPROCESSINGS, Preprocessor, Whitening, identity_deviation
 
 
@@ -50,3 +52,37 @@ def test_bad_preprocessing_is_named():
         Preprocessor.from_whitening("sphere", w)
     with pytest.raises(ValueError, match="n_components applies to 'center' and 'pca', not 'zca'"):
         Preprocessor.from_whitening("zca", w, n_components=2)
+
+
+def _ill_conditioned(n: int, seed: int, structure: str) -> torch.Tensor:
+    """32 dims, covariance condition number >= 1e7: from per-dimension SDs spread over 3.5
+    decades (as in residual streams, with means far from zero), or from a random rotation of a
+    1.6e7 eigenvalue spread (the hard case for float32 products: ~0.03 off white)."""
+    shape = np.random.default_rng(0)
+    if structure == "scales":
+        mixing = shape.standard_normal((32, 32)) * np.logspace(0, 3.5, 32)
+        mean = 1e3 * shape.standard_normal(32)
+    else:
+        rotation, _ = np.linalg.qr(shape.standard_normal((32, 32)))
+        mixing = (rotation * np.sqrt(np.logspace(0, -7.2, 32))).T
+        mean = 40 + shape.standard_normal(32)
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 32)) @ mixing + mean).float()
+
+
+@pytest.mark.parametrize("structure", ["scales", "rotation"])
+def test_mixed_precision_comoment_whitens_at_condition_1e7(structure):
+    train = _ill_conditioned(200_000, seed=1, structure=structure)
+    moments = {precision: ActivationMoments(32) for precision in PRECISIONS}
+    for precision, accumulated in moments.items():
+        for start in range(0, len(train), 8192):
+            accumulated.update(train[start : start + 8192], precision=precision)
+    exact = Whitening.fit(moments["float64"].mean, moments["float64"].covariance, relative_floor=1e-12)
+    assert np.linalg.cond(moments["float64"].covariance) >= 1e7
+    # the mixed co-moment seen through the exact whitening: identity up to its rounding
+    whiten = (exact.eigenvectors / np.sqrt(exact.eigenvalues)).T
+    rounding = np.abs(whiten @ moments["mixed"].covariance @ whiten.T - np.eye(32)).max()
+    assert rounding < (1e-4 if structure == "scales" else 0.05)
+    # and the whitening fitted on it makes held-out data white
+    mixed = Whitening.fit(moments["mixed"].mean, moments["mixed"].covariance, relative_floor=1e-12)
+    heldout = _ill_conditioned(200_000, seed=2, structure=structure)
+    assert identity_deviation(Preprocessor.from_whitening("pca", mixed).forward(heldout)) < 0.05

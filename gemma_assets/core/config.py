@@ -184,6 +184,11 @@ class QualitySpec(Section):
     quantile_sample_per_partition: int = Field(
         2048, ge=1, description="tokens kept per partition for approximate quantiles"
     )
+    comoment_precision: Literal["auto", "float64"] = Field(
+        "auto",
+        description="co-moment of the statistics pass: auto = float64 on a GPU, float32 products summed in "
+        "float64 blocks on the CPU (2x faster; docs/experimental_setup.md); float64 = float64 everywhere",
+    )
 
 
 class EvaluationSpec(Section):

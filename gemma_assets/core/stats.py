@@ -1,4 +1,14 @@
-"""Streaming activation statistics in float64 with exact merges (Chan et al.)."""
+"""Streaming activation statistics in float64 with exact merges (Chan et al.).
+
+The co-moment, d^2 work per token, is the pass's cost. `float64` computes it in float64 (on
+the GPU when there is one: cheap there). `mixed`, the CPU's default, forms float32 products
+of batch-centred data over blocks of COMOMENT_BLOCK_ROWS rows and sums the blocks in float64:
+2x the float64 speed (and what makes the pass keep up with the store at d 2304). Rounding is
+relative to each entry's own scale, so spread in per-dimension variance costs nothing; what
+it limits is the correlation structure, to ~eps32 * sqrt(block rows) = 3e-6 relative
+(a covariance with condition number 1e7 from per-dimension scales still whitens to the identity:
+test_stats.py).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +18,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gemma_assets.core.batches import prefetched
 from gemma_assets.core.files import load_arrays, save_arrays
 
 NORM_BIN_EDGES = np.logspace(-3, 7, 201)  # token L2 norms, log-spaced bins
+PRECISIONS = ("float64", "mixed")
+COMOMENT_BLOCK_ROWS = 2048
+
+
+def column_sums(x: torch.Tensor) -> torch.Tensor:
+    """Column sums of x [n, d] float32, accumulated in float64, as float64 [d] on x's device
+    (on the CPU through numpy: torch's float64-accumulating sum of float32 is 7x slower there)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.add.reduce(x.numpy(), axis=0, dtype=np.float64))
+    return x.sum(0, dtype=torch.float64)
+
+
+def batch_comoment(x: torch.Tensor, mean: torch.Tensor, precision: str) -> np.ndarray:
+    """sum of (x - mean)(x - mean)^T over the rows of x [n, d] float32 (any device), as float64
+    [d, d] on the host; `mean` [d] float64 is the rows' mean."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown co-moment precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "float64":
+        centred = x.double() - mean
+        if x.device.type != "cpu":
+            return (centred.T @ centred).cpu().numpy()
+        centred = centred.numpy()
+        # numpy computes a matrix times its own transpose with BLAS syrk (one triangle, half the
+        # products of torch's gemm: 1.8x faster at d 2304), the same float64 sums
+        return centred.T @ centred
+    # centred on the float32-rounded mean; n * delta delta^T (delta = mean - that) restores the
+    # co-moment about the exact mean, since the rows' deviations from it sum to zero
+    shift = mean.float()
+    centred = (x - shift).cpu().numpy()
+    total = np.zeros((x.shape[1], x.shape[1]))
+    for start in range(0, len(centred), COMOMENT_BLOCK_ROWS):
+        block = centred[start : start + COMOMENT_BLOCK_ROWS]
+        total += block.T @ block  # float32 syrk, then summed in float64
+    delta = (mean - shift.double()).cpu().numpy()
+    return total - len(centred) * np.outer(delta, delta)
 
 
 @dataclass
@@ -34,10 +80,12 @@ class ActivationMoments:
         self.maximum = np.full(self.d_model, -np.inf)
         self.norm_histogram = np.zeros(len(NORM_BIN_EDGES) - 1, np.int64)
 
-    def update(self, x: torch.Tensor, norms: torch.Tensor | None = None) -> None:
-        """Add a batch x [n, d] float32 (row norms optional, if already computed); rows with
-        NaN/Inf are counted, not accumulated."""
-        finite = torch.isfinite(x.sum(1))  # one reduction: NaN/Inf anywhere in a row propagates
+    def update(self, x: torch.Tensor, norms: torch.Tensor | None = None, precision: str = "float64") -> None:
+        """Add a batch x [n, d] float32 on any device (row norms optional, if already computed);
+        rows with NaN/Inf are counted, not accumulated. `precision` of the co-moment: float64
+        or mixed (see the module's docstring)."""
+        # NaN/Inf anywhere in a row propagates into its norm (or its sum)
+        finite = torch.isfinite(x.sum(1) if norms is None else norms)
         self.nonfinite += int((~finite).sum())
         if not finite.all():
             x, norms = x[finite], None if norms is None else norms[finite]
@@ -45,16 +93,13 @@ class ActivationMoments:
             return
         other = ActivationMoments(self.d_model)
         other.count = len(x)
-        mean = x.sum(0, dtype=torch.float64) / len(x)
-        # float64 throughout: a float32 co-moment loses the low-variance directions whitening
-        # needs (covariance condition numbers of residual streams reach 1e6 and more)
-        centred = (x.double() - mean).numpy()
-        other.mean = mean.numpy()
-        # numpy computes a matrix times its own transpose with BLAS syrk (one triangle, half the
-        # products of torch's gemm here: 1.8x faster at d 2304), the same float64 sums
-        other.comoment = centred.T @ centred
-        other.minimum, other.maximum = x.amin(0).double().numpy(), x.amax(0).double().numpy()
-        norms = (x.norm(dim=1) if norms is None else norms).double().numpy()
+        mean = column_sums(x) / len(x)
+        # float64 sums: a float32 co-moment accumulated over a whole partition loses the
+        # low-variance directions whitening needs (condition numbers of residual streams reach 1e6)
+        other.comoment = batch_comoment(x, mean, precision)
+        other.mean = mean.cpu().numpy()
+        other.minimum, other.maximum = x.amin(0).double().cpu().numpy(), x.amax(0).double().cpu().numpy()
+        norms = (x.norm(dim=1) if norms is None else norms).double().cpu().numpy()
         other.norm_sum = float(norms.sum())
         other.norm_histogram = np.histogram(norms, NORM_BIN_EDGES)[0]
         self.merge(other)
@@ -114,9 +159,13 @@ class PartitionStats:
     sample: np.ndarray  # [m, d] float32 uniform sample of non-BOS tokens (approximate quantiles)
     massive: np.ndarray  # [MASSIVE_TOKENS_KEPT, 3] (row, dim, value) of the largest |activations|
     windows: np.ndarray  # [n_windows, 2] (doc_id, offset of position 1): window identity
+    precision: str = ""  # of the co-moment (PRECISIONS); caches from before it was recorded have ""
 
     @classmethod
-    def compute(cls, store, key: str, sample_size: int, seed: int = 0) -> PartitionStats:
+    def compute(
+        cls, store, key: str, sample_size: int, seed: int = 0, precision: str = "float64", device: str = "cpu"
+    ) -> PartitionStats:
+        """One pass over partition `key`; the moments' arithmetic runs on `device`."""
         part = store.open(key)
         moments = ActivationMoments(part.manifest["d_model"])
         context_len = part.manifest["attrs"]["context_len"]
@@ -126,18 +175,22 @@ class PartitionStats:
         columns: dict[str, list] = {
             name: [] for name in ("norms", "positions", "strata", "doc_ids", "doc_offsets", "sample", "massive")
         }
-        for acts, info in store.iter_tokens([key], exclude_bos=False):
-            bos = torch.from_numpy(info["positions"] == 0)
+        for acts, info in prefetched(store.iter_tokens([key], exclude_bos=False)):
+            acts = acts.to(device)
+            bos = torch.from_numpy(info["positions"] == 0).to(device)
             norms = acts.norm(dim=1)
             moments.nonfinite += int((~torch.isfinite(norms[bos])).sum())
-            moments.update(acts[~bos], norms[~bos])
-            columns["norms"].append(norms.numpy())
+            moments.update(acts[~bos], norms[~bos], precision)
+            columns["norms"].append(norms.cpu().numpy())
             for name in ("positions", "strata", "doc_ids", "doc_offsets"):
                 columns[name].append(info[name])
-            columns["sample"].append(acts[torch.from_numpy(np.isin(info["row"], chosen))].numpy())
-            peak, dim = acts.nan_to_num(0).abs().max(1)
+            columns["sample"].append(acts[torch.from_numpy(np.isin(info["row"], chosen)).to(device)].cpu().numpy())
+            peak, dim = acts.abs().nan_to_num_(0).max(1)
             top = peak.topk(min(MASSIVE_TOKENS_KEPT, len(peak))).indices
-            columns["massive"].append(np.stack([info["row"][top], dim[top].numpy(), acts[top, dim[top]].numpy()], 1))
+            peak_values = acts[top, dim[top]].cpu().numpy()
+            columns["massive"].append(
+                np.stack([info["row"][top.cpu().numpy()], dim[top].cpu().numpy(), peak_values], 1)
+            )
         merged = {name: np.concatenate(values) for name, values in columns.items()}
         massive = merged["massive"][np.argsort(-np.abs(merged["massive"][:, 2]))[:MASSIVE_TOKENS_KEPT]]
         starts = merged["positions"] == 1
@@ -152,6 +205,7 @@ class PartitionStats:
             merged["sample"],
             massive,
             windows,
+            precision,
         )
 
     def save(self, path: Path) -> None:
@@ -163,7 +217,8 @@ class PartitionStats:
     def load(cls, path: Path) -> PartitionStats:
         arrays = load_arrays(path)
         key, version = str(arrays.pop("key")), str(arrays.pop("version"))
-        return cls(key, version, ActivationMoments.load(moments_path(path)), **arrays)
+        precision = str(arrays.pop("precision", ""))
+        return cls(key, version, ActivationMoments.load(moments_path(path)), **arrays, precision=precision)
 
 
 def moments_path(path: Path) -> Path:

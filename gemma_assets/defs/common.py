@@ -26,6 +26,7 @@ class GraphBuild:
     run: RunConfig
     location: str  # data_root/<run name>: outputs of the same config elsewhere are not these
     compute_dtype: str  # what `model.dtype` resolves to here (auto: bfloat16 on a GPU)
+    comoment_precision: str  # what `quality.comoment_precision` resolves to here (auto: float64 on a GPU)
     activation_partitions: dg.StaticPartitionsDefinition
     k_partitions: dg.StaticPartitionsDefinition
     assets: dict[str, dg.AssetsDefinition] = field(default_factory=dict)

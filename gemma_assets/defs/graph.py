@@ -42,10 +42,12 @@ BUILDERS = (
 
 def build_graph(run: RunConfig, location: str) -> tuple[GraphBuild, list[dg.AssetChecksDefinition]]:
     """Every asset of the run (by name, in dependency order) and every asset check."""
+    compute = ComputeResource()
     graph = GraphBuild(
         run,
         location,
-        str(ComputeResource().torch_dtype(run.model.dtype)),
+        str(compute.torch_dtype(run.model.dtype)),
+        compute.comoment_precision(run.quality.comoment_precision),
         dg.StaticPartitionsDefinition(run.partition_keys),
         dg.StaticPartitionsDefinition([str(k) for k in run.clustering.ks]),
     )

@@ -81,6 +81,12 @@ class ComputeResource(dg.ConfigurableResource):
             return torch.bfloat16 if self.resolved_device.startswith("cuda") else torch.float32
         return getattr(torch, dtype)
 
+    def comoment_precision(self, setting: str) -> str:
+        """The run's `quality.comoment_precision` on this device: auto = float64 on a GPU, mixed on the CPU."""
+        if setting == "auto":
+            return "float64" if self.resolved_device.startswith("cuda") else "mixed"
+        return setting
+
 
 ALERT_WEBHOOK_ENV_VAR = "GEMMA_ASSETS_ALERT_WEBHOOK"
 PARTITIONS_PER_NIGHT_ENV_VAR = "GEMMA_ASSETS_PARTITIONS_PER_NIGHT"

@@ -10,18 +10,21 @@ from gemma_assets.core.report import frame_table
 from gemma_assets.core.stages import statistics
 from gemma_assets.defs.checks import check_result
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
-from gemma_assets.defs.resources import RunResource, StorageResource
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 WARN = dg.AssetCheckSeverity.WARN
 
 
 def activation_stats(
-    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """Per-dimension mean/variance/min/max/quantiles and covariance (float64, BOS excluded,
+    """Per-dimension mean/variance/min/max/quantiles and covariance (float64 sums, BOS excluded,
     merged exactly across partitions), token-norm tables by position and stratum, the largest
-    activations and the tokens that carry them."""
-    summary = statistics.summarise(storage.layout(context), run.config, context.log.info)
+    activations and the tokens that carry them. The moments run on the compute device."""
+    precision = compute.comoment_precision(run.config.quality.comoment_precision)
+    summary = statistics.summarise(
+        storage.layout(context), run.config, context.log.info, precision, compute.resolved_device
+    )
     tables = summary.tables
     return dg.MaterializeResult(
         metadata={
@@ -77,9 +80,15 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     asset = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=graph.deps("activations"),
-        # the split (which partitions are held out) and the quantile sample size; the other
-        # quality keys are thresholds of checks, which have no version
-        code_version=code_version("2", graph.run, ("sampling", "quality.quantile_sample_per_partition"), [activations]),
+        # the split (which partitions are held out), the quantile sample size and the co-moment's
+        # precision as resolved here; the other quality keys are thresholds of checks, which have no version
+        code_version=code_version(
+            "2",
+            graph.run,
+            ("sampling", "quality.quantile_sample_per_partition"),
+            [activations],
+            depends_on=graph.comoment_precision,
+        ),
         group_name="statistics",
         kinds={"numpy", "parquet"},
     )(activation_stats)

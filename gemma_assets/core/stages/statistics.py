@@ -40,10 +40,17 @@ class StatsSummary:
 
 
 def partition_stats(
-    layout: RunLayout, store: ActivationStore, key: str, sample_size: int, log: Callable[[str], None]
+    layout: RunLayout,
+    store: ActivationStore,
+    key: str,
+    sample_size: int,
+    log: Callable[[str], None],
+    precision: str,
+    device: str,
 ) -> PartitionStats:
-    """Cached per committed version and sample size: a new or rewritten partition, or a new
-    `quality.quantile_sample_per_partition`, is the only reason to recompute."""
+    """Cached per committed version, sample size and co-moment precision: a new or rewritten
+    partition, a new `quality.quantile_sample_per_partition` or precision is the only reason
+    to recompute."""
     path = layout.partition_stats_file(key)
     manifest = store.manifest(key)
     non_bos = manifest["n_tokens"] - manifest["n_tokens"] // manifest["attrs"]["context_len"]
@@ -51,10 +58,11 @@ def partition_stats(
         cached = layout.partition_stats(key) if path.exists() else None
     except (OSError, KeyError, ValueError):  # a damaged or half-deleted cache entry is recomputed
         cached = None
-    if cached and cached.version == manifest["version"] and len(cached.sample) == min(sample_size, non_bos):
+    fresh = cached and cached.version == manifest["version"] and cached.precision == precision
+    if fresh and len(cached.sample) == min(sample_size, non_bos):
         log(f"statistics of partition {key}: reused (unchanged since last pass)")
         return cached
-    stats = PartitionStats.compute(store, key, sample_size)
+    stats = PartitionStats.compute(store, key, sample_size, precision=precision, device=device)
     stats.save(path)
     log(f"statistics of partition {key}: {stats.moments.count} tokens")
     return stats
@@ -130,17 +138,20 @@ class _Pass:
         ]
 
 
-def summarise(layout: RunLayout, run: RunConfig, log: Callable[[str], None]) -> StatsSummary:
-    """Per-dimension mean/variance/min/max/quantiles and covariance (float64, BOS excluded,
+def summarise(
+    layout: RunLayout, run: RunConfig, log: Callable[[str], None], precision: str, device: str
+) -> StatsSummary:
+    """Per-dimension mean/variance/min/max/quantiles and covariance (float64 sums, BOS excluded,
     merged exactly across partitions), token-norm tables by position and stratum, the largest
-    activations and the tokens that carry them; every table written under stats/."""
+    activations and the tokens that carry them; every table written under stats/. The co-moment's
+    `precision` (core.stats.PRECISIONS) and the `device` it runs on come from the compute resource."""
     store = layout.activation_store()
     split_of = dict.fromkeys(run.train_partition_keys, "train") | dict.fromkeys(run.heldout_partition_keys, "heldout")
     manifest = store.manifest(run.partition_keys[0])
     acc = _Pass({name: ActivationMoments(manifest["d_model"]) for name in SPLITS}, [], [], [], [])
     quantile_rows = max(1, MAX_QUANTILE_SAMPLE // len(run.train_partition_keys))
     for key in run.partition_keys:
-        part = partition_stats(layout, store, key, run.quality.quantile_sample_per_partition, log)
+        part = partition_stats(layout, store, key, run.quality.quantile_sample_per_partition, log, precision, device)
         token_ids = store.open(key).array("token_ids")
         acc.add(part, split_of[key], token_ids, quantile_rows, run.sampling.context_len)
     for name, moments in acc.merged.items():
