@@ -11,6 +11,12 @@ Figures:
   output_hidden_states=True (same model, inputs, batch, device), and against the FLOP bound
   (FLOPs of blocks 0..L per token / measured bf16 matmul throughput);
 - bit-exactness of early exit vs hidden_states[L+1] on the GPU;
+- where a partition's time goes on the way to a committed store, each stage alone and then the
+  whole path: forward only, forward + host copy (extract_windows), compression + write + commit
+  of the same bits (write_partition, the CPU's threads), and extract_partitions, which overlaps
+  the writes with the forward passes (its tokens/s next to extract_windows'); then the
+  statistics pass over that store on the device (float64 co-moment) and on the CPU (mixed), each
+  next to a plain read-and-decode pass;
 - k-means (torch backend) seconds per Lloyd iteration at N>=1M, D=2304, k=256 and 16384, and,
   where cuML is installed, cuML's fit on the same data and init (speedup and inertia difference).
 """
@@ -22,6 +28,7 @@ import importlib.util
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gemma_assets.core.extraction import extract_windows, residual_stream  # noqa: E402
+from gemma_assets.core.config import load_run_config  # noqa: E402
+from gemma_assets.core.extraction import extract_partitions, extract_windows, residual_stream  # noqa: E402
 from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
+from gemma_assets.core.sampling import TokenSample  # noqa: E402
+from gemma_assets.core.stats import PartitionStats  # noqa: E402
+from gemma_assets.core.storage import ActivationStore  # noqa: E402
 
 GEMMA2_2B = dict(
     vocab_size=256000,
@@ -139,23 +150,85 @@ def bench_extraction(args, device: str) -> dict:
             f"of FLOP bound, bit-exact {exact}",
             flush=True,
         )
-    # the project's whole path for a partition: batches, early exit, bf16 bits on the host
-    windows = torch.randint(3, config.vocab_size, (args.partition_windows, 128)).numpy().astype(np.int32)
+    store_path = bench_store_path(model, layer, args, device)
+    return {"layer": layer, "bf16_matmul_tflops": peak, "shapes": rows, "store_path": store_path}
+
+
+def bench_store_path(model: torch.nn.Module, layer: int, args, device: str) -> dict:
+    """Tokens/s of each stage from token windows to a committed store, alone and together."""
+    context_len, batch, parts = 128, args.partition_batch, args.partitions
+    generator = np.random.default_rng(0)
+    windows = generator.integers(3, model.config.vocab_size, (args.partition_windows, context_len), dtype=np.int32)
     windows[:, 0] = 2
-    batch = args.partition_batch
+    n = windows.size
+    sample = TokenSample(
+        windows,
+        np.arange(len(windows), dtype=np.int64),
+        np.ones(len(windows), np.int64),
+        np.zeros(len(windows), np.int16),
+        ("synthetic",),
+    )
+    base = load_run_config("tiny")
+    run = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"layer": layer}),
+            "sampling": base.sampling.model_copy(
+                update={
+                    "context_len": context_len,
+                    "partitions": parts,
+                    "windows_per_partition": len(windows) // parts,
+                }
+            ),
+        }
+    )
+    stages = {}
+
+    def forward_only():
+        for start in range(0, len(windows), batch):
+            residual_stream(model, torch.from_numpy(windows[start : start + batch]).long().to(device), layer)
+
+    stages["forward only"] = n / timed(forward_only, device, 1)
     extract_windows(model, windows[:batch], layer, batch, device)  # warm-up
     started = time.perf_counter()
-    extract_windows(model, windows, layer, batch, device)
-    sync(device)
-    seconds = time.perf_counter() - started
-    partition = {
-        "windows": args.partition_windows,
-        "context_len": 128,
+    bits = extract_windows(model, windows, layer, batch, device)
+    stages["forward + host copy (extract_windows)"] = n / (time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as scratch:
+        written = ActivationStore(f"{scratch}/written")
+        per_part = n // parts
+        started = time.perf_counter()
+        for index, key in enumerate(run.partition_keys):
+            rows = slice(index * per_part, (index + 1) * per_part)
+            per_token = {"positions": np.tile(np.arange(context_len, dtype=np.int32), per_part // context_len)}
+            written.write_partition(key, {"activations": bits[rows]} | per_token, {})
+        stages["compress + write + commit (write_partition)"] = n / (time.perf_counter() - started)
+        store = ActivationStore(f"{scratch}/store")
+        started = time.perf_counter()
+        extract_partitions(
+            model, sample, run.partition_keys, run, store, {"context_len": context_len}, batch, device, print
+        )
+        stages["whole path, overlapped (extract_partitions)"] = n / (time.perf_counter() - started)
+        keys = run.partition_keys
+        started = time.perf_counter()
+        for _ in store.iter_tokens(keys, exclude_bos=False):
+            pass
+        stages["read + decode of the store"] = n / (time.perf_counter() - started)
+        for precision, where in (("float64", device), ("mixed", "cpu")):
+            started = time.perf_counter()
+            for key in keys:
+                PartitionStats.compute(store, key, 2048, precision=precision, device=where)
+            sync(device)
+            stages[f"statistics pass, {precision} on {where}"] = n / (time.perf_counter() - started)
+    extraction = stages["forward + host copy (extract_windows)"]
+    print(f"store path, {n:,} tokens in {parts} partitions, batch {batch}:", flush=True)
+    for stage, rate in stages.items():
+        print(f"  {stage:48s} {rate:12,.0f} tok/s  {rate / extraction:6.2f}x extract_windows", flush=True)
+    return {
+        "tokens": n,
+        "partitions": parts,
         "batch": batch,
-        "tokens_per_s": windows.size / seconds,
+        "tokens_per_s": stages,
+        "overlapped_vs_extraction_only": stages["whole path, overlapped (extract_partitions)"] / extraction,
     }
-    print(f"extract_windows (to host bf16 bits): {windows.size / seconds:,.0f} tok/s", flush=True)
-    return {"layer": layer, "bf16_matmul_tflops": peak, "shapes": rows, "partition": partition}
 
 
 def bench_kmeans(args, device: str) -> list[dict]:
@@ -219,6 +292,7 @@ def main() -> None:
     )
     parser.add_argument("--partition-windows", type=int, default=2048)
     parser.add_argument("--partition-batch", type=int, default=128)
+    parser.add_argument("--partitions", type=int, default=4, help="the partition windows cut into this many")
     parser.add_argument("--kmeans-n", type=int, default=1 << 20)
     parser.add_argument("--kmeans-iters", type=int, default=5)
     parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=[256, 16384])
