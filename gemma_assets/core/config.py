@@ -187,7 +187,7 @@ class QualitySpec(Section):
     comoment_precision: Literal["auto", "float64"] = Field(
         "auto",
         description="co-moment of the statistics pass: auto = float64 on a GPU, float32 products summed in "
-        "float64 blocks on the CPU (2x faster; docs/experimental_setup.md); float64 = float64 everywhere",
+        "float64 blocks on the CPU (the co-moment 2x faster; docs/experimental_setup.md); float64 = float64 everywhere",
     )
 
 

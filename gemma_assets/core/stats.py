@@ -3,11 +3,11 @@
 The co-moment, d^2 work per token, is the pass's cost. `float64` computes it in float64 (on
 the GPU when there is one: cheap there). `mixed`, the CPU's default, forms float32 products
 of batch-centred data over blocks of COMOMENT_BLOCK_ROWS rows and sums the blocks in float64:
-2x the float64 speed (and what makes the pass keep up with the store at d 2304). Rounding is
+twice float64's speed for the co-moment (1.2-1.4x for the whole pass on 2 cores). Rounding is
 relative to each entry's own scale, so spread in per-dimension variance costs nothing; what
 it limits is the correlation structure, to ~eps32 * sqrt(block rows) = 3e-6 relative
-(a covariance with condition number 1e7 from per-dimension scales still whitens to the identity:
-test_stats.py).
+(covariances with condition numbers >= 1e7 still whiten held-out data to the identity:
+test_whitening.py).
 """
 
 from __future__ import annotations
