@@ -189,8 +189,9 @@ def test_tiny_report_is_the_reference(tiny_run):
     columns that time this machine). The reference was written at the artefact layout's commit
     and refreshed when intervals came in (CE now summed per window: 4th digits of loss recovered
     moved) and when seeds came in (blocks 0..L shared by the splice moved 4th digits of loss
-    recovered again, whose denominator is ~0.005 nats on the random model). A deliberate change
-    regenerates it: report_text.comparable of the new report."""
+    recovered again, whose denominator is ~0.005 nats on the random model), and when
+    quality.comoment_precision came in (the resolved config and its digest; no number moved). A
+    deliberate change regenerates it: report_text.comparable of the new report."""
     from pathlib import Path
 
     from report_text import comparable
