@@ -151,10 +151,10 @@ def main() -> None:
     try:
         # the same windows as partitions of a run, through the pipeline the activations asset runs
         per_partition = len(tokens) // args.partitions
-        sampled = profile.sampling.model_copy(
-            update={"partitions": args.partitions, "windows_per_partition": per_partition}
+        run = load_run_config(
+            args.profile,
+            [f"sampling.partitions={args.partitions}", f"sampling.windows_per_partition={per_partition}"],
         )
-        run = profile.model_copy(update={"sampling": sampled})
         overlapped_store = ActivationStore(str(scratch / "overlapped"))
         started = time.perf_counter()
         extract_partitions(

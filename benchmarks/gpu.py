@@ -168,18 +168,14 @@ def bench_store_path(model: torch.nn.Module, layer: int, args, device: str) -> d
         np.zeros(len(windows), np.int16),
         ("synthetic",),
     )
-    base = load_run_config("tiny")
-    run = base.model_copy(
-        update={
-            "model": base.model.model_copy(update={"layer": layer}),
-            "sampling": base.sampling.model_copy(
-                update={
-                    "context_len": context_len,
-                    "partitions": parts,
-                    "windows_per_partition": len(windows) // parts,
-                }
-            ),
-        }
+    run = load_run_config(
+        "tiny",
+        [
+            f"model.layer={layer}",
+            f"sampling.context_len={context_len}",
+            f"sampling.partitions={parts}",
+            f"sampling.windows_per_partition={len(windows) // parts}",
+        ],
     )
     stages = {}
 

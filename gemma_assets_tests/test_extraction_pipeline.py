@@ -45,19 +45,8 @@ def _sample() -> TokenSample:
 
 
 def _run():
-    base = load_run_config("tiny")
-    return base.model_copy(
-        update={
-            "model": base.model.model_copy(update={"layer": LAYER}),
-            "sampling": base.sampling.model_copy(
-                update={
-                    "context_len": CONTEXT,
-                    "partitions": PARTITIONS,
-                    "windows_per_partition": WINDOWS // PARTITIONS,
-                }
-            ),
-        }
-    )
+    overrides = [f"model.layer={LAYER}", f"sampling.context_len={CONTEXT}", f"sampling.partitions={PARTITIONS}"]
+    return load_run_config("tiny", [*overrides, f"sampling.windows_per_partition={WINDOWS // PARTITIONS}"])
 
 
 def test_overlapped_partitions_equal_extraction_alone(model, tmp_path, monkeypatch):
