@@ -201,12 +201,12 @@ def extract_partitions(
     d_model = lm.config.hidden_size
     committed = 0
 
-    def logged(manifest: dict) -> None:
+    def logged(key: str, manifest: dict) -> None:
         nonlocal committed
         committed += 1
         rate = committed * run.sampling.tokens_per_partition / (time.perf_counter() - started)
         log(
-            f"committed partition {manifest['key']} ({committed}/{len(keys)}): {manifest['n_tokens']} tokens, "
+            f"committed partition {key} ({committed}/{len(keys)}): {manifest['n_tokens']} tokens, "
             f"{rate:,.0f} tokens/s overall"
         )
 
@@ -229,7 +229,8 @@ def extract_partitions(
                 raise
             arrays = per_token_arrays(part)
             queue.submit(
-                lambda writer=writer, arrays=arrays: writer.commit(arrays, attrs) | {"key": writer.key}, logged
+                lambda writer=writer, arrays=arrays: writer.commit(arrays, attrs),
+                lambda manifest, key=key: logged(key, manifest),
             )
         queue.drain()
     tokens = len(keys) * run.sampling.tokens_per_partition
