@@ -22,6 +22,8 @@ def cluster_quality(batches: Iterable[torch.Tensor], centroids: torch.Tensor, se
     - silhouette_sampled: exact silhouette (scikit-learn) on a uniform sample of 10k tokens;
     - davies_bouldin: mean over clusters of max_j (S_i + S_j) / ||c_i - c_j||, S = mean distance
       of a cluster's tokens to its centroid (used clusters only);
+    - NaN where a figure is undefined: silhouettes of one cluster, Davies-Bouldin of fewer than
+      two used clusters or of two used clusters with the same centroid;
     - size_entropy: entropy of cluster usage / log k (1 = perfectly even);
     - dead_clusters (no held-out token), tiny_clusters (< 10% of the mean size).
     """
@@ -58,7 +60,7 @@ def cluster_quality(batches: Iterable[torch.Tensor], centroids: torch.Tensor, se
     separation = torch.cdist(centres, centres).fill_diagonal_(float("inf"))
     davies_bouldin = (
         float(((spread[:, None] + spread[None, :]) / separation).max(1).values.mean())
-        if used.sum() > 1
+        if used.sum() > 1 and bool((separation > 0).all())
         else float("nan")
     )
     p = (counts[used] / n).numpy()

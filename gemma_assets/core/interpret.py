@@ -111,6 +111,23 @@ def _entropy_bits(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def activation_histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts [bins] and edges [bins + 1] of equal-width bins over the values' range, for any
+    finite values: one value, identical values, values a few ULPs apart, zeros or magnitudes near
+    float32's limit. The edges are float64: numpy places float32 edges for float32 input, and
+    cannot place 20 distinct ones in a range of a few float32 ULPs. A range too narrow even for
+    float64 edges is widened symmetrically, as numpy widens an empty range by 0.5."""
+    wide = np.asarray(values, dtype=np.float64)
+    low, high = float(wide.min()), float(wide.max())
+    # edges at least 4 float64 ULPs apart stay distinct after linspace's rounding
+    step = 4 * float(np.spacing(max(abs(low), abs(high))))
+    if high - low < bins * step:
+        half = max(bins * step, 0.5 if high == low else 0.0)
+        middle = low / 2 + high / 2  # halves first: low + high overflows near float64's limit
+        low, high = middle - half, middle + half
+    return np.histogram(wide, bins=bins, range=(low, high))
+
+
 def summarise(
     acts: FeatureActivations,
     tokens: EvalTokens,
@@ -144,10 +161,10 @@ def summarise(
             [int(t) for t in chunk[np.linspace(0, len(chunk) - 1, min(per_bin, len(chunk))).astype(int)]]
             for chunk in np.array_split(members, min(n_bins, len(members)))
         ]
-        histogram, edges = np.histogram(values, bins=histogram_bins)
+        histogram, edges = activation_histogram(values, histogram_bins)
         summary.update(
             max_activation=float(values[0]),
-            mean_activation=float(values.mean()),
+            mean_activation=float(values.mean(dtype=np.float64)),
             top_examples=[(int(t), float(v)) for t, v in zip(top, values[:n_top], strict=True)],
             quantile_examples=bins,
             histogram={"counts": histogram.tolist(), "edges": edges.tolist()},

@@ -95,10 +95,12 @@ class ReconstructionMetrics:
         if not self.n_tokens:
             raise ValueError("no tokens were evaluated: the held-out split is empty")
         total_variance = self.sum_sq_norm - float(self.sum_x @ self.sum_x) / self.n_tokens
+        # tokens without spread (one token, or identical ones) leave FVU undefined, not infinite
+        fvu = self.sum_sq_error / total_variance if total_variance > 0 else float("nan")
         share = self.fires.double() / self.fires.sum().clamp_min(1)
         entropy = float(-(share[share > 0] * share[share > 0].log2()).sum())
         return {
-            "fvu": self.sum_sq_error / total_variance,
+            "fvu": fvu,
             "mse": self.sum_sq_error / (self.n_tokens * self.d_model),
             "cosine": self.sum_cosine / self.n_tokens,
             "relative_norm": self.sum_relative_norm / self.n_tokens,
