@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gemma_assets.core.config import ConfigError, ModelArchitecture, ModelSpec
@@ -79,8 +80,21 @@ def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
             bos_token_id=tokenizer.bos_token_id,
             **TINY_CONFIG,
         )
-        torch.manual_seed(seed)
-        Gemma2ForCausalLM(config).save_pretrained(staging)
+        model = Gemma2ForCausalLM(config)
+        _draw_matrices_portably(model, config.initializer_range, seed)
+        model.save_pretrained(staging)
+
+
+def _draw_matrices_portably(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Every weight matrix drawn from N(0, std^2), as transformers initialises them, but from
+    numpy's generator: torch's CPU normal_ takes a vectorised path chosen by the CPU capability,
+    and its draws differ (by 4e-8 between AVX-512 and `default`); numpy's stream is the same on
+    every machine, so the tiny model is too (the norms keep transformers' zeros)."""
+    generator = np.random.default_rng(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():  # a tied unembedding is the embedding, drawn once
+            if parameter.ndim >= 2:
+                parameter.copy_(torch.from_numpy(generator.standard_normal(tuple(parameter.shape)) * std))
 
 
 def _cache_gguf_demo(target: Path) -> None:

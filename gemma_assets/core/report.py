@@ -12,10 +12,13 @@ import polars as pl
 
 from gemma_assets.core.bootstrap import DRAWS, LEVEL, Comparison, Evidence, Interval
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.environment import describe
 from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.metrics import DENSE_SHARE
 from gemma_assets.core.records import DictionaryRecord, Family, Markdown, SeedSpread
 
+# the spliced CE's reference points, as report.json carries them
+SPLICED_BASELINES = ("windows", "predicted_tokens", "clean_ce", "zero_ablation_ce", "mean_ablation_ce")
 COLUMNS = (
     "name",
     "family",
@@ -314,15 +317,24 @@ def _jsonable(value: Any) -> Any:
 
 
 def report_json(
-    profile: RunConfig, rows: list[dict[str, Any]], spreads: list[SeedSpread], found: list[str], evidence: Evidence
+    profile: RunConfig,
+    rows: list[dict[str, Any]],
+    spreads: list[SeedSpread],
+    found: list[str],
+    evidence: Evidence,
+    downstream: Mapping[str, Any],
+    environment: Mapping[str, str | int],
 ) -> dict[str, Any]:
-    """The report's figures for programs: every dictionary's row, figures with an interval as
-    {value, low, high}; the spread over seeds; the findings."""
+    """The report's figures for programs: the numeric environment they were computed in, the
+    clean and ablated CE, every dictionary's row, figures with an interval as {value, low, high};
+    the spread over seeds; the findings."""
     any_ce = next(iter(evidence.ce.values()), ())
     return {
         "run": profile.name,
         "config_digest": profile.digest(),
         "git_revision": git_revision(),
+        "numeric_environment": dict(environment),
+        "spliced": {key: downstream[key] for key in SPLICED_BASELINES},
         "intervals": {
             "level": LEVEL,
             "bootstrap_draws": DRAWS,
@@ -392,6 +404,7 @@ def render_markdown(
     interpretation: dict,
     found: list[str],
     compute: dict,
+    environment: Mapping[str, str | int],
     rows: list[dict[str, Any]],
     spreads: list[SeedSpread],
 ) -> str:
@@ -500,6 +513,10 @@ see a stratum-balanced subset of {interpretation["probe_subset"]["stratum_tokens
 
 Run `{profile.name}`, config digest `{profile.digest()}` (saved beside the outputs as `run_config.yaml`);
 computed on {", ".join(f"{key} {value}" for key, value in compute.items())}.
+
+Numeric environment (of the process that wrote this report): {describe(environment)}.
+Figures computed elsewhere agree with these to the tolerances in docs/reproducibility.md, not
+to the last digit; `gemma-assets verify-report` recomputes them and says which agree.
 
 ```yaml
 {profile.to_yaml()}```

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from gemma_assets.core import report
+from gemma_assets.core.environment import numeric_environment
 from gemma_assets.core.stages.report import write_report
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
@@ -22,7 +23,12 @@ def comparison_report(
         "dtype": str(compute.torch_dtype(prof.model.dtype)),
         "batch_size": compute.batch_size,
     }
-    written = write_report(storage.layout(context), prof, facts)
+    environment = numeric_environment(
+        compute.resolved_device,
+        compute.torch_dtype(prof.model.dtype),
+        compute.comoment_precision(prof.quality.comoment_precision),
+    )
+    written = write_report(storage.layout(context), prof, facts, environment)
     context.log.info(f"report written to {written.markdown} and {written.html}")
     table = report.markdown_table(written.rows, report.COLUMNS)  # value [95% interval over windows]
     return dg.MaterializeResult(
@@ -33,6 +39,7 @@ def comparison_report(
             "heldout_metrics": md(table),
             **{f"plot_{name}": image_md(figure) for name, figure in written.figures.items()},
             "findings": md(report.findings_markdown(written.findings)),
+            "numeric_environment": dg.MetadataValue.json(environment),
         }
     )
 
@@ -44,8 +51,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
             automation_condition=FOLLOW_UPSTREAM,
             deps=[*inputs, *graph.deps("activation_stats")],
             # the report prints the whole resolved config
-            # 3: bootstrap intervals and paired findings; 4: seeds, report.json
-            code_version=code_version("4", graph.run, ("",), inputs),
+            # 3: bootstrap intervals and paired findings; 4: seeds, report.json; 5: numeric environment
+            code_version=code_version("5", graph.run, ("",), inputs),
             group_name="report",
             kinds={"markdown", "html"},
         )(comparison_report)

@@ -64,10 +64,13 @@ def _figures(
     }
 
 
-def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) -> ReportRecord:
+def write_report(
+    layout: RunLayout, run: RunConfig, compute: dict[str, object], environment: dict[str, str | int]
+) -> ReportRecord:
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
     clustering quality across k, computational cost, feature interpretation; its figures with
-    their intervals as report.json; the resolved config saved beside it."""
+    their intervals as report.json; the resolved config saved beside it. `environment` is the
+    numeric environment (`environment.numeric_environment`) the report names."""
     downstream = layout.downstream()
     records = join_downstream(all_records(layout, run), by_name(downstream))
     report.check_no_leakage(records, run.heldout_partition_keys)
@@ -89,11 +92,13 @@ def write_report(layout: RunLayout, run: RunConfig, compute: dict[str, object]) 
     figures = _figures(layout, records, evidence, spreads)
     findings = report.findings(records, readings, evidence, spreads)
     names = {name: path.name for name, path in figures.items()}
-    markdown = report.render_markdown(run, records, data, names, readings, findings, compute, rows, spreads)
+    markdown = report.render_markdown(
+        run, records, data, names, readings, findings, compute, environment, rows, spreads
+    )
     path = layout.report_file("report.md")
     write_text(path, markdown)
     html = layout.report_file("report.html")
     write_text(html, report.render_html(markdown, f"gemma_assets report ({run.name})"))
     figures_json = layout.report_file("report.json")
-    write_json(figures_json, report.report_json(run, rows, spreads, findings, evidence))
+    write_json(figures_json, report.report_json(run, rows, spreads, findings, evidence, downstream, environment))
     return ReportRecord(path, html, figures_json, records, rows, figures, findings)
