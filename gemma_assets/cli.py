@@ -58,6 +58,7 @@ EXIT_STORAGE = 4  # stored data is missing or corrupt
 EXIT_CORPUS = 5  # the corpus cannot be read
 EXIT_CHECK = 6  # a blocking data-quality check failed
 EXIT_POOL_TIMEOUT = 7  # a pool slot stayed held by a live run past --wait-timeout
+EXIT_DISAGREES = 8  # verify-report: a recomputed figure differs from its report beyond its tolerance
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 KNOWN_ERRORS = {
     ConfigError: EXIT_CONFIG,
@@ -424,6 +425,43 @@ def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Pat
     )
 
 
+def verify_report(report_dir: Path, data_root: str, device: str) -> str:
+    """Recompute a report's held-out FVU, L0 and spliced CE here and print each beside the report's;
+    returns the closing line, or raises StageFailed when a figure differs beyond its tolerance."""
+    from gemma_assets.core import model, verification
+    from gemma_assets.core.environment import describe, numeric_environment
+    from gemma_assets.defs.resources import ComputeResource
+
+    report = verification.ReportToVerify.open(report_dir, data_root)
+    run, layout, dtype = report.run, report.layout, report.forward_dtype
+    compute = ComputeResource(device=device)
+    here = numeric_environment(
+        compute.resolved_device, dtype, compute.comoment_precision(run.quality.comoment_precision)
+    )
+    print(f"report {report_dir} (run {run.name}) was computed in: {describe(report.figures['numeric_environment'])}")
+    print(f"recomputing in: {describe(here)}", flush=True)
+
+    def log(message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+    members = layout.clustering_members(run) + layout.sae_members(run.sae_specs, compute.resolved_device)
+    lm = model.load_model(layout.model_source(run), run.model.layer, compute.resolved_device, dtype)
+    recomputed = verification.recompute(report, members, lm, compute.resolved_device, log)
+    agreements = verification.compare(report.reported(), recomputed, dtype, report.predictions)
+    print(verification.table(agreements))
+    differing = [a for a in agreements if not a.agrees]
+    if differing:
+        first = differing[0]
+        raise StageFailed(
+            f"{len(differing)} of {len(agreements)} figures differ from the report beyond their tolerance (first: "
+            f"{first.figure} of {first.dictionary}, {first.reported:.8g} reported, {first.recomputed:.8g} here) -> "
+            "the data root may not hold the activations and dictionaries this report was computed from; "
+            "rematerialise the run, or compare the two numeric environments printed above",
+            EXIT_DISAGREES,
+        )
+    return f"all {len(agreements)} figures agree with the report within their tolerances (docs/reproducibility.md)"
+
+
 def _add_config_arguments(command: argparse.ArgumentParser, data_root: bool = True) -> None:
     command.add_argument(
         "--config",
@@ -459,6 +497,15 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a dictionary of a finished run as an SAELens SAE folder")
     export.add_argument("dictionary", metavar="DICTIONARY_NAME", help="as the report names it, e.g. kmeans-256")
     export.add_argument("--out", type=Path, help="folder to write (default: DATA_ROOT/RUN/exports/DICTIONARY_NAME)")
+    verify = commands.add_parser(
+        "verify-report",
+        help="recompute a report's held-out FVU, L0 and spliced CE here and hold them against the report",
+    )
+    verify.add_argument("report_dir", type=Path, metavar="REPORT_DIR", help="the folder of report.md and report.json")
+    verify.add_argument(
+        "--data-root", help=f"where the report's run is stored (default: ${DATA_ROOT_ENV_VAR} or ./data)"
+    )
+    verify.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     preflight = commands.add_parser(
         "preflight",
         help="run the whole graph on small slices of the config, measure every asset, estimate the full run",
@@ -555,6 +602,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "config" and args.action == "reference":
         print(reference_markdown(), end="")
+        return
+    if args.command == "verify-report":
+        try:
+            print(verify_report(args.report_dir, _data_root(args), args.device))
+        except (ConfigError, ModelAccessError, StorageError) as error:
+            _fail(str(error), KNOWN_ERRORS[type(error)])
+        except StageFailed as error:
+            _fail(str(error), error.code)
         return
     try:
         run_config = load_run_config(args.config, args.overrides)

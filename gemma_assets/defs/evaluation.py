@@ -31,6 +31,7 @@ def downstream_loss(
     lm = model.load_model(layout.model_source(prof), prof.model.layer, device, compute.torch_dtype(prof.model.dtype))
     members = layout.clustering_members(prof) + layout.sae_members(prof.sae_specs, device)
     result = downstream.spliced_losses(layout, prof, lm, members, device, context.log.info)
+    downstream.save(layout, result)
     ablations = {name: result[name] for name in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")}
     context.log.info(
         f"clean CE {result['clean_ce']:.4f}, zero-ablation {result['zero_ablation_ce']:.4f}, "

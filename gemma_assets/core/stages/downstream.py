@@ -45,7 +45,7 @@ def spliced_losses(
     log: Callable[[str], None],
 ) -> dict:
     """Clean, zero- and mean-ablated CE, and per dictionary the spliced CE, delta CE and loss
-    recovered (SAELens' definitions); written to evaluation/downstream.json."""
+    recovered (SAELens' definitions), as evaluation/downstream.json holds them (`save`)."""
     windows = heldout_windows(
         layout.activation_store(), run.heldout_partition_keys, run.sampling.context_len, run.evaluation.ce_windows
     )
@@ -87,8 +87,11 @@ def spliced_losses(
             for member in members
         ],
     }
-    write_json(layout.downstream_file, result)
     return result
+
+
+def save(layout: RunLayout, result: dict) -> None:
+    write_json(layout.downstream_file, result)
 
 
 def by_name(downstream: dict) -> dict[str, dict[str, float]]:
