@@ -39,14 +39,19 @@ Why the tolerances are what they are:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
+import platform
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import pytest
 import torch
 
 from gemma_assets.core import tolerances
+from gemma_assets.core.sampling import TokenSample
 from gemma_assets.core.tolerances import Tolerance
 
 FITTED = Tolerance(1e-4, 1e-9, "fits on stored activations that differ in ~1e-4 of their elements by one bfloat16 ULP")
@@ -76,8 +81,31 @@ THROUGH_INPUTS = {"loss_recovered_vs_zero", "loss_recovered_vs_mean"}  # ratios 
 SPREAD_INPUTS = ("mean", "min", "max")  # the SD of two seeds is compared through min and max
 
 
-def reference_figures(report: Mapping, downstream: Mapping) -> dict:
-    """What the reference keeps of a run: the CE baselines, every dictionary's figures (numbers;
+def sample_identity(sample: TokenSample) -> dict[str, str]:
+    """The Python that built the offline corpus, and a digest of the token windows sampled from it."""
+    digest = hashlib.sha256()
+    for array in (sample.tokens, sample.doc_ids, sample.starts, sample.strata):
+        digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+    digest.update("\n".join(sample.stratum_names).encode())
+    return {"python": platform.python_version(), "digest": digest.hexdigest()}
+
+
+def require_the_reference_sample(reference: Mapping, sample: TokenSample) -> None:
+    """The sample involves no float arithmetic: under the Python that wrote the reference it is
+    the same on every machine, and a difference fails. The offline corpus is built from the
+    running Python's own library, so under another Python version the reference does not apply
+    and the comparison is skipped, saying so."""
+    found = sample_identity(sample)
+    if found["python"] != reference["sample"]["python"]:
+        pytest.skip(
+            f"the tiny reference was sampled from CPython {reference['sample']['python']}'s library; "
+            f"CPython {found['python']} builds another offline corpus"
+        )
+    assert found["digest"] == reference["sample"]["digest"], "the tiny run sampled other token windows"
+
+
+def reference_figures(report: Mapping, downstream: Mapping, sample: TokenSample) -> dict:
+    """What the reference keeps of a run: its sample's identity, the CE baselines, every dictionary's figures (numbers;
     an interval as [value, low, high]) and their spread over seeds, minus what measures this
     machine's speed and what is compared through its inputs."""
 
@@ -98,7 +126,12 @@ def reference_figures(report: Mapping, downstream: Mapping) -> dict:
         for spread in report["seed_spread"]
     }
     baselines = {key: downstream[key] for key in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")}
-    return {"spliced": baselines, "dictionaries": dictionaries, "seed_spread": spreads}
+    return {
+        "sample": sample_identity(sample),
+        "spliced": baselines,
+        "dictionaries": dictionaries,
+        "seed_spread": spreads,
+    }
 
 
 def _numeric(value) -> bool:

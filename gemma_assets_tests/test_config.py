@@ -148,15 +148,17 @@ def test_configuration_reference_is_generated_from_the_schema():
 def test_tiny_figures_hold_against_the_reference(tiny_run):
     """The tiny run's figures (CE baselines, every dictionary's held-out figures with their
     intervals, spliced delta CE, spread over seeds) agree with the reference at the tolerance the
-    arithmetic behind each allows (reference.py says why), on any CPU. Regenerate after a
-    deliberate change: reference.reference_figures of the new report.json and downstream.json."""
-    from reference import TINY_PREDICTIONS, compare_figures, reference_figures
-
-    assert tiny_run.layout.downstream()["predicted_tokens"] == TINY_PREDICTIONS  # the spliced CE's tolerance
+    arithmetic behind each allows (reference.py says why), on any CPU, from the same token
+    windows. Regenerate after a deliberate change: reference.reference_figures of the new run."""
+    from reference import TINY_PREDICTIONS, compare_figures, reference_figures, require_the_reference_sample
 
     reference = json.loads(REFERENCE_FIGURES.read_text())
+    require_the_reference_sample(reference, tiny_run.layout.sample())
+    assert tiny_run.layout.downstream()["predicted_tokens"] == TINY_PREDICTIONS  # the spliced CE's tolerance
     found = reference_figures(
-        json.loads(tiny_run.layout.report_file("report.json").read_text()), tiny_run.layout.downstream()
+        json.loads(tiny_run.layout.report_file("report.json").read_text()),
+        tiny_run.layout.downstream(),
+        tiny_run.layout.sample(),
     )
     mismatches = compare_figures(reference, found, saes=[spec.name for spec in tiny_run.profile.sae_specs])
     assert not mismatches, "\n".join(map(str, mismatches))

@@ -195,9 +195,13 @@ def test_tiny_report_is_the_reference(tiny_run):
     regenerates it: copy the new report.md."""
     from pathlib import Path
 
-    from reference import compare_text
+    from reference import compare_text, require_the_reference_sample
 
-    reference = (Path(__file__).parent / "data" / "tiny_report_reference.md").read_text()
+    data = Path(__file__).parent / "data"
+    require_the_reference_sample(
+        json.loads((data / "tiny_reference_figures.json").read_text()), tiny_run.layout.sample()
+    )
+    reference = (data / "tiny_report_reference.md").read_text()
     found = tiny_run.layout.report_file("report.md").read_text()
     problems = compare_text(reference, found, [spec.name for spec in tiny_run.profile.sae_specs])
     assert not problems, "\n".join(problems)
