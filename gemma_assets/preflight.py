@@ -144,9 +144,9 @@ class SliceResult:
 
 def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str, debug: bool = False) -> SliceResult:
     """Materialise every asset of the slice from scratch in `data_root` and measure each."""
-    from gemma_assets.cli import materialize_all
     from gemma_assets.core.validation import validate_run
     from gemma_assets.defs.graph import build_definitions
+    from gemma_assets.runner import materialize_all
 
     run = plan.run
     shutil.rmtree(data_root, ignore_errors=True)  # a measurement starts from nothing

@@ -8,9 +8,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from gemma_assets.cli import materialize_all
 from gemma_assets.core.config import RunConfig, load_run_config
 from gemma_assets.defs.graph import build_definitions
+from gemma_assets.runner import materialize_all
 
 
 def pytest_configure(config: pytest.Config) -> None:

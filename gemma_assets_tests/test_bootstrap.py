@@ -17,7 +17,7 @@ def test_interval_of_a_mean_over_independent_windows_covers_the_truth_at_the_nom
     for repeat in range(repeats):
         tokens_per_window = rng.integers(20, 40, size=40).astype(float)
         sums = rng.normal(true_mean, 1.0, size=40) * tokens_per_window  # window means scatter around 2
-        found = bootstrap.ratio_interval(sums, tokens_per_window, draws=400, seed=repeat)
+        found = bootstrap.interval(lambda w: (w @ sums) / (w @ tokens_per_window), 40, draws=400, seed=repeat)
         covered += found.low <= true_mean <= found.high
     # 95% nominal; the percentile bootstrap runs a little narrow at 40 windows
     assert 0.88 <= covered / repeats <= 0.99, covered / repeats

@@ -141,7 +141,7 @@ def test_corruption_blocks_downstream_in_the_same_run(copy, tiny_run):
     assert not result.success
     whitening_done = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("whitening")]
     assert not whitening_done
-    from gemma_assets.cli import EXIT_CHECK, failure
+    from gemma_assets.runner import EXIT_CHECK, failure
 
     reported = failure(result)  # what `gemma-assets materialize` prints last
     assert reported.code == EXIT_CHECK
@@ -177,7 +177,7 @@ READERS_OF_HELDOUT = [  # every asset that reads the held-out partition's activa
 def test_damaged_chunk_is_never_computed_on(copy, tiny_run, damage):
     """Every asset that reads a damaged partition fails naming the partition and the file (zarr
     alone would read a deleted chunk as zeros), and none of them materialises."""
-    from gemma_assets.cli import EXIT_STORAGE, failure
+    from gemma_assets.runner import EXIT_STORAGE, failure
 
     defs, store, root = copy
     chunk = _chunk_file(root, store, "0003")  # the held-out partition: every evaluation reads it
@@ -202,7 +202,7 @@ def test_damaged_chunk_is_never_computed_on(copy, tiny_run, damage):
 def test_a_failed_blocking_check_is_evaluated_again_on_rerun(tiny_run):
     """Dagster counts an asset whose blocking check failed as materialised; `gemma-assets
     materialize` must run it (and what it guards) again rather than go past the check."""
-    from gemma_assets.cli import failed_blocking_checks, stale_plan
+    from gemma_assets.runner import failed_blocking_checks, stale_plan
 
     defs = tiny_run.defs
     with dg.instance_for_test() as instance:

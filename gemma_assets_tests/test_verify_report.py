@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from gemma_assets.cli import EXIT_CONFIG, EXIT_DISAGREES, main
+from gemma_assets.cli import main
+from gemma_assets.runner import EXIT_CONFIG, EXIT_DISAGREES
 
 pytestmark = pytest.mark.reference
 

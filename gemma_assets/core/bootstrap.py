@@ -117,16 +117,8 @@ class WindowSums:
         return lambda w: (w @ values) / (w @ self.n)
 
 
-METRICS = ("fvu", "mse", "cosine", "relative_norm", "l0")
-
-
 def _statistic(sums: WindowSums, metric: str) -> Callable[[np.ndarray], np.ndarray]:
     return getattr(sums, metric) if metric in ("fvu", "mse") else sums.mean_of(metric)
-
-
-def metric_intervals(sums: WindowSums, draws: int = DRAWS, seed: int = 0) -> dict[str, Interval]:
-    """The interval of every reconstruction metric of one dictionary."""
-    return {metric: interval(_statistic(sums, metric), sums.n_windows, draws, seed) for metric in METRICS}
 
 
 @dataclass(frozen=True)
@@ -163,11 +155,6 @@ def paired(
     stat_a, stat_b = _statistic(sums_a, metric), _statistic(sums_b, metric)
     difference = interval(lambda w: stat_a(w) - stat_b(w), sums_a.n_windows, draws, seed)
     return Comparison(name_a, name_b, metric, difference, sums_a.n_windows)
-
-
-def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, draws: int = DRAWS, seed: int = 0) -> Interval:
-    """Interval of sum(numerator) / sum(denominator) over windows (e.g. CE: summed loss / predictions)."""
-    return interval(lambda w: (w @ numerator) / (w @ denominator), len(numerator), draws, seed)
 
 
 def share_interval(hits: np.ndarray, draws: int = DRAWS, seed: int = 0) -> Interval:

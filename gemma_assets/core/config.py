@@ -9,7 +9,8 @@ shipped profile or another file with `base:` and change only what differs.
 Validation happens here, before any compute: unknown keys (named with the closest valid one),
 types and ranges, and the checks that need only the file (a held-out split that leaves nothing
 to train on, a k above the train tokens, missing corpus files, duplicate names).
-`model_checks` adds the checks against the model's own architecture.
+`model_problems` adds the checks against the model's own architecture (`core.validation`
+calls it with the architecture read from the model's config).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ PROFILE_ENV_VAR = "GEMMA_ASSETS_PROFILE"  # older name of the same choice; a pro
 DEFAULT_CONFIG = "demo"
 SHIPPED_CONFIGS = ("tiny", "demo", "gemma-2-2b")
 RESOLVED_CONFIG_FILE = "run_config.yaml"  # the resolved config, saved beside a run's outputs
-PILE_DATA_FILES = "hf://datasets/monology/pile-uncopyrighted/train/*.jsonl.zst"
 
 
 class ConfigError(ValueError):

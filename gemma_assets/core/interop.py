@@ -14,92 +14,26 @@ gain; `encode` reproduces the project's choice of features:
 - `topk` (TopK SAEs trained here): SAELens' TopK on the training scale's pre-activations,
   rescaled so that W_dec's rows are unit and everything is in raw units.
 
-None of these is an affine map plus an activation, so SAELens' own architectures cannot hold
-them: they are one architecture, `gemma_assets`, registered through SAELens' registry
-(`sae_lens.registry.register_sae_class`) when this module is imported. In a fresh process,
+They are one SAELens architecture, `gemma_assets` (`core.sae_architecture`, registered when
+imported; this module and `core.sae` import it). In a fresh process,
 `import gemma_assets.core.interop` before `SAE.load_from_disk`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import SAE, SAEConfig
-from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.saes.topk_sae import TopK
-from torch import nn
 
 from gemma_assets.core.codes import unit_rows
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.dictionaries import GainShapeDictionary, MatchingPursuitDictionary
 from gemma_assets.core.files import atomic_dir
-from gemma_assets.core.kmeans import KMeansDictionary, assign
+from gemma_assets.core.kmeans import KMeansDictionary
 from gemma_assets.core.sae import SaeDictionary
-
-ARCHITECTURE = "gemma_assets"
-ENCODINGS = ("nearest_centroid", "gain_shape", "gain_shape_positive", "matching_pursuit", "topk")
-
-
-@dataclass
-class DictionarySAEConfig(SAEConfig):
-    encoding: str = "gain_shape"  # one of ENCODINGS
-    m: int = 1  # matching_pursuit: atoms per token; topk: k
-    d_space: int = 0  # nearest_centroid: dimension of the space the centroids live in
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"unknown encoding {self.encoding!r}; valid: {', '.join(ENCODINGS)}")
-
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-
-class DictionarySAE(SAE[DictionarySAEConfig]):
-    """A project dictionary in SAELens form: unit decoder rows, gains in the codes, raw units."""
-
-    def initialize_weights(self) -> None:
-        super().initialize_weights()  # W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in]
-        cfg, dtype, device = self.cfg, self.dtype, self.device
-        self.gain = nn.Parameter(torch.ones(cfg.d_sae, dtype=dtype, device=device))
-        if cfg.encoding == "nearest_centroid":
-            self.to_space = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_space, dtype=dtype, device=device))
-            self.centroids = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_space, dtype=dtype, device=device))
-        if cfg.encoding == "topk":
-            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
-            self.b_in = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations [..., d_sae] of raw activations [..., d_in]."""
-        shape = x.shape
-        x = self.hook_sae_input(x.reshape(-1, shape[-1]).to(self.W_dec))
-        encoding, mean = self.cfg.encoding, self.b_dec
-        if encoding == "topk":
-            hidden = self.hook_sae_acts_pre((x - self.b_in) @ self.W_enc + self.b_enc)
-            acts = TopK(self.cfg.m)(hidden) * self.gain
-        elif encoding == "nearest_centroid":
-            labels, _ = assign((x - mean) @ self.to_space, self.centroids)
-            acts = torch.zeros(len(x), self.cfg.d_sae, dtype=x.dtype, device=x.device)
-            acts[torch.arange(len(x)), labels] = self.gain[labels]
-        elif encoding == "matching_pursuit":
-            acts = MatchingPursuitDictionary(self.W_dec, mean, self.cfg.m).encode(x).dense(self.cfg.d_sae)
-        else:
-            signed = encoding == "gain_shape"
-            acts = GainShapeDictionary(self.W_dec, mean, signed).encode(x).dense(self.cfg.d_sae)
-        return self.hook_sae_acts_post(acts).reshape(*shape[:-1], self.cfg.d_sae)
-
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        return self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
-
-
-if ARCHITECTURE not in SAE_CLASS_REGISTRY:
-    register_sae_class(ARCHITECTURE, DictionarySAE, DictionarySAEConfig)
+from gemma_assets.core.sae_architecture import DictionarySAE, DictionarySAEConfig
 
 
 def _build(encoding: str, w_dec: torch.Tensor, b_dec: torch.Tensor, metadata: dict, **extra: Any) -> DictionarySAE:

@@ -22,3 +22,14 @@ def validate_run(run: RunConfig, models_dir: Path) -> model.ModelArchitecture:
     if problems:
         raise ConfigError(f"run config {run.name} is invalid:\n" + "\n".join(f"- {p}" for p in problems))
     return architecture
+
+
+def valid_summary(run: RunConfig, architecture: model.ModelArchitecture, outputs: Path) -> str:
+    """What `gemma-assets config validate` says of a valid run config."""
+    return (
+        f"run config {run.name} is valid (digest {run.digest()}): {run.model.name}, "
+        f"block {run.model.layer} of {architecture.n_layers}, d_model {architecture.d_model}; "
+        f"{run.sampling.partitions} partitions of {run.sampling.windows_per_partition} windows x "
+        f"{run.sampling.context_len} tokens ({run.train_tokens:,} train tokens); k in "
+        f"{list(run.clustering.ks)}; {len(run.sae_specs)} SAEs; outputs in {outputs}"
+    )

@@ -7,13 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-# not exported by Dagster 1.13, but what makes a per-partition evaluation current in the UI
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData,
-)
-
 from gemma_assets.core.records import CheckReport, Markdown
 from gemma_assets.core.report import markdown_table
+from gemma_assets.dagster_private import AssetCheckEvaluationTargetMaterializationData
 
 FINDING_COLUMNS = ("partition", "row", "position", "dim", "message", "fix")
 

@@ -11,9 +11,13 @@ import urllib.request
 from collections.abc import Sequence
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from gemma_assets.dagster_private import coerce_valid_log_level, create_console_logger
 from gemma_assets.defs.resources import ALERT_WEBHOOK_ENV_VAR, OperationsResource
+
+# the run tags that make one run materialise a range of partitions (one model load)
+PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 # Run retries (dagster.yaml `run_retries`) apply to every job. Extraction and k-means are long
 # GPU runs whose failures are mostly transient (preempted node, lost container, CUDA OOM on a
@@ -74,7 +78,7 @@ def nightly_requests(
     return [
         dg.RunRequest(
             run_key=f"activations-{first}-{last}",
-            tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+            tags={PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last},
         )
         for first, last in contiguous_ranges(wanted, keys, operations.partitions_per_run or None)
     ]
@@ -252,9 +256,6 @@ class _CauseOnly(logging.Filter):
     "unless --debug, so that a failure ends in one line naming the cause and the fix.",
 )
 def console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
-    from dagster._core.utils import coerce_valid_log_level
-    from dagster._utils.log import create_console_logger
-
     config = init_context.logger_config
     created = create_console_logger(name=config["name"], level=coerce_valid_log_level(config["log_level"]))
     if not config["tracebacks"]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from gemma_assets.core.config import RunConfig, parse_resolved
+from gemma_assets.core.config import ConfigError, RunConfig, parse_resolved
+from gemma_assets.core.files import writable_folder
 from gemma_assets.core.layout import RunLayout
 
 DATA_ROOT_ENV_VAR = "GEMMA_ASSETS_DATA_ROOT"
@@ -15,6 +16,28 @@ DATA_ROOT_ENV_VAR = "GEMMA_ASSETS_DATA_ROOT"
 
 def default_data_root() -> str:
     return os.environ.get(DATA_ROOT_ENV_VAR) or str(Path.cwd() / "data")
+
+
+def resolve_data_root(option: str | None) -> str:
+    """The data root of a command (its --data-root, then $GEMMA_ASSETS_DATA_ROOT, then ./data),
+    never empty; an option given is exported, so the definitions the command builds see it."""
+    if option is not None:
+        if not option.strip():
+            raise ConfigError("--data-root is empty: pass a folder, or leave the option out to use ./data")
+        os.environ[DATA_ROOT_ENV_VAR] = str(Path(option).expanduser().resolve())
+    elif DATA_ROOT_ENV_VAR in os.environ and not os.environ[DATA_ROOT_ENV_VAR].strip():
+        raise ConfigError(f"${DATA_ROOT_ENV_VAR} is set but empty: set it to a folder, or unset it to use ./data")
+    return str(Path(default_data_root()).expanduser().resolve())
+
+
+def require_writable(data_root: str, run: RunConfig) -> None:
+    """Refuse, with the fix, a data root where the run's outputs cannot be written."""
+    folder = RunLayout.of(data_root, run.name).root
+    if problem := writable_folder(folder):
+        raise ConfigError(
+            f"the data root {data_root} cannot hold outputs ({folder}: {problem}) -> pass --data-root with a "
+            f"writable folder, or set ${DATA_ROOT_ENV_VAR}"
+        )
 
 
 class RunResource(dg.ConfigurableResource):
