@@ -23,7 +23,7 @@ from pathlib import Path
 
 import zstandard
 
-from gemma_assets.core.config import CorpusSpec, corpus_format
+from gemma_assets.core.config.schema import CorpusSpec
 from gemma_assets.core.files import atomic_dir
 
 OFFLINE_STRATA = ("python-docs", "python-source", "python-docstrings", "licenses")
@@ -114,6 +114,16 @@ def iter_dataset(
         text_field,
         stratum_field,
     )
+
+
+def file_format(pattern: str) -> str:
+    """The `datasets` builder for a corpus file: json (jsonl, jsonl.zst, ...) or parquet."""
+    return "parquet" if pattern.endswith(".parquet") else "json"
+
+
+def corpus_format(spec: CorpusSpec) -> str:
+    """The `datasets` builder for the corpus's files (one format per run: checks.static_problems)."""
+    return file_format(spec.data_files[0]) if spec.data_files else "json"
 
 
 def open_corpus(spec: CorpusSpec, offline_dir: Path) -> Iterator[Document]:

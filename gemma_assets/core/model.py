@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gemma_assets.core.config import ConfigError, ModelArchitecture, ModelSpec
+from gemma_assets.core.config.schema import ConfigError, ModelSpec
 from gemma_assets.core.files import atomic_dir
 
 TINY_CONFIG = dict(
@@ -142,6 +143,14 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
 
 # The `gguf_demo` kind is one fixed model (the package ships Gemma 3 270M); reading its GGUF
 # header costs ~12 s, so its shape is known here until the converted copy's config.json exists.
+@dataclass(frozen=True)
+class ModelArchitecture:
+    """What validation needs of a model: its blocks and its residual width (read from its config)."""
+
+    n_layers: int
+    d_model: int
+
+
 DEMO_ARCHITECTURE = ModelArchitecture(n_layers=18, d_model=640)
 
 

@@ -9,7 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from gemma_assets.core import model, sae
-from gemma_assets.core.config import ConfigError, RunConfig, model_problems
+from gemma_assets.core.config import ConfigError, RunConfig
+
+
+def model_problems(run: RunConfig, architecture: model.ModelArchitecture) -> list[str]:
+    """What is wrong with the config against the model's own architecture."""
+    if run.model.layer >= architecture.n_layers:
+        return [
+            f"model.layer={run.model.layer} does not exist: {run.model.name} has blocks 0..{architecture.n_layers - 1}; "
+            f"set model.layer to one of them (e.g. --set model.layer={architecture.n_layers // 2})"
+        ]
+    return []
 
 
 def validate_run(run: RunConfig, models_dir: Path) -> model.ModelArchitecture:
