@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_assets.core import bootstrap, report
+from gemma_assets.core import bootstrap, findings
 from gemma_assets.core.bootstrap import Evidence, WindowSums
 from gemma_assets.core.metrics import evaluate, evaluate_windows
 from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread
@@ -70,16 +70,16 @@ def test_dictionaries_equal_up_to_noise_are_called_indistinguishable():
     rng = np.random.default_rng(2)
     errors = rng.gamma(5.0, 20.0, size=48)  # per-window error sums, varying a lot between windows
     records, evidence = _evidence(errors, errors * rng.normal(1.0, 0.02, size=48))
-    [line] = [f for f in report.findings(records, {}, evidence) if f.startswith("At L0 = 1")]
+    [line] = [f for f in findings.findings(records, {}, evidence) if f.startswith("At L0 = 1")]
     assert "indistinguishable" in line and "windows would resolve it" in line
-    assert "No SAE has a held-out FVU lower than kmeans-64" in " ".join(report.findings(records, {}, evidence))
+    assert "No SAE has a held-out FVU lower than kmeans-64" in " ".join(findings.findings(records, {}, evidence))
 
 
 def test_a_clear_difference_is_claimed_with_its_interval():
     rng = np.random.default_rng(3)
     errors = rng.gamma(5.0, 20.0, size=48)
     records, evidence = _evidence(errors, errors * 0.8)
-    [line] = [f for f in report.findings(records, {}, evidence) if f.startswith("At L0 = 1")]
+    [line] = [f for f in findings.findings(records, {}, evidence) if f.startswith("At L0 = 1")]
     assert "a lower held-out FVU than kmeans-64" in line and "paired difference -" in line
     comparison = evidence.compare("topk-64-k1", "kmeans-64", "fvu")
     assert comparison.resolved and comparison.difference.high < 0
@@ -92,9 +92,9 @@ def test_a_difference_within_the_spread_over_seeds_is_not_claimed():
     kmeans, sae = (r.heldout["fvu"] for r in records)
     apart = [SeedSpread("kmeans-64", {"fvu": [kmeans, kmeans * 1.01]}), SeedSpread("topk-64-k1", {"fvu": [sae, sae]})]
     overlapping = [apart[0], SeedSpread("topk-64-k1", {"fvu": [sae, kmeans * 1.005]})]
-    [claimed] = [f for f in report.findings(records, {}, evidence, apart) if f.startswith("At L0 = 1")]
+    [claimed] = [f for f in findings.findings(records, {}, evidence, apart) if f.startswith("At L0 = 1")]
     assert "a lower held-out FVU than kmeans-64" in claimed
-    [line] = [f for f in report.findings(records, {}, evidence, overlapping) if f.startswith("At L0 = 1")]
+    [line] = [f for f in findings.findings(records, {}, evidence, overlapping) if f.startswith("At L0 = 1")]
     assert "indistinguishable" in line and "but their ranges over seeds overlap" in line
 
 
@@ -119,5 +119,5 @@ def test_one_spliced_window_gives_values_and_no_interval_and_claims_nothing():
     assert str(delta) == f"{30 / 31:.4g} [no interval]"
     comparison = evidence.compare_delta_ce("a", "b")
     assert not comparison.resolved and comparison.windows_to_resolve() is None
-    assert report.verdict(comparison) == "indistinguishable"
-    assert "no interval" in report.spread(comparison)
+    assert findings.verdict(comparison) == "indistinguishable"
+    assert "no interval" in findings.spread(comparison)

@@ -10,9 +10,10 @@ from typing import Any
 
 import polars as pl
 
-from gemma_assets.core.bootstrap import DRAWS, LEVEL, Comparison, Evidence, Interval
+from gemma_assets.core.bootstrap import DRAWS, LEVEL, Evidence, Interval
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.environment import describe
+from gemma_assets.core.findings import with_row_intervals
 from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.metrics import DENSE_SHARE
 from gemma_assets.core.records import DictionaryRecord, Family, Markdown, SeedSpread
@@ -83,7 +84,6 @@ SEED_COLUMNS = (
 )
 SEED_AGREEMENT_COLUMNS = ("dictionary", "other_seed", "median_best_cosine", "features_with_twin", "clusters_matched_f1")
 INTERVAL_METRICS = ("fvu", "mse", "cosine", "l0")
-PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
 
 
 def series(record: DictionaryRecord) -> str:
@@ -140,161 +140,6 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) ->
 
 def frame_table(frame: pl.DataFrame) -> Markdown:
     return markdown_table(frame.iter_rows(named=True), frame.columns)
-
-
-def verdict(comparison: Comparison, lower: str = "lower", higher: str = "higher") -> str:
-    """How A stands against B: a direction only when the paired interval excludes no difference."""
-    if comparison.resolved:
-        return lower if comparison.difference.value < 0 else higher
-    return "indistinguishable"
-
-
-def spread(comparison: Comparison) -> str:
-    """The paired interval behind a verdict, and when unresolved, the windows that would resolve it."""
-    d = comparison.difference
-    if not d.bounded:
-        return f"difference {d.value:+.3f} on {comparison.windows} window: no interval (a bootstrap needs two or more)"
-    text = f"paired difference {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] over {comparison.windows} windows"
-    needed = None if comparison.resolved else comparison.windows_to_resolve()
-    return text + (f"; about {needed:,} windows would resolve it" if needed else "")
-
-
-def _seed_ranges_apart(a: str, b: str, spreads: Mapping[str, SeedSpread]) -> bool:
-    """Whether the refits of a and b keep their order in held-out FVU (their ranges over seeds do
-    not overlap); True where either was fitted once."""
-    if a not in spreads or b not in spreads:
-        return True
-    fvu_a, fvu_b = spreads[a].values["fvu"], spreads[b].values["fvu"]
-    return max(fvu_a) < min(fvu_b) or max(fvu_b) < min(fvu_a)
-
-
-def findings(
-    records: list[DictionaryRecord], interpretation: dict, evidence: Evidence, spreads: Sequence[SeedSpread] = ()
-) -> list[str]:
-    """Statements that follow from the numbers; a difference is claimed only where its paired
-    interval over held-out windows excludes zero and, for FVU, the two dictionaries' ranges over
-    seeds (where both have refits) do not overlap."""
-    kmeans = sorted((r for r in records if r.family is Family.KMEANS), key=lambda r: r.k)
-    saes = [r for r in records if r.family.is_sae]
-    over_seeds = {spread.name: spread for spread in spreads}
-
-    def compare_fvu(a: str, b: str) -> tuple[str, str]:
-        comparison = evidence.compare(a, b, "fvu")
-        if comparison.resolved and not _seed_ranges_apart(a, b, over_seeds):
-            return "indistinguishable", f"{spread(comparison)}, but their ranges over seeds overlap"
-        return verdict(comparison), spread(comparison)
-
-    lines = []
-    if len(kmeans) > 1:
-        first, last = kmeans[0], kmeans[-1]
-        fvu_verdict, fvu_spread = compare_fvu(last.name, first.name)
-        change = {"lower": "lowers", "higher": "raises"}.get(fvu_verdict, "leaves indistinguishable")
-        line = (
-            f"Raising k from {first.k} to {last.k} {change} the held-out FVU of k-means at L0 = 1 "
-            f"({first.fvu:.3f} to {last.fvu:.3f}; {fvu_spread})"
-        )
-        if first.name in evidence.ce and last.name in evidence.ce:
-            ce = evidence.compare_delta_ce(last.name, first.name)
-            line += (
-                f"; its spliced delta CE goes from {first.downstream['delta_ce']:.3f} to "
-                f"{last.downstream['delta_ce']:.3f} nats, {verdict(ce)} ({spread(ce)})"
-            )
-        lines.append(line + ".")
-    for km in kmeans:
-        for sae in (s for s in saes if s.k == km.k and s.m == 1):
-            fvu_verdict, fvu_spread = compare_fvu(sae.name, km.name)
-            stands = {"lower": "a lower held-out FVU than", "higher": "a higher held-out FVU than"}
-            line = (
-                f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has "
-                f"{stands.get(fvu_verdict, 'a held-out FVU indistinguishable from that of')} {km.name} "
-                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {fvu_spread})"
-            )
-            if sae.name in evidence.ce and km.name in evidence.ce:
-                ce = evidence.compare_delta_ce(sae.name, km.name)
-                line += (
-                    f"; its spliced delta CE is {verdict(ce)} ({sae.downstream['delta_ce']:.3f} vs "
-                    f"{km.downstream['delta_ce']:.3f} nats; {spread(ce)})"
-                )
-            lines.append(line + ".")
-    if kmeans and saes:
-        best_km = min(kmeans, key=lambda r: r.fvu)
-        beating = [s for s in saes if compare_fvu(s.name, best_km.name)[0] == "lower"]
-        if beating:
-            sparsest = min(beating, key=lambda r: r.l0)
-            lines.append(
-                f"The sparsest SAE whose held-out FVU is lower than the best k-means ({best_km.name}, "
-                f"{best_km.fvu:.3f}) beyond its interval is {sparsest.name}: FVU {sparsest.fvu:.3f} at L0 "
-                f"{sparsest.l0:.1f} ({compare_fvu(sparsest.name, best_km.name)[1]})."
-            )
-        else:
-            lines.append(
-                f"No SAE has a held-out FVU lower than {best_km.name} ({best_km.fvu:.3f}) beyond its interval."
-            )
-    recovered = [r for r in records if r.name in evidence.ce]
-    if recovered:
-        best = max(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
-        worst = min(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
-        windows = len(evidence.ce[best.name])
-        lines.append(
-            f"Loss recovered vs zero-ablation ranges from {evidence.loss_recovered(worst.name, 'zero-ablation')} "
-            f"({worst.name}) to {evidence.loss_recovered(best.name, 'zero-ablation')} ({best.name}), "
-            + (f"with 95% intervals over {windows} windows." if windows > 1 else "on one window (no interval).")
-        )
-    pairs = interpretation.get("alignment", [])
-    if pairs:
-        top = with_row_intervals(max(pairs, key=lambda p: p["clusters_matched_f1"]))
-        share = top["clusters_matched_f1"]
-        share = share if isinstance(share, Interval) else Interval(share, share, share)
-        relation = (
-            "above"
-            if share.low > PEER_MATCHED_SHARE
-            else "below"
-            if share.high < PEER_MATCHED_SHARE
-            else "not distinguishable from"
-        )
-        lines.append(
-            f"{share.value:.0%} [{share.low:.0%}, {share.high:.0%}] of {top['clustering']} clusters (interval resampling "
-            f"the clusters) have a {top['sae']} latent with "
-            f"activation-set F1 > {MATCH_F1} ({relation} the ~{PEER_MATCHED_SHARE:.0%} Exemplar Partitioning "
-            f"reports against Gemma Scope 16k); {top['clusters_with_twin']:.0%} have a decoder direction within "
-            f"cosine {TWIN_COSINE}."
-        )
-        own = [a for a in interpretation.get("seed_agreement", []) if a["dictionary"] == top["clustering"]]
-        if own:
-            refit = with_row_intervals(own[0])["clusters_matched_f1"]
-            lines.append(
-                f"Refitted with another seed ({own[0]['other_seed']}), {top['clustering']} finds {refit.value:.0%} "
-                f"[{refit.low:.0%}, {refit.high:.0%}] of its own clusters again at F1 > {MATCH_F1}: cluster-latent "
-                "agreement is read against this seed-to-seed level, not against 100%."
-            )
-    probes = [with_row_intervals(p) for p in interpretation.get("probes", [])]
-    if len(probes) > 2:
-        baseline, raw = probes[0], probes[1]
-        for target, label in (("stratum", "the source stratum"), ("token_class", "the token class")):
-            if f"{target}_retained" not in raw:
-                left_out = interpretation.get("probe_subset", {}).get("strata_left_out", {})
-                why = "; ".join(f"{name}: {reason}" for name, reason in left_out.items())
-                lines.append(f"No probe of {label}: fewer than two strata can be balanced ({why}).")
-                continue
-            best = max(probes[2:], key=lambda p: p[f"{target}_retained"].value)
-            retained = best[f"{target}_retained"]
-            lines.append(
-                f"Probing {label}, raw activations reach {raw[f'{target}_balanced_accuracy']} balanced accuracy "
-                f"(majority class {baseline[f'{target}_balanced_accuracy'].value:.3f}); the best code, "
-                f"{best['features']}, reaches {best[f'{target}_balanced_accuracy']} and retains {retained.value:.0%} "
-                f"[{retained.low:.0%}, {retained.high:.0%}] of it (paired over the test windows)."
-            )
-    return lines
-
-
-def with_row_intervals(row: dict[str, Any]) -> dict[str, Any]:
-    """A stored row (a probe, an alignment pair) with each figure that has an `<name>_interval`
-    beside it as an Interval."""
-    shown = {key: value for key, value in row.items() if not key.endswith("_interval")}
-    for key in shown:
-        if f"{key}_interval" in row:
-            shown[key] = Interval(row[key], *row[f"{key}_interval"])
-    return shown
 
 
 def with_intervals(record: DictionaryRecord, evidence: Evidence) -> dict[str, Any]:

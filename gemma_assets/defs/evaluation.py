@@ -4,12 +4,12 @@ import dagster as dg
 import torch
 
 from gemma_assets.core import model
+from gemma_assets.core.findings import with_row_intervals
 from gemma_assets.core.report import (
     ALIGNMENT_COLUMNS,
     PROBE_COLUMNS,
     SEED_AGREEMENT_COLUMNS,
     markdown_table,
-    with_row_intervals,
 )
 from gemma_assets.core.stages import downstream, interpretation
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md

@@ -12,6 +12,7 @@ from gemma_assets.core import plots, report
 from gemma_assets.core.bootstrap import Evidence, Interval
 from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_json, write_text
+from gemma_assets.core.findings import findings
 from gemma_assets.core.layout import RunLayout, all_records, all_seed_spreads, all_window_sums
 from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread, join_downstream
 from gemma_assets.core.stages.downstream import by_name
@@ -90,15 +91,13 @@ def write_report(
     spreads = all_seed_spreads(layout, run)
     rows = [report.with_intervals(record, evidence) for record in records]  # the tables' figures
     figures = _figures(layout, records, evidence, spreads)
-    findings = report.findings(records, readings, evidence, spreads)
+    found = findings(records, readings, evidence, spreads)
     names = {name: path.name for name, path in figures.items()}
-    markdown = report.render_markdown(
-        run, records, data, names, readings, findings, compute, environment, rows, spreads
-    )
+    markdown = report.render_markdown(run, records, data, names, readings, found, compute, environment, rows, spreads)
     path = layout.report_file("report.md")
     write_text(path, markdown)
     html = layout.report_file("report.html")
     write_text(html, report.render_html(markdown, f"gemma_assets report ({run.name})"))
     figures_json = layout.report_file("report.json")
-    write_json(figures_json, report.report_json(run, rows, spreads, findings, evidence, downstream, environment))
-    return ReportRecord(path, html, figures_json, records, rows, figures, findings)
+    write_json(figures_json, report.report_json(run, rows, spreads, found, evidence, downstream, environment))
+    return ReportRecord(path, html, figures_json, records, rows, figures, found)
