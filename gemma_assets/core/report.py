@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import polars as pl
 
 from gemma_assets.core.bootstrap import DRAWS, LEVEL, Evidence, Interval
@@ -18,6 +19,13 @@ from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.metrics import DENSE_SHARE
 from gemma_assets.core.records import DictionaryRecord, Family, Markdown, SeedSpread
 
+# the report's markdown is a template file; its numbers are formatted there
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("gemma_assets.core", "templates"),
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+)
 # the spliced CE's reference points, as report.json carries them
 SPLICED_BASELINES = ("windows", "predicted_tokens", "clean_ce", "zero_ablation_ce", "mean_ablation_ce")
 COLUMNS = (
@@ -242,7 +250,7 @@ def findings_markdown(lines: list[str]) -> str:
 
 
 def render_markdown(
-    profile: RunConfig,
+    run: RunConfig,
     records: list[DictionaryRecord],
     data: dict,
     plots: dict[str, str],
@@ -253,119 +261,35 @@ def render_markdown(
     rows: list[dict[str, Any]],
     spreads: list[SeedSpread],
 ) -> str:
-    """The report: data, reconstruction and downstream loss, cost, clustering quality,
-    interpretation, findings (`found`, from `findings`) and the exact configuration; `rows` are
-    the records' table rows with their intervals (`with_intervals`)."""
-    kmeans = [r.row() for r in records if r.family is Family.KMEANS]
-    findings_md = findings_markdown(found)
-    downstream = data["downstream"]
-    return f"""# Clustering vs sparse autoencoders — {profile.model.name}, block {profile.model.layer}
-
-Run `{profile.name}`; hook `{profile.model.hook_name}`; git revision `{git_revision()}`.
-
-## Data
-- {data["train_tokens"]:,} train tokens (partitions {", ".join(profile.train_partition_keys)}) and
-  {data["heldout_tokens"]:,} held-out tokens (partitions {", ".join(profile.heldout_partition_keys)}),
-  windows of {profile.sampling.context_len} tokens.
-- Every metric is computed on held-out tokens no model was fitted on. BOS tokens (position 0)
-  are excluded from statistics, whitening, clustering and every metric: their norm is
-  {data["bos_ratio"]:.1f}x that of other tokens (massive activations).
-- FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, computed by this project in float64.
-- Spliced cross-entropy: {downstream["predicted_tokens"]:,} next-token predictions on
-  {downstream["windows"]} held-out windows with block {profile.model.layer}'s output replaced by the
-  reconstruction at every position but BOS. Clean CE {downstream["clean_ce"]:.4f} nats,
-  zero-ablation {downstream["zero_ablation_ce"]:.4f}, mean-ablation {downstream["mean_ablation_ce"]:.4f}.
-  Loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean).
-- Intervals: `value [low, high]` is the estimate with its 95% percentile interval from
-  {DRAWS:,} bootstrap resamples of the held-out *windows* (tokens of one window share their
-  context and are not independent). A finding says one dictionary beats another only when the
-  paired interval of the difference, on the same resampled windows, excludes zero, and for FVU
-  also only when, where both were fitted with several seeds, their ranges over seeds do not overlap.
-
-## Findings
-{findings_md}
-
-## Experiment 1: reconstruction and downstream loss on held-out tokens
-
-k-means: a token is its nearest centroid (L0 = 1). Gain-shape: spherical k-means, a token is
-its best direction times its projection (L0 = 1). top-m: greedy residual coding with m of the
-k-means directions (L0 = m). Leader: Exemplar Partitioning's regions (a token's region is its
-nearest exemplar on the sphere), read two ways: gain-shape on the exemplar direction (`leader-N`)
-and the mean of the region's train tokens (`leader-N-mean`, k-means' reading of a cluster).
-Exemplar Partitioning itself uses the exemplar as membership criterion and intervention
-direction and defines no reconstruction; both readings are this project's. SAEs: TopK, trained
-with SAELens on the train split.
-
-{markdown_table(rows, COLUMNS)}
-
-![L0-FVU frontier]({plots["frontier"]})
-
-![delta CE against L0]({plots["delta_ce"]})
-
-Error bars: the 95% interval over held-out windows (seed 0); the wide pale bar behind an FVU
-point is its range over seeds, where the run has several.
-
-### Spread over seeds
-
-{_seeds_md(profile, spreads)}
-
-### Clustering quality across k (held-out tokens, in the space k-means was fitted in)
-
-{markdown_table(kmeans, QUALITY_COLUMNS)}
-
-![quality across k]({plots["quality"]})
-
-## Experiment 2: computational cost
-
-Fit time and peak memory (RSS growth) of fitting; encode throughput on held-out tokens;
-dictionary usage on held-out tokens (dead: never active; dense: active on more than {DENSE_SHARE:.0%} of tokens).
-
-{markdown_table(rows, COST_COLUMNS)}
-
-## Experiment 3: feature interpretation
-
-{interpretation["tokens"]:,} held-out tokens. Browse every cluster and latent: [feature pages](features/index.html).
-
-### Alignment and activation-set agreement
-
-Best cosine between each centred centroid and the SAE decoder directions (twin: cosine >= {TWIN_COSINE});
-F1 between a cluster's members and the same number of top-activating tokens of a latent, best
-latent per cluster (matched: F1 > {MATCH_F1}, Exemplar Partitioning's criterion).
-
-{markdown_table([with_row_intervals(p) for p in interpretation["alignment"]], ALIGNMENT_COLUMNS)}
-
-![alignment histogram]({plots["alignment"]})
-
-### Agreement across seeds
-
-{_seed_agreement_md(interpretation.get("seed_agreement", []))}
-
-### Sparse probing
-
-Logistic probes trained on even held-out windows and tested on odd ones, scored by balanced
-accuracy (mean recall over classes); retained = balanced accuracy / that of raw activations, with
-95% intervals from a bootstrap over the test windows (paired with the raw probe). Stratum probes
-see a stratum-balanced subset of {interpretation["probe_subset"]["stratum_tokens"]:,} tokens
-{_left_out(interpretation["probe_subset"]["strata_left_out"])}.
-
-{markdown_table([with_row_intervals(p) for p in interpretation["probes"]], PROBE_COLUMNS)}
-
-### Example features (most coherent among the frequently active)
-
-{_examples_md(interpretation["examples"])}
-
-## Configuration
-
-Run `{profile.name}`, config digest `{profile.digest()}` (saved beside the outputs as `run_config.yaml`);
-computed on {", ".join(f"{key} {value}" for key, value in compute.items())}.
-
-Numeric environment (of the process that wrote this report): {describe(environment)}.
-Figures computed elsewhere agree with these to the tolerances in docs/reproducibility.md, not
-to the last digit; `gemma-assets verify-report` recomputes them and says which agree.
-
-```yaml
-{profile.to_yaml()}```
-"""
+    """The report (templates/report.md.j2): data, findings (`found`), reconstruction and
+    downstream loss, cost, clustering quality, interpretation and the exact configuration; `rows`
+    are the records' table rows with their intervals (`with_intervals`)."""
+    tables = {
+        "reconstruction": markdown_table(rows, COLUMNS),
+        "seeds": _seeds_md(run, spreads),
+        "quality": markdown_table([r.row() for r in records if r.family is Family.KMEANS], QUALITY_COLUMNS),
+        "cost": markdown_table(rows, COST_COLUMNS),
+        "alignment": markdown_table([with_row_intervals(p) for p in interpretation["alignment"]], ALIGNMENT_COLUMNS),
+        "seed_agreement": _seed_agreement_md(interpretation.get("seed_agreement", [])),
+        "probes": markdown_table([with_row_intervals(p) for p in interpretation["probes"]], PROBE_COLUMNS),
+    }
+    return _TEMPLATES.get_template("report.md.j2").render(
+        run=run,
+        git_revision=git_revision(),
+        data=data,
+        draws=DRAWS,
+        findings=findings_markdown(found),
+        tables=tables,
+        plots=plots,
+        dense_share=DENSE_SHARE,
+        interpretation=interpretation,
+        twin_cosine=TWIN_COSINE,
+        match_f1=MATCH_F1,
+        strata_left_out=_left_out(interpretation["probe_subset"]["strata_left_out"]),
+        examples=_examples_md(interpretation["examples"]),
+        computed_on=", ".join(f"{key} {value}" for key, value in compute.items()),
+        environment=describe(environment),
+    )
 
 
 def render_html(markdown_text: str, title: str) -> str:
