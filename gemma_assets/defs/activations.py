@@ -20,18 +20,18 @@ def activations(
 ) -> dg.MaterializeResult:
     """Residual stream after block L (= hidden_states[L+1]) as exact bf16, with token ids,
     positions, document ids and strata; each partition committed atomically."""
-    prof, layout, device = run.config, storage.layout(context), compute.resolved_device
-    source = layout.model_source(prof)
+    run_config, layout, device = run.config, storage.layout(context), compute.resolved_device
+    source = layout.model_source(run_config)
     sample, tokenizer = layout.sample(), model.load_tokenizer(source)
-    dtype = compute.torch_dtype(prof.model.dtype)
-    lm = model.load_model(source, prof.model.layer, device, dtype)
-    attrs = store_attributes(prof, tokenizer, sample, dtype)
+    dtype = compute.torch_dtype(run_config.model.dtype)
+    lm = model.load_model(source, run_config.model.layer, device, dtype)
+    attrs = store_attributes(run_config, tokenizer, sample, dtype)
     store = layout.activation_store()
     done = extract_partitions(
         lm,
         sample,
         context.partition_keys,
-        prof,
+        run_config,
         store,
         attrs,
         compute.batch_size,
@@ -43,7 +43,7 @@ def activations(
         "partitions": done.partitions,
         "tokens": done.tokens,
         "d_model": done.d_model,
-        "layer": prof.model.layer,
+        "layer": run_config.model.layer,
     }
     metadata |= {"tokens_per_s": done.tokens_per_s, "device": device, "store": dg.MetadataValue.path(store.root)}
     return dg.MaterializeResult(metadata=metadata)

@@ -28,14 +28,14 @@ def cluster_models(
 ) -> dg.MaterializeResult:
     """K-means (k-means++ init, exact Lloyd) fitted on the train split (in memory or streamed),
     its gain-shape and top-m readings, held-out metrics, and the cluster of every stored token."""
-    prof, layout = run.config, storage.layout(context)
-    train = clustering.train_split(layout, prof)
+    run_config, layout = run.config, storage.layout(context)
+    train = clustering.train_split(layout, run_config)
     if train.streamed:
-        context.log.info(f"train split larger than {prof.clustering.in_memory_mb} MB: streamed from the store")
+        context.log.info(f"train split larger than {run_config.clustering.in_memory_mb} MB: streamed from the store")
     metadata = {}
     for key in context.partition_keys:
         kmeans, *variants = records = clustering.fit_k(
-            layout, prof, train, int(key), context.log.info, compute.resolved_device
+            layout, run_config, train, int(key), context.log.info, compute.resolved_device
         )
         context.log.info(clustering.describe_fit(records))
         summary = {"heldout_fvu": kmeans.fvu, "heldout_mse": kmeans.heldout["mse"]}

@@ -17,11 +17,11 @@ def cluster_density(
     """Diagonal-covariance Gaussian mixture (streamed EM) in whitened principal components,
     initialised from the k-means centroids; held-out log-likelihood per token and the
     lowest-density held-out tokens shown in context."""
-    prof, layout = run.config, storage.layout(context)
-    tokenizer = model.load_tokenizer(layout.model_source(prof))
+    run_config, layout = run.config, storage.layout(context)
+    tokenizer = model.load_tokenizer(layout.model_source(run_config))
     metadata, anomalies = {}, []
     for key in context.partition_keys:
-        record = density.fit_density(layout, prof, int(key), tokenizer)
+        record = density.fit_density(layout, run_config, int(key), tokenizer)
         likelihood = record["heldout_mean_log_likelihood"]
         context.log.info(f"k={key}: GMM held-out mean log-likelihood {likelihood:.2f} per token")
         metadata[f"k={key}_heldout_mean_log_likelihood"] = likelihood

@@ -27,10 +27,12 @@ def downstream_loss(
     """Next-token cross-entropy on held-out windows with block L's output replaced by each
     dictionary's reconstruction: delta CE vs the clean model and loss recovered vs zero- and
     mean-ablation (SAELens' definitions)."""
-    prof, layout, device = run.config, storage.layout(context), compute.resolved_device
-    lm = model.load_model(layout.model_source(prof), prof.model.layer, device, compute.torch_dtype(prof.model.dtype))
-    members = layout.clustering_members(prof) + layout.sae_members(prof.sae_specs, device)
-    result = downstream.spliced_losses(layout, prof, lm, members, device, context.log.info)
+    run_config, layout, device = run.config, storage.layout(context), compute.resolved_device
+    lm = model.load_model(
+        layout.model_source(run_config), run_config.model.layer, device, compute.torch_dtype(run_config.model.dtype)
+    )
+    members = layout.clustering_members(run_config) + layout.sae_members(run_config.sae_specs, device)
+    result = downstream.spliced_losses(layout, run_config, lm, members, device, context.log.info)
     downstream.save(layout, result)
     ablations = {name: result[name] for name in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")}
     context.log.info(
@@ -50,13 +52,13 @@ def interpretation_asset(
     """Clusters and SAE latents read side by side on held-out tokens: per-feature summaries
     and HTML pages, centroid/decoder alignment, activation-set F1 (as Exemplar Partitioning
     reports it) and sparse probes of source stratum and token class."""
-    prof, layout, device = run.config, storage.layout(context), compute.resolved_device
-    source = layout.model_source(prof)
-    unembedding = model.load_model(source, prof.model.layer, "cpu", torch.float32).get_output_embeddings().weight
-    latents = layout.sae_members(prof.sae_specs, device)
+    run_config, layout, device = run.config, storage.layout(context), compute.resolved_device
+    source = layout.model_source(run_config)
+    unembedding = model.load_model(source, run_config.model.layer, "cpu", torch.float32).get_output_embeddings().weight
+    latents = layout.sae_members(run_config.sae_specs, device)
     tokenizer = model.load_tokenizer(source)
     read = interpretation.interpret_dictionaries(
-        layout, prof, latents, tokenizer, unembedding.detach(), device, context.log.info
+        layout, run_config, latents, tokenizer, unembedding.detach(), device, context.log.info
     )
     tables = {  # value [95% interval] where the figure has one
         name: [with_row_intervals(row) for row in read.result[name]]

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from gemma_assets.core.config import RunConfig
-from gemma_assets.defs import activations, clustering, density, evaluation, report, sae, sampling, stats
+from gemma_assets.defs import activations, clustering, density, evaluation, report, sample, saes, statistics
 from gemma_assets.defs.common import GraphBuild
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,
@@ -29,12 +29,12 @@ RUN_TAG = "gemma_assets/run"
 CONFIG_DIGEST_TAG = "gemma_assets/config_digest"
 # each module's builder, in dependency order: a builder finds its upstream assets by name
 BUILDERS = (
-    sampling.build,
+    sample.build,
     activations.build,
-    stats.build,
+    statistics.build,
     clustering.build,
     density.build,
-    sae.build,
+    saes.build,
     evaluation.build,
     report.build,
 )

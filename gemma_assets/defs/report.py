@@ -17,18 +17,18 @@ def comparison_report(
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
     clustering quality across k, computational cost, feature interpretation; report.json holds
     every figure with its 95% interval over held-out windows."""
-    prof = run.config
+    run_config = run.config
     facts = {
         "device": compute.resolved_device,
-        "dtype": str(compute.torch_dtype(prof.model.dtype)),
+        "dtype": str(compute.torch_dtype(run_config.model.dtype)),
         "batch_size": compute.batch_size,
     }
     environment = numeric_environment(
         compute.resolved_device,
-        compute.torch_dtype(prof.model.dtype),
-        compute.comoment_precision(prof.quality.comoment_precision),
+        compute.torch_dtype(run_config.model.dtype),
+        compute.comoment_precision(run_config.quality.comoment_precision),
     )
-    written = write_report(storage.layout(context), prof, facts, environment)
+    written = write_report(storage.layout(context), run_config, facts, environment)
     context.log.info(f"report written to {written.markdown} and {written.html}")
     table = report.markdown_table(written.rows, report.COLUMNS)  # value [95% interval over windows]
     return dg.MaterializeResult(

@@ -12,10 +12,10 @@ from gemma_assets.defs.resources import RunResource, StorageResource
 def pile_sample(context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource) -> dg.MaterializeResult:
     """Token windows (BOS first, one document each) sampled at a fixed document rate, shuffled
     with the seed and dealt to activation partitions; the last partitions are held out."""
-    prof, layout = run.config, storage.layout(context)
-    tokenizer = model.load_tokenizer(layout.model_source(prof))
-    census = draw_sample(layout, prof, layout.corpus(prof), tokenizer)
-    spec = prof.sampling
+    run_config, layout = run.config, storage.layout(context)
+    tokenizer = model.load_tokenizer(layout.model_source(run_config))
+    census = draw_sample(layout, run_config, layout.corpus(run_config), tokenizer)
+    spec = run_config.sampling
     context.log.info(f"sampled {spec.n_windows} windows x {spec.context_len} tokens into {layout.sample_file}")
     return dg.MaterializeResult(
         metadata={
@@ -23,7 +23,7 @@ def pile_sample(context: dg.AssetExecutionContext, run: RunResource, storage: St
             "tokens": spec.n_windows * spec.context_len,
             "context_len": spec.context_len,
             "partitions": spec.partitions,
-            "heldout_partitions": dg.MetadataValue.text(", ".join(prof.heldout_partition_keys)),
+            "heldout_partitions": dg.MetadataValue.text(", ".join(run_config.heldout_partition_keys)),
             "strata": md(frame_table(census)),
             "path": dg.MetadataValue.path(str(layout.sample_file)),
         }

@@ -30,10 +30,10 @@ def sae_dictionary(
 ) -> dg.MaterializeResult:
     """The run's SAEs: TopK SAEs trained with SAELens' SAETrainer on the stored train split
     (tiny/demo), or pretrained Gemma Scope SAEs loaded with SAE.from_pretrained."""
-    prof, layout = run.config, storage.layout(context)
+    run_config, layout = run.config, storage.layout(context)
     rows = []
-    for spec in [*prof.sae_specs, *itertools.chain(*prof.sae_seed_replicas.values())]:
-        training = saes.make_sae(layout, prof, spec, compute.resolved_device)
+    for spec in [*run_config.sae_specs, *itertools.chain(*run_config.sae_seed_replicas.values())]:
+        training = saes.make_sae(layout, run_config, spec, compute.resolved_device)
         rows.append({key: value for key, value in training.items() if key != "train_partitions"})
         context.log.info(f"SAE {spec.name}: {json.dumps(rows[-1])}")
     return dg.MaterializeResult(metadata={"saes": md(markdown_table(rows, TRAINING_COLUMNS))})
@@ -44,14 +44,14 @@ def sae_evaluation(
 ) -> dg.MaterializeResult:
     """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
     throughput) of every SAE on held-out non-BOS tokens."""
-    prof, layout = run.config, storage.layout(context)
+    run_config, layout = run.config, storage.layout(context)
     evaluated, replicas = [], {}
-    for spec in prof.sae_specs:
-        evaluated.append(saes.evaluate_sae(layout, prof, spec, compute.resolved_device))
+    for spec in run_config.sae_specs:
+        evaluated.append(saes.evaluate_sae(layout, run_config, spec, compute.resolved_device))
         record = evaluated[-1][0]
         context.log.info(f"SAE {spec.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.1f}")
-    for name, specs in prof.sae_seed_replicas.items():
-        replicas[name] = [saes.evaluate_sae(layout, prof, spec, compute.resolved_device)[0] for spec in specs]
+    for name, specs in run_config.sae_seed_replicas.items():
+        replicas[name] = [saes.evaluate_sae(layout, run_config, spec, compute.resolved_device)[0] for spec in specs]
         if specs:
             context.log.info(
                 f"SAE {name} over seeds: held-out FVU " + ", ".join(f"{r.fvu:.4f}" for r in replicas[name])
