@@ -29,7 +29,7 @@ from gemma_assets.core.storage import StorageError
 from gemma_assets.defs.recovery import PoolWaitTimeout
 from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root
 from gemma_assets.runner import (
-    EXIT_STORAGE,
+    EXIT_INTERRUPTED,
     KNOWN_ERRORS,
     Interrupts,
     StageFailed,
@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         "--data-root", help=f"where the report's run is stored (default: ${DATA_ROOT_ENV_VAR} or ./data)"
     )
     verify.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    verify.add_argument(
+        "--activations-url", default="", help="the activation store's fsspec URL, if not under the data root"
+    )
     preflight = commands.add_parser(
         "preflight",
         help="run the whole graph on small slices of the config, measure every asset, estimate the full run",
@@ -207,7 +210,7 @@ def _preflight(args: argparse.Namespace) -> None:
 
 
 def _verify_report(args: argparse.Namespace) -> None:
-    print(verify_report(args.report_dir, resolve_data_root(args.data_root), args.device))
+    print(verify_report(args.report_dir, resolve_data_root(args.data_root), args.device, args.activations_url))
 
 
 HANDLERS = {
@@ -231,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error), error.code)
     except (ConfigError, ModelAccessError, CorpusError, StorageError, PoolWaitTimeout) as error:
         _fail(str(error), KNOWN_ERRORS[type(error)])
-    except FileNotFoundError as error:  # a dictionary of a run that has not been materialised
-        _fail(str(error), EXIT_STORAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C); run the same command again to continue", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

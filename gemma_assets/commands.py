@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gemma_assets.core.config import RunConfig
+from gemma_assets.core.config import ConfigError, RunConfig
+from gemma_assets.core.storage import StorageError
 from gemma_assets.runner.errors import EXIT_DISAGREES, StageFailed
 
 
@@ -18,7 +19,10 @@ def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Pat
     from gemma_assets.defs.resources import RunResource, StorageResource
 
     layout = StorageResource(data_root=data_root, run=RunResource.of(run_config)).layout()
-    member = find_member(layout, run_config, name)
+    try:
+        member = find_member(layout, run_config, name)
+    except FileNotFoundError as error:  # a dictionary of a run that has not been materialised
+        raise StorageError(str(error)) from None
     corpus = run_config.corpus
     metadata = {
         "model_name": run_config.model.name,
@@ -44,29 +48,35 @@ def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Pat
     )
 
 
-def verify_report(report_dir: Path, data_root: str, device: str) -> str:
+def verify_report(report_dir: Path, data_root: str, device: str, activations_url: str = "") -> str:
     """Recompute a report's held-out FVU, L0 and spliced CE here and print each beside the report's;
     returns the closing line, or raises StageFailed when a figure differs beyond its tolerance."""
     from gemma_assets.core import model, verification
     from gemma_assets.core.environment import describe, numeric_environment
     from gemma_assets.defs.resources import ComputeResource
 
-    report = verification.ReportToVerify.open(report_dir, data_root)
+    report = verification.ReportToVerify.open(report_dir, data_root, activations_url)
     run, layout, dtype = report.run, report.layout, report.forward_dtype
     compute = ComputeResource(device=device)
-    here = numeric_environment(
-        compute.resolved_device, dtype, compute.comoment_precision(run.quality.comoment_precision)
-    )
+    try:
+        here = numeric_environment(
+            compute.resolved_device, dtype, compute.comoment_precision(run.quality.comoment_precision)
+        )
+    except ValueError as error:  # a device that is not here
+        raise ConfigError(f"--device {device}: {error}") from None
     print(f"report {report_dir} (run {run.name}) was computed in: {describe(report.figures['numeric_environment'])}")
     print(f"recomputing in: {describe(here)}", flush=True)
 
     def log(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)
 
-    members = layout.clustering_members(run) + layout.sae_members(run.sae_specs, compute.resolved_device)
+    try:
+        members = layout.clustering_members(run) + layout.sae_members(run.sae_specs, compute.resolved_device)
+    except FileNotFoundError as error:  # a dictionary of the run is gone from the data root
+        raise StorageError(f"{error} -> rematerialise the run, or pass the data root that holds it") from None
     lm = model.load_model(layout.model_source(run), run.model.layer, compute.resolved_device, dtype)
     recomputed = verification.recompute(report, members, lm, compute.resolved_device, log)
-    agreements = verification.compare(report.reported(), recomputed, dtype, report.predictions)
+    agreements = verification.compare(report.reported(), recomputed, dtype, report.predictions, report.heldout_tokens)
     print(verification.table(agreements))
     differing = [a for a in agreements if not a.agrees]
     if differing:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from reference import written_under
 
 from gemma_assets.cli import main
 from gemma_assets.core.config import (
@@ -145,6 +146,7 @@ def test_configuration_reference_is_generated_from_the_schema():
 
 
 @pytest.mark.reference
+@written_under(REFERENCE_FIGURES)
 def test_tiny_figures_hold_against_the_reference(tiny_run):
     """The tiny run's figures (CE baselines, every dictionary's held-out figures with their
     intervals, spliced delta CE, spread over seeds) agree with the reference at the tolerance the

@@ -16,8 +16,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _with_parents(module: str, modules: dict[str, Path]) -> set[str]:
+    """A module and the packages above it: importing a.b.c runs a/__init__ and a/b/__init__ too."""
+    parts = module.split(".")
+    return {".".join(parts[:n]) for n in range(1, len(parts) + 1)} & set(modules)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports anywhere in its body."""
+    """Module -> the package's modules it imports anywhere in its body, with their packages."""
     modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -31,7 +37,8 @@ def import_graph() -> dict[str, set[str]]:
                     f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules
                 }
                 targets.add(node.module)
-        graph[name] = {t for t in targets if t in modules and t != name}
+        imported = {found for target in targets if target in modules for found in _with_parents(target, modules)}
+        graph[name] = imported - _with_parents(name, modules)  # a module's own packages run before it
     return graph
 
 

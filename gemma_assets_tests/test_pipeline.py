@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pytest
 import torch
+from reference import written_under
 
 from gemma_assets.core import model
 from gemma_assets.core.bf16 import bf16_to_bits
@@ -186,6 +188,7 @@ def test_run_file_sweep_materialises_and_reruns_only_what_changed(tmp_path, monk
 
 
 @pytest.mark.reference
+@written_under(Path(__file__).parent / "data" / "tiny_reference_figures.json")
 def test_tiny_report_is_the_reference(tiny_run):
     """The tiny report changes only when a commit means it to. Its text is compared with the
     numbers masked and then checked as numbers: one unit in the last printed digit plus the
@@ -193,8 +196,6 @@ def test_tiny_report_is_the_reference(tiny_run):
     columns that time this machine, what divides by a near-zero difference, and what depends on
     which latents a trained SAE learnt (fitting noise across CPUs). A deliberate change
     regenerates it: copy the new report.md."""
-    from pathlib import Path
-
     from reference import compare_text, require_the_reference_sample
 
     data = Path(__file__).parent / "data"

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 from reference import (
+    DISCRETE,
     FITTED,
     FLIPS,
     FORWARD_CE,
+    ITERATION_SHARES,
+    SHARE_FIGURES,
     SPLICED_NATS,
     TEXT,
     Printed,
     _sae_tolerance,
+    assignments,
     compare_figures,
     compare_text,
 )
@@ -51,6 +55,10 @@ def _bound_of(path: tuple) -> float:
         return FITTED.bound(value)
     if rest[0] == "delta_ce":
         return SPLICED_NATS.bound(value)
+    if rest[0] == "distances_skipped_share":
+        return ITERATION_SHARES.bound(value)
+    if rest[0] in SHARE_FIGURES:
+        return assignments(rest[0], REFERENCE[section][name]["heldout_n_tokens"]).bound(value)
     if name in SAES:
         return _sae_tolerance(REFERENCE["seed_spread"][name], rest[0], value)
     return FITTED.bound(value)
@@ -65,6 +73,8 @@ def _bound_of(path: tuple) -> float:
         (("dictionaries", "kmeans-256", "delta_ce", 0), "kmeans-256/delta_ce/value"),  # spliced CE, code flips
         (("dictionaries", SAE, "heldout_fvu", 0), f"{SAE}/heldout_fvu/value"),  # a trained SAE: seed SDs
         (("seed_spread", "kmeans-128", "fvu_max"), "seed_spread/kmeans-128/fvu_max"),  # spread, via its extremes
+        (("dictionaries", "kmeans-64", "heldout_size_entropy"), "kmeans-64/heldout_size_entropy"),  # shares
+        (("dictionaries", "kmeans-64", "distances_skipped_share"), "kmeans-64/distances_skipped_share"),
     ],
 )
 def test_a_figure_moved_past_its_tolerance_is_caught(path, where):
@@ -95,6 +105,18 @@ def test_a_printed_number_moved_past_its_tolerance_is_caught():
     bound = value.unit + TEXT.bound(value.value)
     for factor, caught in ((0.5, False), (2.0, True)):
         moved = REPORT.replace(f"Clean CE {printed} ", f"Clean CE {value.value + factor * bound:.6f} ", 1)
+        assert moved != REPORT
+        assert bool(compare_text(REPORT, moved, SAES)) is caught, factor
+
+
+def test_a_probe_figure_moved_past_its_tolerance_is_caught():
+    """Probe accuracies turn on whole predictions: their own, wider class (DISCRETE)."""
+    line = next(line for line in REPORT.splitlines() if line.startswith("| raw activations |"))
+    printed = line.split("|")[3].split()[0]
+    value = Printed.parse(printed)
+    bound = value.unit + DISCRETE.bound(value.value)
+    for factor, caught in ((0.5, False), (2.0, True)):
+        moved = REPORT.replace(line, line.replace(printed, f"{value.value + factor * bound:.4f}", 1), 1)
         assert moved != REPORT
         assert bool(compare_text(REPORT, moved, SAES)) is caught, factor
 

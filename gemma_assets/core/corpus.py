@@ -116,22 +116,12 @@ def iter_dataset(
     )
 
 
-def file_format(pattern: str) -> str:
-    """The `datasets` builder for a corpus file: json (jsonl, jsonl.zst, ...) or parquet."""
-    return "parquet" if pattern.endswith(".parquet") else "json"
-
-
-def corpus_format(spec: CorpusSpec) -> str:
-    """The `datasets` builder for the corpus's files (one format per run: checks.static_problems)."""
-    return file_format(spec.data_files[0]) if spec.data_files else "json"
-
-
 def open_corpus(spec: CorpusSpec, offline_dir: Path) -> Iterator[Document]:
     """The documents a run's corpus section names (the offline corpus is built on first use)."""
     if spec.kind == "offline":
         return iter_documents([str(p) for p in build_offline_corpus(offline_dir, max_documents=spec.max_documents)])
     if spec.kind == "files":
-        return iter_documents(list(spec.data_files), spec.text_field, spec.stratum_field, corpus_format(spec))
+        return iter_documents(list(spec.data_files), spec.text_field, spec.stratum_field, spec.data_format)
     return iter_dataset(spec.dataset, spec.subset, spec.split, spec.text_field, spec.stratum_field)
 
 

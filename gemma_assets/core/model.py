@@ -87,10 +87,11 @@ def build_tiny_model(target: Path, texts: Iterable[str], seed: int = 0) -> None:
 
 
 def _draw_matrices_portably(model: torch.nn.Module, std: float, seed: int) -> None:
-    """Every weight matrix drawn from N(0, std^2), as transformers initialises them, but from
-    numpy's generator: torch's CPU normal_ takes a vectorised path chosen by the CPU capability,
-    and its draws differ (by 4e-8 between AVX-512 and `default`); numpy's stream is the same on
-    every machine, so the tiny model is too (the norms keep transformers' zeros)."""
+    """Every weight matrix drawn from N(0, std^2), the distribution transformers initialises them
+    from, but from numpy's generator: torch's CPU normal_ takes a vectorised path chosen by the
+    CPU capability, and its draws differ (by 4e-8 between AVX-512 and `default`); numpy's stream
+    is the same on every machine, so the tiny model is too. The norms keep transformers' zeros;
+    the pad token's embedding row is drawn too (transformers zeroes it; no window is padded)."""
     generator = np.random.default_rng(seed)
     with torch.no_grad():
         for parameter in model.parameters():  # a tied unembedding is the embedding, drawn once
@@ -141,8 +142,6 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
     return str(target)
 
 
-# The `gguf_demo` kind is one fixed model (the package ships Gemma 3 270M); reading its GGUF
-# header costs ~12 s, so its shape is known here until the converted copy's config.json exists.
 @dataclass(frozen=True)
 class ModelArchitecture:
     """What validation needs of a model: its blocks and its residual width (read from its config)."""
@@ -151,6 +150,8 @@ class ModelArchitecture:
     d_model: int
 
 
+# The `gguf_demo` kind is one fixed model (the package ships Gemma 3 270M); reading its GGUF
+# header costs ~12 s, so its shape is known here until the converted copy's config.json exists.
 DEMO_ARCHITECTURE = ModelArchitecture(n_layers=18, d_model=640)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gemma_assets.core import metrics, tolerances
-from gemma_assets.core.config import ConfigError, RunConfig, load_run_config
+from gemma_assets.core.config import ConfigError, RunConfig, parse_resolved
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.stages.downstream import spliced_losses
@@ -50,7 +50,9 @@ class ReportToVerify:
     layout: RunLayout
 
     @classmethod
-    def open(cls, report_dir: Path, data_root: str) -> ReportToVerify:
+    def open(cls, report_dir: Path, data_root: str, activations_url: str = "") -> ReportToVerify:
+        """The report in `report_dir` and its run under `data_root` (the activation store at
+        `activations_url` where the run kept it elsewhere)."""
         figures_file = report_dir / "report.json"
         try:
             figures = json.loads(figures_file.read_text())
@@ -63,14 +65,16 @@ class ReportToVerify:
                 f"{figures_file} names no numeric environment: it was written before reports recorded one "
                 "-> rematerialise comparison_report (gemma-assets materialize) and verify the new report"
             )
-        layout = RunLayout.of(data_root, figures["run"])
+        layout = RunLayout.of(data_root, figures["run"], activations_url)
         config_file = layout.resolved_config_file
         if not config_file.exists():
             raise ConfigError(
                 f"the data root {data_root} holds no run {figures['run']!r} ({config_file} is missing) "
                 "-> pass --data-root with the folder the report's run was computed in"
             )
-        run = load_run_config(str(config_file))
+        # the resolved config as the run saved it, without the checks of a new run (its corpus
+        # files need not exist here: verification reads the stored activations only)
+        run = parse_resolved(config_file.read_text())
         if run.digest() != figures["config_digest"]:
             raise ConfigError(
                 f"the report was computed from config digest {figures['config_digest']}, but {config_file} has "
@@ -85,6 +89,10 @@ class ReportToVerify:
     @property
     def predictions(self) -> int:
         return self.figures["spliced"]["predicted_tokens"]
+
+    @property
+    def heldout_tokens(self) -> int:
+        return self.figures["dictionaries"][0]["heldout_n_tokens"]
 
     def reported(self) -> dict[str, dict[str, float]]:
         """Held-out FVU and L0 and spliced CE of each dictionary, and the CE baselines, by name."""
@@ -129,12 +137,27 @@ def compare(
     recomputed: dict[str, dict[str, float]],
     forward_dtype: torch.dtype,
     predictions: int,
+    heldout_tokens: int,
 ) -> list[Agreement]:
-    """Every reported figure that was recomputed, beside its recomputation and tolerance
-    (`predictions`: how many next-token predictions the spliced CE averages)."""
+    """Every reported figure beside its recomputation and tolerance (`predictions`: how many
+    next-token predictions the spliced CE averages; `heldout_tokens`: how many tokens the
+    held-out figures average). A reported figure that was not recomputed (its dictionary is not
+    in the data root) is refused: it cannot be said to agree."""
+    missing = [
+        f"{figure} of {name}"
+        for name, figures in reported.items()
+        for figure in figures
+        if figure not in recomputed.get(name, {})
+    ]
+    if missing:
+        raise ConfigError(
+            f"the data root cannot recompute {len(missing)} of the report's figures ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): its run lacks those dictionaries -> pass the data root of "
+            "the run that wrote this report"
+        )
     applies = {
         "heldout_fvu": tolerances.HELDOUT_FVU,
-        "heldout_l0": tolerances.HELDOUT_L0,
+        "heldout_l0": tolerances.heldout_l0(heldout_tokens),
         "spliced_ce": tolerances.spliced_cross_entropy(forward_dtype, predictions),
         **{name: tolerances.cross_entropy(forward_dtype) for name in CE_BASELINES},
     }
@@ -142,12 +165,11 @@ def compare(
         Agreement(name, figure, value, recomputed[name][figure], applies[figure])
         for name, figures in reported.items()
         for figure, value in figures.items()
-        if figure in recomputed.get(name, {})
     ]
 
 
 def table(agreements: list[Agreement]) -> str:
-    """A fixed-width table, one figure a line."""
+    """A fixed-width table, one figure a line, then what each figure's tolerance allows for."""
     lines = [
         f"{'dictionary':<28} {'figure':<18} {'report':>14} {'recomputed':>14} {'difference':>11} {'tolerance':>10}  ",
     ]
@@ -157,4 +179,6 @@ def table(agreements: list[Agreement]) -> str:
             f"{a.dictionary:<28} {a.figure:<18} {a.reported:>14.8g} {a.recomputed:>14.8g} {a.difference:>+11.2e} "
             f"{a.tolerance.bound(a.reported):>10.2e}  {verdict}"
         )
+    reasons = {a.figure: a.tolerance.why for a in agreements}
+    lines += ["tolerances (docs/reproducibility.md):", *(f"  {figure}: {why}" for figure, why in reasons.items())]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ import dagster as dg
 import torch
 
 from gemma_assets.core import model
+from gemma_assets.core.environment import numeric_environment
 from gemma_assets.core.findings import with_row_intervals
 from gemma_assets.core.report import (
     ALIGNMENT_COLUMNS,
@@ -28,11 +29,15 @@ def downstream_loss(
     dictionary's reconstruction: delta CE vs the clean model and loss recovered vs zero- and
     mean-ablation (SAELens' definitions)."""
     run_config, layout, device = run.config, storage.layout(context), compute.resolved_device
-    lm = model.load_model(
-        layout.model_source(run_config), run_config.model.layer, device, compute.torch_dtype(run_config.model.dtype)
-    )
+    dtype = compute.torch_dtype(run_config.model.dtype)
+    lm = model.load_model(layout.model_source(run_config), run_config.model.layer, device, dtype)
     members = layout.clustering_members(run_config) + layout.sae_members(run_config.sae_specs, device)
     result = downstream.spliced_losses(layout, run_config, lm, members, device, context.log.info)
+    # where the figures most sensitive to the numeric environment were computed: the report names it
+    result["computed_on"] = {"device": device, "dtype": str(dtype), "batch_size": compute.batch_size}
+    result["numeric_environment"] = numeric_environment(
+        device, dtype, compute.comoment_precision(run_config.quality.comoment_precision)
+    )
     downstream.save(layout, result)
     ablations = {name: result[name] for name in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")}
     context.log.info(
@@ -80,8 +85,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     loss = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],
-        # 3: blocks 0..L shared by every replacement
-        code_version=code_version("3", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
+        # 3: blocks 0..L shared by every replacement; 4: the numeric environment it ran in
+        code_version=code_version("4", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
         group_name="evaluation",
         pool="gpu",
         kinds={"pytorch"},
@@ -90,8 +95,9 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         name="interpretation",
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],
-        # every evaluation key but the spliced cross-entropy's; 2: agreement across seeds
-        code_version=code_version("2", graph.run, ("clustering.ks", "evaluation"), dictionaries, exclude=SPLICE_KEYS),
+        # every evaluation key but the spliced cross-entropy's; 2: agreement across seeds; 3: float64
+        # histogram edges and mean activations
+        code_version=code_version("3", graph.run, ("clustering.ks", "evaluation"), dictionaries, exclude=SPLICE_KEYS),
         group_name="evaluation",
         kinds={"pytorch", "html"},
     )(interpretation_asset)

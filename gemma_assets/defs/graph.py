@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from gemma_assets.core.config import RunConfig
-from gemma_assets.defs import activations, clustering, density, evaluation, report, sample, saes, statistics
+from gemma_assets.defs import activations, clustering, density, evaluation, report, saes, sample, statistics
 from gemma_assets.defs.common import GraphBuild
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,

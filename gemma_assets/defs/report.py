@@ -3,32 +3,20 @@
 import dagster as dg
 
 from gemma_assets.core import report
-from gemma_assets.core.environment import numeric_environment
 from gemma_assets.core.stages.report import write_report
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
-from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
+from gemma_assets.defs.resources import RunResource, StorageResource
 
 INPUTS = ("cluster_models", "leader_clusters", "sae_evaluation", "downstream_loss", "interpretation")
 
 
 def comparison_report(
-    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
     clustering quality across k, computational cost, feature interpretation; report.json holds
     every figure with its 95% interval over held-out windows."""
-    run_config = run.config
-    facts = {
-        "device": compute.resolved_device,
-        "dtype": str(compute.torch_dtype(run_config.model.dtype)),
-        "batch_size": compute.batch_size,
-    }
-    environment = numeric_environment(
-        compute.resolved_device,
-        compute.torch_dtype(run_config.model.dtype),
-        compute.comoment_precision(run_config.quality.comoment_precision),
-    )
-    written = write_report(storage.layout(context), run_config, facts, environment)
+    written = write_report(storage.layout(context), run.config)
     context.log.info(f"report written to {written.markdown} and {written.html}")
     table = report.markdown_table(written.rows, report.COLUMNS)  # value [95% interval over windows]
     return dg.MaterializeResult(
@@ -39,7 +27,7 @@ def comparison_report(
             "heldout_metrics": md(table),
             **{f"plot_{name}": image_md(figure) for name, figure in written.figures.items()},
             "findings": md(report.findings_markdown(written.findings)),
-            "numeric_environment": dg.MetadataValue.json(environment),
+            "numeric_environment": dg.MetadataValue.json(written.numeric_environment),
         }
     )
 

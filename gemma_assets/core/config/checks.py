@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gemma_assets.core.config.schema import RunConfig
+from gemma_assets.core.config.schema import CorpusSpec, RunConfig
 
 
 def section_models(annotation: Any) -> list[type[BaseModel]]:
@@ -71,7 +71,6 @@ def describe(error: dict) -> str:
 
 def static_problems(run: RunConfig) -> list[str]:
     """What is wrong with a config that the file alone tells (no model, no network)."""
-    from gemma_assets.core.corpus import file_format
 
     problems = []
     sample = run.sampling
@@ -95,7 +94,7 @@ def static_problems(run: RunConfig) -> list[str]:
                     "to the run file, or to the working directory with --set) or point it at existing jsonl / "
                     "jsonl.zst / parquet files"
                 )
-        suffixes = {file_format(pattern) for pattern in corpus.data_files}
+        suffixes = {CorpusSpec.file_format(pattern) for pattern in corpus.data_files}
         if len(suffixes) > 1:
             problems.append(f"corpus.data_files mixes formats ({', '.join(sorted(suffixes))}): use one format per run")
     for spec in run.sae_specs:

@@ -91,6 +91,16 @@ class CorpusSpec(Section):
     def remote(self) -> bool:
         return self.kind == "dataset" or any("://" in pattern for pattern in self.data_files)
 
+    @staticmethod
+    def file_format(pattern: str) -> str:
+        """The `datasets` builder for a corpus file: json (jsonl, jsonl.zst, ...) or parquet."""
+        return "parquet" if pattern.endswith(".parquet") else "json"
+
+    @property
+    def data_format(self) -> str:
+        """The builder for the corpus's files (one format per run: checks.static_problems)."""
+        return self.file_format(self.data_files[0]) if self.data_files else "json"
+
 
 class SampleSpec(Section):
     context_len: int = Field(ge=2, description="tokens per window, BOS included")

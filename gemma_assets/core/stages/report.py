@@ -27,6 +27,7 @@ class ReportRecord:
     rows: list[dict]  # the records' table rows, figures with an interval as Interval
     figures: dict[str, Path]
     findings: list[str]
+    numeric_environment: dict[str, str | int]
 
 
 def _figures(
@@ -65,14 +66,13 @@ def _figures(
     }
 
 
-def write_report(
-    layout: RunLayout, run: RunConfig, compute: dict[str, object], environment: dict[str, str | int]
-) -> ReportRecord:
+def write_report(layout: RunLayout, run: RunConfig) -> ReportRecord:
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
     clustering quality across k, computational cost, feature interpretation; its figures with
-    their intervals as report.json; the resolved config saved beside it. `environment` is the
-    numeric environment (`environment.numeric_environment`) the report names."""
+    their intervals as report.json; the resolved config saved beside it. It names the device and
+    numeric environment of the spliced CE, as downstream_loss recorded them."""
     downstream = layout.downstream()
+    compute, environment = downstream["computed_on"], downstream["numeric_environment"]
     records = join_downstream(all_records(layout, run), by_name(downstream))
     report.check_no_leakage(records, run.heldout_partition_keys)
     readings = layout.interpretation()
@@ -100,4 +100,4 @@ def write_report(
     write_text(html, report.render_html(markdown, f"gemma_assets report ({run.name})"))
     figures_json = layout.report_file("report.json")
     write_json(figures_json, report.report_json(run, rows, spreads, found, evidence, downstream, environment))
-    return ReportRecord(path, html, figures_json, records, rows, figures, found)
+    return ReportRecord(path, html, figures_json, records, rows, figures, found, environment)
