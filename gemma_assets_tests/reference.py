@@ -28,7 +28,7 @@ Why the tolerances are what they are:
   revival of dead latents are discrete, and a run elsewhere trains another draw of the fitting
   noise (measured: held-out FVU 1e-4..1e-3 relative apart, spliced delta CE up to 50%). Their
   held-out figures are held to `SAE_SEED_SDS` standard deviations over seeds, the report's own
-  measure of that noise; their spliced CE and the text that depends on which latents they learnt
+  measure of that noise, and never closer than `SAE_FLOOR` (two seeds can land close together); their spliced CE and the text that depends on which latents they learnt
   are not compared here. `gemma-assets verify-report` (test_verify_report) checks the evaluation
   of stored SAEs across environments at rounding-level tolerances instead.
 - Quantities that divide by a near-zero difference are compared through their inputs, never
@@ -78,7 +78,9 @@ TINY_PREDICTIONS = 1488  # the tiny run's spliced predictions: 48 windows x 31
 SPLICED_NATS = tolerances.spliced_cross_entropy(torch.float32, TINY_PREDICTIONS)
 FORWARD_CE = tolerances.cross_entropy(torch.float32)
 SAE_SEED_SDS = 4.0
-SAE_FLOOR = 1e-4  # relative; where two seeds happened to land close together
+# relative: the measured spread across environments (1e-4..1e-3), for where two seeds happened to
+# land close together (topk-256-k1's cosine: SD 2.9e-5 over seeds, 1.8e-4 relative on an AVX-512 EPYC)
+SAE_FLOOR = 1e-3
 MACHINE_FIGURES = {"fit_seconds", "fit_peak_rss_mb", "heldout_encode_tokens_per_s", "encode_tokens_per_s"}
 THROUGH_INPUTS = {"loss_recovered_vs_zero", "loss_recovered_vs_mean"}  # ratios with a ~0.005-nat denominator
 SPREAD_INPUTS = ("mean", "min", "max")  # the SD of two seeds is compared through min and max
