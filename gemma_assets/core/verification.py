@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,10 +17,11 @@ from gemma_assets.core import metrics, tolerances
 from gemma_assets.core.config import ConfigError, RunConfig, parse_resolved
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.layout import RunLayout
-from gemma_assets.core.stages.downstream import spliced_losses
+from gemma_assets.core.stages.downstream import CE_BASELINES, spliced_losses
 from gemma_assets.core.tolerances import Tolerance
 
-CE_BASELINES = ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _value(figure: float | dict) -> float:
 def recompute(
     report: ReportToVerify,
     members: list[Member],
-    lm: torch.nn.Module,
+    lm: PreTrainedModel,
     device: str,
     log: Callable[[str], None],
 ) -> dict[str, dict[str, float]]:
@@ -126,9 +128,9 @@ def recompute(
         heldout = metrics.evaluate(heldout_tokens(), member.dictionary, device if member.family.is_sae else "cpu")
         found[member.name] = {"heldout_fvu": heldout["fvu"], "heldout_l0": heldout["l0"]}
     spliced = spliced_losses(report.layout, report.run, lm, members, device, log)
-    found["(model)"] = {name: spliced[name] for name in CE_BASELINES}
-    for row in spliced["dictionaries"]:
-        found[row["name"]]["spliced_ce"] = row["ce"]
+    found["(model)"] = {name: getattr(spliced, name) for name in CE_BASELINES}
+    for row in spliced.dictionaries:
+        found[row.name]["spliced_ce"] = row.ce
     return found
 
 

@@ -19,13 +19,14 @@ def cluster_density(
     lowest-density held-out tokens shown in context."""
     run_config, layout = run.config, storage.layout(context)
     tokenizer = model.load_tokenizer(layout.model_source(run_config))
-    metadata, anomalies = {}, []
+    metadata: dict[str, float | dg.MetadataValue] = {}
+    anomalies: list[dict[str, object]] = []  # the lowest-density tokens of every k
     for key in context.partition_keys:
-        record = density.fit_density(layout, run_config, int(key), tokenizer)
-        likelihood = record["heldout_mean_log_likelihood"]
+        record = density.fit_density(layout, run_config, int(key), tokenizer.decode)
+        likelihood = record.heldout_mean_log_likelihood
         context.log.info(f"k={key}: GMM held-out mean log-likelihood {likelihood:.2f} per token")
         metadata[f"k={key}_heldout_mean_log_likelihood"] = likelihood
-        anomalies += [{"k": record["k"], **anomaly} for anomaly in record["anomalies"][:5]]
+        anomalies += [{"k": record.k, **anomaly} for anomaly in record.anomalies[:5]]
     metadata["lowest_density_tokens"] = md(markdown_table(anomalies, ANOMALY_COLUMNS))
     return dg.MaterializeResult(metadata=metadata)
 

@@ -1,5 +1,7 @@
 """downstream_loss and interpretation: every dictionary through the model and in front of a reader."""
 
+from dataclasses import asdict, fields
+
 import dagster as dg
 import torch
 
@@ -33,22 +35,17 @@ def downstream_loss(
     lm = model.load_model(layout.model_source(run_config), run_config.model.layer, device, dtype)
     members = layout.clustering_members(run_config) + layout.sae_members(run_config.sae_specs, device)
     result = downstream.spliced_losses(layout, run_config, lm, members, device, context.log.info)
-    # where the figures most sensitive to the numeric environment were computed: the report names it
-    result["computed_on"] = {"device": device, "dtype": str(dtype), "batch_size": compute.batch_size}
-    result["numeric_environment"] = numeric_environment(
-        device, dtype, compute.comoment_precision(run_config.quality.comoment_precision)
-    )
-    downstream.save(layout, result)
-    ablations = {name: result[name] for name in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")}
+    computed_on = {"device": device, "dtype": str(dtype), "batch_size": compute.batch_size}
+    precision = compute.comoment_precision(run_config.quality.comoment_precision)
+    downstream.save(layout, result, computed_on, numeric_environment(device, dtype, precision))
+    ablations = {name: getattr(result, name) for name in downstream.CE_BASELINES}
     context.log.info(
-        f"clean CE {result['clean_ce']:.4f}, zero-ablation {result['zero_ablation_ce']:.4f}, "
-        f"mean-ablation {result['mean_ablation_ce']:.4f} nats on {result['windows']} windows"
+        f"clean CE {result.clean_ce:.4f}, zero-ablation {result.zero_ablation_ce:.4f}, "
+        f"mean-ablation {result.mean_ablation_ce:.4f} nats on {result.windows} windows"
     )
-    columns = tuple(result["dictionaries"][0]) if result["dictionaries"] else ("name",)
-    spliced = md(markdown_table(result["dictionaries"], columns))
-    return dg.MaterializeResult(
-        metadata={**ablations, "predicted_tokens": result["predicted_tokens"], "spliced": spliced}
-    )
+    columns = tuple(field.name for field in fields(downstream.SplicedDictionary))
+    spliced = md(markdown_table([asdict(row) for row in result.dictionaries], columns))
+    return dg.MaterializeResult(metadata={**ablations, "predicted_tokens": result.predicted_tokens, "spliced": spliced})
 
 
 def interpretation_asset(

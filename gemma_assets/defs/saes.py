@@ -34,7 +34,7 @@ def sae_dictionary(
     rows = []
     for spec in [*run_config.sae_specs, *itertools.chain(*run_config.sae_seed_replicas.values())]:
         training = saes.make_sae(layout, run_config, spec, compute.resolved_device)
-        rows.append({key: value for key, value in training.items() if key != "train_partitions"})
+        rows.append({key: value for key, value in training.to_json().items() if key != "train_partitions"})
         context.log.info(f"SAE {spec.name}: {json.dumps(rows[-1])}")
     return dg.MaterializeResult(metadata={"saes": md(markdown_table(rows, TRAINING_COLUMNS))})
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from gemma_assets.core import bootstrap, interpret, leader, metrics
 from gemma_assets.core.batches import as_batches
+from gemma_assets.core.codes import Dictionary
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
@@ -20,7 +24,23 @@ from gemma_assets.core.records import DictionaryRecord, Family
 CONTEXT_TOKENS = 5  # tokens shown on each side of a lowest-density token
 
 
-def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
+@dataclass(frozen=True)
+class DensityRecord:
+    """The mixture fitted from k-means-k, as density/k-<k>.json holds it."""
+
+    k: int
+    components: int
+    train_partitions: list[str]
+    em_iterations: int
+    converged: bool
+    train_log_likelihood_curve: list[float]
+    heldout_mean_log_likelihood: float
+    active_components: int
+    # the lowest-density held-out tokens: log_likelihood, partition, row, position, context
+    anomalies: list[dict[str, Any]]
+
+
+def fit_density(layout: RunLayout, run: RunConfig, k: int, decode: Callable[[list[int]], str]) -> DensityRecord:
     """Diagonal-covariance Gaussian mixture (streamed EM) in whitened principal components,
     initialised from the k-means-k centroids; held-out log-likelihood per token and the
     lowest-density held-out tokens in context, written to density/k-<k>.json."""
@@ -30,7 +50,7 @@ def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
     kmeans_space = layout.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
     centroids = torch.from_numpy(layout.kmeans_model(k)["centroids"])
     train = store.batches(run.train_partition_keys, space.forward)
-    if run.train_tokens * space.forward_matrix.shape[1] * 4 <= run.clustering.in_memory_mb * 2**20:
+    if run.train_tokens * space.dim * 4 <= run.clustering.in_memory_mb * 2**20:
         # the projected split is small (components << d_model): read the store once, not once per EM pass
         train = as_batches(store.load_tokens(run.train_partition_keys, transform=space.forward)[0])
     init = space.forward(kmeans_space.inverse(centroids))
@@ -49,19 +69,19 @@ def fit_density(layout: RunLayout, run: RunConfig, k: int, tokenizer) -> dict:
         ids = store.open(anomaly["partition"]).array("token_ids", start, start + run.sampling.context_len)
         row = np.array([anomaly["position"]])
         context = interpret.contexts_of(ids, row, run.sampling.context_len, CONTEXT_TOKENS, with_bos=False)[0]
-        anomaly["context"] = interpret.context_text(context, tokenizer.decode)
-    record = {
-        "k": k,
-        "components": space.forward_matrix.shape[1],
-        "train_partitions": run.train_partition_keys,
-        "em_iterations": gmm.n_iter,
-        "converged": gmm.converged,
-        "train_log_likelihood_curve": gmm.log_likelihood_curve,
-        "heldout_mean_log_likelihood": total / count,
-        "active_components": int((gmm.weights > 0).sum()),
-        "anomalies": anomalies,
-    }
-    write_json(layout.density_file(k), record)
+        anomaly["context"] = interpret.context_text(context, decode)
+    record = DensityRecord(
+        k=k,
+        components=space.dim,
+        train_partitions=run.train_partition_keys,
+        em_iterations=gmm.n_iter,
+        converged=gmm.converged,
+        train_log_likelihood_curve=gmm.log_likelihood_curve,
+        heldout_mean_log_likelihood=total / count,
+        active_components=int((gmm.weights > 0).sum()),
+        anomalies=anomalies,
+    )
+    write_json(layout.density_file(k), asdict(record))
     return record
 
 
@@ -77,7 +97,7 @@ def fit_leader_regions(layout: RunLayout, run: RunConfig) -> list[DictionaryReco
         result = fit_leader(store.batches(run.train_partition_keys)(), mean, run.leader.percentile)
     fit_seconds = time.perf_counter() - started
     means = leader.region_means(store.batches(run.train_partition_keys)(), result.exemplars, mean)
-    readings = {
+    readings: dict[Family, Dictionary] = {
         Family.LEADER: result.dictionary(),
         Family.LEADER_MEAN: leader.RegionMeanDictionary(result.exemplars, mean, means),
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.storage import ActivationStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def heldout_windows(store: ActivationStore, keys: list[str], context_len: int, limit: int) -> np.ndarray:
@@ -36,16 +41,46 @@ def _round_trip(member: Member, device: str) -> splice.Replacement:
     return replace
 
 
+CE_BASELINES = ("clean_ce", "zero_ablation_ce", "mean_ablation_ce")  # the model's own, no dictionary
+
+
+@dataclass(frozen=True)
+class SplicedDictionary:
+    """One dictionary's reconstruction spliced into the model (SAELens' definitions)."""
+
+    name: str
+    family: str
+    ce: float
+    delta_ce: float
+    loss_recovered_vs_zero: float
+    loss_recovered_vs_mean: float
+
+
+@dataclass(frozen=True)
+class SplicedLosses:
+    """Mean next-token CE per prediction of the clean and ablated model, and of each dictionary."""
+
+    windows: int
+    predicted_tokens: int
+    predictions_per_window: int
+    clean_ce: float
+    zero_ablation_ce: float
+    mean_ablation_ce: float
+    # summed CE of each window by run name, for intervals by a bootstrap over windows
+    ce_per_window: dict[str, list[float]]
+    dictionaries: list[SplicedDictionary]
+
+
 def spliced_losses(
     layout: RunLayout,
     run: RunConfig,
-    lm: torch.nn.Module,
+    lm: PreTrainedModel,
     members: list[Member],
     device: str,
     log: Callable[[str], None],
-) -> dict:
+) -> SplicedLosses:
     """Clean, zero- and mean-ablated CE, and per dictionary the spliced CE, delta CE and loss
-    recovered (SAELens' definitions), as evaluation/downstream.json holds them (`save`)."""
+    recovered (SAELens' definitions)."""
     windows = heldout_windows(
         layout.activation_store(), run.heldout_partition_keys, run.sampling.context_len, run.evaluation.ce_windows
     )
@@ -66,32 +101,34 @@ def spliced_losses(
     predictions = windows.shape[1] - 1
     ce = {name: float(losses.sum() / (len(losses) * predictions)) for name, losses in per_window.items()}
     clean, zero, mean = ce["clean"], ce["zero-ablation"], ce["mean-ablation"]
-    result = {
-        "windows": len(windows),
-        "predicted_tokens": int(windows[:, 1:].size),
-        "predictions_per_window": predictions,
-        "clean_ce": clean,
-        "zero_ablation_ce": zero,
-        "mean_ablation_ce": mean,
-        # summed CE of each window, for intervals by a bootstrap over windows
-        "ce_per_window": {name: losses.tolist() for name, losses in per_window.items()},
-        "dictionaries": [
-            {
-                "name": member.name,
-                "family": member.family.value,
-                "ce": ce[member.name],
-                "delta_ce": ce[member.name] - clean,
-                "loss_recovered_vs_zero": splice.loss_recovered(ce[member.name], clean, zero),
-                "loss_recovered_vs_mean": splice.loss_recovered(ce[member.name], clean, mean),
-            }
+    return SplicedLosses(
+        windows=len(windows),
+        predicted_tokens=int(windows[:, 1:].size),
+        predictions_per_window=predictions,
+        clean_ce=clean,
+        zero_ablation_ce=zero,
+        mean_ablation_ce=mean,
+        ce_per_window={name: losses.tolist() for name, losses in per_window.items()},
+        dictionaries=[
+            SplicedDictionary(
+                name=member.name,
+                family=member.family.value,
+                ce=ce[member.name],
+                delta_ce=ce[member.name] - clean,
+                loss_recovered_vs_zero=splice.loss_recovered(ce[member.name], clean, zero),
+                loss_recovered_vs_mean=splice.loss_recovered(ce[member.name], clean, mean),
+            )
             for member in members
         ],
-    }
-    return result
+    )
 
 
-def save(layout: RunLayout, result: dict) -> None:
-    write_json(layout.downstream_file, result)
+def save(layout: RunLayout, result: SplicedLosses, computed_on: dict[str, Any], environment: dict[str, Any]) -> None:
+    """evaluation/downstream.json: the losses, and where and how they were computed (the report
+    names the numeric environment of its most environment-sensitive figures)."""
+    write_json(
+        layout.downstream_file, asdict(result) | {"computed_on": computed_on, "numeric_environment": environment}
+    )
 
 
 def by_name(downstream: dict) -> dict[str, dict[str, float]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,10 +19,38 @@ from gemma_assets.core.records import DictionaryRecord
 TRAINING_FILE = "training.json"
 
 
-def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> dict:
+@dataclass(frozen=True)
+class SaeTraining:
+    """How one SAE of the run was made, as saes/<name>/training.json holds it."""
+
+    name: str
+    architecture: str
+    width: int
+    k: int  # active latents per token (0: not fixed, a pretrained SAE)
+    seed: int
+    scale: float
+    parameters: int
+    # trained: fit_seconds, train_tokens, fit_peak_rss_mb, train_partitions; pretrained: load_seconds
+    facts: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "width": self.width,
+            "k": self.k,
+            "seed": self.seed,
+            "scale": self.scale,
+            "parameters": self.parameters,
+            **self.facts,
+        }
+
+
+def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> SaeTraining:
     """One SAE of the run: a TopK SAE trained with SAELens' SAETrainer on the stored train split,
     or a pretrained one loaded with SAE.from_pretrained; saved with its training facts under
-    saes/<name>/. Returns the facts."""
+    saes/<name>/."""
+    facts: dict[str, Any]
     if spec.architecture == "pretrained":
         started = time.perf_counter()
         dictionary = sae.load_pretrained(spec, device)
@@ -41,19 +71,19 @@ def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> d
                 seed=spec.seed,
             )
         facts |= {"fit_peak_rss_mb": peak.mb, "train_partitions": run.train_partition_keys}
-    training = {
-        "name": spec.name,
-        "architecture": spec.architecture,
-        "width": spec.width or dictionary.sae.cfg.d_sae,
-        "k": spec.k,
-        "seed": spec.seed,
-        "scale": dictionary.scale,
-        "parameters": dictionary.n_parameters,
-        **facts,
-    }
+    training = SaeTraining(
+        name=spec.name,
+        architecture=spec.architecture,
+        width=spec.width or dictionary.n_features,
+        k=spec.k,
+        seed=spec.seed,
+        scale=dictionary.scale,
+        parameters=dictionary.n_parameters,
+        facts=facts,
+    )
     with atomic_dir(layout.sae_dir(spec.name)) as staging:  # weights and their training record together
         dictionary.save(staging)
-        write_json(staging / TRAINING_FILE, training)
+        write_json(staging / TRAINING_FILE, training.to_json())
     return training
 
 
