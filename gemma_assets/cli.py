@@ -27,7 +27,7 @@ from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.model import ModelAccessError
 from gemma_assets.core.storage import StorageError
 from gemma_assets.defs.recovery import PoolWaitTimeout
-from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root
+from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root, run_layout
 from gemma_assets.runner import (
     EXIT_INTERRUPTED,
     KNOWN_ERRORS,
@@ -158,7 +158,7 @@ def _materialize(args: argparse.Namespace) -> None:
         print(
             f"\nall stages done in {time.perf_counter() - started:.0f}s (run {run_config.name}; runs recorded in {home})"
         )
-    print(f"report: {defs.resources['storage'].layout().report_file('report.md')}")
+    print(f"report: {run_layout(defs).report_file('report.md')}")
 
 
 def _ui(args: argparse.Namespace) -> None:

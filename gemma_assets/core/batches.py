@@ -5,14 +5,17 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import TypeVar, overload
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
 
 # called once per pass over the data; each call yields [n, d] batches afresh
 Batches = Callable[[], Iterable[torch.Tensor]]
+# batches with the window id of each token: what per-window sums (and intervals) are made from
+WindowBatches = Callable[[], Iterator[tuple[torch.Tensor, np.ndarray]]]
 
 
 def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
@@ -22,6 +25,12 @@ def as_batches(data: torch.Tensor | Batches, rows: int = 65536) -> Batches:
     return lambda: (data[start : start + rows] for start in range(0, len(data), rows))
 
 
+@overload
+def map_data(data: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+@overload
+def map_data(data: Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batches: ...
+@overload
+def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Batches: ...
 def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Batches:
     """fn applied to a tensor, or lazily to every batch of a stream."""
     if callable(data):

@@ -36,7 +36,9 @@ def cluster_quality(batches: Iterable[torch.Tensor], centroids: torch.Tensor, se
     inertia = silhouette_sum = 0.0
     n = 0
     generator = torch.Generator().manual_seed(seed)
-    sample_x = sample_keys = sample_labels = None
+    # the silhouette's uniform sample so far: rows, their random keys and their labels
+    sample_x = torch.empty(0, centroids.shape[1], dtype=centroids.dtype)
+    sample_keys, sample_labels = torch.empty(0), torch.empty(0, dtype=torch.long)
     for x in batches:
         labels, first, second = nearest_two(x, centroids, c_sq)
         a, b = first.sqrt(), second.sqrt()
@@ -46,14 +48,10 @@ def cluster_quality(batches: Iterable[torch.Tensor], centroids: torch.Tensor, se
         scatter += torch.zeros(k, dtype=torch.float64).index_add_(0, labels, a.double())
         n += len(x)
         keys = torch.rand(len(x), generator=generator)  # bottom-k of random keys: a uniform sample
-        if sample_x is not None:
-            x, keys, labels = (
-                torch.cat([sample_x, x]),
-                torch.cat([sample_keys, keys]),
-                torch.cat([sample_labels, labels]),
-            )
+        candidates = torch.cat([sample_x, x])
+        keys, labels = torch.cat([sample_keys, keys]), torch.cat([sample_labels, labels])
         keep = keys.argsort()[:SILHOUETTE_SAMPLE]
-        sample_x, sample_keys, sample_labels = x[keep], keys[keep], labels[keep]
+        sample_x, sample_keys, sample_labels = candidates[keep], keys[keep], labels[keep]
     used = counts > 0
     spread = scatter[used] / counts[used]
     centres = centroids[used].double()
@@ -64,9 +62,11 @@ def cluster_quality(batches: Iterable[torch.Tensor], centroids: torch.Tensor, se
         else float("nan")
     )
     p = (counts[used] / n).numpy()
-    labels = sample_labels.numpy()
+    sampled_labels = sample_labels.numpy()
     sampled = (
-        float(silhouette_score(sample_x.numpy(), labels)) if 1 < len(np.unique(labels)) < len(labels) else float("nan")
+        float(silhouette_score(sample_x.numpy(), sampled_labels))
+        if 1 < len(np.unique(sampled_labels)) < len(sampled_labels)
+        else float("nan")
     )
     return {
         "inertia": inertia,

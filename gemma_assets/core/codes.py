@@ -48,7 +48,9 @@ class Codes:
 
 
 class Dictionary(Protocol):
-    n_features: int
+    @property
+    def n_features(self) -> int:
+        """How many features (clusters, atoms, latents) the dictionary has."""
 
     def encode(self, x: torch.Tensor) -> Codes:
         """Codes of raw activations x [n, d]."""

@@ -23,7 +23,8 @@ def _distance(x: np.ndarray, x_sq: float, c: np.ndarray, c_sq: float) -> float:
     dot = np.float32(0.0)
     for t in range(x.shape[0]):
         dot += x[t] * c[t]
-    return math.sqrt(max(x_sq + c_sq - 2.0 * dot, 0.0))
+    squared = x_sq + c_sq - 2.0 * dot
+    return math.sqrt(0.0 if squared < 0.0 else squared)  # rounding can leave a tiny negative
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -91,5 +92,10 @@ def elkan_pass(
     centroids) after the centroids moved by `shift`, updating labels [n], upper [n] and
     lower [n, k] in place. Returns how many distances it computed."""
     half_gap, half_nearest = gaps
-    arrays = [x, x_sq, centroids, c_sq, half_gap, half_nearest, shift]
-    return int(_elkan_pass(*(t.contiguous().numpy() for t in arrays), labels.numpy(), upper.numpy(), lower.numpy()))
+    # read-only inputs as contiguous arrays; labels, upper and lower are updated in place
+    x_, x_sq_, centroids_, c_sq_, half_gap_, half_nearest_, shift_ = (
+        t.contiguous().numpy() for t in (x, x_sq, centroids, c_sq, half_gap, half_nearest, shift)
+    )
+    in_place = labels.numpy(), upper.numpy(), lower.numpy()
+    computed = _elkan_pass(x_, x_sq_, centroids_, c_sq_, half_gap_, half_nearest_, shift_, *in_place)
+    return int(computed)

@@ -10,6 +10,7 @@ elsewhere knows which tolerance their numbers are to be held to (docs/reproducib
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -63,6 +64,6 @@ def numeric_environment(device: str, forward_dtype: torch.dtype, comoment_precis
     return environment
 
 
-def describe(environment: dict[str, str | int]) -> str:
+def describe(environment: Mapping[str, str | int]) -> str:
     """One line for a report: `key value` pairs in the order recorded."""
     return "; ".join(f"{key.replace('_', ' ')} {value}" for key, value in environment.items())

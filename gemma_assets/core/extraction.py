@@ -13,14 +13,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.sampling import TokenSample
-from gemma_assets.core.storage import ActivationStore
+from gemma_assets.core.storage import ActivationStore, PartitionWriter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class NonFiniteActivationsError(RuntimeError):
@@ -31,12 +35,16 @@ class _StopForward(Exception):
     pass
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return model.model.layers
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (Gemma-2 and -3 keep them at .model.layers)."""
+    layers = model.base_model.layers
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} keeps no list of decoder blocks at .{model.base_model_prefix}.layers")
+    return layers
 
 
 @torch.no_grad()
-def residual_stream(model: torch.nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+def residual_stream(model: PreTrainedModel, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Output of block `layer` for input_ids [batch, seq] -> [batch, seq, d_model]."""
     captured: list[torch.Tensor] = []
 
@@ -46,7 +54,7 @@ def residual_stream(model: torch.nn.Module, input_ids: torch.Tensor, layer: int)
 
     handle = decoder_layers(model)[layer].register_forward_hook(capture)
     try:
-        model.model(input_ids=input_ids, use_cache=False)
+        model.base_model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -60,7 +68,7 @@ RowsReady = Callable[[np.ndarray, int, Callable[[], None]], None]
 
 
 def extract_windows(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     tokens: np.ndarray,
     layer: int,
     batch_size: int,
@@ -180,7 +188,7 @@ class ExtractionRecord:
 
 
 def extract_partitions(
-    lm: torch.nn.Module,
+    lm: PreTrainedModel,
     sample: TokenSample,
     keys: Sequence[str],
     run: RunConfig,
@@ -218,8 +226,14 @@ def extract_partitions(
             def progress(tokens: int, rate: float, key: str = key) -> None:
                 detail(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
 
-            def hand_over(bits: np.ndarray, stop: int, ready: Callable[[], None], writer=writer) -> None:
-                queue.submit(lambda: (ready(), writer.write_rows(bits, stop)))
+            def hand_over(
+                bits: np.ndarray, stop: int, ready: Callable[[], None], writer: PartitionWriter = writer
+            ) -> None:
+                def write() -> None:
+                    ready()
+                    writer.write_rows(bits, stop)
+
+                queue.submit(write)
 
             try:
                 extract_windows(lm, part.tokens, run.model.layer, batch_size, device, progress, hand_over)
@@ -228,10 +242,7 @@ def extract_partitions(
                 writer.abort()
                 raise
             arrays = per_token_arrays(part)
-            queue.submit(
-                lambda writer=writer, arrays=arrays: writer.commit(arrays, attrs),
-                lambda manifest, key=key: logged(key, manifest),
-            )
+            queue.submit(partial(writer.commit, arrays, attrs), partial(logged, key))
         queue.drain()
     tokens = len(keys) * run.sampling.tokens_per_partition
     return ExtractionRecord(len(keys), tokens, d_model, tokens / (time.perf_counter() - started))

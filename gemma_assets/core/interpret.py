@@ -373,8 +373,7 @@ def probe_table(
             row |= {f"{target}_balanced_accuracy_interval": [accuracy.low, accuracy.high]}
             row |= {f"{target}_retained_interval": [retained.low, retained.high]}
         rows.append(row)
-    subset = {"stratum_tokens": int(balanced.sum()), "strata_left_out": left_out}
-    return rows, subset
+    return rows, {"stratum_tokens": int(balanced.sum()), "strata_left_out": left_out}
 
 
 def _probe_inputs(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -98,7 +99,7 @@ def kmeans_plusplus(
     on_device = weights.to(x.device)
     trials = 2 + int(math.log(k))
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    centroids[0] = x[torch.multinomial(weights, 1, generator=generator).item()]
+    centroids[0] = x[int(torch.multinomial(weights, 1, generator=generator).item())]
     closest = ((x - centroids[0]) ** 2).sum(1)
     x_sq = (x**2).sum(1)
     for i in range(1, k):
@@ -120,7 +121,7 @@ def kmeans_parallel(
     probability oversampling * k * d^2 / cost, then greedy k-means++ over those candidates, each
     weighted by the rows nearest to it. Each pass is one distance GEMM against the new
     candidates, where k-means++ reads all rows once per centroid (k memory-bound passes)."""
-    first = torch.randint(len(x), (1,), generator=generator).item()
+    first = int(torch.randint(len(x), (1,), generator=generator).item())
     chosen = [x[first : first + 1]]
     closest = ((x - x[first]) ** 2).sum(1)
     owner = torch.zeros(len(x), dtype=torch.long, device=x.device)  # index of the nearest candidate
@@ -152,7 +153,8 @@ def random_rows(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Te
     return x[torch.randperm(len(x), generator=generator)[:k].to(x.device)].clone()
 
 
-SEEDINGS = {"k-means||": kmeans_parallel, "k-means++": kmeans_plusplus, "random": random_rows}
+Seeding = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]  # rows, k, generator -> centroids
+SEEDINGS: dict[str, Seeding] = {"k-means||": kmeans_parallel, "k-means++": kmeans_plusplus, "random": random_rows}
 
 
 def init_centroids(
@@ -330,6 +332,7 @@ def _fit_lloyd(
                 continue
             state = bounds[index]
             if state.elkan:
+                assert gaps is not None  # computed in every iteration after the first that has Elkan bounds
                 old = state.labels.clone()
                 computed += elkan_pass(
                     x, state.x_sq, centroids, c_sq, shift, gaps, state.labels, state.upper, state.lower
@@ -367,14 +370,14 @@ def _fit_lloyd(
 
 def _farthest_rows(batches: Batches, bounds: list[_Bounds], n: int, device) -> torch.Tensor:
     """The n rows farthest from their centroids (by upper bound): seeds for empty clusters."""
-    best_dist, best_rows = torch.empty(0, device=device), None
+    best_dist = torch.empty(0, device=device)
+    best_rows: list[torch.Tensor] = []  # the rows of best_dist, as one tensor
     for state, batch in zip(bounds, batches(), strict=True):
         top = state.upper.topk(min(n, len(state.upper))).indices
-        rows = batch.to(device, torch.float32)[top]
-        best_rows = rows if best_rows is None else torch.cat([best_rows, rows])
+        candidates = torch.cat([*best_rows, batch.to(device, torch.float32)[top]])
         best_dist, order = torch.cat([best_dist, state.upper[top]]).topk(min(n, len(best_dist) + len(top)))
-        best_rows = best_rows[order]
-    return best_rows
+        best_rows = [candidates[order]]
+    return torch.cat(best_rows)
 
 
 def _fit_minibatch(

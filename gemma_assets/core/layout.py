@@ -42,6 +42,7 @@ import torch
 
 from gemma_assets.core import corpus, leader, model
 from gemma_assets.core.bootstrap import WindowSums, unflatten
+from gemma_assets.core.codes import Dictionary
 from gemma_assets.core.config import RESOLVED_CONFIG_FILE, ConfigError, RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.files import load_arrays
@@ -231,7 +232,7 @@ class RunLayout:
     def leader_members(self) -> list[Member]:
         regions = load_arrays(self._existing("leader_clusters", self.leader_dir / "model.npz", "leader clustering"))
         exemplars, mean = torch.from_numpy(regions["exemplars"]), torch.from_numpy(regions["mean"])
-        readings = {
+        readings: dict[Family, Dictionary] = {
             Family.LEADER: leader.leader_dictionary(exemplars, mean),
             Family.LEADER_MEAN: leader.RegionMeanDictionary(exemplars, mean, torch.from_numpy(regions["region_means"])),
         }

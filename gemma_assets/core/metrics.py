@@ -36,7 +36,7 @@ class ReconstructionMetrics:
     n_tokens: int = 0
     sum_sq_error: float = 0.0
     sum_sq_norm: float = 0.0
-    sum_x: np.ndarray | None = None
+    sum_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [d_model] once a batch is in
     sum_cosine: float = 0.0
     sum_relative_norm: float = 0.0
     sum_l0: float = 0.0
@@ -49,7 +49,7 @@ class ReconstructionMetrics:
         """Add a batch; with `windows` (the window id of each token) the sums are also kept per
         window, for intervals by a bootstrap over windows."""
         x64, x_hat64 = x.double(), x_hat.double()
-        if self.sum_x is None:
+        if not self.d_model:
             self.sum_x, self.d_model = np.zeros(x.shape[1]), x.shape[1]
             self.fires = torch.zeros(self.n_features, dtype=torch.long)
         per_token = {
@@ -80,7 +80,7 @@ class ReconstructionMetrics:
         sums["n"] = torch.bincount(index, minlength=len(ids)).double()
         sums["x"] = torch.zeros(len(ids), x64.shape[1], dtype=torch.float64).index_add_(0, index, x64)
         for row, window in enumerate(ids.tolist()):
-            kept = self.windows.setdefault(window, {name: 0.0 for name in sums})
+            kept = self.windows.setdefault(window, {name: np.zeros(()) for name in sums})
             for name, values in sums.items():
                 kept[name] = kept[name] + values[row].numpy()
 

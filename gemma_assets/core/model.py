@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +23,10 @@ import torch
 from gemma_assets.core.config.schema import ConfigError, ModelSpec
 from gemma_assets.core.files import atomic_dir
 
-TINY_CONFIG = dict(
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=256,
     num_hidden_layers=4,
@@ -210,7 +214,7 @@ def load_tokenizer(source: str):
         raise _access_error(source, error) from error
 
 
-def load_model(source: str, layer: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(source: str, layer: int, device: str, dtype: torch.dtype) -> PreTrainedModel:
     """The causal LM in eval mode; eager attention, which is exact for Gemma-2 softcapping."""
     from transformers import AutoModelForCausalLM
 
@@ -223,4 +227,5 @@ def load_model(source: str, layer: int, device: str, dtype: torch.dtype) -> torc
     n_layers = model.config.num_hidden_layers
     if not 0 <= layer < n_layers:
         raise ConfigError(f"layer {layer} does not exist: {source} has blocks 0..{n_layers - 1}")
-    return model.to(device).eval()
+    # functools.wraps on PreTrainedModel.to hides its signature from type checkers
+    return model.to(device).eval()  # type: ignore[arg-type]

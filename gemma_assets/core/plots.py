@@ -86,7 +86,7 @@ def alignment_histogram(best_cosines: dict[str, np.ndarray], clustering: str, pa
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     bins = np.linspace(-0.2, 1, 49)
     for name, values in best_cosines.items():
-        ax.hist(values, bins=bins, histtype="step", label=name)
+        ax.hist(values, bins=bins.tolist(), histtype="step", label=name)
     ax.axvline(twin_cosine, color="k", linestyle=":", linewidth=1)
     ax.set_xlabel(f"best cosine of a {clustering} centroid (centred) with an SAE decoder direction")
     ax.set_ylabel("centroids")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from gemma_assets.core.records import Finding
-from gemma_assets.core.storage import ActivationStore, StorageError
+from gemma_assets.core.storage import ACTIVATIONS, ActivationStore, StorageError
 
 _SCAN_ROWS = 16384
 REMATERIALISE = "rematerialise activations partition(s) {partitions}"
@@ -32,14 +32,14 @@ def partition_integrity(store: ActivationStore, key: str, expected_tokens: int, 
         return [found(str(error))]
     findings = []
     try:
-        acts = part.group["activations"]
+        acts = part.zarr_array(ACTIVATIONS)
         if acts.attrs.get("dtype") != "bfloat16" or acts.dtype != np.uint16:
             findings.append(found(f"activations are {acts.dtype} without the bfloat16 attribute"))
         if acts.shape[0] != expected_tokens:
             findings.append(found(f"{acts.shape[0]} tokens stored, {expected_tokens} expected (truncated array)"))
         for name in ("token_ids", "positions", "doc_ids", "strata"):
-            if part.group[name].shape[0] != acts.shape[0]:
-                findings.append(found(f"{name} has {part.group[name].shape[0]} rows, activations {acts.shape[0]}"))
+            if (rows := part.zarr_array(name).shape[0]) != acts.shape[0]:
+                findings.append(found(f"{name} has {rows} rows, activations {acts.shape[0]}"))
         token_ids, positions = part.array("token_ids"), part.array("positions")
         vocab_size = part.manifest["attrs"]["vocab_size"]
     except (KeyError, ValueError, OSError) as error:

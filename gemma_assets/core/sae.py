@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.config import ConfigError, SaeSpec
 from gemma_assets.core.model import ModelAccessError, offline_hint
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 SCALE_FILE = "activation_scale.json"
 DEAD_AFTER_TOKENS = 16384
@@ -31,7 +35,7 @@ DEAD_AFTER_TOKENS = 16384
 class SaeDictionary:
     """An SAELens SAE plus the input scale it was trained at."""
 
-    sae: torch.nn.Module
+    sae: SAE
     scale: float
 
     @property

@@ -61,7 +61,8 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
         raise CorpusError(f"context_len must be at least 2 (BOS + one token), got {spec.context_len}")
     body = spec.context_len - 1
     bos = tokenizer.bos_token_id
-    scanned, taken = Counter(), Counter()  # characters per stratum: population vs sample
+    scanned: Counter[str] = Counter()  # characters per stratum: population
+    taken: Counter[str] = Counter()  # and sample
     windows: list[tuple[np.ndarray, int, int, str]] = []
     for batch in _batched(documents, _TOKENIZE_BATCH):
         for doc in batch:
@@ -126,4 +127,5 @@ def load_sample(path: Path) -> TokenSample:
     if not path.exists():
         raise FileNotFoundError(f"no token sample at {path}: materialise pile_sample first")
     arrays = load_arrays(path)
-    return TokenSample(**arrays | {"stratum_names": tuple(arrays["stratum_names"].tolist())})
+    names = tuple(arrays.pop("stratum_names").tolist())
+    return TokenSample(stratum_names=names, **arrays)

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from gemma_assets.core.extraction import decoder_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]  # raw activations [n, d] -> [n, d]
 
@@ -41,7 +45,7 @@ class _Recorded(torch.nn.Module):
 
 
 @contextmanager
-def _prefix_replaced(model: torch.nn.Module, layer: int, output: torch.Tensor) -> Iterator[None]:
+def _prefix_replaced(model: PreTrainedModel, layer: int, output: torch.Tensor) -> Iterator[None]:
     layers = decoder_layers(model)
     originals = [layers[i] for i in range(layer + 1)]
     for i in range(layer):
@@ -54,17 +58,17 @@ def _prefix_replaced(model: torch.nn.Module, layer: int, output: torch.Tensor) -
             layers[i] = block
 
 
-def _logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(hidden).float()
+def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 caps the final logits
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _summed_cross_entropy(model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> np.ndarray:
+def _summed_cross_entropy(model: PreTrainedModel, hidden: torch.Tensor, input_ids: torch.Tensor) -> np.ndarray:
     """Summed next-token CE of each window [b] from the final hidden states [b, T, d]."""
     b, t, d = hidden.shape
     flat, targets = hidden[:, :-1].reshape(-1, d), input_ids[:, 1:].reshape(-1)
-    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.lm_head.out_features))
+    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.get_output_embeddings().out_features))
     losses = []
     for start in range(0, len(flat), chunk):
         logits = _logits(model, flat[start : start + chunk])
@@ -74,7 +78,7 @@ def _summed_cross_entropy(model: torch.nn.Module, hidden: torch.Tensor, input_id
 
 
 @torch.no_grad()
-def _clean_pass(model: torch.nn.Module, input_ids: torch.Tensor, layer: int) -> tuple[np.ndarray, torch.Tensor]:
+def _clean_pass(model: PreTrainedModel, input_ids: torch.Tensor, layer: int) -> tuple[np.ndarray, torch.Tensor]:
     """Clean summed CE per window and block `layer`'s output."""
     recorded: list[torch.Tensor] = []
 
@@ -83,7 +87,7 @@ def _clean_pass(model: torch.nn.Module, input_ids: torch.Tensor, layer: int) -> 
 
     handle = decoder_layers(model)[layer].register_forward_hook(record)
     try:
-        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     finally:
         handle.remove()
     (block_output,) = recorded
@@ -97,17 +101,17 @@ def _clean_pass(model: torch.nn.Module, input_ids: torch.Tensor, layer: int) -> 
 
 @torch.no_grad()
 def _spliced(
-    model: torch.nn.Module, input_ids: torch.Tensor, layer: int, block_output: torch.Tensor, replace: Replacement
+    model: PreTrainedModel, input_ids: torch.Tensor, layer: int, block_output: torch.Tensor, replace: Replacement
 ) -> np.ndarray:
     rest = block_output[:, 1:]
     replaced = replace(rest.reshape(-1, rest.shape[-1]).float()).to(block_output).reshape(rest.shape)
     with _prefix_replaced(model, layer, torch.cat([block_output[:, :1], replaced], 1)):
-        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     return _summed_cross_entropy(model, hidden, input_ids)
 
 
 def cross_entropies(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     windows: np.ndarray,
     layer: int,
     replacements: dict[str, Replacement],

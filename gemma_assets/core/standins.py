@@ -27,18 +27,19 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from gemma_assets.core.config import ConfigError, RunConfig, SaeSpec
 from gemma_assets.core.corpus import build_offline_corpus, iter_documents
-from gemma_assets.core.files import atomic_dir, atomic_file, write_text
+from gemma_assets.core.files import atomic_dir, save_arrays, write_text
 
 MODEL_REPO = "google/gemma-2-2b"
 SAE_REPO = "google/gemma-scope-2b-pt-res"
 REVISION = hashlib.sha1(b"gemma-assets stand-in 1").hexdigest()  # the snapshot folder and refs/main
-REDUCED = {"intermediate_size": 512}  # the real MLP is 9216 wide; nothing downstream sees its width
+REDUCED: dict[str, Any] = {"intermediate_size": 512}  # the real MLP is 9216 wide; nothing downstream sees its width
 REAL_VOCAB = 256_000
 TRAINED_VOCAB = 8192  # merges learnt on the corpus; the rest of the 256k ids are <unused{i}>
 CORPUS_DOCUMENTS = 4000
@@ -93,7 +94,10 @@ class GemmaScopeFile:
 
     @property
     def average_l0(self) -> int:
-        return int(re.search(r"average_l0_(\d+)", self.path).group(1))
+        match = re.search(r"average_l0_(\d+)", self.path)
+        if match is None:
+            raise ConfigError(f"cannot read the average L0 of Gemma Scope SAE {self.path!r} (no average_l0_<N>)")
+        return int(match.group(1))
 
 
 def gemma_scope_files(specs: Iterable[SaeSpec]) -> list[GemmaScopeFile]:
@@ -137,7 +141,7 @@ def build_model(stand_ins: StandIns, texts: Iterable[str], seed: int = 0) -> Non
             **REDUCED,
         )
         torch.manual_seed(seed)
-        model = Gemma2ForCausalLM(config).to(torch.bfloat16)
+        model = Gemma2ForCausalLM(config).bfloat16()
         model.save_pretrained(staging, max_shard_size="1GB")
     _publish(stand_ins, MODEL_REPO)
 
@@ -210,9 +214,7 @@ def build_saes(stand_ins: StandIns, files: list[GemmaScopeFile], acts: Callable[
         for sae_file in missing:
             seed = int(hashlib.sha1(sae_file.path.encode()).hexdigest()[:8], 16)
             params = gemma_scope_params(calibration, sae_file.width, sae_file.average_l0, seed)
-            with atomic_file(stand_ins.snapshot(SAE_REPO) / sae_file.path / "params.npz") as staging:
-                with open(staging, "wb") as out:
-                    np.savez(out, **params)
+            save_arrays(stand_ins.snapshot(SAE_REPO) / sae_file.path / "params.npz", params)
     _publish(stand_ins, SAE_REPO)
 
 

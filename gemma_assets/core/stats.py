@@ -40,13 +40,13 @@ def batch_comoment(x: torch.Tensor, mean: torch.Tensor, precision: str) -> np.nd
     if precision not in PRECISIONS:
         raise ValueError(f"unknown co-moment precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if precision == "float64":
-        centred = x.double() - mean
+        centred_rows = x.double() - mean
         if x.device.type != "cpu":
-            return (centred.T @ centred).cpu().numpy()
-        centred = centred.numpy()
+            return (centred_rows.T @ centred_rows).cpu().numpy()
+        on_host = centred_rows.numpy()
         # numpy computes a matrix times its own transpose with BLAS syrk (one triangle, half the
         # products of torch's gemm: 1.8x faster at d 2304), the same float64 sums
-        return centred.T @ centred
+        return on_host.T @ on_host
     # centred on the float32-rounded mean; n * delta delta^T (delta = mean - that) restores the
     # co-moment about the exact mean, since the rows' deviations from it sum to zero
     shift = mean.float()
@@ -99,9 +99,9 @@ class ActivationMoments:
         other.comoment = batch_comoment(x, mean, precision)
         other.mean = mean.cpu().numpy()
         other.minimum, other.maximum = x.amin(0).double().cpu().numpy(), x.amax(0).double().cpu().numpy()
-        norms = (x.norm(dim=1) if norms is None else norms).double().cpu().numpy()
-        other.norm_sum = float(norms.sum())
-        other.norm_histogram = np.histogram(norms, NORM_BIN_EDGES)[0]
+        row_norms = (x.norm(dim=1) if norms is None else norms).double().cpu().numpy()
+        other.norm_sum = float(row_norms.sum())
+        other.norm_histogram = np.histogram(row_norms, NORM_BIN_EDGES)[0]
         self.merge(other)
 
     def merge(self, other: ActivationMoments) -> None:

@@ -35,8 +35,10 @@ import torch
 import zarr
 import zarr.storage
 from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, ZstdCodec
 
-from gemma_assets.core.batches import Batches
+from gemma_assets.core.batches import Batches, WindowBatches
 from gemma_assets.core.bf16 import bits_to_float
 
 COMMIT_FILE = "COMMIT.json"
@@ -65,13 +67,11 @@ class VerifiedStore(zarr.storage.WrapperStore):
     manifest lists unless it exists and matches its CRC32. zarr alone reads a missing chunk as
     the fill value (zeros), silently."""
 
-    def __init__(
-        self, store: zarr.abc.store.Store, key: str = "", version_path: str = "", checksums: dict | None = None
-    ):
+    def __init__(self, store: Store, key: str = "", version_path: str = "", checksums: dict | None = None):
         super().__init__(store)
         self._key, self._version_path, self._checksums = key, version_path, checksums or {}
 
-    def _with_store(self, store: zarr.abc.store.Store) -> VerifiedStore:
+    def _with_store(self, store: Store) -> VerifiedStore:
         return VerifiedStore(store, self._key, self._version_path, self._checksums)
 
     async def get(self, key: str, prototype, byte_range=None):
@@ -102,7 +102,7 @@ class VerifiedStore(zarr.storage.WrapperStore):
 # Blosc's byte shuffle over 1 MiB blocks compresses as well as a whole-chunk shuffle then zstd
 # (1.44x on real residual streams), is a codec of the zarr v3 spec, and releases the GIL, so
 # zarr's pool encodes chunks in parallel (numcodecs' Shuffle holds it: 2 threads ran slower than 1)
-ACTIVATION_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "typesize": 2, "blocksize": 2**20}
+ACTIVATION_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2, blocksize=2**20)
 PER_TOKEN_ZSTD_LEVEL = 3
 PER_TOKEN_CHUNK_ROWS = 2**16  # token ids, positions, ...: a few hundred KB a chunk, not a hundred tiny files
 
@@ -113,11 +113,11 @@ zarr.config.set({"threading.max_workers": os.cpu_count() or 1, "async.concurrenc
 class ChecksummingStore(zarr.storage.WrapperStore):
     """Records the CRC32 of every file zarr writes through it, keyed like the manifest."""
 
-    def __init__(self, store: zarr.abc.store.Store, checksums: dict[str, int] | None = None):
+    def __init__(self, store: Store, checksums: dict[str, int] | None = None):
         super().__init__(store)
         self.checksums: dict[str, int] = {} if checksums is None else checksums
 
-    def _with_store(self, store: zarr.abc.store.Store) -> ChecksummingStore:
+    def _with_store(self, store: Store) -> ChecksummingStore:
         return ChecksummingStore(store, self.checksums)
 
     async def set(self, key: str, value) -> None:
@@ -136,11 +136,18 @@ class Partition:
     def n_tokens(self) -> int:
         return self.manifest["n_tokens"]
 
+    def zarr_array(self, name: str) -> zarr.Array:
+        """The partition's array `name` (KeyError if it holds none of that name)."""
+        found = self.group[name]
+        if not isinstance(found, zarr.Array):
+            raise KeyError(f"partition {self.key}: {name} is a group, not an array")
+        return found
+
     def activations(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return bits_to_float(self.group["activations"][start:stop])
+        return bits_to_float(self.array(ACTIVATIONS, start, stop))
 
     def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.group[name][start:stop]
+        return np.asarray(self.zarr_array(name)[start:stop])
 
 
 def window_ids(key: str, rows: np.ndarray, context_len: int) -> np.ndarray:
@@ -165,7 +172,7 @@ class PartitionWriter:
             shape=(n_tokens, d_model),
             chunks=(self.chunk_rows, d_model),
             dtype=np.uint16,
-            compressors=zarr.codecs.BloscCodec(**ACTIVATION_CODEC),
+            compressors=ACTIVATION_CODEC,
         )
         self.rows_written = 0
 
@@ -195,7 +202,7 @@ class PartitionWriter:
                 shape=values.shape,
                 chunks=(PER_TOKEN_CHUNK_ROWS,),
                 dtype=values.dtype,
-                compressors=zarr.codecs.ZstdCodec(level=PER_TOKEN_ZSTD_LEVEL),
+                compressors=ZstdCodec(level=PER_TOKEN_ZSTD_LEVEL),
             )
             array[...] = values
         self._activations.attrs["dtype"] = "bfloat16"
@@ -236,7 +243,7 @@ class ActivationStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self._base, ACTIVATIONS, *parts])
 
-    def _zarr_store(self, path: str, read_only: bool) -> zarr.storage.StoreLike:
+    def _zarr_store(self, path: str, read_only: bool) -> Store:
         if isinstance(self.fs, LocalFileSystem):
             return zarr.storage.LocalStore(path, read_only=read_only)
         fs = self.fs
@@ -364,7 +371,7 @@ class ActivationStore:
         """The non-BOS activations of `keys` as a re-iterable stream (one pass per call)."""
         return lambda: (x for x, _ in self.iter_tokens(keys, transform=transform))
 
-    def window_batches(self, keys: list[str]) -> Callable[[], Iterator[tuple[torch.Tensor, np.ndarray]]]:
+    def window_batches(self, keys: list[str]) -> WindowBatches:
         """Like `batches`, each batch with the window id of its tokens (see `window_ids`)."""
 
         def batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:

@@ -39,7 +39,7 @@ class Whitening:
     @classmethod
     def load(cls, path: Path) -> Whitening:
         arrays = load_arrays(path)
-        return cls(**arrays | {"floor": float(arrays["floor"])})
+        return cls(arrays["mean"], arrays["eigenvalues"], arrays["eigenvectors"], float(arrays["floor"]))
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,11 @@ class Preprocessor:
             torch.from_numpy(np.ascontiguousarray(forward)).float(),
             torch.from_numpy(np.ascontiguousarray(inverse)).float(),
         )
+
+    @property
+    def dim(self) -> int:
+        """Dimensions of the space it maps into."""
+        return len(self.shift) if self.forward_matrix is None else self.forward_matrix.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - self.shift

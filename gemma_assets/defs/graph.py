@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from gemma_assets.core.config import RunConfig
+from gemma_assets.dagster_private import UnresolvedAssetJobDefinition
 from gemma_assets.defs import activations, clustering, density, evaluation, report, saes, sample, statistics
 from gemma_assets.defs.common import GraphBuild
 from gemma_assets.defs.operations import (
@@ -61,7 +62,7 @@ def build_graph(run: RunConfig, location: str) -> tuple[GraphBuild, list[dg.Asse
     return graph, checks
 
 
-def build_jobs(graph: GraphBuild, tags: dict[str, str]) -> list[dg.UnresolvedAssetJobDefinition]:
+def build_jobs(graph: GraphBuild, tags: dict[str, str]) -> list[UnresolvedAssetJobDefinition]:
     """One job per partition definition (Dagster jobs cannot span assets with different ones);
     `gemma-assets materialize` and the UI's "Materialize all" run them all."""
     unpartitioned = [asset for asset in graph.assets.values() if asset.partitions_def is None]

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from typing import Literal
 
 import dagster as dg
 
@@ -51,7 +52,9 @@ def missing_partitions(
 ) -> tuple[list[str], list[str], set[str]]:
     """(every partition key, those neither materialised nor in progress, those in progress)."""
     partitions_def = activations.partitions_def
-    keys = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+    if partitions_def is None:
+        raise ValueError(f"{activations.key.to_user_string()} is not partitioned")
+    keys = list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
     done = instance.get_materialized_partitions(activations.key)
     status = instance.get_status_by_partition(activations.key, keys, partitions_def) or {}
     running = {key for key, state in status.items() if state == dg.AssetPartitionStatus.IN_PROGRESS}
@@ -64,7 +67,7 @@ def nightly_requests(
     """Run requests for the missing activation partitions, at most `partitions_per_night`, one
     per contiguous range of at most `partitions_per_run` (0: unsplit)."""
     instance = context.instance
-    upstream = sorted(activations.dependency_keys - set(activations.keys), key=str)
+    upstream = sorted(set(activations.dependency_keys) - set(activations.keys), key=str)
     unready = [key.to_user_string() for key in upstream if not instance.fetch_materializations(key, limit=1).records]
     if unready:
         return dg.SkipReason(f"upstream not materialised yet: {', '.join(unready)}")
@@ -166,7 +169,8 @@ def delivery_error(error: Exception) -> str:
     return type(error).__name__
 
 
-RUN_END_EVENTS = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE)
+RunEnd = Literal[dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE]
+RUN_END_EVENTS: tuple[RunEnd, ...] = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE)
 
 
 def runs_ended_since(instance: dg.DagsterInstance, cursor: str | None, batch_size: int) -> list[dg.EventLogRecord]:

@@ -32,8 +32,8 @@ def process_tags() -> dict[str, str]:
 
 
 def _process_gone(run: dg.DagsterRun) -> bool:
-    host, pid = run.tags.get(HOST_TAG), run.tags.get(PID_TAG)
-    if host != socket.gethostname() or not (pid or "").isdigit():
+    host, pid = run.tags.get(HOST_TAG), run.tags.get(PID_TAG, "")
+    if host != socket.gethostname() or not pid.isdigit():
         return False  # not ours to judge: another machine, or a run launched elsewhere
     try:
         os.kill(int(pid), 0)

@@ -3,6 +3,7 @@ derive, don't mutate."""
 
 import os
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import torch
@@ -84,6 +85,14 @@ class StorageResource(dg.ConfigurableResource):
         return layout.bound(", ".join(sorted(own)), declared)
 
 
+def run_layout(defs: dg.Definitions) -> RunLayout:
+    """The whole layout of the run a project's Definitions were built for (outside any asset)."""
+    storage = (defs.resources or {}).get("storage")
+    if not isinstance(storage, StorageResource):
+        raise TypeError("these Definitions have no gemma_assets storage resource: build them with build_definitions")
+    return storage.layout()
+
+
 class ComputeResource(dg.ConfigurableResource):
     """Device and batch size for model and clustering steps (the compute dtype is run config)."""
 
@@ -130,7 +139,7 @@ class OperationsResource(dg.ConfigurableResource):
 
     @classmethod
     def from_environment(cls) -> "OperationsResource":
-        knobs = {
+        knobs: dict[str, Any] = {  # Dagster reads each when a run starts; unset or blank: the default
             "alert_webhook": dg.EnvVar(ALERT_WEBHOOK_ENV_VAR),
             "partitions_per_night": dg.EnvVar.int(PARTITIONS_PER_NIGHT_ENV_VAR),
             "partitions_per_run": dg.EnvVar.int(PARTITIONS_PER_RUN_ENV_VAR),

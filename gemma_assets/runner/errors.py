@@ -3,11 +3,16 @@ carrying the cause and its fix (the last line printed) with the traceback kept f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.corpus import CorpusError
 from gemma_assets.core.model import ModelAccessError
 from gemma_assets.core.storage import StorageError
 from gemma_assets.defs.recovery import PoolWaitTimeout
+
+if TYPE_CHECKING:
+    from dagster_shared.error import SerializableErrorInfo
 
 # Exit codes, one per kind of known failure; the cause and its fix are the last line printed.
 EXIT_FAILED = 1  # a step failed for a reason the project does not know
@@ -36,9 +41,9 @@ class StageFailed(Exception):
         self.code, self.details = code, details
 
 
-def _errors(error) -> list:
+def _errors(error: SerializableErrorInfo | None) -> list[SerializableErrorInfo]:
     """A serialised error and its causes, outermost first."""
-    chain = []
+    chain: list[SerializableErrorInfo] = []
     while error is not None and len(chain) < 16:
         chain.append(error)
         error = error.cause or error.context

@@ -16,6 +16,7 @@ from gemma_assets.core.config import RunConfig
 from gemma_assets.dagster_private import make_new_run_id
 from gemma_assets.defs.operations import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from gemma_assets.defs.recovery import describe_stale, process_tags, release_stale_runs, wait_for_pools
+from gemma_assets.defs.resources import run_layout
 from gemma_assets.runner.errors import failure
 from gemma_assets.runner.interrupts import Interrupts
 from gemma_assets.runner.planning import (
@@ -60,7 +61,7 @@ def materialize_all(
     # partitions Dagster counts as fresh but whose files are gone are extracted again
     activations = dg.AssetKey("activations")
     fresh = set(run_config.partition_keys) - set(plan.get(activations) or ())
-    if damaged := damaged_partitions(defs.resources["storage"].layout().activation_store(), sorted(fresh), instance):
+    if damaged := damaged_partitions(run_layout(defs).activation_store(), sorted(fresh), instance):
         for key, reason in damaged.items():
             print(f"activations partition {key} is damaged ({reason}): extracting it again", flush=True)
         rerun.setdefault(activations, set()).update(damaged)
@@ -83,7 +84,7 @@ def materialize_all(
             if stage_run.partitions:
                 first, last = stage_run.partitions
                 tags |= {PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last}
-            pools = {defs.resolve_assets_def(name).op.pool for name in stage_run.assets} - {None}
+            pools = {pool for name in stage_run.assets if (pool := defs.resolve_assets_def(name).op.pool) is not None}
             wait_for_pools(instance, pools, wait_timeout_s, lambda line: print(line, flush=True))
             run_id = make_new_run_id()
             if interrupts is not None:

@@ -47,7 +47,7 @@ class Interrupts:
                 mark_failed(self.instance, run, f"interrupted by {name}")
             except Exception:  # noqa: BLE001 - exiting regardless; the next command releases it
                 pass
-        where = f": run {self.run_id[:8]} marked failed" if run is not None else ""
+        where = f": run {run.run_id[:8]} marked failed" if run is not None else ""
         print(f"\ngemma-assets: interrupted by {name}{where}; run the same command again to continue", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()

@@ -17,6 +17,7 @@ from gemma_assets.dagster_private import (
     CachingStaleStatusResolver,
     StaleStatus,
     TemporalContext,
+    UnresolvedAssetJobDefinition,
 )
 from gemma_assets.defs.operations import contiguous_ranges
 
@@ -34,10 +35,11 @@ def stages(defs: dg.Definitions) -> list[Stage]:
     asset of its job whose upstream assets are done or in the stage. Partitioned jobs then run
     one execution per contiguous range of the partitions that need it (one model load each)."""
     graph = defs.resolve_asset_graph()
-    job_of = {key: job.name for job in defs.jobs or () for key in job.selection.resolve(graph)}
-    pending, done, result = list(graph.toposorted_asset_keys), set(), []
+    asset_jobs = [job for job in defs.jobs or () if isinstance(job, UnresolvedAssetJobDefinition)]
+    job_of = {key: job.name for job in asset_jobs for key in job.selection.resolve(graph)}
+    pending, done, result = list(graph.toposorted_asset_keys), set[dg.AssetKey](), []
     while pending:
-        job, members = job_of[pending[0]], []
+        job, members = job_of[pending[0]], list[dg.AssetKey]()
         for key in pending:  # toposorted: an asset comes after everything it depends on
             if job_of[key] == job and graph.get(key).parent_keys <= done | set(members):
                 members.append(key)
@@ -78,7 +80,7 @@ def stale_plan(
             if force or planned_parents or None in rerun.get(key, ()) or resolver.get_status(key) != StaleStatus.FRESH:
                 plan[key] = None
             continue
-        keys = node.partitions_def.get_partition_keys()
+        keys = list(node.partitions_def.get_partition_keys())
         # a parent over other partitions (or none) feeds every partition of this asset
         same_partitions = [p for p in planned_parents if graph.get(p).partitions_def == node.partitions_def]
         # a failed check recorded without a partition (a run over many) names no one partition
@@ -86,7 +88,7 @@ def stale_plan(
             wanted = keys
         else:
             from_parents = {partition for parent in same_partitions for partition in plan[parent] or ()}
-            from_parents |= rerun.get(key, set())
+            from_parents |= {partition for partition in rerun.get(key, ()) if partition is not None}
             wanted = [
                 partition
                 for partition in keys

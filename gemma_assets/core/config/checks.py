@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import ErrorDetails
 
 from gemma_assets.core.config.schema import CorpusSpec, RunConfig
 
@@ -45,7 +46,7 @@ def _dotted(loc: Sequence[Any]) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
-def describe(error: dict) -> str:
+def describe(error: ErrorDetails) -> str:
     loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
     where = _dotted(loc)
     if error["type"] == "extra_forbidden":

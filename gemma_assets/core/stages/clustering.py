@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ import zarr
 import zarr.storage
 
 from gemma_assets.core import bootstrap, metrics, plots
-from gemma_assets.core.batches import Batches, as_batches, map_data
+from gemma_assets.core.batches import Batches, WindowBatches, as_batches, map_data
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.config import RunConfig, seed_name
 from gemma_assets.core.dictionaries import Member, clustering_family, fit_gain_shape
@@ -107,6 +108,13 @@ class _SeededFit:
     family: list[Member]
     evaluated: dict[str, tuple[dict, bootstrap.WindowSums]]  # by member name
 
+    @property
+    def kmeans_dictionary(self) -> KMeansDictionary:
+        """The nearest-centroid reading: `clustering_family` puts it first."""
+        dictionary = self.family[0].dictionary
+        assert isinstance(dictionary, KMeansDictionary)
+        return dictionary
+
     def records(self, run: RunConfig, train: TrainSplit, quality: dict) -> list[DictionaryRecord]:
         facts = {
             "train_partitions": run.train_partition_keys,
@@ -133,10 +141,10 @@ class _SeededFit:
 
 
 def _fit_seeded(
-    run: RunConfig, train: TrainSplit, heldout_windows: Batches, k: int, seed: int, device: str
+    run: RunConfig, train: TrainSplit, heldout_windows: WindowBatches, k: int, seed: int, device: str
 ) -> _SeededFit:
     spec = run.clustering
-    fit_args = {
+    fit_args: dict[str, Any] = {
         "max_iter": spec.max_iter,
         "tol": spec.tol,
         "bounds_mb": spec.in_memory_mb,
@@ -181,7 +189,7 @@ def fit_k(
     # cluster quality is read in the space k-means was fitted in
     quality = {Family.KMEANS: cluster_quality(map_data(heldout, train.preprocessor.forward)(), first.kmeans.centroids)}
     records = first.records(run, train, quality)
-    seed_records = {member.name: [] for member in first.family}
+    seed_records: dict[str, list[dict[str, Any]]] = {member.name: [] for member in first.family}
     for fit in replicas:
         for member, record in zip(fit.family, fit.records(run, train, {}), strict=True):
             seed_records[member.name].append(record.to_json())
@@ -194,7 +202,7 @@ def fit_k(
         save_arrays(
             out / "model.npz", {n: v.numpy() for n, v in model.items()} | {"inertia_curve": first.kmeans.inertia_curve}
         )
-        write_assignments(out / "assignments", store, run.partition_keys, first.family[0].dictionary)
+        write_assignments(out / "assignments", store, run.partition_keys, first.kmeans_dictionary)
         write_json(out / "records.json", [record.to_json() for record in records])
         windows = {name: sums for name, (_, sums) in first.evaluated.items()}
         save_arrays(out / WINDOWS_FILE, bootstrap.flatten(windows))

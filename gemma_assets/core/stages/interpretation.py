@@ -152,6 +152,8 @@ def seed_agreement(
     different structure."""
     rows = []
     for cluster in clusters:
+        if not isinstance(cluster.dictionary, KMeansDictionary):
+            raise TypeError(f"{cluster.name} is not k-means: seed agreement refits k-means clusters only")
         k = cluster.dictionary.n_features
         labels = acts[cluster.name].labels()
         for seed, centroids in enumerate(layout.kmeans_seed_centroids(k), start=1):
@@ -169,9 +171,9 @@ def seed_agreement(
             )
     replicas = run.sae_seed_replicas
     for latent in latents:
-        for refit in layout.sae_members(replicas.get(latent.name, ())):
-            a, b = latent.dictionary.directions().cpu(), refit.dictionary.directions()
-            rows.append(_agreement(latent.name, refit.name, a, b, None))
+        for replica in layout.sae_members(replicas.get(latent.name, ())):
+            a, b = latent.dictionary.directions().cpu(), replica.dictionary.directions()
+            rows.append(_agreement(latent.name, replica.name, a, b, None))
     return rows
 
 

@@ -58,8 +58,12 @@ def partition_stats(
         cached = layout.partition_stats(key) if path.exists() else None
     except (OSError, KeyError, ValueError):  # a damaged or half-deleted cache entry is recomputed
         cached = None
-    fresh = cached and cached.version == manifest["version"] and cached.precision == precision
-    if fresh and len(cached.sample) == min(sample_size, non_bos):
+    if (
+        cached is not None
+        and cached.version == manifest["version"]
+        and cached.precision == precision
+        and len(cached.sample) == min(sample_size, non_bos)
+    ):
         log(f"statistics of partition {key}: reused (unchanged since last pass)")
         return cached
     stats = PartitionStats.compute(store, key, sample_size, precision=precision, device=device)
@@ -271,8 +275,8 @@ def partition_drift(layout: RunLayout, run: RunConfig) -> CheckReport:
     ]
     metadata = {"drift": markdown_table(table.to_dicts(), tuple(table.columns))}
     if not found:
-        return CheckReport(True, f"largest shift {table['max_shift_sd'].max():.3f} SD", metadata)
-    return CheckReport(False, describe(found) + f" (threshold {run.quality.max_drift_sd})", metadata, found)
+        return CheckReport(True, f"largest shift {max(d['max_shift_sd'] for d in drift.values()):.3f} SD", metadata)
+    return CheckReport(False, describe(found) + f" (threshold {run.quality.max_drift_sd})", metadata, tuple(found))
 
 
 def stats_expectations(layout: RunLayout) -> CheckReport:
