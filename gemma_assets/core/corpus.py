@@ -17,10 +17,13 @@ import io
 import json
 import random
 import sysconfig
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import zstandard
 
 from gemma_assets.core.config.schema import CorpusSpec
@@ -36,13 +39,55 @@ class CorpusError(RuntimeError):
 
 @dataclass(frozen=True)
 class Document:
-    doc_id: int  # position in the stream, stable for a given corpus
+    doc_id: int  # position in the stream (bad records skipped count too), stable for a given corpus
     text: str
     stratum: str
 
 
-def _field(record: dict, path: str):
-    value = record
+SKIP_HINT = "or set corpus.on_bad_record: skip to skip and count such records"
+EXAMPLES_KEPT = 5  # skipped records named in the census, beyond their counts
+
+
+@dataclass
+class CorpusRead:
+    """What reading the corpus met: every record read, and those skipped by reason
+    (`corpus.on_bad_record: skip`), the first few named by file and line."""
+
+    records: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    first_skipped: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, where: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.first_skipped) < EXAMPLES_KEPT:
+            self.first_skipped.append(f"{where}: {detail}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"records": self.records, "skipped": dict(self.skipped), "first_skipped": self.first_skipped}
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One record of a corpus file: its fields, or why it has none."""
+
+    where: str  # file and line, or the record's position in a stream
+    fields: dict[str, Any] | None
+    reason: str = ""  # not UTF-8 text | not JSON | not a JSON object
+    detail: str = ""
+
+
+class DocumentStream(Iterator[Document]):
+    """The documents of a corpus in order; `read` counts what the stream has met so far."""
+
+    def __init__(self, documents: Iterator[Document], read: CorpusRead) -> None:
+        self._documents, self.read = documents, read
+
+    def __next__(self) -> Document:
+        return next(self._documents)
+
+
+def _field(record: dict, path: str) -> Any:
+    value: Any = record
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
             return None
@@ -50,25 +95,72 @@ def _field(record: dict, path: str):
     return value
 
 
-def _documents(open_stream, source: str, remote: bool, text_field: str, stratum_field: str) -> Iterator[Document]:
-    """Documents of a streamed `datasets` split; transport errors of the hub become CorpusErrors."""
+def _documents(
+    records: Iterator[_Record], text_field: str, stratum_field: str, on_bad_record: str, read: CorpusRead
+) -> Iterator[Document]:
+    """Documents of `records`; a bad record (unreadable, or without text) stops the stream with a
+    CorpusError naming it, or is skipped and counted in `read` (on_bad_record `skip`)."""
+    for doc_id, record in enumerate(records):
+        read.records += 1
+        reason, detail, fix = record.reason, record.detail, "fix or remove that record"
+        text = None if record.fields is None else _field(record.fields, text_field)
+        if record.fields is not None and not isinstance(text, str):
+            reason = "no text"
+            detail = f"the record has no text field {text_field!r} (its fields: {', '.join(record.fields) or 'none'})"
+            fix = "set corpus.text_field to the field that holds the text"
+        if reason:
+            if on_bad_record == "fail":
+                raise CorpusError(f"{record.where}: {detail} -> {fix}, {SKIP_HINT}")
+            read.skip(reason, record.where, detail)
+            continue
+        assert record.fields is not None and isinstance(text, str)
+        stratum = _field(record.fields, stratum_field)
+        yield Document(doc_id, text, "unknown" if stratum is None else str(stratum))
+
+
+def _json_lines(paths: list[str]) -> Iterator[_Record]:
+    """The records of local jsonl files (compressed by their suffix: .zst, .gz, .bz2, .xz), one per
+    non-blank line, in order; a line that is not UTF-8, not JSON or not an object comes with why."""
+    for path in paths:
+        # fsspec picks the codec by suffix; its zstd reader has no lines of its own, a buffer gives them
+        with fsspec.open(path, "rb", compression="infer") as stream, io.BufferedReader(stream) as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {number}"
+                try:
+                    value = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    byte = f"byte {line[error.start]:#04x} at column {error.start + 1}"
+                    yield _Record(where, None, "not UTF-8 text", f"not UTF-8 text ({byte})")
+                except json.JSONDecodeError as error:
+                    problem = error.msg.removesuffix(" at")  # some of json's messages end in "at"
+                    yield _Record(where, None, "not JSON", f"not JSON ({problem} at column {error.colno})")
+                else:
+                    if isinstance(value, dict):
+                        yield _Record(where, value)
+                    else:
+                        kind = type(value).__name__
+                        yield _Record(where, None, "not a JSON object", f"a JSON {kind}, not an object")
+
+
+def _streamed(open_stream: Callable[[], Iterator[dict]], source: str) -> Iterator[_Record]:
+    """The records of a streamed `datasets` split (parquet files, the hub)."""
     try:
-        try:
-            stream = open_stream()
-        except StopIteration:  # the json builder finds no first record to infer features from
-            raise CorpusError(f"the corpus has no documents: {source} holds no records") from None
-        for doc_id, record in enumerate(stream):
-            text = _field(record, text_field)
-            if not isinstance(text, str):
-                raise CorpusError(
-                    f"record {doc_id} of {source} has no text field {text_field!r} (its fields: "
-                    f"{', '.join(record)}): set corpus.text_field to the field that holds the text"
-                )
-            stratum = _field(record, stratum_field)
-            yield Document(doc_id, text, "unknown" if stratum is None else str(stratum))
-    except Exception as error:  # the hub client raises its own transport errors
-        if not remote or isinstance(error, CorpusError):
-            raise
+        stream = open_stream()
+    except StopIteration:  # the json builder finds no first record to infer features from
+        raise CorpusError(f"the corpus has no documents: {source} holds no records") from None
+    for number, fields in enumerate(stream):
+        yield _Record(f"record {number} of {source}", fields)
+
+
+def _from_hub(records: Iterator[Document], source: str) -> Iterator[Document]:
+    """`records` with the hub client's own transport errors turned into CorpusErrors."""
+    try:
+        yield from records
+    except CorpusError:
+        raise
+    except Exception as error:
         raise CorpusError(
             f"cannot stream {source} from the Hugging Face hub ({error}). Check the network, set "
             "HF_TOKEN if the dataset needs it, or use an offline profile (--config demo)"
@@ -80,49 +172,71 @@ def iter_documents(
     text_field: str = "text",
     stratum_field: str = "meta.pile_set_name",
     file_format: str = "json",
-) -> Iterator[Document]:
+    on_bad_record: str = "fail",
+) -> DocumentStream:
     """Stream documents of jsonl / jsonl.zst (`file_format` json) or parquet files (local
-    globs/paths or hf:// URLs), in order."""
+    globs/paths or hf:// URLs), in order. Local jsonl is read line by line, so a bad record is
+    named by file and line; parquet and hf:// files go through `datasets`' streaming builders."""
     import datasets
 
     patterns = [data_files] if isinstance(data_files, str) else list(data_files)
-    remote = any("://" in pattern for pattern in patterns)
-    if not remote and not any(glob.glob(pattern) for pattern in patterns):
+    source = repr(data_files)
+    read = CorpusRead()
+    if any("://" in pattern for pattern in patterns):
+        records = _streamed(
+            lambda: iter(datasets.load_dataset(file_format, data_files=patterns, split="train", streaming=True)),
+            source,
+        )
+        documents = _from_hub(_documents(records, text_field, stratum_field, on_bad_record, read), source)
+        return DocumentStream(documents, read)
+    paths = [path for pattern in patterns for path in sorted(glob.glob(pattern, recursive=True))]
+    if not paths:
         raise CorpusError(
             f"no corpus files match {data_files!r}: build the offline corpus (materialise "
             "pile_sample) or point corpus.data_files at existing jsonl / jsonl.zst / parquet files"
         )
-    return _documents(
-        lambda: datasets.load_dataset(file_format, data_files=patterns, split="train", streaming=True),
-        repr(data_files),
-        remote,
-        text_field,
-        stratum_field,
-    )
+    if file_format == "parquet":
+        records = _streamed(
+            lambda: iter(datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True)), source
+        )
+    else:
+        records = _json_lines(paths)
+    documents = _documents(records, text_field, stratum_field, on_bad_record, read)
+    return DocumentStream(_non_empty(documents, read, source), read)
+
+
+def _non_empty(documents: Iterator[Document], read: CorpusRead, source: str) -> Iterator[Document]:
+    yield from documents
+    if not read.records:
+        raise CorpusError(f"the corpus has no documents: {source} holds no records")
 
 
 def iter_dataset(
-    name: str, subset: str, split: str, text_field: str = "text", stratum_field: str = "meta.pile_set_name"
-) -> Iterator[Document]:
+    name: str,
+    subset: str,
+    split: str,
+    text_field: str = "text",
+    stratum_field: str = "meta.pile_set_name",
+    on_bad_record: str = "fail",
+) -> DocumentStream:
     """Stream documents of a Hugging Face dataset by name, in order."""
     import datasets
 
-    return _documents(
-        lambda: datasets.load_dataset(name, subset or None, split=split, streaming=True),
-        f"dataset {name!r}" + (f" ({subset})" if subset else "") + f" split {split!r}",
-        True,
-        text_field,
-        stratum_field,
-    )
+    source = f"dataset {name!r}" + (f" ({subset})" if subset else "") + f" split {split!r}"
+    read = CorpusRead()
+    records = _streamed(lambda: iter(datasets.load_dataset(name, subset or None, split=split, streaming=True)), source)
+    return DocumentStream(_from_hub(_documents(records, text_field, stratum_field, on_bad_record, read), source), read)
 
 
-def open_corpus(spec: CorpusSpec, offline_dir: Path) -> Iterator[Document]:
+def open_corpus(spec: CorpusSpec, offline_dir: Path) -> DocumentStream:
     """The documents a run's corpus section names (the offline corpus is built on first use)."""
     if spec.kind == "offline":
         return iter_documents([str(p) for p in build_offline_corpus(offline_dir, max_documents=spec.max_documents)])
     if spec.kind == "files":
-        return iter_documents(list(spec.data_files), spec.text_field, spec.stratum_field, spec.data_format)
-    return iter_dataset(spec.dataset, spec.subset, spec.split, spec.text_field, spec.stratum_field)
+        return iter_documents(
+            list(spec.data_files), spec.text_field, spec.stratum_field, spec.data_format, spec.on_bad_record
+        )
+    return iter_dataset(spec.dataset, spec.subset, spec.split, spec.text_field, spec.stratum_field, spec.on_bad_record)
 
 
 def _stdlib_dir() -> Path:

@@ -113,7 +113,7 @@ class RunLayout:
     def corpus_dir(self) -> Path:
         return self._at(None, "corpus")
 
-    def corpus(self, run: RunConfig) -> Iterator[corpus.Document]:
+    def corpus(self, run: RunConfig) -> corpus.DocumentStream:
         """The run's corpus, building the offline corpus on first use."""
         return corpus.open_corpus(run.corpus, self.corpus_dir)
 
@@ -134,6 +134,11 @@ class RunLayout:
     @property
     def strata_file(self) -> Path:
         return self._at("pile_sample", "sample", "strata.parquet")
+
+    @property
+    def corpus_read_file(self) -> Path:
+        """What reading the corpus met: records read, bad ones skipped (corpus.CorpusRead)."""
+        return self._at("pile_sample", "sample", "corpus_read.json")
 
     def sample(self) -> TokenSample:
         return load_sample(self._existing("pile_sample", self.sample_file, "token sample"))

@@ -15,8 +15,13 @@ def pile_sample(context: dg.AssetExecutionContext, run: RunResource, storage: St
     run_config, layout = run.config, storage.layout(context)
     tokenizer = model.load_tokenizer(layout.model_source(run_config))
     census = draw_sample(layout, run_config, layout.corpus(run_config), tokenizer)
-    spec = run_config.sampling
+    spec, skipped = run_config.sampling, census.read.skipped
     context.log.info(f"sampled {spec.n_windows} windows x {spec.context_len} tokens into {layout.sample_file}")
+    if skipped:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
+        context.log.warning(
+            f"skipped {skipped.total()} bad corpus records ({reasons}), first: {census.read.first_skipped}"
+        )
     return dg.MaterializeResult(
         metadata={
             "windows": spec.n_windows,
@@ -24,7 +29,9 @@ def pile_sample(context: dg.AssetExecutionContext, run: RunResource, storage: St
             "context_len": spec.context_len,
             "partitions": spec.partitions,
             "heldout_partitions": dg.MetadataValue.text(", ".join(run_config.heldout_partition_keys)),
-            "strata": md(frame_table(census)),
+            "strata": md(frame_table(census.strata)),
+            "records_read": census.read.records,
+            "skipped_records": skipped.total(),
             "path": dg.MetadataValue.path(str(layout.sample_file)),
         }
     )

@@ -73,6 +73,11 @@ class CorpusSpec(Section):
         "nested fields); documents without it are stratum `unknown`",
     )
     max_documents: int = Field(0, ge=0, description="kind `offline`: corpus size in documents; 0 = everything")
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="a record that is not UTF-8, not JSON or without text: `fail` names its file and line; "
+        "`skip` skips it and counts it in the sample's census (sample/corpus_read.json)",
+    )
 
     @field_validator("data_files", mode="before")
     @classmethod
