@@ -49,7 +49,7 @@ def test_empty_corpus(tmp_path, tiny_run):
     with pytest.raises(CorpusError, match="no corpus files match"):
         list(iter_documents(str(tmp_path / "missing" / "*.jsonl.zst")))
     small = _write_shard(tmp_path / "01.jsonl.zst", [{"text": "a short text", "meta": {"pile_set_name": "x"}}])
-    with pytest.raises(CorpusError, match="needs 192 .* raise document_rate"):
+    with pytest.raises(CorpusError, match=r"needs 192 .* raise sampling\.document_rate"):
         sample_windows(iter_documents(small), tokenizer, spec)
 
 

@@ -79,13 +79,14 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
         if len(windows) >= spec.n_windows:
             break
     if not scanned:
-        raise CorpusError("the corpus has no documents: check its data_files and that the shards are not empty")
+        raise CorpusError("the corpus has no documents -> check corpus.data_files and that the shards are not empty")
     if len(windows) < spec.n_windows:
         raise CorpusError(
             f"the corpus gave {len(windows)} windows of {spec.context_len} tokens from "
-            f"{sum(scanned.values()):,} characters of text, but the profile needs {spec.n_windows} "
-            f"({spec.partitions} partitions x {spec.windows_per_partition}): raise "
-            "document_rate, use a larger corpus, or lower n_partitions/windows_per_partition"
+            f"{sum(scanned.values()):,} characters of text, but the run config needs {spec.n_windows} "
+            f"(sampling.partitions={spec.partitions} x sampling.windows_per_partition={spec.windows_per_partition}) "
+            "-> raise sampling.document_rate, use a larger corpus (corpus.max_documents=0 reads all of the "
+            "offline one), or lower sampling.partitions, sampling.windows_per_partition or sampling.context_len"
         )
     windows = windows[: spec.n_windows]
     order = np.random.default_rng(spec.seed).permutation(spec.n_windows)

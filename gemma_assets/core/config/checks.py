@@ -18,6 +18,29 @@ from pydantic_core import ErrorDetails
 
 from gemma_assets.core.config.schema import CorpusSpec, RunConfig
 
+# Names users write for a key, matched on meaning where difflib matches only spelling (it offers
+# `dataset` for `paths`); offered only where the key exists in the unknown key's own section.
+KEY_SYNONYMS = {
+    "path": "data_files",
+    "paths": "data_files",
+    "files": "data_files",
+    "glob": "data_files",
+    "text_key": "text_field",
+    "text_column": "text_field",
+    "column": "text_field",
+    "limit": "max_documents",
+    "layer_index": "layer",
+    "block": "layer",
+    "precision": "dtype",
+    "max_length": "context_len",
+    "k": "ks",
+    "k_values": "ks",
+    "n_clusters": "ks",
+    "num_clusters": "ks",
+    "init": "seeding",
+    "iterations": "max_iter",
+}
+
 
 def section_models(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -52,7 +75,8 @@ def describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        synonym = KEY_SYNONYMS.get(str(loc[-1]))
+        close = [synonym] if synonym in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         prefix = _dotted(loc[:-1])
         if close:
             return f"- unknown key '{where}': did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
