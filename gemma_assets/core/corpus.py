@@ -15,6 +15,7 @@ import glob
 import hashlib
 import io
 import json
+import lzma
 import random
 import sysconfig
 from collections import Counter
@@ -122,26 +123,35 @@ def _json_lines(paths: list[str]) -> Iterator[_Record]:
     """The records of local jsonl files (compressed by their suffix: .zst, .gz, .bz2, .xz), one per
     non-blank line, in order; a line that is not UTF-8, not JSON or not an object comes with why."""
     for path in paths:
-        # fsspec picks the codec by suffix; its zstd reader has no lines of its own, a buffer gives them
-        with fsspec.open(path, "rb", compression="infer") as stream, io.BufferedReader(stream) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {number}"
-                try:
-                    value = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError as error:
-                    byte = f"byte {line[error.start]:#04x} at column {error.start + 1}"
-                    yield _Record(where, None, "not UTF-8 text", f"not UTF-8 text ({byte})")
-                except json.JSONDecodeError as error:
-                    problem = error.msg.removesuffix(" at")  # some of json's messages end in "at"
-                    yield _Record(where, None, "not JSON", f"not JSON ({problem} at column {error.colno})")
+        try:
+            yield from _lines_of(path)
+        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as error:  # the codecs' own errors
+            raise CorpusError(
+                f"{path} cannot be read ({type(error).__name__}: {error}) -> replace it with an intact copy, "
+                "or leave it out of corpus.data_files"
+            ) from error
+
+
+def _lines_of(path: str) -> Iterator[_Record]:
+    # fsspec picks the codec by suffix; its zstd reader has no lines of its own, a buffer gives them
+    with fsspec.open(path, "rb", compression="infer") as stream, io.BufferedReader(stream) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                byte = f"byte {line[error.start]:#04x} at column {error.start + 1}"
+                yield _Record(where, None, "not UTF-8 text", f"not UTF-8 text ({byte})")
+            except json.JSONDecodeError as error:
+                problem = error.msg.removesuffix(" at")  # some of json's messages end in "at"
+                yield _Record(where, None, "not JSON", f"not JSON ({problem} at column {error.colno})")
+            else:
+                if isinstance(value, dict):
+                    yield _Record(where, value)
                 else:
-                    if isinstance(value, dict):
-                        yield _Record(where, value)
-                    else:
-                        kind = type(value).__name__
-                        yield _Record(where, None, "not a JSON object", f"a JSON {kind}, not an object")
+                    yield _Record(where, None, "not a JSON object", f"a JSON {type(value).__name__}, not an object")
 
 
 def _streamed(open_stream: Callable[[], Iterator[dict]], source: str) -> Iterator[_Record]:
@@ -149,7 +159,10 @@ def _streamed(open_stream: Callable[[], Iterator[dict]], source: str) -> Iterato
     try:
         stream = open_stream()
     except StopIteration:  # the json builder finds no first record to infer features from
-        raise CorpusError(f"the corpus has no documents: {source} holds no records") from None
+        raise CorpusError(
+            f"the corpus has no documents: {source} holds no records -> name one that has records in "
+            "corpus.data_files or corpus.dataset"
+        ) from None
     for number, fields in enumerate(stream):
         yield _Record(f"record {number} of {source}", fields)
 
@@ -208,7 +221,9 @@ def iter_documents(
 def _non_empty(documents: Iterator[Document], read: CorpusRead, source: str) -> Iterator[Document]:
     yield from documents
     if not read.records:
-        raise CorpusError(f"the corpus has no documents: {source} holds no records")
+        raise CorpusError(
+            f"the corpus has no documents: {source} holds no records -> point corpus.data_files at shards with records"
+        )
 
 
 def iter_dataset(

@@ -126,6 +126,28 @@ class ChecksummingStore(zarr.storage.WrapperStore):
         await self._store.set(key, value)
 
 
+# what a COMMIT.json holds (PartitionWriter.commit), by field: its type
+_MANIFEST_FIELDS = {"version": str, "n_tokens": int, "d_model": int, "checksums": dict, "attrs": dict}
+
+
+def _manifest_problem(manifest: object) -> str:
+    """What makes a parsed COMMIT.json unusable ("" if nothing): readers index it without checks."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not a manifest"
+    for name, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
+            return f"has no {kind.__name__} {name!r}"
+    version = manifest["version"]
+    if not version.startswith("v-") or "/" in version or "\\" in version:
+        return f"names version {version!r}, not a version folder of its own"
+    if manifest["n_tokens"] < 0 or manifest["d_model"] < 1:
+        return f"declares {manifest['n_tokens']} tokens of width {manifest['d_model']}"
+    checksums = manifest["checksums"]
+    if not all(isinstance(crc, int) and not isinstance(crc, bool) for crc in checksums.values()):
+        return "has a checksum that is not a number"
+    return ""
+
+
 @dataclass(frozen=True)
 class Partition:
     key: str
@@ -290,11 +312,15 @@ class ActivationStore:
                 f"activations partition {key}"
             )
         try:
-            return json.loads(self.fs.cat_file(pointer))
-        except json.JSONDecodeError:
-            raise StorageError(
-                f"activation partition {key}: {COMMIT_FILE} is not valid JSON (corrupt) -> {rematerialise_hint(key)}"
-            ) from None
+            manifest = json.loads(self.fs.cat_file(pointer))
+        except ValueError:  # not UTF-8, or not JSON
+            problem = "is not valid JSON"
+        else:
+            if not (problem := _manifest_problem(manifest)):
+                return manifest
+        raise StorageError(
+            f"activation partition {key}: {COMMIT_FILE} {problem} (corrupt) -> {rematerialise_hint(key)}"
+        )
 
     def missing_files(self, key: str, manifest: dict | None = None) -> list[str]:
         """Files the partition's manifest lists that are not on storage (one listing)."""
