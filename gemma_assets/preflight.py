@@ -309,6 +309,8 @@ def preflight(
     d_model = slices[0].facts["d_model"]
     estimates = costs.estimate([s.measured for s in slices], run, d_model, costs.streamed_train(slices[0].run, d_model))
     disk = costs.disk_estimate([(s.run, s.disk) for s in slices], run)
+    # `gemma-assets materialize` of this config checks the free space against it
+    recorded = costs.record_disk_estimate(RunLayout.of(data_root, run.name).root, run, disk)
     sample = run.sampling
     say(
         f"\nestimate for the full run {run.name} ({sample.partitions} partitions x {sample.windows_per_partition} "
@@ -331,6 +333,7 @@ def preflight(
             "points": points,
         },
     }
+    say(f"\ndisk estimate recorded for gemma-assets materialize: {recorded}")
     if json_path is not None:
         write_json(json_path, document)
         say(f"\nJSON: {json_path}")

@@ -1,12 +1,20 @@
-"""The cost model of a run: how each asset's work scales with the run config, and the estimate
-of a full run from measured slices of it (`gemma-assets preflight`)."""
+"""The cost model of a run: how each asset's work scales with the run config, the estimate of a
+full run from measured slices of it (`gemma-assets preflight`), and its disk need from the run
+config alone (what `gemma-assets materialize` checks the free space against)."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemma_assets.core import model
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.dictionaries import TOP_M
+from gemma_assets.core.files import write_json
+from gemma_assets.core.storage import ACTIVATIONS, COMMIT_FILE
 
 
 @dataclass(frozen=True)
@@ -201,12 +209,14 @@ def disk_category(relative: Path) -> str:
     return "fixed"
 
 
-def disk_use(root: Path) -> dict[str, int]:
-    """Bytes of the files under a run's root, by DISK_GROWTH category."""
+def disk_use(root: Path, allocated: bool = False) -> dict[str, int]:
+    """Bytes of the files under a run's root, by DISK_GROWTH category: their sizes, or with
+    `allocated` the blocks the filesystem gives them (what its free space is counted in)."""
     use = dict.fromkeys(DISK_GROWTH, 0)
     for path in root.rglob("*"):
         if path.is_file():
-            use[disk_category(path.relative_to(root))] += path.stat().st_size
+            stat = path.stat()
+            use[disk_category(path.relative_to(root))] += stat.st_blocks * 512 if allocated else stat.st_size
     return use
 
 
@@ -230,3 +240,181 @@ def disk_estimate(slices: list[tuple[RunConfig, dict[str, int]]], full: RunConfi
         category: extrapolate([(disk_units(run)[category], use[category]) for run, use in slices], at[category])
         for category in DISK_GROWTH
     }
+
+
+# What `gemma-assets materialize` holds the free space of the data root against, before it
+# plans anything. preflight measures every category on slices (disk_estimate) and records the
+# result beside the run (record_disk_estimate); without such a record the bytes are counted
+# from the run config alone (config_disk_estimate): exact for uncompressed arrays, an upper
+# bound for what is stored with a lossless codec, and an allowance for text (pages, reports).
+BFLOAT16_BYTES = 2
+# the per-token arrays stored beside the activations (zstd; counted uncompressed): token ids and
+# positions (int32), document ids and offsets (int64), strata (int16)
+STORE_PER_TOKEN_BYTES = 4 + 4 + 8 + 8 + 2
+# the token sample (sample/windows.npz): token ids (int32) per token; document id and start
+# (int64) and stratum (int16) per window
+SAMPLE_PER_TOKEN_BYTES, SAMPLE_PER_WINDOW_BYTES = 4, 8 + 8 + 2
+ASSIGNMENT_BYTES = 4  # the cluster of every token at each k (int32, zstd; counted uncompressed)
+WINDOW_METRIC_SUMS = 6  # per dictionary and held-out window: n, sse, sq, cosine, relative norm, l0 (+ d sums of x)
+# per partition, besides its d x d co-moment: norms (float32), positions (int32), strata (int16)
+STATS_PER_TOKEN_BYTES = 4 + 4 + 2
+FEATURE_PAGE_BYTES = 8 * 2**10  # one HTML page per feature: 4.0 KB on the tiny run, 6.4 KB in 4 KiB blocks
+REPORT_BYTES = 2**20  # report, plots, records, JSON summaries: 0.6 MB on the tiny run
+OFFLINE_CORPUS_BYTES = int(3.5 * 2**20)  # the whole offline corpus (1,208 documents, 3.2 MB on Python 3.11)
+OFFLINE_DOCUMENT_BYTES = 3 * 2**10  # of it, per document when corpus.max_documents caps it (2.5 KB measured)
+PRETRAINED_WIDTH = 16384  # a pretrained SAE whose sae_id names no width_<n>[k|m] is counted at this width
+# the local copies `core/model` makes under DATA_ROOT/models once (the hub model stays in the
+# Hugging Face cache): the tiny model with its tokenizer (1.6 MB), Gemma 3 270M in float32
+MODEL_COPY_BYTES = {"tiny": 2 * 2**20, "gguf_demo": int(1.15e9)}
+PREFLIGHT_ESTIMATE_FILE = "preflight_estimate.json"  # in the run's folder: what preflight estimated
+CONFIG_SOURCE = "estimate from the run config"
+PREFLIGHT_SOURCE = "preflight's estimate"
+
+
+def _pretrained_width(sae_id: str) -> int:
+    match = re.search(r"width_(\d+)([km]?)", sae_id)
+    if match is None:
+        return PRETRAINED_WIDTH
+    return int(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20}[match.group(2)]
+
+
+def config_disk_estimate(run: RunConfig, d_model: int) -> dict[str, float]:
+    """The bytes of `run`'s folder per DISK_GROWTH category, from the run config and the model's
+    d_model alone (no slice is run): the activation store as d_model bfloat16 values per token
+    (written with a lossless codec: the uncompressed size is an upper bound), the per-token arrays
+    beside it, in the sample and k-means' assignments at every k, each partition's statistics
+    (its d x d float64 co-moment, quantile sample and per-token columns), the per-window metric
+    sums of every dictionary, and fixed costs: moments and whitening, centroids, SAE weights,
+    one feature page per cluster and latent, the offline corpus and the report."""
+    sample = run.sampling
+    tokens = sample.n_windows * sample.context_len
+    heldout_windows = sample.holdout_partitions * sample.windows_per_partition
+    tokens_per_partition = sample.tokens_per_partition
+    non_bos_per_partition = sample.windows_per_partition * (sample.context_len - 1)
+    ks = run.clustering.ks
+    dictionaries = len(ks) * (2 + len(TOP_M)) + 2 + len(run.sae_specs)  # k-means, gain-shape, top-m; leader x2; SAEs
+    d2 = d_model * d_model * 8  # one float64 d x d matrix
+    per_partition = (
+        d2
+        + 4 * d_model * 8  # mean, minimum, maximum, and as much again for the norm histogram
+        + min(run.quality.quantile_sample_per_partition, non_bos_per_partition) * d_model * 4
+        + tokens_per_partition * STATS_PER_TOKEN_BYTES
+        + sample.windows_per_partition * 16
+    )
+    widths = {
+        spec.name: spec.width if spec.architecture == "topk" else _pretrained_width(spec.sae_id)
+        for spec in run.sae_specs
+    }
+    sae_weights = sum(
+        (run.seeds if spec.architecture == "topk" else 1)
+        * (2 * widths[spec.name] * d_model + widths[spec.name] + d_model)
+        * 4
+        for spec in run.sae_specs
+    )
+    corpus = 0
+    if run.corpus.kind == "offline":
+        capped = run.corpus.max_documents * OFFLINE_DOCUMENT_BYTES
+        corpus = min(OFFLINE_CORPUS_BYTES, capped) if capped else OFFLINE_CORPUS_BYTES
+    fixed = (
+        3 * d2  # train and held-out moments, whitening
+        + sum(2 * k * d_model * 4 * run.seeds for k in ks)  # centroids and gain-shape atoms, per seed
+        + 2 * max(ks) * d_model * 4  # leader regions, counted as many as the largest k
+        + sae_weights
+        + (sum(ks) + sum(widths.values())) * FEATURE_PAGE_BYTES
+        + corpus
+        + REPORT_BYTES
+    )
+    return {
+        "store": tokens * (d_model * BFLOAT16_BYTES + STORE_PER_TOKEN_BYTES),
+        "per_token": tokens * (SAMPLE_PER_TOKEN_BYTES + len(ks) * ASSIGNMENT_BYTES)
+        + sample.n_windows * SAMPLE_PER_WINDOW_BYTES,
+        "per_heldout_window": heldout_windows * dictionaries * (WINDOW_METRIC_SUMS + d_model) * 8,
+        "per_partition": sample.partitions * per_partition,
+        "fixed": fixed,
+    }
+
+
+def record_disk_estimate(run_root: Path, run: RunConfig, disk: dict[str, float]) -> Path:
+    """Keep preflight's disk estimate of `run` in its folder, for `gemma-assets materialize`."""
+    target = run_root / PREFLIGHT_ESTIMATE_FILE
+    write_json(target, {"config_digest": run.digest(), "disk_bytes": disk})
+    return target
+
+
+def recorded_disk_estimate(run_root: Path, run: RunConfig) -> dict[str, float] | None:
+    """preflight's disk estimate of this very config (the same digest), if one was recorded."""
+    try:
+        recorded = json.loads((run_root / PREFLIGHT_ESTIMATE_FILE).read_text())
+        if recorded["config_digest"] != run.digest():
+            return None
+        return {category: float(recorded["disk_bytes"][category]) for category in DISK_GROWTH}
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable or of another version: count instead
+        return None
+
+
+def model_copy_bytes(run: RunConfig, models_dir: Path) -> float:
+    """The local copy of the run's model still to write under DATA_ROOT/models (0: made already,
+    or the model is read from the Hugging Face cache)."""
+    if run.model.kind not in MODEL_COPY_BYTES:
+        return 0.0
+    folder = model._cache_folder(run.model, models_dir)
+    return 0.0 if (folder / "config.json").exists() else float(MODEL_COPY_BYTES[run.model.kind])
+
+
+def format_bytes(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n_bytes) < 1024:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TB"
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What a run takes on the data root's disk in all, what is there already, and what it still
+    needs to write."""
+
+    total: float  # the run's folder and the model's local copy, when done
+    present: float  # bytes allocated under the run's folder now
+    remaining: float  # what the run still writes, per category less what each already holds
+    source: str  # PREFLIGHT_SOURCE or CONFIG_SOURCE
+
+    def describe(self) -> str:
+        basis = (
+            "an upper bound: activations and assignments counted uncompressed"
+            if self.source == CONFIG_SOURCE
+            else "measured on slices and extrapolated"
+        )
+        return (
+            f"about {format_bytes(self.total)} in all ({self.source}, {basis}), {format_bytes(self.remaining)} "
+            f"still to write ({format_bytes(self.present)} of the run already on disk)"
+        )
+
+
+def disk_need(run: RunConfig, d_model: int, run_root: Path, models_dir: Path) -> DiskNeed:
+    """The run's disk need: preflight's recorded estimate of this config when there is one,
+    else the estimate from the run config; less what the run's folder already holds, category
+    by category, so a rerun of a half-finished run needs only the rest. The activation store
+    counts its committed partitions instead of its bytes (what is compressed on disk would
+    otherwise leave a finished store's uncompressed bound still to write)."""
+    recorded = recorded_disk_estimate(run_root, run)
+    estimate = recorded if recorded is not None else config_disk_estimate(run, d_model)
+    present = disk_use(run_root, allocated=True)
+    keys = run.partition_keys
+    committed = sum((run_root / ACTIVATIONS / f"part-{key}" / COMMIT_FILE).exists() for key in keys)
+    remaining = {category: max(0.0, estimate[category] - present[category]) for category in DISK_GROWTH}
+    remaining["store"] = estimate["store"] * (len(keys) - committed) / len(keys)
+    copy = model_copy_bytes(run, models_dir)
+    return DiskNeed(
+        total=sum(estimate.values()) + copy,
+        present=float(sum(present.values())),
+        remaining=sum(remaining.values()) + copy,
+        source=PREFLIGHT_SOURCE if recorded is not None else CONFIG_SOURCE,
+    )
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem of `path` (of its nearest existing folder if it is not there yet)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
