@@ -8,34 +8,26 @@ import argparse
 import os
 import subprocess
 import sys
-import time
+import traceback
 from pathlib import Path
-
-import dagster as dg
 
 from gemma_assets.commands import export_dictionary, verify_report
 from gemma_assets.core.config import (
     CONFIG_ENV_VAR,
     SHIPPED_CONFIGS,
-    ConfigError,
     load_run_config,
     reference_markdown,
     save_resolved,
 )
-from gemma_assets.core.corpus import CorpusError
 from gemma_assets.core.layout import RunLayout
-from gemma_assets.core.model import ModelAccessError
-from gemma_assets.core.storage import StorageError
-from gemma_assets.defs.recovery import PoolWaitTimeout
-from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root, run_layout
+from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root
 from gemma_assets.runner import (
     EXIT_INTERRUPTED,
     KNOWN_ERRORS,
-    Interrupts,
     StageFailed,
     ensure_dagster_home,
-    materialize_all,
 )
+from gemma_assets.runner.errors import disk_full, is_enospc
 
 
 def _add_config_arguments(command: argparse.ArgumentParser, data_root: bool = True) -> None:
@@ -114,6 +106,19 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_arguments(command)
     _add_config_arguments(show, data_root=False)
     materialize.add_argument("--force", action="store_true", help="recompute everything, even what is up to date")
+    # its own flag, not --force: --force means "recompute what is up to date", and a user who
+    # wants that on a roomy disk must not lose the free-space check, nor one who is short of
+    # space be made to recompute everything
+    materialize.add_argument(
+        "--ignore-free-space",
+        action="store_true",
+        help="start even when the free space is below the estimate",
+    )
+    materialize.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another materialize of the run is live, stop at once instead of waiting for it",
+    )
     for command, level in ((materialize, "INFO"), (preflight, "WARNING")):
         command.add_argument(
             "--log-level",
@@ -140,25 +145,13 @@ def _fail(message: str, code: int) -> None:
 
 
 def _materialize(args: argparse.Namespace) -> None:
-    from gemma_assets.core.validation import validate_run
-    from gemma_assets.defs.graph import build_definitions
+    from gemma_assets.runner.command import MaterializeOptions, materialize
 
     run_config, data_root = load_run_config(args.config, args.overrides), resolve_data_root(args.data_root)
-    validate_run(run_config, RunLayout.of(data_root, run_config.name).models_dir)
-    require_writable(data_root, run_config)
-    home = ensure_dagster_home()
-    defs = build_definitions(run_config, data_root)
-    save_resolved(run_config, RunLayout.of(data_root, run_config.name).resolved_config_file)
-    started = time.perf_counter()
-    with dg.DagsterInstance.get() as instance, Interrupts(instance) as interrupts:
-        results = materialize_all(
-            run_config, defs, instance, args.log_level, args.force, args.wait_timeout, interrupts, args.debug
-        )
-    if results:
-        print(
-            f"\nall stages done in {time.perf_counter() - started:.0f}s (run {run_config.name}; runs recorded in {home})"
-        )
-    print(f"report: {run_layout(defs).report_file('report.md')}")
+    options = MaterializeOptions(
+        args.log_level, args.force, args.wait_timeout, args.debug, args.ignore_free_space, not args.no_wait
+    )
+    materialize(run_config, data_root, options)
 
 
 def _ui(args: argparse.Namespace) -> None:
@@ -232,8 +225,15 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, "debug", False) and error.details:
             print(error.details, file=sys.stderr)
         _fail(str(error), error.code)
-    except (ConfigError, ModelAccessError, CorpusError, StorageError, PoolWaitTimeout) as error:
+    except tuple(KNOWN_ERRORS) as error:
         _fail(str(error), KNOWN_ERRORS[type(error)])
+    except OSError as error:  # ENOSPC outside a step of any command: its own exit code
+        if not is_enospc(error):
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        full = disk_full(f"{type(error).__name__}: {error}", resolve_data_root(getattr(args, "data_root", None)))
+        _fail(str(full), full.code)
     except KeyboardInterrupt:
         _fail("interrupted (Ctrl-C); run the same command again to continue", EXIT_INTERRUPTED)
 

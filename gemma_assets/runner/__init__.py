@@ -2,10 +2,12 @@
 stage by stage through Dagster, interrupts, and the exit code of each known failure."""
 
 from gemma_assets.runner.errors import (
+    EXIT_BUSY,
     EXIT_CHECK,
     EXIT_CONFIG,
     EXIT_CORPUS,
     EXIT_DISAGREES,
+    EXIT_DISK_FULL,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_MODEL_ACCESS,
@@ -20,10 +22,12 @@ from gemma_assets.runner.interrupts import Interrupts
 from gemma_assets.runner.planning import failed_blocking_checks, stale_plan
 
 __all__ = [
+    "EXIT_BUSY",
     "EXIT_CHECK",
     "EXIT_CONFIG",
     "EXIT_CORPUS",
     "EXIT_DISAGREES",
+    "EXIT_DISK_FULL",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_MODEL_ACCESS",

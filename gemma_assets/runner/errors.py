@@ -3,13 +3,17 @@ carrying the cause and its fix (the last line printed) with the traceback kept f
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gemma_assets.core import costs
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.corpus import CorpusError
 from gemma_assets.core.model import ModelAccessError
 from gemma_assets.core.storage import StorageError
 from gemma_assets.defs.recovery import PoolWaitTimeout
+from gemma_assets.runner.lock import RunBusy
 
 if TYPE_CHECKING:
     from dagster_shared.error import SerializableErrorInfo
@@ -23,6 +27,10 @@ EXIT_CORPUS = 5  # the corpus cannot be read
 EXIT_CHECK = 6  # a blocking data-quality check failed
 EXIT_POOL_TIMEOUT = 7  # a pool slot stayed held by a live run past --wait-timeout
 EXIT_DISAGREES = 8  # verify-report: a recomputed figure differs from its report beyond its tolerance
+# the disk is full (ENOSPC, in a step or in the command itself), or materialize found less free
+# space on the data root than the run still needs; finished work is kept, the same command continues
+EXIT_DISK_FULL = 9
+EXIT_BUSY = 10  # materialize --no-wait: another live command is materialising the run
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 KNOWN_ERRORS = {
     ConfigError: EXIT_CONFIG,
@@ -30,6 +38,7 @@ KNOWN_ERRORS = {
     StorageError: EXIT_STORAGE,
     CorpusError: EXIT_CORPUS,
     PoolWaitTimeout: EXIT_POOL_TIMEOUT,
+    RunBusy: EXIT_BUSY,
 }
 
 
@@ -41,6 +50,69 @@ class StageFailed(Exception):
         self.code, self.details = code, details
 
 
+class DiskFull(StageFailed):
+    """The disk ran full (ENOSPC); `cause` names the step or the write and the error it raised."""
+
+    def __init__(self, message: str, cause: str, details: str = "") -> None:
+        super().__init__(message, EXIT_DISK_FULL, details)
+        self.cause = cause
+
+
+# how ENOSPC reads in an error's message: Python's OSError, Rust's io::Error (safetensors), and
+# the strerror that libraries (pyarrow, zarr, numcodecs) repeat when they wrap it
+ENOSPC_MARKERS = (f"[Errno {errno.ENOSPC}]", f"os error {errno.ENOSPC}", "No space left on device")
+DISK_FULL_FIX = "then run the same command again: finished work is kept"
+
+
+def is_enospc(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is ENOSPC."""
+    current: BaseException | None = error
+    for _ in range(16):  # a chain, not a cycle
+        if current is None:
+            return False
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if any(marker in str(current) for marker in ENOSPC_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full(
+    cause: str, data_root: str | None = None, need: costs.DiskNeed | None = None, details: str = ""
+) -> DiskFull:
+    """The last line of a full disk: the data root, the free space on its filesystem and what the
+    run needs (when known), what ran out, and the fix."""
+    if data_root is None:
+        return DiskFull(
+            f"no space left on device ({cause}) -> free space on the data root's disk or point --data-root at a "
+            f"larger one, {DISK_FULL_FIX}",
+            cause,
+            details,
+        )
+    free = costs.format_bytes(costs.free_bytes(Path(data_root)))
+    needs = f", and the run needs {need.describe()}" if need is not None else ""
+    return DiskFull(
+        f"no space left on device ({cause}): the data root {data_root} has {free} free on its filesystem{needs} "
+        f"-> free space there or point --data-root at a larger disk, {DISK_FULL_FIX}",
+        cause,
+        details,
+    )
+
+
+def short_of_space(data_root: str, need: costs.DiskNeed) -> StageFailed | None:
+    """Refusal to start a run on a data root with less free space than the run still needs."""
+    free = costs.free_bytes(Path(data_root))
+    if free >= need.remaining:
+        return None
+    return StageFailed(
+        f"the data root {data_root} has {costs.format_bytes(free)} free on its filesystem, less than the run "
+        f"needs: {need.describe()} -> free space there or point --data-root at a larger disk and run the same "
+        "command again (finished work is kept), or pass --ignore-free-space to start anyway",
+        EXIT_DISK_FULL,
+    )
+
+
 def _errors(error: SerializableErrorInfo | None) -> list[SerializableErrorInfo]:
     """A serialised error and its causes, outermost first."""
     chain: list[SerializableErrorInfo] = []
@@ -50,9 +122,24 @@ def _errors(error: SerializableErrorInfo | None) -> list[SerializableErrorInfo]:
     return chain
 
 
+def _disk_full_step(result) -> DiskFull | None:
+    """The first step of a failed run whose error, or an error it was raised from, is ENOSPC."""
+    for event in result.all_events:
+        error = event.step_failure_data.error if event.is_step_failure and event.step_failure_data else None
+        full = [link for link in _errors(error) if any(marker in link.message for marker in ENOSPC_MARKERS)]
+        if error is not None and full:
+            text = full[-1].message.strip().split(f"{full[-1].cls_name}: ", 1)[-1]  # drop the module.Class prefix
+            where = f"step {event.step_key} of run {result.run_id[:8]}: {full[-1].cls_name}: {text}"
+            return disk_full(where, details=error.to_string())
+    return None
+
+
 def failure(result) -> StageFailed:
-    """The cause of a failed run, as users should read it: a failed blocking check's description,
-    or the message of the project error behind a step failure; the stack trace goes to details."""
+    """The cause of a failed run, as users should read it: a full disk (ENOSPC anywhere in any
+    step's errors: it explains whatever else failed), a failed blocking check's description, or
+    the message of the project error behind a step failure; the stack trace goes to details."""
+    if full := _disk_full_step(result):
+        return full
     failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed and e.blocking]
     if failed_checks:
         check = failed_checks[0]

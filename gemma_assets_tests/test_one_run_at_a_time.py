@@ -1,0 +1,93 @@
+"""One `materialize` of a run at a time: a second command of the same config waits for the live
+one and then finds nothing to do, or with --no-wait stops at once naming it; the lock dies with
+its holder, SIGKILL included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from gemma_assets.defs.recovery import PID_TAG
+from gemma_assets.runner.errors import EXIT_BUSY
+from gemma_assets.runner.lock import LOCK_FILE, RunBusy, run_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+# the tiny run made quick: the lock is what is tested, not the fits
+QUICK = ["--set", "clustering.ks=[16]", "--set", "saes.topk=[{widths: [16], ks: [1]}]", "--set", "saes.train_epochs=2"]
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process holding the run's lock until killed."""
+    code = (
+        "import sys, time; from pathlib import Path; from gemma_assets.runner.lock import run_lock\n"
+        f"with run_lock(Path({str(folder)!r}), 'tiny', wait=False, say=print):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(RunBusy, match=rf"run tiny is being materialised by pid {holder.pid} on .* -> wait"):
+            with run_lock(tmp_path, "tiny", wait=False, say=print):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    said: list[str] = []
+    with run_lock(tmp_path, "tiny", wait=False, say=said.append):  # free at once: the kernel released it
+        assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_FILE).read_text()
+    assert said == []
+
+
+def _materialize(tmp_path: Path, *args: str) -> subprocess.Popen:
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GEMMA_ASSETS_DATA_ROOT": str(tmp_path / "data")}
+    env.pop("GEMMA_ASSETS_CONFIG", None)
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *QUICK, *args]
+    return subprocess.Popen(
+        [*command, "--log-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_second_materialize_waits_and_runs_no_step_or_stops_with_no_wait(tmp_path):
+    first = _materialize(tmp_path)
+    lock = tmp_path / "data" / "tiny" / LOCK_FILE
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    busy = _materialize(tmp_path, "--no-wait")
+    busy_out, _ = busy.communicate(timeout=300)
+    second = _materialize(tmp_path)
+    first_out, _ = first.communicate(timeout=1200)
+    second_out, _ = second.communicate(timeout=300)
+    assert first.returncode == 0, first_out
+    assert busy.returncode == EXIT_BUSY, busy_out
+    assert (
+        busy_out.strip()
+        .splitlines()[-1]
+        .startswith(f"gemma-assets: error: run tiny is being materialised by pid {first.pid}")
+    )
+    assert second.returncode == 0, second_out
+    assert "waiting for it to end" in second_out and "nothing to do" in second_out
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        runs = instance.get_runs()
+        assert runs and {run.tags.get(PID_TAG) for run in runs} == {str(first.pid)}  # the others ran no step
