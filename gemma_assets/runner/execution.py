@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import dagster as dg
 
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.storage import ActivationStore, StorageError
 from gemma_assets.dagster_private import make_new_run_id
 from gemma_assets.defs.operations import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from gemma_assets.defs.recovery import describe_stale, process_tags, release_stale_runs, wait_for_pools
@@ -59,9 +60,9 @@ def materialize_all(
     rerun = failed_blocking_checks(defs, instance)
     plan = stale_plan(defs, instance, force, rerun)
     # partitions Dagster counts as fresh but whose files are gone are extracted again
-    activations = dg.AssetKey("activations")
+    activations, store = dg.AssetKey("activations"), run_layout(defs).activation_store()
     fresh = set(run_config.partition_keys) - set(plan.get(activations) or ())
-    if damaged := damaged_partitions(run_layout(defs).activation_store(), sorted(fresh), instance):
+    if damaged := damaged_partitions(store, sorted(fresh), instance):
         for key, reason in damaged.items():
             print(f"activations partition {key} is damaged ({reason}): extracting it again", flush=True)
         rerun.setdefault(activations, set()).update(damaged)
@@ -69,6 +70,9 @@ def materialize_all(
     if not plan:
         print(f"nothing to do: every asset of run {run_config.name} is up to date (config {run_config.digest()})")
         return []
+    extracted = set(plan.get(activations) or ())
+    # what the partitions to extract again hold now: back bit-identical, they feed nothing new below
+    before = {} if force else committed_contents(store, extracted)
     results = []
     ordered = stages(defs)
     for number, stage in enumerate(ordered, start=1):
@@ -104,4 +108,23 @@ def materialize_all(
                 raise failure(result)
             results.append(result)
         print(f"{label}: done in {time.perf_counter() - started:.0f}s", flush=True)
+        if activations.to_user_string() in stage.assets and before:
+            after = committed_contents(store, before)
+            if identical := sorted(key for key, crcs in before.items() if after.get(key) == crcs):
+                print(f"activations {', '.join(identical)}: extracted again bit-identical, nothing below reruns")
+                # the rest propagates from the partitions that changed or are new, as planned before
+                changed: set[str | None] = {key for key in extracted if key not in identical}
+                plan = stale_plan(defs, instance, force, {**rerun, activations: changed})
     return results
+
+
+def committed_contents(store: ActivationStore, keys: Iterable[str]) -> dict[str, dict[str, int]]:
+    """The CRC32 of every file of each committed partition among `keys` as its commit recorded
+    them (a file deleted or flipped since keeps its recorded CRC); an unreadable commit is left out."""
+    contents = {}
+    for key in keys:
+        try:
+            contents[key] = store.manifest(key)["checksums"]
+        except StorageError:
+            continue
+    return contents

@@ -1,6 +1,6 @@
-"""One `materialize` of a run at a time: a second command of the same config waits for the live
-one and then finds nothing to do, or with --no-wait stops at once naming it; the lock dies with
-its holder, SIGKILL included."""
+"""What a second `materialize` reruns. Nothing while another of the same run is live: it waits
+for it and then finds nothing to do, or with --no-wait stops at once naming it (the lock dies
+with its holder, SIGKILL included). Nothing below a partition extracted again bit-identical."""
 
 from __future__ import annotations
 
@@ -91,3 +91,30 @@ def test_a_second_materialize_waits_and_runs_no_step_or_stops_with_no_wait(tmp_p
     with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
         runs = instance.get_runs()
         assert runs and {run.tags.get(PID_TAG) for run in runs} == {str(first.pid)}  # the others ran no step
+
+
+def _step_keys(tmp_path: Path, pid: int) -> set[str]:
+    """The steps that succeeded in the runs of process `pid`."""
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        runs = [run for run in instance.get_runs() if run.tags.get(PID_TAG) == str(pid)]
+        events = [instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS) for run in runs]
+        return {record.event_log_entry.step_key for page in events for record in page.records}
+
+
+def test_a_repaired_partition_reruns_nothing_below_it(tmp_path):
+    first = _materialize(tmp_path)
+    out, _ = first.communicate(timeout=1200)
+    assert first.returncode == 0, out
+    version = next((tmp_path / "data" / "tiny" / "activations" / "part-0001").glob("v-*"))
+    chunk = next(path for path in sorted((version / "activations").rglob("*")) if path.is_file() and "c" in path.parts)
+    chunk.unlink()
+    repair = _materialize(tmp_path)
+    out, _ = repair.communicate(timeout=600)
+    assert repair.returncode == 0, out
+    assert "activations partition 0001 is damaged (file activations/c/" in out
+    assert "activations 0001: extracted again bit-identical, nothing below reruns" in out
+    checks = {"activations_activations_integrity", "activations_activations_finite"}
+    assert _step_keys(tmp_path, repair.pid) == {"activations", *checks}  # the partition and its checks only
+    again = _materialize(tmp_path)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "nothing to do" in out, out
