@@ -103,12 +103,21 @@ def test_materialize_stops_at_a_bad_record_with_exit_5(tmp_path, reason):
     assert "on_bad_record: skip" in last and "Traceback" not in done.stderr
 
 
-def test_skipped_records_reach_the_census_of_a_real_run(tmp_path):
+def test_with_skip_the_run_completes_and_its_census_counts_the_skipped(tmp_path):
     corpus = _corpus_with(tmp_path, list(BAD_LINES.values()))
-    select = ["dagster", "asset", "materialize", "-m", "gemma_assets.definitions", "--select", "pile_sample"]
-    done = _command(tmp_path, corpus, "skip", *select)
+    materialize = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--log-level", "WARNING"]
+    quick = [
+        "--set",
+        "clustering.ks=[16]",
+        "--set",
+        "saes.topk=[{widths: [16], ks: [1]}]",
+        "--set",
+        "saes.train_epochs=2",
+    ]
+    done = _command(tmp_path, corpus, "skip", *materialize, "--config", str(tmp_path / "run.yaml"), *quick)
     assert done.returncode == 0, done.stdout + done.stderr
-    read = json.loads((tmp_path / "data" / "bad-corpus" / "sample" / "corpus_read.json").read_text())
+    run = tmp_path / "data" / "bad-corpus"
+    read = json.loads((run / "sample" / "corpus_read.json").read_text())
     assert read["skipped"] == {"not JSON": 1, "no text": 1, "not UTF-8 text": 1}
     assert [line.split(": ")[0] for line in read["first_skipped"]] == [f"{corpus}, line {n}" for n in (3, 4, 5)]
-    assert (tmp_path / "data" / "bad-corpus" / "sample" / "windows.npz").exists()
+    assert (run / "report" / "report.md").exists()
