@@ -229,14 +229,6 @@ def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
     }
 
 
-def _size(n_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n_bytes) < 1024 or unit == "TB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return ""
-
-
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -256,7 +248,7 @@ def measured_table(result: SliceResult) -> str:
     ]
     for m in result.measured:
         lines.append(
-            f"| {m.asset} | {m.seconds:.1f} | {_size(m.peak_rss_bytes)} | {_size(m.peak_gpu_bytes) if m.peak_gpu_bytes else '-'}"
+            f"| {m.asset} | {m.seconds:.1f} | {costs.format_bytes(m.peak_rss_bytes)} | {costs.format_bytes(m.peak_gpu_bytes) if m.peak_gpu_bytes else '-'}"
             f" | {_rate(m.throughput)} {m.unit}/s |"
         )
     return "\n".join(lines)
@@ -266,15 +258,19 @@ def estimate_table(estimates: list[costs.Estimate], disk: dict[str, float]) -> s
     lines = ["| asset | time | peak RSS | peak GPU | work | scaling assumption |", "|---|---|---|---|---|---|"]
     for e in estimates:
         lines.append(
-            f"| {e.asset} | {_duration(e.seconds)} | {_size(e.peak_rss_bytes)} | "
-            f"{_size(e.peak_gpu_bytes) if e.peak_gpu_bytes else '-'} | {e.units:,.0f} {e.unit} | {e.assumption} |"
+            f"| {e.asset} | {_duration(e.seconds)} | {costs.format_bytes(e.peak_rss_bytes)} | "
+            f"{costs.format_bytes(e.peak_gpu_bytes) if e.peak_gpu_bytes else '-'} | {e.units:,.0f} {e.unit} | {e.assumption} |"
         )
     total = sum(e.seconds for e in estimates)
     peak = max((e.peak_rss_bytes for e in estimates), default=0)
-    lines.append(f"| **all** | **{_duration(total)}** | **{_size(peak)}** | | | sum of the assets; peak of the peaks |")
+    lines.append(
+        f"| **all** | **{_duration(total)}** | **{costs.format_bytes(peak)}** | | | sum of the assets; peak of the peaks |"
+    )
     lines += ["", "| on disk | size | scaling assumption |", "|---|---|---|"]
-    lines += [f"| {category} | {_size(disk[category])} | {costs.DISK_GROWTH[category]} |" for category in disk]
-    lines.append(f"| **all** | **{_size(sum(disk.values()))}** | |")
+    lines += [
+        f"| {category} | {costs.format_bytes(disk[category])} | {costs.DISK_GROWTH[category]} |" for category in disk
+    ]
+    lines.append(f"| **all** | **{costs.format_bytes(sum(disk.values()))}** | |")
     return "\n".join(lines)
 
 

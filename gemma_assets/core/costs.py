@@ -357,7 +357,7 @@ def model_copy_bytes(run: RunConfig, models_dir: Path) -> float:
     or the model is read from the Hugging Face cache)."""
     if run.model.kind not in MODEL_COPY_BYTES:
         return 0.0
-    folder = model._cache_folder(run.model, models_dir)
+    folder = model.local_copy_folder(run.model, models_dir)
     return 0.0 if (folder / "config.json").exists() else float(MODEL_COPY_BYTES[run.model.kind])
 
 

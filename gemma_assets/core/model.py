@@ -132,7 +132,7 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
     """The `from_pretrained` source of a profile's model, preparing local copies once."""
     if spec.kind == "hub":
         return spec.name
-    target = _cache_folder(spec, cache_dir)
+    target = local_copy_folder(spec, cache_dir)
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         if spec.kind == "tiny":
@@ -159,7 +159,8 @@ class ModelArchitecture:
 DEMO_ARCHITECTURE = ModelArchitecture(n_layers=18, d_model=640)
 
 
-def _cache_folder(spec: ModelSpec, cache_dir: Path) -> Path:
+def local_copy_folder(spec: ModelSpec, cache_dir: Path) -> Path:
+    """Where the model is built or converted once under DATA_ROOT/models (tiny and demo kinds)."""
     return cache_dir / ("tiny-gemma2" if spec.kind == "tiny" else "gemma3-270m")
 
 
@@ -168,7 +169,7 @@ def architecture(spec: ModelSpec, cache_dir: Path) -> ModelArchitecture:
     if spec.kind == "tiny":
         return ModelArchitecture(TINY_CONFIG["num_hidden_layers"], TINY_CONFIG["hidden_size"])
     if spec.kind == "gguf_demo":
-        cached = _cache_folder(spec, cache_dir) / "config.json"
+        cached = local_copy_folder(spec, cache_dir) / "config.json"
         if not cached.exists():
             return DEMO_ARCHITECTURE
         source = str(cached.parent)
