@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error), error.code)
     except tuple(KNOWN_ERRORS) as error:
         _fail(str(error), KNOWN_ERRORS[type(error)])
+    except BrokenPipeError:  # the reader of stdout left (`| head`): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except OSError as error:  # ENOSPC outside a step of any command: its own exit code
         if not is_enospc(error):
             raise
