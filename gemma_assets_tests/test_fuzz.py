@@ -118,6 +118,13 @@ OVERRIDES = st.one_of(
 )
 
 
+def test_a_partition_count_past_the_keys_is_refused_not_listed():
+    """Found by the override fuzz: sampling.partitions=100000000 listed a hundred million
+    partition keys while validating (24 GB, then the OOM killer); keys have four digits."""
+    with pytest.raises(ConfigError, match="sampling.partitions: Input should be less than or equal to 9999"):
+        load_run_config("tiny", ["sampling.partitions=100000000"])
+
+
 @pytest.mark.parametrize("scale", SCALES)
 def test_overrides_end_in_a_config_error_or_a_run(scale):
     _fuzz(300 * scale, _load_with_override, OVERRIDES)

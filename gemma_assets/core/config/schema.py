@@ -110,7 +110,9 @@ class CorpusSpec(Section):
 class SampleSpec(Section):
     context_len: int = Field(ge=2, description="tokens per window, BOS included")
     document_rate: float = Field(gt=0, le=1, description="share of documents taken into the sample")
-    partitions: int = Field(ge=2, description="activation partitions (units of work)")
+    partitions: int = Field(
+        ge=2, le=9999, description="activation partitions (units of work; at most 9,999: their keys have four digits)"
+    )
     windows_per_partition: int = Field(ge=1, description="token windows in each partition")
     holdout_partitions: int = Field(1, ge=1, description="the last partitions, never used for fitting")
     seed: int = Field(0, description="seed of the document choice and of the window shuffle")
