@@ -14,7 +14,7 @@ from gemma_assets.core import model
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.dictionaries import TOP_M
 from gemma_assets.core.files import write_json
-from gemma_assets.core.storage import ACTIVATIONS, COMMIT_FILE
+from gemma_assets.core.storage import ActivationStore
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ def disk_need(run: RunConfig, d_model: int, run_root: Path, models_dir: Path) ->
     estimate = recorded if recorded is not None else config_disk_estimate(run, d_model)
     present = disk_use(run_root, allocated=True)
     keys = run.partition_keys
-    committed = sum((run_root / ACTIVATIONS / f"part-{key}" / COMMIT_FILE).exists() for key in keys)
+    committed = len(set(keys) & set(ActivationStore(str(run_root)).committed_keys()))
     remaining = {category: max(0.0, estimate[category] - present[category]) for category in DISK_GROWTH}
     remaining["store"] = estimate["store"] * (len(keys) - committed) / len(keys)
     copy = model_copy_bytes(run, models_dir)

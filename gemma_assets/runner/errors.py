@@ -122,14 +122,25 @@ def _errors(error: SerializableErrorInfo | None) -> list[SerializableErrorInfo]:
     return chain
 
 
-def _disk_full_step(result) -> DiskFull | None:
-    """The first step of a failed run whose error, or an error it was raised from, is ENOSPC."""
-    for event in result.all_events:
-        error = event.step_failure_data.error if event.is_step_failure and event.step_failure_data else None
+def _failed_steps(result) -> list[tuple[str | None, SerializableErrorInfo]]:
+    """(step key, error) of every failed step of a run, in order."""
+    return [
+        (event.step_key, event.step_failure_data.error)
+        for event in result.all_events
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error
+    ]
+
+
+def _message(cause: SerializableErrorInfo) -> str:
+    return cause.message.strip().split(f"{cause.cls_name}: ", 1)[-1]  # drop the module.Class prefix
+
+
+def _disk_full_step(run_id: str, failed_steps: list[tuple[str | None, SerializableErrorInfo]]) -> DiskFull | None:
+    """The first failed step whose error, or an error it was raised from, is ENOSPC."""
+    for step_key, error in failed_steps:
         full = [link for link in _errors(error) if any(marker in link.message for marker in ENOSPC_MARKERS)]
-        if error is not None and full:
-            text = full[-1].message.strip().split(f"{full[-1].cls_name}: ", 1)[-1]  # drop the module.Class prefix
-            where = f"step {event.step_key} of run {result.run_id[:8]}: {full[-1].cls_name}: {text}"
+        if full:
+            where = f"step {step_key} of run {run_id[:8]}: {full[-1].cls_name}: {_message(full[-1])}"
             return disk_full(where, details=error.to_string())
     return None
 
@@ -138,7 +149,8 @@ def failure(result) -> StageFailed:
     """The cause of a failed run, as users should read it: a full disk (ENOSPC anywhere in any
     step's errors: it explains whatever else failed), a failed blocking check's description, or
     the message of the project error behind a step failure; the stack trace goes to details."""
-    if full := _disk_full_step(result):
+    failed_steps = _failed_steps(result)
+    if full := _disk_full_step(result.run_id, failed_steps):
         return full
     failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed and e.blocking]
     if failed_checks:
@@ -146,11 +158,7 @@ def failure(result) -> StageFailed:
         where = check.asset_key.to_user_string() + (f"[{check.partition}]" if check.partition else "")
         return StageFailed(f"blocking check {check.check_name} failed on {where}: {check.description}", EXIT_CHECK)
     codes = {cls.__name__: code for cls, code in KNOWN_ERRORS.items()}
-    step_errors = [
-        event.step_failure_data.error
-        for event in result.all_events
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error
-    ]
+    step_errors = [error for _, error in failed_steps]
     if any(cause.cls_name == "DagsterExecutionInterruptedError" for e in step_errors for cause in _errors(e)):
         # Dagster turns SIGINT/SIGTERM inside a step into this error and fails the run itself
         return StageFailed(
@@ -161,9 +169,7 @@ def failure(result) -> StageFailed:
     for error in step_errors:
         for cause in _errors(error):
             if cause.cls_name in codes:
-                message = cause.message.strip()
-                message = message.split(f"{cause.cls_name}: ", 1)[-1]  # drop the module.Class prefix
-                return StageFailed(message, codes[cause.cls_name], error.to_string())
+                return StageFailed(_message(cause), codes[cause.cls_name], error.to_string())
     if step_errors:
         innermost = _errors(step_errors[0])[-1]
         return StageFailed(
