@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.kmeans import nearest_two
 
 SILHOUETTE_SAMPLE = 10_000
@@ -39,7 +40,7 @@ def cluster_quality(batches: Iterable[torch.Tensor], centroids: torch.Tensor, se
     # the silhouette's uniform sample so far: rows, their random keys and their labels
     sample_x = torch.empty(0, centroids.shape[1], dtype=centroids.dtype)
     sample_keys, sample_labels = torch.empty(0), torch.empty(0, dtype=torch.long)
-    for x in batches:
+    for x in progress.tracked(batches, f"k={k} cluster quality on held-out tokens", unit="batches"):
         labels, first, second = nearest_two(x, centroids, c_sq)
         a, b = first.sqrt(), second.sqrt()
         inertia += float(first.double().sum())

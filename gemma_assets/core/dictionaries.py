@@ -58,7 +58,7 @@ def fit_gain_shape(
 ) -> tuple[GainShapeDictionary, KMeansResult]:
     """Spherical k-means: k-means on centred unit vectors (a tensor or a stream of batches),
     centroids renormalised."""
-    result = fit_kmeans(map_data(train, lambda x: unit_rows(x - mean)), k, **kmeans_args)
+    result = fit_kmeans(map_data(train, lambda x: unit_rows(x - mean)), k, label="spherical k-means", **kmeans_args)
     return GainShapeDictionary(unit_rows(result.centroids), mean), result
 
 

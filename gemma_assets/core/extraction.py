@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.sampling import TokenSample
 from gemma_assets.core.storage import ActivationStore, PartitionWriter
@@ -73,10 +74,11 @@ def extract_windows(
     layer: int,
     batch_size: int,
     device: str,
-    on_progress: Callable[[int, float], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
     on_rows: RowsReady | None = None,
 ) -> np.ndarray:
-    """bf16 bit patterns [windows * context_len, d_model] of block `layer` for token windows.
+    """bf16 bit patterns [windows * context_len, d_model] of block `layer` for token windows;
+    `on_progress(rows done)` after each batch (on CUDA after every tenth of them).
 
     On CUDA the bf16 results are copied into pinned host memory without blocking, and the
     NaN/Inf test stays on the device: the GPU is synchronised only for the ~10 progress reports.
@@ -90,8 +92,7 @@ def extract_windows(
     bits = out.numpy().view(np.uint16)
     nonfinite = []  # per window, on the device
     n_batches = -(-n_windows // batch_size)
-    report_every = max(1, n_batches // 10)
-    started = time.perf_counter()
+    report_every = max(1, n_batches // 10) if cuda else 1
     for number, start in enumerate(range(0, n_windows, batch_size), start=1):
         batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
         hidden = residual_stream(model, batch, layer)
@@ -106,8 +107,7 @@ def extract_windows(
         if on_progress is not None and (number % report_every == 0 or number == n_batches):
             if cuda:
                 torch.cuda.synchronize(device)
-            done = rows.stop
-            on_progress(done, done / (time.perf_counter() - started))
+            on_progress(rows.stop)
     if cuda:
         torch.cuda.synchronize(device)
     bad = torch.cat(nonfinite).nonzero().flatten().tolist()
@@ -197,11 +197,10 @@ def extract_partitions(
     batch_size: int,
     device: str,
     log: Callable[[str], None],
-    detail: Callable[[str], None] = lambda _: None,
 ) -> ExtractionRecord:
     """Residual stream after block L of every window of `keys`, each partition committed
     atomically to `store` as exact bf16 with its per-token arrays; `log` gets a line per
-    partition, `detail` about ten per partition.
+    committed partition, and the extraction's progress goes to the progress listeners.
 
     Overlapped: each batch is compressed and written on a background thread while the next one
     is computed; a partition is committed once all its rows are written and found finite."""
@@ -218,13 +217,15 @@ def extract_partitions(
             f"{rate:,.0f} tokens/s overall"
         )
 
+    per_partition = run.sampling.tokens_per_partition
+    extracted = progress.task(f"extracting {len(keys)} partitions", len(keys) * per_partition, "tokens").start()
     with WriteQueue() as queue:
-        for key in keys:
+        for number, key in enumerate(keys):
             part = sample.partition(run.partition_keys.index(key), run.sampling.windows_per_partition)
             writer = store.writer(key, part.tokens.size, d_model)
 
-            def progress(tokens: int, rate: float, key: str = key) -> None:
-                detail(f"partition {key}: {tokens} tokens, {rate:,.0f} tokens/s")
+            def rows_done(rows: int, before: int = number * per_partition) -> None:
+                extracted.update(before + rows)
 
             def hand_over(
                 bits: np.ndarray, stop: int, ready: Callable[[], None], writer: PartitionWriter = writer
@@ -236,7 +237,7 @@ def extract_partitions(
                 queue.submit(write)
 
             try:
-                extract_windows(lm, part.tokens, run.model.layer, batch_size, device, progress, hand_over)
+                extract_windows(lm, part.tokens, run.model.layer, batch_size, device, rows_done, hand_over)
             except NonFiniteActivationsError:
                 queue.drain()
                 writer.abort()
@@ -244,5 +245,6 @@ def extract_partitions(
             arrays = per_token_arrays(part)
             queue.submit(partial(writer.commit, arrays, attrs), partial(logged, key))
         queue.drain()
+    extracted.finish()
     tokens = len(keys) * run.sampling.tokens_per_partition
     return ExtractionRecord(len(keys), tokens, d_model, tokens / (time.perf_counter() - started))

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.kmeans import assign
@@ -100,8 +101,9 @@ def _hard_stats(batches: Batches, init_means: torch.Tensor) -> _Stats:
     return stats
 
 
-def _soft_stats(gmm: GaussianMixture, batches: Batches) -> _Stats:
-    """E-step over every batch: the responsibilities' sufficient statistics and the log-likelihood."""
+def _soft_stats(gmm: GaussianMixture, batches: Batches, on_rows: Callable[[int], None] = lambda _: None) -> _Stats:
+    """E-step over every batch: the responsibilities' sufficient statistics and the log-likelihood;
+    `on_rows(n)` after each n rows (progress)."""
     d = gmm.means.shape[1]
     n, log_likelihood = 0, 0.0
     sums = gmm.means.new_zeros((len(gmm.means), 1 + 2 * d))  # [sum r, sum r x, sum r x^2] per component
@@ -114,6 +116,7 @@ def _soft_stats(gmm: GaussianMixture, batches: Batches) -> _Stats:
             n += len(x)
             log_likelihood += float(log_px.sum())
             sums += resp.T @ torch.cat([torch.ones_like(x[:, :1]), x, x**2], 1)
+            on_rows(len(x))
     return _Stats(n, log_likelihood, sums[:, 0], sums[:, 1 : 1 + d], sums[:, 1 + d :])
 
 
@@ -159,16 +162,25 @@ def fit_gmm(
     scatter = hard.resp_x2 - 2 * means * hard.resp_x + means**2 * hard.resp[:, None]  # [k, d]
     variances = (scatter / hard.resp.clamp_min(1)[:, None]).clamp_min(var_floor)
     gmm = GaussianMixture(hard.resp / hard.n, means, variances, [], 0, False)
-    stats = _soft_stats(gmm, batches)
+    # position in E-steps, the current one's share of the tokens included
+    em = progress.task(f"EM k={k}", max_iter + 1, "E-steps", total_is_bound=tol > 0).start()
+
+    def on_rows(n: int) -> None:
+        em.update(em.position + n / hard.n)
+
+    stats = _soft_stats(gmm, batches, on_rows)
     curve = [stats.log_likelihood / stats.n]
     converged = False
-    for _ in range(max_iter):
+    for iteration in range(1, max_iter + 1):
+        em.update(iteration, log_likelihood=curve[-1])
         gmm = _m_step(gmm, stats, var_floor)
-        stats = _soft_stats(gmm, batches)
+        stats = _soft_stats(gmm, batches, on_rows)
         curve.append(stats.log_likelihood / stats.n)
         if abs(curve[-1] - curve[-2]) <= tol * abs(curve[-2]):
             converged = True
             break
+    em.update(len(curve))
+    em.finish(log_likelihood=curve[-1], iterations=len(curve) - 1)
     return replace(gmm, log_likelihood_curve=curve, n_iter=len(curve) - 1, converged=converged)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gemma_assets.core import bootstrap
+from gemma_assets.core import bootstrap, progress
 from gemma_assets.core.codes import Codes
 from gemma_assets.core.dictionaries import Member
 
@@ -354,7 +354,7 @@ def probe_table(
     }
     inputs = [("majority class (baseline)", None, 0, None), *_probe_inputs(tokens, members, acts, n, max_features)]
     counts: list[dict[str, bootstrap.ClassCounts]] = []
-    for _, features, _, select in inputs:
+    for _, features, _, select in progress.tracked(inputs, "sparse probes", unit="feature sets"):
         counts.append({})
         for target, (y, subset) in targets.items():
             fit, test = train & subset, ~train & subset

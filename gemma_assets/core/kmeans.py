@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches, as_batches
 from gemma_assets.core.codes import Codes, cosine_to, unit_rows
 from gemma_assets.core.config import ConfigError
@@ -102,15 +103,17 @@ def kmeans_plusplus(
     centroids[0] = x[int(torch.multinomial(weights, 1, generator=generator).item())]
     closest = ((x - centroids[0]) ** 2).sum(1)
     x_sq = (x**2).sum(1)
-    for i in range(1, k):
-        mass = weights * closest.double().cpu()
-        picks = torch.multinomial(mass / mass.sum(), trials, replacement=True, generator=generator)
-        candidates = x[picks.to(x.device)]  # [trials, d]
-        dist = (x_sq[:, None] - 2 * x @ candidates.T + (candidates**2).sum(1)).clamp_min_(0)  # [n, trials]
-        updated = torch.minimum(closest[:, None], dist)
-        best = (on_device[:, None] * updated.double()).sum(0).argmin()
-        centroids[i] = candidates[best]
-        closest = updated[:, best]
+    with progress.task(f"k-means++ seeding over {len(x):,} rows", k, "centroids") as seeding:
+        for i in range(1, k):
+            mass = weights * closest.double().cpu()
+            picks = torch.multinomial(mass / mass.sum(), trials, replacement=True, generator=generator)
+            candidates = x[picks.to(x.device)]  # [trials, d]
+            dist = (x_sq[:, None] - 2 * x @ candidates.T + (candidates**2).sum(1)).clamp_min_(0)  # [n, trials]
+            updated = torch.minimum(closest[:, None], dist)
+            best = (on_device[:, None] * updated.double()).sum(0).argmin()
+            centroids[i] = candidates[best]
+            closest = updated[:, best]
+            seeding.update(i + 1)
     return centroids
 
 
@@ -126,20 +129,22 @@ def kmeans_parallel(
     closest = ((x - x[first]) ** 2).sum(1)
     owner = torch.zeros(len(x), dtype=torch.long, device=x.device)  # index of the nearest candidate
     n_candidates = 1
-    for _ in range(rounds):
-        cost = float(closest.double().sum())
-        if cost == 0.0:
-            break
-        chance = (oversampling * k * closest.double().cpu() / cost).clamp_max_(1.0)
-        picked = (torch.rand(len(x), generator=generator, dtype=torch.float64) < chance).nonzero().flatten()
-        if not len(picked):
-            continue
-        chosen.append(x[picked.to(x.device)])
-        labels, dist = assign(x, chosen[-1])
-        nearer = dist < closest
-        closest = torch.where(nearer, dist, closest)
-        owner = torch.where(nearer, labels + n_candidates, owner)
-        n_candidates += len(picked)
+    with progress.task("k-means|| oversampling", rounds, "rounds", total_is_bound=True) as oversampled:
+        for round_number in range(1, rounds + 1):
+            cost = float(closest.double().sum())
+            if cost == 0.0:
+                break
+            chance = (oversampling * k * closest.double().cpu() / cost).clamp_max_(1.0)
+            picked = (torch.rand(len(x), generator=generator, dtype=torch.float64) < chance).nonzero().flatten()
+            if not len(picked):
+                continue
+            chosen.append(x[picked.to(x.device)])
+            labels, dist = assign(x, chosen[-1])
+            nearer = dist < closest
+            closest = torch.where(nearer, dist, closest)
+            owner = torch.where(nearer, labels + n_candidates, owner)
+            n_candidates += len(picked)
+            oversampled.update(round_number, candidates=n_candidates)
     if n_candidates <= k:  # too few distinct rows were drawn to choose from: seed on all rows
         return kmeans_plusplus(x, k, generator)
     weights = torch.bincount(owner.cpu(), minlength=n_candidates)
@@ -211,27 +216,29 @@ def fit_kmeans(
     init_sample_rows: int = 100_000,
     bounds_mb: float = 2048,
     seeding: str = "k-means||",
+    label: str = "k-means",
 ) -> KMeansResult:
     """Fit k centroids to `data` (a tensor [n, d] or a callable streaming [n_i, d] batches).
 
     Without `init`, `seeding` (k-means|| or greedy k-means++) runs on a uniform sample of
     `init_sample_rows` rows (the only rows held in memory besides one batch when data is
     streamed). `bounds_mb` caps the memory of Elkan's per-centroid bounds (n x k float32) on the
-    CPU; batches beyond it use Hamerly's."""
+    CPU; batches beyond it use Hamerly's. Seeding and iterations report progress as `label`."""
     _validate(k, backend, device, seeding)
     batches = as_batches(data)
     started = time.perf_counter()
-    if init is None:
-        init = init_centroids(batches, k, seed, init_sample_rows, seeding, device)
-    elif len(init) != k:
-        raise ConfigError(f"init has {len(init)} centroids, k={k}")
-    init = init.to(device)
-    if backend == "cuml":
-        result = _fit_cuml(batches, init, max_iter, tol)
-    elif backend == "minibatch":
-        result = _fit_minibatch(batches, init, minibatch_steps, seed)
-    else:
-        result = _fit_lloyd(batches, init, max_iter, tol, bounds_mb)
+    with progress.within(f"{label} k={k} seed {seed}"):
+        if init is None:
+            init = init_centroids(batches, k, seed, init_sample_rows, seeding, device)
+        elif len(init) != k:
+            raise ConfigError(f"init has {len(init)} centroids, k={k}")
+        init = init.to(device)
+        if backend == "cuml":
+            result = _fit_cuml(batches, init, max_iter, tol)
+        elif backend == "minibatch":
+            result = _fit_minibatch(batches, init, minibatch_steps, seed)
+        else:
+            result = _fit_lloyd(batches, init, max_iter, tol, bounds_mb)
     result.fit_seconds = time.perf_counter() - started
     result.centroids, result.sizes = result.centroids.cpu(), result.sizes.cpu()  # callers read them on the CPU
     return result
@@ -313,10 +320,13 @@ def _fit_lloyd(
     shift = torch.zeros(k, device=device)  # how far each centroid moved in the last update
     curve: list[float] = []
     converged = False
+    lloyd = progress.task("Lloyd", max_iter + 1, "iterations", total_is_bound=tol > 0).start()
     for iteration in range(max_iter + 1):
         c_sq = (centroids**2).sum(1)
         gaps = centroid_gaps(centroids) if iteration and any(b.elkan for b in bounds) else None
         for index, batch in enumerate(batches()):
+            # within the first pass the number of batches is not known yet
+            lloyd.update(iteration + index / len(bounds) if iteration else 0, batches=index)
             x = batch.to(device, torch.float32)
             if iteration == 0:
                 elkan = len(x) * k * 4 <= elkan_bytes_left
@@ -356,6 +366,8 @@ def _fit_lloyd(
             updated[empty] = _farthest_rows(batches, bounds, len(empty), device)
         shift = (updated - centroids).norm(dim=1)
         centroids = updated
+        lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
+    lloyd.finish(inertia=curve[-1], iterations=len(curve) - 1)
     return KMeansResult(
         centroids=centroids,
         inertia_curve=curve,
@@ -388,6 +400,7 @@ def _fit_minibatch(
     counts = torch.zeros(len(centroids), device=centroids.device)
     generator = torch.Generator().manual_seed(seed)
     step = 0
+    minibatch = progress.task("mini-batch steps", steps, "steps").start()
     while step < steps:
         for batch in batches():
             for rows in torch.randperm(len(batch), generator=generator).split(batch_size):
@@ -399,10 +412,12 @@ def _fit_minibatch(
                 rate = (hits / counts.clamp_min(1).unsqueeze(1)).float()
                 centroids += rate * (sums / hits.clamp_min(1) - centroids) * (hits > 0)
                 step += 1
+                minibatch.update(step)
                 if step >= steps:
                     break
             if step >= steps:
                 break
+    minibatch.finish()
     final = _fit_lloyd(batches, centroids, max_iter=0, tol=0.0)  # one exact pass: inertia and sizes
     final.n_iter, final.converged = steps, False
     return final

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.codes import Codes, centred_units
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.dictionaries import GainShapeDictionary
@@ -116,7 +117,7 @@ def region_means(batches: Iterable[torch.Tensor], exemplars: torch.Tensor, mean:
     sums = torch.zeros(exemplars.shape, dtype=torch.float64)
     counts = torch.zeros(len(exemplars), dtype=torch.float64)
     assign = RegionMeanDictionary(exemplars, mean, sums)
-    for x in batches:
+    for x in progress.tracked(batches, "region means", unit="batches"):
         regions = assign.regions(x)
         sums.index_add_(0, regions, x.double())
         counts += torch.bincount(regions, minlength=len(exemplars)).double()
@@ -125,11 +126,21 @@ def region_means(batches: Iterable[torch.Tensor], exemplars: torch.Tensor, mean:
     return means.float()
 
 
-def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float = 5.0) -> LeaderResult:
+def fit_leader(
+    batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float = 5.0, tokens: int | None = None
+) -> LeaderResult:
     """Leader clustering of a stream of raw activation batches [n, d] until a batch opens no region.
 
     The first batch sets the threshold (O(n^2) memory in its size) and needs at least 2 tokens.
+    Progress counts tokens against `tokens`, at most what the stream holds (it stops once saturated).
     """
+    with progress.task("leader clustering", tokens, "tokens", total_is_bound=True) as streamed:
+        return _fit_leader(batches, mean, percentile, streamed)
+
+
+def _fit_leader(
+    batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: float, streamed: progress.Task
+) -> LeaderResult:
     if not 0 < percentile < 100:
         raise ConfigError(f"leader percentile must be in (0, 100), got {percentile}")
     exemplars, threshold = None, 0.0
@@ -156,6 +167,7 @@ def fit_leader(batches: Iterable[torch.Tensor], mean: torch.Tensor, percentile: 
         counts += torch.bincount(labels.cpu(), minlength=len(exemplars))
         n_tokens += len(u)
         n_batches += 1
+        streamed.update(n_tokens, regions=len(exemplars))
         if len(exemplars) == n_before:
             saturated = True
             break

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.bootstrap import WindowSums
 from gemma_assets.core.codes import Codes, Dictionary
 
@@ -121,26 +122,37 @@ def evaluate(batches: Iterable[torch.Tensor], dictionary: Dictionary, device: st
 
 
 def evaluate_windows(
-    batches: Iterable[tuple[torch.Tensor, np.ndarray]], dictionary: Dictionary, device: str = "cpu"
+    batches: Iterable[tuple[torch.Tensor, np.ndarray]],
+    dictionary: Dictionary,
+    device: str = "cpu",
+    name: str = "dictionary",
+    tokens: int | None = None,
 ) -> tuple[dict[str, float], WindowSums]:
     """`evaluate` over (activations, window id of each token) batches, with the per-window sums
-    that intervals are computed from."""
-    metrics = _accumulate(batches, dictionary, device)
+    that intervals are computed from; progress reported as the held-out evaluation of `name`,
+    against at most `tokens` tokens."""
+    metrics = _accumulate(batches, dictionary, device, name, tokens)
     return metrics.result(), metrics.window_sums()
 
 
 def _accumulate(
-    batches: Iterable[tuple[torch.Tensor, np.ndarray | None]], dictionary: Dictionary, device: str
+    batches: Iterable[tuple[torch.Tensor, np.ndarray | None]],
+    dictionary: Dictionary,
+    device: str,
+    name: str = "dictionary",
+    tokens: int | None = None,
 ) -> ReconstructionMetrics:
     metrics = ReconstructionMetrics(dictionary.n_features)
-    for x, windows in batches:
-        on_device = x.to(device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        codes = dictionary.encode(on_device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        metrics.encode_seconds += time.perf_counter() - started
-        metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"), windows)
+    with progress.task(f"held-out evaluation of {name}", tokens, "tokens", total_is_bound=True) as evaluated:
+        for x, windows in batches:
+            on_device = x.to(device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            codes = dictionary.encode(on_device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            metrics.encode_seconds += time.perf_counter() - started
+            metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"), windows)
+            evaluated.advance(len(x))
     return metrics

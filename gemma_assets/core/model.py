@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.config.schema import ConfigError, ModelSpec
 from gemma_assets.core.files import atomic_dir
 
@@ -135,28 +136,32 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
     target = local_copy_folder(spec, cache_dir)
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        if spec.kind == "tiny":
-            if corpus_texts is None:
-                raise ConfigError("the tiny model's tokenizer is trained on the corpus: pass its texts")
-            build_tiny_model(target, corpus_texts)
-        elif spec.kind == "gguf_demo":
-            _cache_gguf_demo(target)
-        else:
+        if spec.kind not in ("tiny", "gguf_demo"):
             raise ConfigError(f"unknown model kind {spec.kind!r}; valid: tiny, gguf_demo, hub")
+        # one call each, once per data root: its start and wall time are what can be reported
+        with progress.task(f"preparing the {spec.kind} model in {target}", 1, "models"):
+            if spec.kind == "tiny":
+                if corpus_texts is None:
+                    raise ConfigError("the tiny model's tokenizer is trained on the corpus: pass its texts")
+                build_tiny_model(target, corpus_texts)
+            else:
+                _cache_gguf_demo(target)
     return str(target)
 
 
 @dataclass(frozen=True)
 class ModelArchitecture:
-    """What validation needs of a model: its blocks and its residual width (read from its config)."""
+    """What validation and cost estimates need of a model: its blocks, its residual width and its
+    vocabulary (read from its config)."""
 
     n_layers: int
     d_model: int
+    vocab: int | None = None  # None: the config does not say
 
 
 # The `gguf_demo` kind is one fixed model (the package ships Gemma 3 270M); reading its GGUF
 # header costs ~12 s, so its shape is known here until the converted copy's config.json exists.
-DEMO_ARCHITECTURE = ModelArchitecture(n_layers=18, d_model=640)
+DEMO_ARCHITECTURE = ModelArchitecture(n_layers=18, d_model=640, vocab=262_144)
 
 
 def local_copy_folder(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -167,7 +172,7 @@ def local_copy_folder(spec: ModelSpec, cache_dir: Path) -> Path:
 def architecture(spec: ModelSpec, cache_dir: Path) -> ModelArchitecture:
     """Blocks and d_model of a run's model from its config alone (no weights are loaded)."""
     if spec.kind == "tiny":
-        return ModelArchitecture(TINY_CONFIG["num_hidden_layers"], TINY_CONFIG["hidden_size"])
+        return ModelArchitecture(TINY_CONFIG["num_hidden_layers"], TINY_CONFIG["hidden_size"], TINY_VOCAB)
     if spec.kind == "gguf_demo":
         cached = local_copy_folder(spec, cache_dir) / "config.json"
         if not cached.exists():
@@ -182,7 +187,7 @@ def architecture(spec: ModelSpec, cache_dir: Path) -> ModelArchitecture:
     except Exception as error:
         raise _access_error(source, error) from error
     config = getattr(config, "text_config", config)  # multimodal configs nest the language model's
-    return ModelArchitecture(config.num_hidden_layers, config.hidden_size)
+    return ModelArchitecture(config.num_hidden_layers, config.hidden_size, getattr(config, "vocab_size", None))
 
 
 STANDINS_HINT = (

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.config import ConfigError, SaeSpec
 from gemma_assets.core.model import ModelAccessError, offline_hint
 
 if TYPE_CHECKING:
-    from sae_lens import SAE
+    from sae_lens import SAE, SAETrainer, TrainingSAE
 
 SCALE_FILE = "activation_scale.json"
 DEAD_AFTER_TOKENS = 16384
@@ -83,9 +84,13 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
     if spec.path:
         import gemma_assets.core.sae_architecture  # noqa: F401 - registers the exported dictionaries' architecture
 
-        return SaeDictionary(SAE.load_from_disk(spec.path, device=device).eval(), 1.0)
+        with progress.task(f"loading {spec.name} from {spec.path}", 1, "SAEs"):
+            return SaeDictionary(SAE.load_from_disk(spec.path, device=device).eval(), 1.0)
     try:
-        sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
+        # one call: its start and wall time are what can be reported (the hub client draws its
+        # own bar while it downloads)
+        with progress.task(f"loading {spec.name} ({spec.release}/{spec.sae_id})", 1, "SAEs"):
+            sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
     except Exception as error:
         raise ModelAccessError(
             f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): {offline_hint()}"
@@ -160,9 +165,33 @@ def train_topk(
 
     started = time.perf_counter()
     logging.getLogger("sae_lens").setLevel(logging.WARNING)
-    trained = SAETrainer(cfg=config, sae=sae, data_provider=provider(), save_checkpoint_fn=lambda *_: None).fit()
+    trainer = SAETrainer(cfg=config, sae=sae, data_provider=provider(), save_checkpoint_fn=lambda *_: None)
+    trained = _fit(trainer, progress.task(f"training {spec.name}", total, "tokens"))
     seconds = time.perf_counter() - started
     return SaeDictionary(trained.eval(), scale), {"fit_seconds": seconds, "train_tokens": total}
+
+
+def _fit(trainer: SAETrainer, training: progress.Task) -> TrainingSAE:
+    """`trainer.fit()` step for step through its public per-step seam (as SAELens' MultiSAETrainer
+    drives it), each step reported to `training` (loss and L0 only when a report is due) instead
+    of SAELens' own tqdm bar. No activation normalisation, checkpoint or wandb log is configured,
+    so fit's steps for those have nothing to do."""
+    if trainer.sae.cfg.normalize_activations != "none":  # fit() would estimate and fold a scale first
+        raise ValueError(f"normalize_activations={trainer.sae.cfg.normalize_activations!r} is not driven here")
+    trainer.sae.to(trainer.cfg.device)
+    with training:
+        while trainer.n_training_samples < trainer.cfg.total_training_samples:
+            trainer.maybe_reset_sparsity()
+            batch = next(trainer.data_provider)
+            output = trainer.step(batch)
+            trainer.n_training_steps += 1
+            if training.due:
+                l0 = float(output.feature_acts.bool().float().sum(-1).mean())
+                training.advance(len(batch), loss=float(output.loss), l0=l0)
+            else:
+                training.advance(len(batch))
+    trainer.set_final_sae_metadata()
+    return trainer.sae
 
 
 def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_assets.core import progress
 from gemma_assets.core.config import SampleSpec
 from gemma_assets.core.corpus import CorpusError, Document
 from gemma_assets.core.files import load_arrays, save_arrays
@@ -64,7 +65,10 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
     scanned: Counter[str] = Counter()  # characters per stratum: population
     taken: Counter[str] = Counter()  # and sample
     windows: list[tuple[np.ndarray, int, int, str]] = []
+    filled = progress.task("sampling windows from the corpus", spec.n_windows, "windows").start()
+    read = 0  # documents
     for batch in _batched(documents, _TOKENIZE_BATCH):
+        read += len(batch)
         for doc in batch:
             scanned[doc.stratum] += len(doc.text)
         chosen = [doc for doc in batch if _keep(spec.seed, doc.doc_id, spec.document_rate)]
@@ -76,6 +80,7 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
         for doc, ids in zip(chosen, encoded, strict=True):
             for start in range(0, len(ids) - body + 1, body):
                 windows.append((np.asarray(ids[start : start + body], np.int32), doc.doc_id, start, doc.stratum))
+        filled.update(min(len(windows), spec.n_windows), documents=read)
         if len(windows) >= spec.n_windows:
             break
     if not scanned:
@@ -88,6 +93,7 @@ def sample_windows(documents: Iterable[Document], tokenizer, spec: SampleSpec) -
             "-> raise sampling.document_rate, use a larger corpus (corpus.max_documents=0 reads all of the "
             "offline one), or lower sampling.partitions, sampling.windows_per_partition or sampling.context_len"
         )
+    filled.finish(documents=read)
     windows = windows[: spec.n_windows]
     order = np.random.default_rng(spec.seed).permutation(spec.n_windows)
     names = tuple(sorted(scanned))

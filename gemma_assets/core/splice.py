@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from gemma_assets.core import progress
 from gemma_assets.core.extraction import decoder_layers
 
 if TYPE_CHECKING:
@@ -117,22 +118,24 @@ def cross_entropies(
     replacements: dict[str, Replacement],
     batch_size: int,
     device: str,
-    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Summed next-token CE (nats) of each of `windows` [w, T], clean (key "clean") and under
     each replacement of block `layer`'s output at positions 1..T-1: [w] per key, over the T-1
-    predictions of each window (the mean CE is the sum over windows / (w (T-1)))."""
+    predictions of each window (the mean CE is the sum over windows / (w (T-1))). Progress counts
+    windows through the model, once clean and once per replacement."""
     if "clean" in replacements:
         raise ValueError("'clean' names the unreplaced model; give the replacement another name")
     per_window: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *replacements]}
-    for start in range(0, len(windows), batch_size):
-        ids = torch.from_numpy(windows[start : start + batch_size].astype(np.int64)).to(device)
-        clean, block_output = _clean_pass(model, ids, layer)
-        per_window["clean"].append(clean)
-        for name, replace in replacements.items():
-            per_window[name].append(_spliced(model, ids, layer, block_output, replace))
-        if on_progress is not None:
-            on_progress(min(start + batch_size, len(windows)), len(windows))
+    passes = len(windows) * (1 + len(replacements))
+    with progress.task(f"spliced CE of {len(replacements)} replacements", passes, "window passes") as done:
+        for start in range(0, len(windows), batch_size):
+            ids = torch.from_numpy(windows[start : start + batch_size].astype(np.int64)).to(device)
+            clean, block_output = _clean_pass(model, ids, layer)
+            per_window["clean"].append(clean)
+            done.advance(len(ids))
+            for name, replace in replacements.items():
+                per_window[name].append(_spliced(model, ids, layer, block_output, replace))
+                done.advance(len(ids))
     return {name: np.concatenate(losses) for name, losses in per_window.items()}
 
 

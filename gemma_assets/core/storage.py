@@ -393,6 +393,11 @@ class ActivationStore:
                     info = {name: values[keep] for name, values in info.items()}
                 yield (acts if transform is None else transform(acts)), info
 
+    def token_count(self, keys: list[str]) -> int:
+        """Tokens stored in `keys`, BOS included (from the commit manifests: no array is read),
+        so an upper bound on what `batches` yields."""
+        return sum(self.manifest(key)["n_tokens"] for key in keys)
+
     def batches(self, keys: list[str], transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Batches:
         """The non-BOS activations of `keys` as a re-iterable stream (one pass per call)."""
         return lambda: (x for x, _ in self.iter_tokens(keys, transform=transform))

@@ -127,7 +127,8 @@ def recompute(
         log(f"held-out FVU and L0 of {member.name}")
         heldout = metrics.evaluate(heldout_tokens(), member.dictionary, device if member.family.is_sae else "cpu")
         found[member.name] = {"heldout_fvu": heldout["fvu"], "heldout_l0": heldout["l0"]}
-    spliced = spliced_losses(report.layout, report.run, lm, members, device, log)
+    log("spliced CE of every dictionary")
+    spliced = spliced_losses(report.layout, report.run, lm, members, device)
     found["(model)"] = {name: getattr(spliced, name) for name in CE_BASELINES}
     for row in spliced.dictionaries:
         found[row.name]["spliced_ce"] = row.ce

@@ -9,12 +9,13 @@ from gemma_assets.core import model
 from gemma_assets.core.extraction import extract_partitions, store_attributes
 from gemma_assets.core.stages import statistics
 from gemma_assets.defs.checks import per_partition
-from gemma_assets.defs.common import GraphBuild, code_version
+from gemma_assets.defs.common import GraphBuild, code_version, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 
 
+@reports_progress
 def activations(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -37,7 +38,6 @@ def activations(
         compute.batch_size,
         device,
         context.log.info,
-        context.log.debug,
     )
     return dg.MaterializeResult(
         metadata={

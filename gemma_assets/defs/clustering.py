@@ -3,10 +3,11 @@
 import dagster as dg
 
 from gemma_assets.core.stages import clustering
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 
+@reports_progress
 def whitening(context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource) -> dg.MaterializeResult:
     """Mean and covariance eigendecomposition of the train split (BOS excluded); ZCA with an
     eigenvalue floor, checked on held-out tokens against the identity."""
@@ -23,6 +24,7 @@ def whitening(context: dg.AssetExecutionContext, run: RunResource, storage: Stor
     )
 
 
+@reports_progress
 def cluster_models(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

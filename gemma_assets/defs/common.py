@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Concatenate, ParamSpec
 
 import dagster as dg
 
+from gemma_assets.core import progress
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.records import Markdown
+
+P = ParamSpec("P")
+# seconds between two progress lines of a step in the run log (its first line and the end of
+# every task it reported pass regardless); the command line prints what the run log gets
+PROGRESS_EVERY_ENV = "GEMMA_ASSETS_PROGRESS_EVERY_S"
 
 # downstream stages recompute by themselves (automation daemon) once their inputs change
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
@@ -68,3 +77,40 @@ def md(text: Markdown | str) -> dg.MetadataValue:
 def image_md(path: Path) -> dg.MetadataValue:
     encoded = base64.b64encode(path.read_bytes()).decode()
     return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})")
+
+
+def progress_every_s() -> float:
+    value = os.environ.get(PROGRESS_EVERY_ENV, "10")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{PROGRESS_EVERY_ENV}={value!r} is not a number of seconds -> set it to e.g. 10") from None
+
+
+def reports_progress(
+    body: Callable[Concatenate[dg.AssetExecutionContext, P], dg.MaterializeResult],
+) -> Callable[Concatenate[dg.AssetExecutionContext, P], dg.MaterializeResult]:
+    """An asset body whose long loops report to the run log (at most a line per
+    $GEMMA_ASSETS_PROGRESS_EVERY_S seconds, default 10) and whose materialisation metadata
+    gains `progress`: per task its units done, wall time and throughput."""
+
+    @functools.wraps(body)
+    def with_progress(context: dg.AssetExecutionContext, *args: P.args, **kwargs: P.kwargs) -> dg.MaterializeResult:
+        summary = progress.Summary()
+        # the run log names the step of each line itself
+        to_log = progress.Throttled(lambda update: context.log.info(update.line(with_step=False)), progress_every_s())
+        with progress.reporting(to_log, step=context.op_def.name), progress.reporting(summary):
+            result = body(context, *args, **kwargs)
+        if not summary.tasks:
+            return result
+        metadata = {**(result.metadata or {}), "progress": dg.MetadataValue.json(summary.tasks)}
+        return dg.MaterializeResult(
+            asset_key=result.asset_key,
+            metadata=metadata,
+            check_results=result.check_results,
+            data_version=result.data_version,
+            tags=result.tags,
+            value=result.value,
+        )
+
+    return with_progress

@@ -5,12 +5,13 @@ import dagster as dg
 from gemma_assets.core import model
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import density
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
 from gemma_assets.defs.resources import RunResource, StorageResource
 
 ANOMALY_COLUMNS = ("k", "log_likelihood", "partition", "row", "context")
 
 
+@reports_progress
 def cluster_density(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.MaterializeResult:
@@ -31,6 +32,7 @@ def cluster_density(
     return dg.MaterializeResult(metadata=metadata)
 
 
+@reports_progress
 def leader_clusters(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.MaterializeResult:

@@ -15,7 +15,7 @@ from gemma_assets.core.report import (
     markdown_table,
 )
 from gemma_assets.core.stages import downstream, interpretation
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 SPLICE_KEYS = ("evaluation.ce_windows", "evaluation.ce_batch_windows")
@@ -24,6 +24,7 @@ DICTIONARIES = ("cluster_models", "leader_clusters", "sae_dictionary")
 SHARED_INPUTS = ("activations", "activation_stats", "whitening")
 
 
+@reports_progress
 def downstream_loss(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -34,7 +35,7 @@ def downstream_loss(
     dtype = compute.torch_dtype(run_config.model.dtype)
     lm = model.load_model(layout.model_source(run_config), run_config.model.layer, device, dtype)
     members = layout.clustering_members(run_config) + layout.sae_members(run_config.sae_specs, device)
-    result = downstream.spliced_losses(layout, run_config, lm, members, device, context.log.info)
+    result = downstream.spliced_losses(layout, run_config, lm, members, device)
     computed_on = {"device": device, "dtype": str(dtype), "batch_size": compute.batch_size}
     precision = compute.comoment_precision(run_config.quality.comoment_precision)
     downstream.save(layout, result, computed_on, numeric_environment(device, dtype, precision))
@@ -48,6 +49,7 @@ def downstream_loss(
     return dg.MaterializeResult(metadata={**ablations, "predicted_tokens": result.predicted_tokens, "spliced": spliced})
 
 
+@reports_progress
 def interpretation_asset(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -4,12 +4,13 @@ import dagster as dg
 
 from gemma_assets.core import report
 from gemma_assets.core.stages.report import write_report
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md, reports_progress
 from gemma_assets.defs.resources import RunResource, StorageResource
 
 INPUTS = ("cluster_models", "leader_clusters", "sae_evaluation", "downstream_loss", "interpretation")
 
 
+@reports_progress
 def comparison_report(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.MaterializeResult:

@@ -5,9 +5,10 @@ import json
 
 import dagster as dg
 
+from gemma_assets.core import progress
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import saes
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 TRAINING_COLUMNS = (
@@ -25,6 +26,7 @@ TRAINING_COLUMNS = (
 HELDOUT_COLUMNS = ("name", "heldout_fvu", "heldout_mse", "heldout_l0")
 
 
+@reports_progress
 def sae_dictionary(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -32,13 +34,15 @@ def sae_dictionary(
     (tiny/demo), or pretrained Gemma Scope SAEs loaded with SAE.from_pretrained."""
     run_config, layout = run.config, storage.layout(context)
     rows = []
-    for spec in [*run_config.sae_specs, *itertools.chain(*run_config.sae_seed_replicas.values())]:
+    specs = [*run_config.sae_specs, *itertools.chain(*run_config.sae_seed_replicas.values())]
+    for spec in progress.tracked(specs, "SAEs", unit="SAEs"):
         training = saes.make_sae(layout, run_config, spec, compute.resolved_device)
         rows.append({key: value for key, value in training.to_json().items() if key != "train_partitions"})
         context.log.info(f"SAE {spec.name}: {json.dumps(rows[-1])}")
     return dg.MaterializeResult(metadata={"saes": md(markdown_table(rows, TRAINING_COLUMNS))})
 
 
+@reports_progress
 def sae_evaluation(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -12,7 +12,7 @@ import torch
 import zarr
 import zarr.storage
 
-from gemma_assets.core import bootstrap, metrics, plots
+from gemma_assets.core import bootstrap, metrics, plots, progress
 from gemma_assets.core.batches import Batches, WindowBatches, as_batches, map_data
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.config import RunConfig, seed_name
@@ -141,7 +141,13 @@ class _SeededFit:
 
 
 def _fit_seeded(
-    run: RunConfig, train: TrainSplit, heldout_windows: WindowBatches, k: int, seed: int, device: str
+    run: RunConfig,
+    train: TrainSplit,
+    heldout_windows: WindowBatches,
+    heldout_tokens: int,
+    k: int,
+    seed: int,
+    device: str,
 ) -> _SeededFit:
     spec = run.clustering
     fit_args: dict[str, Any] = {
@@ -159,7 +165,12 @@ def _fit_seeded(
     raw = map_data(as_batches(train.data), train.preprocessor.inverse)
     gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed + seed, **fit_args)
     family = clustering_family(k, result.centroids, gain_shape.atoms, train.preprocessor)
-    evaluated = {member.name: metrics.evaluate_windows(heldout_windows(), member.dictionary) for member in family}
+    evaluated = {
+        member.name: metrics.evaluate_windows(
+            heldout_windows(), member.dictionary, name=seed_name(member.name, seed), tokens=heldout_tokens
+        )
+        for member in family
+    }
     return _SeededFit(seed, result, peak.mb, gain_shape.atoms, spherical, family, evaluated)
 
 
@@ -181,7 +192,9 @@ def fit_k(
     )
     fits = []
     for seed in range(run.seeds):
-        fits.append(_fit_seeded(run, train, heldout_windows, k, seed, device))
+        fits.append(
+            _fit_seeded(run, train, heldout_windows, store.token_count(run.heldout_partition_keys), k, seed, device)
+        )
         if run.seeds > 1:
             kmeans = fits[-1].family[0].name
             log(f"k={k}, seed {seed}: held-out FVU of {kmeans} {fits[-1].evaluated[kmeans][0]['fvu']:.4f}")
@@ -214,12 +227,15 @@ def fit_k(
 def write_assignments(path: Path, store: ActivationStore, keys: list[str], dictionary: KMeansDictionary) -> None:
     """Cluster of every stored token (-1 for BOS), one zarr array per partition, row-aligned with
     the activations; written beside and renamed into place, so readers never see half of it."""
-    with atomic_dir(path) as staging:
+    k = len(dictionary.centroids)
+    with atomic_dir(path) as staging, progress.task(f"k={k} assignments", store.token_count(keys), "tokens") as done:
         group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
         for key in keys:
             labels = np.full(store.open(key).n_tokens, -1, np.int32)
             for x, info in store.iter_tokens([key]):
                 labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
+                done.advance(len(x))
+            done.update(done.position + int((labels == -1).sum()))  # BOS rows: stored, not assigned
             group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
 
 

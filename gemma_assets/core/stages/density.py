@@ -94,15 +94,26 @@ def fit_leader_regions(layout: RunLayout, run: RunConfig) -> list[DictionaryReco
     mean = torch.from_numpy(layout.whitening().mean).float()
     started = time.perf_counter()
     with RssTrace() as peak:
-        result = fit_leader(store.batches(run.train_partition_keys)(), mean, run.leader.percentile)
+        result = fit_leader(
+            store.batches(run.train_partition_keys)(),
+            mean,
+            run.leader.percentile,
+            store.token_count(run.train_partition_keys),
+        )
     fit_seconds = time.perf_counter() - started
     means = leader.region_means(store.batches(run.train_partition_keys)(), result.exemplars, mean)
     readings: dict[Family, Dictionary] = {
         Family.LEADER: result.dictionary(),
         Family.LEADER_MEAN: leader.RegionMeanDictionary(result.exemplars, mean, means),
     }
-    heldout_windows = store.window_batches(run.heldout_partition_keys)
-    evaluated = {family: metrics.evaluate_windows(heldout_windows(), d) for family, d in readings.items()}
+    heldout_windows, tokens = (
+        store.window_batches(run.heldout_partition_keys),
+        store.token_count(run.heldout_partition_keys),
+    )
+    evaluated = {
+        family: metrics.evaluate_windows(heldout_windows(), d, name=family.value, tokens=tokens)
+        for family, d in readings.items()
+    }
     facts = {
         "train_partitions": run.train_partition_keys,
         "fit_seconds": fit_seconds,

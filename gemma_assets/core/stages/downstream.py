@@ -3,8 +3,6 @@ reconstruction."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +75,6 @@ def spliced_losses(
     lm: PreTrainedModel,
     members: list[Member],
     device: str,
-    log: Callable[[str], None],
 ) -> SplicedLosses:
     """Clean, zero- and mean-ablated CE, and per dictionary the spliced CE, delta CE and loss
     recovered (SAELens' definitions)."""
@@ -91,13 +88,8 @@ def spliced_losses(
     }
     for member in members:  # clusterings run on the CPU: their encoders are cheap and exact there
         replacements[member.name] = _round_trip(member, device if member.family.is_sae else "cpu")
-    started = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        log(f"spliced CE: {done}/{total} windows x {len(replacements) + 1} runs, {time.perf_counter() - started:.0f}s")
-
     batch = run.evaluation.ce_batch_windows
-    per_window = splice.cross_entropies(lm, windows, run.model.layer, replacements, batch, device, progress)
+    per_window = splice.cross_entropies(lm, windows, run.model.layer, replacements, batch, device)
     predictions = windows.shape[1] - 1
     ce = {name: float(losses.sum() / (len(losses) * predictions)) for name, losses in per_window.items()}
     clean, zero, mean = ce["clean"], ce["zero-ablation"], ce["mean-ablation"]

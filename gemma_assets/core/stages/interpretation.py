@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gemma_assets.core import bootstrap, feature_pages, interpret, plots
-from gemma_assets.core.codes import centred_units
+from gemma_assets.core import bootstrap, feature_pages, interpret, plots, progress
+from gemma_assets.core.codes import Codes, centred_units
 from gemma_assets.core.config import RunConfig, seed_name
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
@@ -62,10 +62,14 @@ def load_eval_tokens(
 
 def _activations(member: Member, x: torch.Tensor, device: str) -> interpret.FeatureActivations:
     """Codes of every token, encoded on `device` in bounded batches, gathered on the CPU."""
-    return interpret.FeatureActivations.from_codes(
-        (member.dictionary.encode(x[i : i + CODE_BATCH].to(device)).to("cpu") for i in range(0, len(x), CODE_BATCH)),
-        member.dictionary.n_features,
-    )
+    with progress.task(f"encoding {len(x):,} held-out tokens with {member.name}", len(x), "tokens") as encoded:
+
+        def batches() -> Iterator[Codes]:
+            for start in range(0, len(x), CODE_BATCH):
+                yield member.dictionary.encode(x[start : start + CODE_BATCH].to(device)).to("cpu")
+                encoded.update(min(start + CODE_BATCH, len(x)))
+
+        return interpret.FeatureActivations.from_codes(batches(), member.dictionary.n_features)
 
 
 @dataclass
@@ -84,9 +88,11 @@ class _Comparison:
         device: str,
     ) -> _Comparison:
         pairs, best = [], {}
+        compared = progress.task("alignment and activation F1", len(clusters) * len(latents), "pairs").start()
         for cluster in clusters:
             labels = acts[cluster.name].labels()
             for latent in latents:
+                compared.advance()
                 aligned = interpret.alignment(
                     cluster.dictionary.directions(), latent.dictionary.directions().to(device)
                 )
@@ -105,6 +111,7 @@ class _Comparison:
                         "clusters_matched_f1_interval": [matched.low, matched.high],
                     }
                 )
+        compared.finish()
         return cls(pairs, best)
 
     def twins(self, member: Member, clusters: list[Member], latents: list[Member]) -> list[str]:
@@ -197,6 +204,7 @@ def _pages(
     """Feature pages of every dictionary, and a few example features of each for the report."""
     pages: dict[str, str] = {}
     examples = {}
+    written = progress.task("feature pages", sum(m.dictionary.n_features for m in members), "features").start()
     for member in members:
         summaries = interpret.summarise(acts[member.name], tokens, centred)
         chosen = sorted(range(len(summaries)), key=lambda f: -summaries[f]["count"])[: limit or None]
@@ -216,11 +224,13 @@ def _pages(
                 suppressed.get(feature, []),
                 twins[feature],
             )
+            written.advance()
         pages[f"{member.name}/index.html"] = feature_pages.index_page(member.name, summaries, twins, decode)
         examples[member.name] = interpret.example_features(summaries, decode)
     pages["index.html"] = feature_pages.index_page_of_dictionaries(
         [(m.name, m.family.label(m.dictionary.n_features), m.dictionary.n_features) for m in members]
     )
+    written.finish()
     return pages, examples
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_assets.core import plots, report
+from gemma_assets.core import plots, progress, report
 from gemma_assets.core.bootstrap import Evidence, Interval
 from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_json, write_text
@@ -89,7 +89,11 @@ def write_report(layout: RunLayout, run: RunConfig) -> ReportRecord:
         downstream["predictions_per_window"],
     )
     spreads = all_seed_spreads(layout, run)
-    rows = [report.with_intervals(record, evidence) for record in records]  # the tables' figures
+    # the tables' figures
+    rows = [
+        report.with_intervals(record, evidence)
+        for record in progress.tracked(records, "bootstrap intervals", unit="dictionaries")
+    ]
     figures = _figures(layout, records, evidence, spreads)
     found = findings(records, readings, evidence, spreads)
     names = {name: path.name for name, path in figures.items()}

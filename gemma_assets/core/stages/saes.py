@@ -95,8 +95,10 @@ def evaluate_sae(
     folder = layout.sae_dir(spec.name)
     dictionary = sae.load_dictionary(folder, device)
     training = json.loads((folder / TRAINING_FILE).read_text())
-    batches = layout.activation_store().window_batches(run.heldout_partition_keys)
-    heldout, windows = metrics.evaluate_windows(batches(), dictionary, device)
+    store, keys = layout.activation_store(), run.heldout_partition_keys
+    heldout, windows = metrics.evaluate_windows(
+        store.window_batches(keys)(), dictionary, device, spec.name, store.token_count(keys)
+    )
     facts = {key: value for key, value in training.items() if key not in ("name", "width", "k")}
     record = DictionaryRecord.of_fit(spec.name, spec.family, training["width"], spec.active_per_token, heldout, facts)
     return record, windows

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from gemma_assets.core import expectations, plots, quality
+from gemma_assets.core import expectations, plots, progress, quality
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.files import atomic_file, write_json
 from gemma_assets.core.layout import RunLayout
@@ -154,10 +154,13 @@ def summarise(
     manifest = store.manifest(run.partition_keys[0])
     acc = _Pass({name: ActivationMoments(manifest["d_model"]) for name in SPLITS}, [], [], [], [])
     quantile_rows = max(1, MAX_QUANTILE_SAMPLE // len(run.train_partition_keys))
-    for key in run.partition_keys:
-        part = partition_stats(layout, store, key, run.quality.quantile_sample_per_partition, log, precision, device)
-        token_ids = store.open(key).array("token_ids")
-        acc.add(part, split_of[key], token_ids, quantile_rows, run.sampling.context_len)
+    with progress.task("statistics pass", store.token_count(run.partition_keys), "tokens") as done:
+        for key in run.partition_keys:
+            sample_size = run.quality.quantile_sample_per_partition
+            part = partition_stats(layout, store, key, sample_size, log, precision, device)
+            token_ids = store.open(key).array("token_ids")
+            acc.add(part, split_of[key], token_ids, quantile_rows, run.sampling.context_len)
+            done.advance(len(token_ids))
     for name, moments in acc.merged.items():
         moments.save(layout.moments_file(name))
     train = acc.merged["train"]

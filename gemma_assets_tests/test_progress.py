@@ -1,0 +1,139 @@
+"""Progress of long steps: the reporter's lines, their rate limit, the Dagster run log, the
+command line (never silent while a slowed k-means fit runs; a bar on a terminal), and the
+preflight's warning before a long wait."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from gemma_assets.core import progress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_line_names_the_step_the_position_the_rate_and_the_eta():
+    clock, seen = Clock(), []
+    with progress.reporting(seen.append, step="cluster_models"), progress.within("k-means k=256 seed 0"):
+        lloyd = progress.Task("Lloyd", 51, "iterations", total_is_bound=True, clock=clock).start()
+        clock.now = 10.0
+        lloyd.update(5, inertia=1234.5)
+        clock.now = 12.0
+        lloyd.finish()
+    start, middle, end = (update.line() for update in seen)
+    assert start == "cluster_models: k-means k=256 seed 0: Lloyd: 0/51 iterations, started"
+    # 5 iterations in 10 s: 46 left at 0.5/s, at most (Lloyd may converge sooner)
+    assert middle == (
+        "cluster_models: k-means k=256 seed 0: Lloyd: 5/51 iterations, 0.5 iterations/s, ETA <= 1:32 (inertia 1234)"
+    )
+    assert end.endswith("done in 0:12")
+    assert seen[1].line(with_step=False).startswith("k-means k=256 seed 0: Lloyd: 5/51")
+
+
+def test_the_run_log_gets_the_first_line_one_per_interval_and_the_end_of_tasks_it_showed():
+    clock, shown = Clock(), []
+    throttled = progress.Throttled(shown.append, every_s=10, clock=clock)
+    with progress.reporting(throttled):
+        fit = progress.Task("fit", 100, "steps", clock=clock).start()  # the step's first line: shown
+        for step in range(1, 101):
+            clock.now = step * 1.0  # one step a second, reported every step
+            fit.update(step)
+        fit.finish()
+        quick = progress.Task("quick", 3, clock=clock).start()  # ends within the interval: no line
+        quick.finish()
+    positions = [(u.task, u.position) for u in shown]
+    assert positions[0] == ("fit", 0)
+    assert len(shown) == 1 + 10 + 1  # first, one per 10 s of 100 s, the end of "fit"
+    assert positions[-1] == ("fit", 100) and shown[-1].final
+    assert all(task != "quick" for task, _ in positions)
+
+
+def test_a_loop_that_reports_every_iteration_sends_five_a_second_at_most():
+    clock, seen = Clock(), []
+    with progress.reporting(seen.append):
+        loop = progress.Task("loop", 10_000, clock=clock).start()
+        for i in range(10_000):
+            clock.now = i * 1e-4  # 10k iterations in 1 s
+            loop.update(i + 1)
+    assert len(seen) <= 1 + 1 / progress.Task.EVERY_S + 1
+
+
+SLOW_FIT = textwrap.dedent(
+    """
+    import os, time
+    import gemma_assets.core.kmeans as kmeans
+    original, calls = kmeans.elkan_pass, []
+    pause = float(os.environ["TEST_SLOW_LLOYD_S"])
+
+    def slowed(x, x_sq, centroids, *args):
+        # the first k=64 fit's iterations only: a loop long enough that silence would show
+        if len(centroids) == 64 and len(calls) < 20:
+            calls.append(1)
+            time.sleep(pause)
+        return original(x, x_sq, centroids, *args)
+
+    kmeans.elkan_pass = slowed
+    """
+)
+
+
+def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_path):
+    """The tiny run with its first k-means fit slowed to 20 x 0.6 s, progress every 1 s (the
+    default is 10 s): no gap in the command line's output of more than 10 s (a silent fit would
+    leave 12 s), and cluster_models' run log holds Lloyd lines with an ETA."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_FIT)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{shim}{os.pathsep}{ROOT}",
+        "TEST_SLOW_LLOYD_S": "0.6",
+        "GEMMA_ASSETS_PROGRESS_EVERY_S": "1",
+        "DAGSTER_HOME": str(home),
+    }
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny"]
+    command += ["--data-root", str(tmp_path / "data")]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stamped: list[tuple[float, str]] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            stamped.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert process.wait(timeout=600) == 0, "\n".join(line for _, line in stamped[-30:])
+    reader.join()
+    gaps = [(later - earlier, line) for (earlier, _), (later, line) in zip(stamped, stamped[1:], strict=False)]
+    longest, after = max(gaps)
+    assert longest <= 10, f"{longest:.1f} s of silence before: {after}"
+    lloyd = [line for _, line in stamped if "cluster_models" in line and "k=64 seed 0: Lloyd" in line]
+    assert any("ETA <= " in line for line in lloyd), lloyd
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(dg.AssetKey("cluster_models"), limit=1).records
+        run_id = records[0].run_id
+        messages = [entry.user_message for entry in instance.all_logs(run_id)]
+        metadata = records[0].asset_materialization.metadata
+    assert any("k-means k=64 seed 0: Lloyd" in m and "ETA" in m for m in messages)
+    fits = metadata["progress"].value
+    assert fits["k-means k=64 seed 0: Lloyd"]["seconds"] >= 20 * 0.6
+    assert fits["k-means k=64 seed 0: Lloyd"]["unit"] == "iterations"
