@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
             default=level,
             type=str.upper,
             choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-            help="Dagster console log level (DEBUG shows per-batch progress)",
+            help="Dagster console log level (progress lines are INFO; above INFO the command line prints them itself)",
         )
     materialize.add_argument(
         "--wait-timeout",

@@ -54,6 +54,7 @@ def verify_report(report_dir: Path, data_root: str, device: str, activations_url
     from gemma_assets.core import model, verification
     from gemma_assets.core.environment import describe, numeric_environment
     from gemma_assets.defs.resources import ComputeResource
+    from gemma_assets.runner.terminal import command_line_progress
 
     report = verification.ReportToVerify.open(report_dir, data_root, activations_url)
     run, layout, dtype = report.run, report.layout, report.forward_dtype
@@ -75,7 +76,8 @@ def verify_report(report_dir: Path, data_root: str, device: str, activations_url
     except FileNotFoundError as error:  # a dictionary of the run is gone from the data root
         raise StorageError(f"{error} -> rematerialise the run, or pass the data root that holds it") from None
     lm = model.load_model(layout.model_source(run), run.model.layer, compute.resolved_device, dtype)
-    recomputed = verification.recompute(report, members, lm, compute.resolved_device, log)
+    with command_line_progress(lines=True):
+        recomputed = verification.recompute(report, members, lm, compute.resolved_device, log)
     agreements = verification.compare(report.reported(), recomputed, dtype, report.predictions, report.heldout_tokens)
     print(verification.table(agreements))
     differing = [a for a in agreements if not a.agrees]

@@ -4,9 +4,15 @@ preflight's warning before a long wait."""
 
 from __future__ import annotations
 
+import fcntl
+import io
 import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -15,6 +21,7 @@ from pathlib import Path
 import dagster as dg
 
 from gemma_assets.core import progress
+from gemma_assets.runner import terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +78,42 @@ def test_a_loop_that_reports_every_iteration_sends_five_a_second_at_most():
             clock.now = i * 1e-4  # 10k iterations in 1 s
             loop.update(i + 1)
     assert len(seen) <= 1 + 1 / progress.Task.EVERY_S + 1
+
+
+def test_a_terminal_gets_a_bar_with_other_output_printed_above_it(monkeypatch):
+    controller, terminal_end = pty.openpty()
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a 160-column terminal
+    with os.fdopen(terminal_end, "w", buffering=1) as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        monkeypatch.setattr(sys, "stdout", tty)
+        with terminal.command_line_progress(lines=False):
+            with progress.reporting(lambda _: None, step="cluster_models"):
+                task = progress.task("k-means k=64 seed 0: Lloyd", 10, "iterations").start()
+                for i in range(1, 4):
+                    time.sleep(progress.Task.EVERY_S)
+                    task.update(i, inertia=42.0)
+                print("a log line above the bar")
+                task.finish()
+        tty.flush()
+        chunks = []
+        while select.select([controller], [], [], 0.5)[0]:  # everything written, in as many reads as it takes
+            chunks.append(os.read(controller, 1 << 16))
+        written = b"".join(chunks).decode(errors="replace")
+    os.close(controller)
+    assert "cluster_models: k-means k=64 seed 0: Lloyd" in written
+    assert "3/10" in written and "inertia=42" in written
+    assert "a log line above the bar\n" in written.replace("\r\n", "\n")
+
+
+def test_without_a_terminal_a_command_prints_plain_lines(monkeypatch):
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    with terminal.command_line_progress(lines=True, every_s=0):
+        with progress.task("spliced CE", 4, "windows") as task:
+            task.advance(4)
+    lines = captured.getvalue().splitlines()
+    assert lines[0] == "spliced CE: 0/4 windows, started"
+    assert lines[-1].startswith("spliced CE: 4/4 windows, ") and "done in" in lines[-1]
 
 
 SLOW_FIT = textwrap.dedent(

@@ -15,6 +15,7 @@ import dagster as dg
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.storage import ActivationStore, StorageError
 from gemma_assets.dagster_private import make_new_run_id
+from gemma_assets.defs.common import progress_every_s
 from gemma_assets.defs.operations import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from gemma_assets.defs.recovery import describe_stale, process_tags, release_stale_runs, wait_for_pools
 from gemma_assets.defs.resources import run_layout
@@ -28,6 +29,7 @@ from gemma_assets.runner.planning import (
     stages,
     stale_plan,
 )
+from gemma_assets.runner.terminal import command_line_progress
 
 
 def ensure_dagster_home() -> Path:
@@ -93,7 +95,9 @@ def materialize_all(
             run_id = make_new_run_id()
             if interrupts is not None:
                 interrupts.run_id = run_id
-            with meter(run_id) if meter else nullcontext():
+            # the console logger prints the run log's progress lines at INFO and below; a bar on a terminal
+            shown = command_line_progress(lines=log_level not in ("DEBUG", "INFO"), every_s=progress_every_s())
+            with meter(run_id) if meter else nullcontext(), shown:
                 result = defs.resolve_job_def(stage.job).execute_in_process(
                     instance=instance,
                     run_id=run_id,
