@@ -197,7 +197,16 @@ def _preflight(args: argparse.Namespace) -> None:
         run_config = standins.rehearsal_config(run_config, standins.build(location, run_config))
     require_writable(str(data_root / "preflight"), run_config)
     try:
-        preflight.preflight(run_config, data_root, args.points, args.windows, args.json, args.log_level, args.debug)
+        preflight.preflight(
+            run_config,
+            data_root,
+            args.points,
+            args.windows,
+            args.json,
+            args.log_level,
+            args.debug,
+            command=args.typed,
+        )
     except StageFailed as error:
         raise StageFailed(f"preflight: {error}", error.code, error.details) from None
 
@@ -219,6 +228,7 @@ HANDLERS = {
 def main(argv: list[str] | None = None) -> None:
     """Run one command; a known failure ends in one line naming the cause and the fix."""
     args = _parser().parse_args(argv)
+    args.typed = list(sys.argv[1:] if argv is None else argv)  # what preflight's rehearsal command repeats
     try:
         HANDLERS[args.command](args)
     except StageFailed as error:

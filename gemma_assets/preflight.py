@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -274,6 +275,38 @@ def estimate_table(estimates: list[costs.Estimate], disk: dict[str, float]) -> s
     return "\n".join(lines)
 
 
+def long_stage_warning(run: RunConfig, slices: list[RunConfig], data_root: Path, command: Sequence[str]) -> list[str]:
+    """Lines naming each stage the slices will spend over costs.LONG_STAGE_S in on this machine
+    (FLOPs at the slices' shapes and iteration counts over this machine's measured FLOP/s), and
+    the command that rehearses the same shapes with fewer iterations; none when nothing is long."""
+    from gemma_assets.core import model
+
+    shape = model.architecture(run.model, data_root / "models")
+    rates = costs.MachineRates.measure()
+    seconds: dict[str, float] = {}
+    what: dict[str, str] = {}
+    for sliced in slices:
+        for work in costs.stage_work(sliced, shape.d_model, shape.vocab):
+            seconds[work.asset] = seconds.get(work.asset, 0.0) + work.seconds(rates)
+            what[work.asset] = work.what
+    long = [asset for asset, s in seconds.items() if s > costs.LONG_STAGE_S]
+    if not long:
+        return []
+    lines = [
+        f"gemma-assets preflight: warning: on this machine ({rates.gemm / 1e9:.0f} GFLOP/s float32 GEMM) "
+        f"the slices will take long in {len(long)} stage(s), at most (every iteration run):"
+    ]
+    lines += [f"  {asset}: up to {seconds[asset] / 60:,.0f} min ({what[asset]})" for asset in long]
+    sets = [s for asset in long for s in costs.REHEARSAL_SETS.get(asset, ())]
+    typed = list(command)
+    rehearsal = [*typed] if "--points" in typed or len(slices) == 1 else [*typed, "--points", "1"]
+    rehearsal += [arg for s in sets if s not in typed for arg in ("--set", s)]
+    lines.append(
+        "  the same shapes with fewer iterations, a rehearsal of the code path: gemma-assets " + shlex.join(rehearsal)
+    )
+    return lines
+
+
 def preflight(
     run: RunConfig,
     data_root: Path,
@@ -283,9 +316,15 @@ def preflight(
     log_level: str = "WARNING",
     debug: bool = False,
     say: Callable[[str], None] = print,
+    command: Sequence[str] = (),
 ) -> dict:
     """Run `points` slices of `run`, print what each asset measured and the full-run estimate;
-    returns (and writes to `json_path`) everything as JSON."""
+    returns (and writes to `json_path`) everything as JSON. First, the stages the slices will
+    take long over on this machine, and how `command` (the arguments as typed) becomes a rehearsal."""
+    for line in long_stage_warning(
+        run, [slice_of(run, windows, p).run for p in range(1, points + 1)], data_root, command
+    ):
+        say(line)
     slices: list[SliceResult] = []
     clipped: tuple[str, ...] = ()
     for point in range(1, points + 1):

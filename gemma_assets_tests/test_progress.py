@@ -21,6 +21,8 @@ from pathlib import Path
 import dagster as dg
 
 from gemma_assets.core import progress
+from gemma_assets.core.config import load_run_config
+from gemma_assets.preflight import long_stage_warning, slice_of
 from gemma_assets.runner import terminal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +182,17 @@ def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_p
     fits = metadata["progress"].value
     assert fits["k-means k=64 seed 0: Lloyd"]["seconds"] >= 20 * 0.6
     assert fits["k-means k=64 seed 0: Lloyd"]["unit"] == "iterations"
+
+
+def test_the_preflight_names_a_long_stage_and_the_rehearsal_that_shortens_it(tmp_path):
+    typed = ["preflight", "--config", "tiny", "--set", "clustering.max_iter=10000000"]
+    run = load_run_config("tiny", ["clustering.max_iter=10000000"])
+    lines = long_stage_warning(run, [slice_of(run, None, 1).run], tmp_path, typed)
+    assert "take long" in lines[0]
+    assert lines[1].startswith("  cluster_models: up to ") and "10000000 Lloyd iterations" in lines[1]
+    assert lines[-1].endswith(
+        "gemma-assets preflight --config tiny --set clustering.max_iter=10000000 "
+        "--set clustering.max_iter=1 --set clustering.seeding=random"
+    )
+    plain = load_run_config("tiny", [])
+    assert long_stage_warning(plain, [slice_of(plain, None, 1).run], tmp_path, typed) == []

@@ -5,13 +5,17 @@ config alone (what `gemma-assets materialize` checks the free space against)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from gemma_assets.core import model
-from gemma_assets.core.config import RunConfig
+from gemma_assets.core.config import RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import TOP_M
 from gemma_assets.core.files import write_json
 from gemma_assets.core.storage import ActivationStore
@@ -418,3 +422,105 @@ def free_bytes(path: Path) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+# stages longer than this on the machine are named before a preflight starts them
+LONG_STAGE_S = 600.0
+# what turns each long stage into a rehearsal: iteration counts and page counts, never a shape
+REHEARSAL_SETS = {
+    "cluster_models": ("clustering.max_iter=1", "clustering.seeding=random"),
+    "cluster_density": ("density.max_iter=1",),
+    "interpretation": ("evaluation.logit_effect_features=64",),
+}
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """Float32 FLOP/s of this machine on the two shapes the fits run: a GEMM with both sides wide
+    (Lloyd's distances, EM, logit effects) and one with a skinny side (k-means++'s candidates,
+    memory-bound)."""
+
+    gemm: float
+    skinny: float
+
+    @classmethod
+    def measure(cls, d: int = 2304, rows: int = 8192, wide: int = 1024, trials: int = 11) -> MachineRates:
+        x = torch.randn(rows, d)
+
+        def rate(other: torch.Tensor) -> float:
+            x @ other  # warm-up
+            started = time.perf_counter()
+            repeats = 3
+            for _ in range(repeats):
+                x @ other
+            return repeats * 2 * rows * d * other.shape[1] / (time.perf_counter() - started)
+
+        return cls(gemm=rate(torch.randn(d, wide)), skinny=rate(torch.randn(d, trials)))
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """The arithmetic of one asset at a config's shapes, and what it comes from."""
+
+    asset: str
+    gemm_flops: float
+    skinny_flops: float
+    what: str
+
+    def seconds(self, rates: MachineRates) -> float:
+        return self.gemm_flops / rates.gemm + self.skinny_flops / rates.skinny
+
+
+def stage_work(run: RunConfig, d_model: int, vocab: int | None) -> list[StageWork]:
+    """FLOPs of the stages whose arithmetic grows with k, iterations and dictionary widths (the
+    others are linear in tokens at a few d^2 per token), at `run`'s shapes and iteration counts:
+    upper bounds (every Lloyd and EM iteration runs, no distance is skipped)."""
+    spec, n, d = run.clustering, run.train_tokens, d_model
+    fits = run.seeds * 2  # k-means and spherical k-means, per seed
+    seeding = lloyd = 0.0
+    for k in spec.ks:
+        sample = min(100_000, n)  # fit_kmeans' init_sample_rows
+        trials = 2 + math.log(k)
+        if spec.seeding == "k-means++":
+            seeding += fits * k * trials * sample * d * 2
+        elif spec.seeding == "k-means||":  # 5 oversampling rounds, then k-means++ over ~10k candidates
+            seeding += fits * (5 * sample * 2 * k * d * 2 + k * trials * min(sample, 10 * k) * d * 2)
+        lloyd += fits * (spec.max_iter + 1) * n * k * d * 2
+    em_components = min(run.density.components, d)
+    em = sum((run.density.max_iter + 2) * n * k * em_components * 8 for k in spec.ks)
+    work = [
+        StageWork(
+            "cluster_models",
+            lloyd,
+            seeding,
+            f"k in {list(spec.ks)}, {spec.seeding} seeding, up to {spec.max_iter} Lloyd iterations over "
+            f"{n:,} train tokens, {fits} fits per k",
+        ),
+        StageWork(
+            "cluster_density",
+            em,
+            0.0,
+            f"EM with k components in {em_components} dimensions, up to {run.density.max_iter} iterations",
+        ),
+    ]
+    if vocab is not None:
+        sae_widths = [_sae_width(sae) for sae in run.sae_specs]
+        widths = [*spec.ks, *sae_widths]
+        per_dictionary = run.evaluation.logit_effect_features
+        features = sum(min(per_dictionary, w) if per_dictionary else w for w in widths)
+        alignment = sum(k * width * d * 2 for k in spec.ks for width in sae_widths)
+        work.append(
+            StageWork(
+                "interpretation",
+                features * vocab * d * 2 + alignment,
+                0.0,
+                f"logit effects of {features:,} feature directions through a {vocab:,}-token unembedding",
+            )
+        )
+    return work
+
+
+def _sae_width(spec: SaeSpec) -> int:
+    if spec.width:
+        return spec.width
+    return _pretrained_width(spec.sae_id) if spec.sae_id else 0
