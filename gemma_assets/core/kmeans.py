@@ -325,8 +325,10 @@ def _fit_lloyd(
         c_sq = (centroids**2).sum(1)
         gaps = centroid_gaps(centroids) if iteration and any(b.elkan for b in bounds) else None
         for index, batch in enumerate(batches()):
-            # within the first pass the number of batches is not known yet
-            lloyd.update(iteration + index / len(bounds) if iteration else 0, batches=index)
+            if iteration:
+                lloyd.update(iteration + index / len(bounds))
+            else:  # the first pass, the costliest (every distance), does not know its batches yet
+                lloyd.update(0, rows_assigned=n_points)
             x = batch.to(device, torch.float32)
             if iteration == 0:
                 elkan = len(x) * k * 4 <= elkan_bytes_left
@@ -366,7 +368,10 @@ def _fit_lloyd(
             updated[empty] = _farthest_rows(batches, bounds, len(empty), device)
         shift = (updated - centroids).norm(dim=1)
         centroids = updated
-        lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
+        if lloyd.due:  # the shift's maximum syncs a GPU: only for a line that is shown
+            lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
+        else:
+            lloyd.update(iteration + 1)
     lloyd.finish(inertia=curve[-1], iterations=len(curve) - 1)
     return KMeansResult(
         centroids=centroids,

@@ -92,11 +92,11 @@ class _Comparison:
         for cluster in clusters:
             labels = acts[cluster.name].labels()
             for latent in latents:
-                compared.advance()
                 aligned = interpret.alignment(
                     cluster.dictionary.directions(), latent.dictionary.directions().to(device)
                 )
                 best_cl, _, best_la, _ = best[(cluster.name, latent.name)] = aligned
+                compared.advance(0.5)  # the alignment done, the F1 next: a line may come between them
                 f1, _ = interpret.activation_f1(labels, cluster.dictionary.n_features, acts[latent.name])
                 matched = bootstrap.share_interval(f1 > interpret.MATCH_F1)  # resampling the clusters
                 pairs.append(
@@ -111,6 +111,7 @@ class _Comparison:
                         "clusters_matched_f1_interval": [matched.low, matched.high],
                     }
                 )
+                compared.advance(0.5)
         compared.finish()
         return cls(pairs, best)
 
