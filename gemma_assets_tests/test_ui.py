@@ -186,3 +186,17 @@ def test_each_partition_shows_its_own_passed_checks(webserver, tmp_path):
     dom = chromium(f"{webserver.url}/assets/activations?view=checks", tmp_path / "chrome", "--dump-dom").stdout
     assert "activations_integrity" in dom and "activations_finite" in dom
     assert "Skipped" not in dom and "Passed" in dom
+
+
+def test_a_run_page_shows_the_steps_progress_lines(webserver, tmp_path):
+    """The run page's log (what a user watches in `dagster dev`) holds the step's progress
+    lines: the task, its position as i/n, and its wall time once done."""
+    defs = tiny_definitions(webserver)
+    with dg.DagsterInstance.from_config(str(webserver.home)) as instance:
+        sample = [dg.AssetKey("pile_sample")]
+        result = defs.resolve_job_def("analyse").execute_in_process(instance=instance, asset_selection=sample)
+    assert result.success
+    n_windows = load_run_config("tiny").sampling.n_windows
+    dom = chromium(f"{webserver.url}/runs/{result.run_id}", tmp_path / "chrome", "--dump-dom").stdout
+    assert f"sampling windows from the corpus: 0/{n_windows} windows, started" in dom
+    assert f"sampling windows from the corpus: {n_windows}/{n_windows} windows" in dom and "done in" in dom
