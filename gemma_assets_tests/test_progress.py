@@ -181,7 +181,8 @@ def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_p
     assert any("k-means k=64 seed 0: Lloyd" in m and "ETA" in m for m in messages)
     fits = metadata["progress"].value
     assert fits["k-means k=64 seed 0: Lloyd"]["seconds"] >= 20 * 0.6
-    assert fits["k-means k=64 seed 0: Lloyd"]["unit"] == "iterations"
+    assert fits["k-means k=64 seed 0: Lloyd"]["unit"] == "passes"
+    assert fits["k-means k=64 seed 0: Lloyd"]["iterations"] == fits["k-means k=64 seed 0: Lloyd"]["done"] - 1
 
 
 def test_the_preflight_names_a_long_stage_and_the_rehearsal_that_shortens_it(tmp_path):

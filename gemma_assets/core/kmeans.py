@@ -320,7 +320,8 @@ def _fit_lloyd(
     shift = torch.zeros(k, device=device)  # how far each centroid moved in the last update
     curve: list[float] = []
     converged = False
-    lloyd = progress.task("Lloyd", max_iter + 1, "iterations", total_is_bound=tol > 0).start()
+    # a pass assigns every row; the first (from the seeds) is not an iteration, hence max_iter + 1
+    lloyd = progress.task("Lloyd", max_iter + 1, "passes", total_is_bound=tol > 0).start()
     for iteration in range(max_iter + 1):
         c_sq = (centroids**2).sum(1)
         gaps = centroid_gaps(centroids) if iteration and any(b.elkan for b in bounds) else None
@@ -372,6 +373,7 @@ def _fit_lloyd(
             lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
         else:
             lloyd.update(iteration + 1)
+    lloyd.update(len(curve))
     lloyd.finish(inertia=curve[-1], iterations=len(curve) - 1)
     return KMeansResult(
         centroids=centroids,

@@ -233,6 +233,7 @@ class Summary:
                 "unit": update.unit,
                 "seconds": round(update.elapsed_s, 3),
                 "per_second": None if update.rate is None else round(update.rate, 3),
+                **update.figures,  # what the loop ended with: iterations, inertia, loss, ...
             }
 
 
