@@ -4,7 +4,7 @@ whoever listens (the Dagster run log, a progress bar on the command line) shows 
 A stage never knows who listens: `reporting(listener, step)` installs a listener for the
 code it wraps (a context variable, so nested scopes add listeners and threads do not share
 them), and `task(...)` binds to the listeners in force where it is created. With no listener a
-report costs one attribute test.
+report reads no clock and builds nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Update:
     """Where one task of a step stands."""
 
     step: str  # the Dagster step (asset) the task runs in; empty outside one
-    task: str  # what is being done, e.g. "k-means k=256 Lloyd"
+    task: str  # what is being done, e.g. "k-means k=256 seed 0: Lloyd"
     position: float
     total: float | None  # None: unknown
     unit: str  # what position counts, plural ("iterations", "windows")
