@@ -115,18 +115,25 @@ def _cache_gguf_demo(target: Path) -> None:
         ) from error
     from safetensors.torch import save_model
 
-    gguf_path = assemble()
-    with atomic_dir(target) as staging:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer.save_pretrained(staging)
-        # save_pretrained refuses GGUF-loaded weights; the dequantised tensors save as-is, and
-        # the config without its GGUF marker loads them as ordinary float weights
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(staging)
-        save_model(model, str(staging / "model.safetensors"))
-        (staging / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name}))
+    # each step is one call of up to tens of seconds that reports nothing itself (GGUF parsing)
+    with progress.task(f"converting the demo model from GGUF into {target}", 4, "steps") as converted:
+        gguf_path = assemble()
+        converted.advance()
+        with atomic_dir(target) as staging:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            converted.advance()
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            converted.advance()
+            tokenizer.save_pretrained(staging)
+            # save_pretrained refuses GGUF-loaded weights; the dequantised tensors save as-is, and
+            # the config without its GGUF marker loads them as ordinary float weights
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.save_pretrained(staging)
+            save_model(model, str(staging / "model.safetensors"))
+            (staging / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name}))
 
 
 def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] | None = None) -> str:
@@ -138,14 +145,14 @@ def model_source(spec: ModelSpec, cache_dir: Path, corpus_texts: Iterable[str] |
         target.parent.mkdir(parents=True, exist_ok=True)
         if spec.kind not in ("tiny", "gguf_demo"):
             raise ConfigError(f"unknown model kind {spec.kind!r}; valid: tiny, gguf_demo, hub")
-        # one call each, once per data root: its start and wall time are what can be reported
-        with progress.task(f"preparing the {spec.kind} model in {target}", 1, "models"):
-            if spec.kind == "tiny":
-                if corpus_texts is None:
-                    raise ConfigError("the tiny model's tokenizer is trained on the corpus: pass its texts")
+        if spec.kind == "tiny":
+            if corpus_texts is None:
+                raise ConfigError("the tiny model's tokenizer is trained on the corpus: pass its texts")
+            # one call, once per data root: its start and wall time are what can be reported
+            with progress.task(f"building the tiny model in {target}", 1, "models"):
                 build_tiny_model(target, corpus_texts)
-            else:
-                _cache_gguf_demo(target)
+        else:
+            _cache_gguf_demo(target)
     return str(target)
 
 
