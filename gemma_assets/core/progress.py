@@ -246,7 +246,8 @@ def format_duration(seconds: float) -> str:
 
 
 def _count(value: float) -> str:
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+    # a position summed from fractions (EM's share of tokens) lands a rounding error off a whole
+    return f"{value:,.0f}" if abs(value - round(value)) < 1e-6 else f"{value:,.1f}"
 
 
 def _rate(value: float) -> str:
