@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gemma_assets.core import model
+from gemma_assets.core import kmeans, model
 from gemma_assets.core.config import RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import TOP_M
 from gemma_assets.core.files import write_json
@@ -479,12 +479,14 @@ def stage_work(run: RunConfig, d_model: int, vocab: int | None) -> list[StageWor
     fits = run.seeds * 2  # k-means and spherical k-means, per seed
     seeding = lloyd = 0.0
     for k in spec.ks:
-        sample = min(100_000, n)  # fit_kmeans' init_sample_rows
+        sample = min(kmeans.INIT_SAMPLE_ROWS, n)
         trials = 2 + math.log(k)
         if spec.seeding == "k-means++":
             seeding += fits * k * trials * sample * d * 2
-        elif spec.seeding == "k-means||":  # 5 oversampling rounds, then k-means++ over ~10k candidates
-            seeding += fits * (5 * sample * 2 * k * d * 2 + k * trials * min(sample, 10 * k) * d * 2)
+        elif spec.seeding == "k-means||":  # oversampling rounds, then k-means++ over the candidates they drew
+            drawn = kmeans.OVERSAMPLING * k  # candidates per round
+            rounds = kmeans.PARALLEL_ROUNDS
+            seeding += fits * (rounds * sample * drawn * d * 2 + k * trials * min(sample, rounds * drawn) * d * 2)
         lloyd += fits * (spec.max_iter + 1) * n * k * d * 2
     em_components = min(run.density.components, d)
     em = sum((run.density.max_iter + 2) * n * k * em_components * 8 for k in spec.ks)

@@ -117,8 +117,18 @@ def kmeans_plusplus(
     return centroids
 
 
+# k-means|| defaults, and the rows seeding samples; core/costs.py estimates seeding from them
+PARALLEL_ROUNDS = 5
+OVERSAMPLING = 2.0
+INIT_SAMPLE_ROWS = 100_000
+
+
 def kmeans_parallel(
-    x: torch.Tensor, k: int, generator: torch.Generator, rounds: int = 5, oversampling: float = 2.0
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    rounds: int = PARALLEL_ROUNDS,
+    oversampling: float = OVERSAMPLING,
 ) -> torch.Tensor:
     """k-means|| seeding (Bahmani et al. 2012): a few passes that each add every row with
     probability oversampling * k * d^2 / cost, then greedy k-means++ over those candidates, each
@@ -166,7 +176,7 @@ def init_centroids(
     batches: Batches,
     k: int,
     seed: int,
-    sample_rows: int = 100_000,
+    sample_rows: int = INIT_SAMPLE_ROWS,
     seeding: str = "k-means||",
     device: str = "cpu",
 ) -> torch.Tensor:
@@ -213,7 +223,7 @@ def fit_kmeans(
     backend: str = "torch",
     device: str = "cpu",
     minibatch_steps: int = 200,
-    init_sample_rows: int = 100_000,
+    init_sample_rows: int = INIT_SAMPLE_ROWS,
     bounds_mb: float = 2048,
     seeding: str = "k-means||",
     label: str = "k-means",

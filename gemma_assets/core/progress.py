@@ -90,18 +90,21 @@ def reporting(listener: Listener, step: str | None = None) -> Iterator[None]:
     """Send every task created inside to `listener` too (besides the listeners outside), naming
     `step` (default: the step of the scope outside)."""
     outer = _SCOPE.get(_OUTSIDE)
-    token = _SCOPE.set(_Scope(outer.step if step is None else step, (*outer.listeners, listener), outer.prefix))
-    try:
+    with _scope(_Scope(outer.step if step is None else step, (*outer.listeners, listener), outer.prefix)):
         yield
-    finally:
-        _SCOPE.reset(token)
 
 
 @contextmanager
 def within(label: str) -> Iterator[None]:
     """Name the tasks created inside as parts of `label` ("k-means k=256: Lloyd")."""
     outer = _SCOPE.get(_OUTSIDE)
-    token = _SCOPE.set(_Scope(outer.step, outer.listeners, f"{outer.prefix}: {label}" if outer.prefix else label))
+    with _scope(_Scope(outer.step, outer.listeners, f"{outer.prefix}: {label}" if outer.prefix else label)):
+        yield
+
+
+@contextmanager
+def _scope(scope: _Scope) -> Iterator[None]:
+    token = _SCOPE.set(scope)
     try:
         yield
     finally:

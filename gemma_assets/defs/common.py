@@ -15,7 +15,7 @@ from typing import Concatenate, ParamSpec
 import dagster as dg
 
 from gemma_assets.core import progress
-from gemma_assets.core.config import RunConfig
+from gemma_assets.core.config import ConfigError, RunConfig
 from gemma_assets.core.records import Markdown
 
 P = ParamSpec("P")
@@ -84,7 +84,7 @@ def progress_every_s() -> float:
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"{PROGRESS_EVERY_ENV}={value!r} is not a number of seconds -> set it to e.g. 10") from None
+        raise ConfigError(f"{PROGRESS_EVERY_ENV}={value!r} is not a number of seconds -> set it to e.g. 10") from None
 
 
 def reports_progress(

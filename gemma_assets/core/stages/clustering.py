@@ -190,11 +190,10 @@ def fit_k(
         store.batches(run.heldout_partition_keys),
         store.window_batches(run.heldout_partition_keys),
     )
+    heldout_tokens = store.token_count(run.heldout_partition_keys)  # progress totals, read once
     fits = []
     for seed in range(run.seeds):
-        fits.append(
-            _fit_seeded(run, train, heldout_windows, store.token_count(run.heldout_partition_keys), k, seed, device)
-        )
+        fits.append(_fit_seeded(run, train, heldout_windows, heldout_tokens, k, seed, device))
         if run.seeds > 1:
             kmeans = fits[-1].family[0].name
             log(f"k={k}, seed {seed}: held-out FVU of {kmeans} {fits[-1].evaluated[kmeans][0]['fvu']:.4f}")

@@ -155,8 +155,8 @@ def summarise(
     acc = _Pass({name: ActivationMoments(manifest["d_model"]) for name in SPLITS}, [], [], [], [])
     quantile_rows = max(1, MAX_QUANTILE_SAMPLE // len(run.train_partition_keys))
     with progress.task("statistics pass", store.token_count(run.partition_keys), "tokens") as done:
+        sample_size = run.quality.quantile_sample_per_partition
         for key in run.partition_keys:
-            sample_size = run.quality.quantile_sample_per_partition
             part = partition_stats(layout, store, key, sample_size, log, precision, device)
             token_ids = store.open(key).array("token_ids")
             acc.add(part, split_of[key], token_ids, quantile_rows, run.sampling.context_len)
