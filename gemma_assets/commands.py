@@ -13,14 +13,14 @@ from gemma_assets.runner.errors import EXIT_DISAGREES, StageFailed
 
 def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Path | None) -> str:
     """Write one dictionary of a finished run as an SAELens SAE folder; returns what to tell the user."""
-    from gemma_assets.core import interop
-    from gemma_assets.core.layout import find_member
+    from gemma_assets.core import interop, methods
     from gemma_assets.core.report import git_revision
+    from gemma_assets.defs import graph  # noqa: F401 - registers the package's methods
     from gemma_assets.defs.resources import RunResource, StorageResource
 
     layout = StorageResource(data_root=data_root, run=RunResource.of(run_config)).layout()
     try:
-        member = find_member(layout, run_config, name)
+        member = methods.find_member(layout, run_config, methods.methods_of(run_config), name)
     except FileNotFoundError as error:  # a dictionary of a run that has not been materialised
         raise StorageError(str(error)) from None
     corpus = run_config.corpus
@@ -51,8 +51,9 @@ def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Pat
 def verify_report(report_dir: Path, data_root: str, device: str, activations_url: str = "") -> str:
     """Recompute a report's held-out FVU, L0 and spliced CE here and print each beside the report's;
     returns the closing line, or raises StageFailed when a figure differs beyond its tolerance."""
-    from gemma_assets.core import model, verification
+    from gemma_assets.core import methods, model, verification
     from gemma_assets.core.environment import describe, numeric_environment
+    from gemma_assets.defs import graph  # noqa: F401 - registers the package's methods
     from gemma_assets.defs.resources import ComputeResource
     from gemma_assets.runner.terminal import command_line_progress
 
@@ -72,7 +73,7 @@ def verify_report(report_dir: Path, data_root: str, device: str, activations_url
         print(f"  {message}", file=sys.stderr, flush=True)
 
     try:
-        members = layout.clustering_members(run) + layout.sae_members(run.sae_specs, compute.resolved_device)
+        members = methods.all_members(layout, run, methods.methods_of(run), compute.resolved_device)
     except FileNotFoundError as error:  # a dictionary of the run is gone from the data root
         raise StorageError(f"{error} -> rematerialise the run, or pass the data root that holds it") from None
     lm = model.load_model(layout.model_source(run), run.model.layer, compute.resolved_device, dtype)

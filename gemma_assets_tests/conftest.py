@@ -39,9 +39,10 @@ class TinyRun:
 
     def records(self) -> dict[str, dict]:
         """Every dictionary's record as the report's flat row, by name."""
-        from gemma_assets.core.layout import all_records
+        from gemma_assets.core.methods import all_records, methods_of
 
-        return {record.name: record.row() for record in all_records(self.layout, self.profile)}
+        records = all_records(self.layout, self.profile, methods_of(self.profile))
+        return {record.name: record.row() for record in records}
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def _evidence(sse_a: np.ndarray, sse_b: np.ndarray) -> tuple[list[DictionaryReco
     ones = np.ones((1, len(sse_a)))
     records = [
         DictionaryRecord("kmeans-64", Family.KMEANS, 64, 1, {"fvu": float(a.fvu(ones)[0]), "l0": 1.0}),
-        DictionaryRecord("topk-64-k1", Family.SAE_TOPK, 64, 1, {"fvu": float(b.fvu(ones)[0]), "l0": 1.0}),
+        DictionaryRecord("topk-64-k1", Family.of_sae("topk"), 64, 1, {"fvu": float(b.fvu(ones)[0]), "l0": 1.0}),
     ]
     return records, Evidence({"kmeans-64": a, "topk-64-k1": b}, {}, 31)
 

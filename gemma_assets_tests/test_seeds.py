@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma_assets.core import interpret
-from gemma_assets.core.layout import all_records, all_seed_spreads
+from gemma_assets.core.methods import all_records, all_seed_spreads, methods_of
 from gemma_assets.core.records import SEED_METRICS
 
 
@@ -27,8 +27,8 @@ def test_partition_f1_known_answers():
 def test_every_refittable_dictionary_has_its_spread_over_seeds(tiny_run):
     layout, run = tiny_run.layout, tiny_run.profile
     assert run.seeds == 2
-    spreads = {spread.name: spread for spread in all_seed_spreads(layout, run)}
-    fitted = [r for r in all_records(layout, run) if not r.family.value.startswith("leader")]
+    spreads = {spread.name: spread for spread in all_seed_spreads(layout, run, methods_of(run))}
+    fitted = [r for r in all_records(layout, run, methods_of(run)) if not r.family.value.startswith("leader")]
     assert set(spreads) == {r.name for r in fitted}  # k-means, gain-shape, top-m and every trained SAE
     for record in fitted:
         spread = spreads[record.name]

@@ -13,6 +13,9 @@ from gemma_assets.core.bootstrap import Comparison, Evidence, Interval
 from gemma_assets.core.interpret import MATCH_F1, TWIN_COSINE
 from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread
 
+# an SAE stands at "equal L0" to a k-means reading when its held-out L0 is within 25% of the
+# reading's: TopK matches exactly, BatchTopK on average, JumpReLU and L1 SAEs only near their targets
+EQUAL_L0 = 0.25
 PEER_MATCHED_SHARE = 0.20  # Exemplar Partitioning: ~20% of its regions match a Gemma Scope 16k latent at F1 > 0.5
 
 
@@ -86,25 +89,34 @@ def raising_k(kmeans: list[DictionaryRecord], judge: Judge) -> list[str]:
     return [line + "."]
 
 
-def saes_against_kmeans(kmeans: list[DictionaryRecord], saes: list[DictionaryRecord], judge: Judge) -> list[str]:
-    """At one active feature and the same width, each TopK SAE against k-means."""
+def best_sae_against_kmeans(readings: list[DictionaryRecord], saes: list[DictionaryRecord], judge: Judge) -> list[str]:
+    """Each k-means reading (k-means itself at L0 = 1, top-m at L0 = m) against the best SAE of the
+    same width at an equal L0: the SAE of lowest held-out FVU among every SAE family whose
+    held-out L0 is within EQUAL_L0 of the reading's, compared paired on the same windows."""
     lines = []
-    for km in kmeans:
-        for sae in (s for s in saes if s.k == km.k and s.m == 1):
-            fvu_verdict, fvu_spread = judge.fvu(sae.name, km.name)
-            stands = {"lower": "a lower held-out FVU than", "higher": "a higher held-out FVU than"}
-            line = (
-                f"At L0 = 1 and {km.k} features, the TopK SAE {sae.name} has "
-                f"{stands.get(fvu_verdict, 'a held-out FVU indistinguishable from that of')} {km.name} "
-                f"({sae.fvu:.3f} vs {km.fvu:.3f}; {fvu_spread})"
+    for km in readings:
+        peers = [s for s in saes if s.k == km.k and abs(s.l0 - km.l0) <= EQUAL_L0 * km.l0]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r.fvu)
+        families = sorted({peer.family.label(peer.k) for peer in peers})
+        among = (
+            f"the best of {len(peers)} SAEs ({', '.join(families)})" if len(peers) > 1 else best.family.label(best.k)
+        )
+        fvu_verdict, fvu_spread = judge.fvu(best.name, km.name)
+        stands = {"lower": "a lower held-out FVU than", "higher": "a higher held-out FVU than"}
+        line = (
+            f"At L0 = {km.m} and {km.k} features, {best.name} ({among}, held-out L0 {best.l0:.1f}) has "
+            f"{stands.get(fvu_verdict, 'a held-out FVU indistinguishable from that of')} {km.name} "
+            f"({best.fvu:.3f} vs {km.fvu:.3f}; {fvu_spread})"
+        )
+        if best.name in judge.evidence.ce and km.name in judge.evidence.ce:
+            ce = judge.evidence.compare_delta_ce(best.name, km.name)
+            line += (
+                f"; its spliced delta CE is {verdict(ce)} ({best.downstream['delta_ce']:.3f} vs "
+                f"{km.downstream['delta_ce']:.3f} nats; {spread(ce)})"
             )
-            if sae.name in judge.evidence.ce and km.name in judge.evidence.ce:
-                ce = judge.evidence.compare_delta_ce(sae.name, km.name)
-                line += (
-                    f"; its spliced delta CE is {verdict(ce)} ({sae.downstream['delta_ce']:.3f} vs "
-                    f"{km.downstream['delta_ce']:.3f} nats; {spread(ce)})"
-                )
-            lines.append(line + ".")
+        lines.append(line + ".")
     return lines
 
 
@@ -204,11 +216,12 @@ def findings(
 ) -> list[str]:
     """Every finding of a report, in the report's order."""
     kmeans = sorted((r for r in records if r.family is Family.KMEANS), key=lambda r: r.k)
+    readings = sorted((r for r in records if r.family in (Family.KMEANS, Family.TOP_M)), key=lambda r: (r.k, r.l0))
     saes = [r for r in records if r.family.is_sae]
     judge = Judge(evidence, {spread.name: spread for spread in spreads})
     return [
         *raising_k(kmeans, judge),
-        *saes_against_kmeans(kmeans, saes, judge),
+        *best_sae_against_kmeans(readings, saes, judge),
         *sparsest_sae_beating_kmeans(kmeans, saes, judge),
         *loss_recovered_range(records, evidence),
         *cluster_latent_agreement(interpretation),

@@ -24,12 +24,13 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
     <root>/run_config.yaml                             comparison_report
     <root>/exports/<name>/                             gemma-assets export (outside the graph)
 
-The corpus (`<root>/corpus`) and models (`<data_root>/models`) are sources, not assets.
+A method declared outside the package (core/methods.py) keeps its files under a folder of its
+own through `artefact(<its asset>, ...)`. The corpus (`<root>/corpus`) and models
+(`<data_root>/models`) are sources, not assets.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,12 +42,11 @@ import numpy as np
 import torch
 
 from gemma_assets.core import corpus, leader, model
-from gemma_assets.core.bootstrap import WindowSums, unflatten
 from gemma_assets.core.codes import Dictionary
-from gemma_assets.core.config import RESOLVED_CONFIG_FILE, ConfigError, RunConfig, SaeSpec
+from gemma_assets.core.config import RESOLVED_CONFIG_FILE, RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import Member, clustering_family
 from gemma_assets.core.files import load_arrays
-from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread
+from gemma_assets.core.records import DictionaryRecord, Family
 from gemma_assets.core.sampling import TokenSample, load_sample
 from gemma_assets.core.stats import ActivationMoments, PartitionStats, moments_path
 from gemma_assets.core.storage import ActivationStore
@@ -85,7 +85,8 @@ class RunLayout:
         """This layout as `reader` sees it: artefacts of `declared` assets only."""
         return RunLayout(self.root, self.models_dir, self.activations_url, reader, frozenset(declared) | {reader})
 
-    def _at(self, owner: str | None, *parts: str) -> Path:
+    def artefact(self, owner: str | None, *parts: str) -> Path:
+        """The path of an artefact asset `owner` writes (None: a source), its folder created."""
         if owner is not None and self.reader is not None and owner not in self.declared:
             raise UndeclaredDependency(
                 f"asset {self.reader} reads {'/'.join(parts)}, an artefact of {owner}, without depending on it "
@@ -95,13 +96,14 @@ class RunLayout:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _existing(self, owner: str, path: Path, what: str) -> Path:
+    def existing(self, owner: str, path: Path, what: str) -> Path:
+        """`path`, or MissingArtefact naming `what` and the asset that writes it."""
         if not path.exists():
             raise MissingArtefact(f"no {what} at {path}: materialise {owner} first")
         return path
 
     def _json(self, owner: str, path: Path, what: str) -> Any:
-        return json.loads(self._existing(owner, path, what).read_text())
+        return json.loads(self.existing(owner, path, what).read_text())
 
     def _seed_records(self, owner: str, path: Path, what: str) -> dict[str, list[DictionaryRecord]]:
         """A seeds.json: per seed-0 name, the records of its refits."""
@@ -111,7 +113,7 @@ class RunLayout:
     # sources
     @property
     def corpus_dir(self) -> Path:
-        return self._at(None, "corpus")
+        return self.artefact(None, "corpus")
 
     def corpus(self, run: RunConfig) -> corpus.DocumentStream:
         """The run's corpus, building the offline corpus on first use."""
@@ -129,58 +131,58 @@ class RunLayout:
     # pile_sample
     @property
     def sample_file(self) -> Path:
-        return self._at("pile_sample", "sample", "windows.npz")
+        return self.artefact("pile_sample", "sample", "windows.npz")
 
     @property
     def strata_file(self) -> Path:
-        return self._at("pile_sample", "sample", "strata.parquet")
+        return self.artefact("pile_sample", "sample", "strata.parquet")
 
     @property
     def corpus_read_file(self) -> Path:
         """What reading the corpus met: records read, bad ones skipped (corpus.CorpusRead)."""
-        return self._at("pile_sample", "sample", "corpus_read.json")
+        return self.artefact("pile_sample", "sample", "corpus_read.json")
 
     def sample(self) -> TokenSample:
-        return load_sample(self._existing("pile_sample", self.sample_file, "token sample"))
+        return load_sample(self.existing("pile_sample", self.sample_file, "token sample"))
 
     # activations
     def activation_store(self) -> ActivationStore:
-        self._at("activations", "activations")
+        self.artefact("activations", "activations")
         return ActivationStore(self.activations_url or str(self.root))
 
     # activation_stats
     def partition_stats_file(self, key: str) -> Path:
-        return self._at("activation_stats", "stats", f"part-{key}.npz")
+        return self.artefact("activation_stats", "stats", f"part-{key}.npz")
 
     def partition_stats(self, key: str) -> PartitionStats:
-        return PartitionStats.load(self._existing("activation_stats", self.partition_stats_file(key), "statistics"))
+        return PartitionStats.load(self.existing("activation_stats", self.partition_stats_file(key), "statistics"))
 
     def partition_moments_file(self, key: str) -> Path:
         return moments_path(self.partition_stats_file(key))
 
     def partition_moments(self, key: str) -> ActivationMoments:
-        path = self._existing("activation_stats", self.partition_moments_file(key), "moments")
+        path = self.existing("activation_stats", self.partition_moments_file(key), "moments")
         return ActivationMoments.load(path)
 
     def moments_file(self, split: str) -> Path:
-        return self._at("activation_stats", "stats", f"{split}_moments.npz")
+        return self.artefact("activation_stats", "stats", f"{split}_moments.npz")
 
     def moments(self, split: str = "train") -> ActivationMoments:
-        return ActivationMoments.load(self._existing("activation_stats", self.moments_file(split), "moments"))
+        return ActivationMoments.load(self.existing("activation_stats", self.moments_file(split), "moments"))
 
     def stats_file(self, name: str) -> Path:
         """A table (`per_dim.parquet`, ...), `bos.json` or a plot of the statistics."""
-        return self._at("activation_stats", "stats", name)
+        return self.artefact("activation_stats", "stats", name)
 
     def bos_ratio(self) -> float:
         return json.loads(self.stats_file("bos.json").read_text())["bos_to_token_norm_ratio"]
 
     # whitening
     def whitening_file(self, name: str = "whitening.npz") -> Path:
-        return self._at("whitening", "whitening", name)
+        return self.artefact("whitening", "whitening", name)
 
     def whitening(self) -> Whitening:
-        return Whitening.load(self._existing("whitening", self.whitening_file(), "whitening"))
+        return Whitening.load(self.existing("whitening", self.whitening_file(), "whitening"))
 
     def preprocessor(self, kind: str, n_components: int = 0) -> Preprocessor:
         """The map into the space a clustering is fitted in, from the fitted whitening."""
@@ -188,12 +190,12 @@ class RunLayout:
 
     # cluster_models
     def kmeans_dir(self, k: int) -> Path:
-        return self._at("cluster_models", "clusters", f"k-{k:05d}")
+        return self.artefact("cluster_models", "clusters", f"k-{k:05d}")
 
     def kmeans_model(self, k: int) -> dict[str, np.ndarray]:
         """centroids, sizes, inertia_curve and gain_shape_atoms of k-means-k."""
         path = self.kmeans_dir(k) / "model.npz"
-        return load_arrays(self._existing(f"cluster_models[{k}]", path, f"k-means model for k={k}"))
+        return load_arrays(self.existing(f"cluster_models[{k}]", path, f"k-means model for k={k}"))
 
     def kmeans_records(self, k: int) -> list[DictionaryRecord]:
         """k-means-k's record, then those of its other readings."""
@@ -206,28 +208,28 @@ class RunLayout:
 
     def kmeans_seed_centroids(self, k: int) -> list[torch.Tensor]:
         """Centroids of k-means-k refitted with seeds 1, 2, ... (empty for a one-seed run)."""
-        path = self._existing(f"cluster_models[{k}]", self.kmeans_dir(k) / SEED_MODELS_FILE, f"seed models of k={k}")
+        path = self.existing(f"cluster_models[{k}]", self.kmeans_dir(k) / SEED_MODELS_FILE, f"seed models of k={k}")
         arrays = load_arrays(path)
         return [torch.from_numpy(arrays[f"seed{seed}"]) for seed in range(1, len(arrays) + 1)]
 
-    def clustering_members(self, run: RunConfig) -> list[Member]:
-        """k-means-k and its readings for every k of the run, then leader clustering."""
+    def kmeans_members(self, run: RunConfig) -> list[Member]:
+        """k-means-k and its readings for every k of the run."""
         preprocessor = self.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
         members = []
         for k in run.clustering.ks:
             model = self.kmeans_model(k)
             centroids, atoms = torch.from_numpy(model["centroids"]), torch.from_numpy(model["gain_shape_atoms"])
             members += clustering_family(k, centroids, atoms, preprocessor)
-        return [*members, *self.leader_members()]
+        return members
 
     # cluster_density
     def density_file(self, k: int) -> Path:
-        return self._at("cluster_density", "density", f"k-{k:05d}.json")
+        return self.artefact("cluster_density", "density", f"k-{k:05d}.json")
 
     # leader_clusters
     @property
     def leader_dir(self) -> Path:
-        return self._at("leader_clusters", "clusters", "leader")
+        return self.artefact("leader_clusters", "clusters", "leader")
 
     def leader_records(self) -> list[DictionaryRecord]:
         """The leader regions' records: the gain-shape reading, then the member-mean one."""
@@ -235,7 +237,7 @@ class RunLayout:
         return [DictionaryRecord.from_json(r) for r in records]
 
     def leader_members(self) -> list[Member]:
-        regions = load_arrays(self._existing("leader_clusters", self.leader_dir / "model.npz", "leader clustering"))
+        regions = load_arrays(self.existing("leader_clusters", self.leader_dir / "model.npz", "leader clustering"))
         exemplars, mean = torch.from_numpy(regions["exemplars"]), torch.from_numpy(regions["mean"])
         readings: dict[Family, Dictionary] = {
             Family.LEADER: leader.leader_dictionary(exemplars, mean),
@@ -245,7 +247,7 @@ class RunLayout:
 
     # sae_dictionary
     def sae_dir(self, name: str) -> Path:
-        return self._at("sae_dictionary", "saes", name)
+        return self.artefact("sae_dictionary", "saes", name)
 
     def sae_members(self, specs: Sequence[SaeSpec], device: str = "cpu") -> list[Member]:
         from gemma_assets.core import sae  # SAELens is imported only where SAEs are used
@@ -258,11 +260,11 @@ class RunLayout:
     # sae_evaluation
     @property
     def sae_evaluation_file(self) -> Path:
-        return self._at("sae_evaluation", "saes", "evaluation.json")
+        return self.artefact("sae_evaluation", "saes", "evaluation.json")
 
     @property
     def sae_windows_file(self) -> Path:
-        return self._at("sae_evaluation", "saes", "evaluation_windows.npz")
+        return self.artefact("sae_evaluation", "saes", "evaluation_windows.npz")
 
     def sae_records(self) -> list[DictionaryRecord]:
         records = self._json("sae_evaluation", self.sae_evaluation_file, "SAE evaluation")
@@ -270,7 +272,7 @@ class RunLayout:
 
     @property
     def sae_seeds_file(self) -> Path:
-        return self._at("sae_evaluation", "saes", SEEDS_FILE)
+        return self.artefact("sae_evaluation", "saes", SEEDS_FILE)
 
     def sae_seed_records(self) -> dict[str, list[DictionaryRecord]]:
         """Per trained SAE (by its seed-0 name), the records of its refits with seeds 1..."""
@@ -279,7 +281,7 @@ class RunLayout:
     # downstream_loss
     @property
     def downstream_file(self) -> Path:
-        return self._at("downstream_loss", "evaluation", "downstream.json")
+        return self.artefact("downstream_loss", "evaluation", "downstream.json")
 
     def downstream(self) -> dict:
         return self._json("downstream_loss", self.downstream_file, "spliced cross-entropy")
@@ -287,73 +289,28 @@ class RunLayout:
     # interpretation
     @property
     def interpretation_file(self) -> Path:
-        return self._at("interpretation", "evaluation", "interpretation.json")
+        return self.artefact("interpretation", "evaluation", "interpretation.json")
 
     def interpretation(self) -> dict:
         return self._json("interpretation", self.interpretation_file, "interpretation")
 
     @property
     def features_site(self) -> Path:
-        return self._at("interpretation", "report", "features")
+        return self.artefact("interpretation", "report", "features")
 
     @property
     def alignment_plot(self) -> Path:
-        return self._at("interpretation", "report", "alignment_histogram.png")
+        return self.artefact("interpretation", "report", "alignment_histogram.png")
 
     # comparison_report
     def report_file(self, name: str) -> Path:
         """`report.md`, `report.html` or one of the report's plots."""
-        return self._at("comparison_report", "report", name)
+        return self.artefact("comparison_report", "report", name)
 
     @property
     def resolved_config_file(self) -> Path:
-        return self._at("comparison_report", RESOLVED_CONFIG_FILE)
+        return self.artefact("comparison_report", RESOLVED_CONFIG_FILE)
 
     # outside the graph: what `gemma-assets export` writes
     def export_dir(self, name: str) -> Path:
-        return self._at(None, "exports", name)
-
-
-def all_records(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
-    """Every dictionary's record: k-means and its readings per k, leader clustering, the SAEs."""
-    records = [record for k in run.clustering.ks for record in layout.kmeans_records(k)]
-    return [*records, *layout.leader_records(), *layout.sae_records()]
-
-
-def all_seed_spreads(layout: RunLayout, run: RunConfig) -> list[SeedSpread]:
-    """Held-out metrics over seeds of every dictionary fitted with more than one seed."""
-    replicas = {name: r for k in run.clustering.ks for name, r in layout.kmeans_seed_records(k).items()}
-    replicas |= layout.sae_seed_records()
-    return [
-        SeedSpread.of(record, replicas[record.name]) for record in all_records(layout, run) if replicas.get(record.name)
-    ]
-
-
-def find_member(layout: RunLayout, run: RunConfig, name: str, device: str = "cpu") -> Member:
-    """One dictionary of a finished run by its report name (only its own family is loaded)."""
-    specs = [spec for spec in run.sae_specs if spec.name == name]
-    members = layout.sae_members(specs, device) if specs else layout.clustering_members(run)
-    for member in members:
-        if member.name == name:
-            return member
-    names = [member.name for member in members] + [spec.name for spec in run.sae_specs]
-    close = difflib.get_close_matches(name, names, n=1)
-    raise ConfigError(
-        f"run {run.name} has no dictionary {name!r}"
-        + (f"; did you mean {close[0]!r}?" if close else "")
-        + f" Its dictionaries: {', '.join(names)}"
-    )
-
-
-def all_window_sums(layout: RunLayout, run: RunConfig) -> dict[str, WindowSums]:
-    """Per-window held-out sums of every dictionary, by name (what intervals are computed from)."""
-    files = [layout.kmeans_dir(k) / WINDOWS_FILE for k in run.clustering.ks]
-    files += [layout.leader_dir / WINDOWS_FILE, layout.sae_windows_file]
-    sums: dict[str, WindowSums] = {}
-    for path in files:
-        if not path.exists():
-            raise MissingArtefact(
-                f"no per-window sums at {path}: rematerialise the asset that writes {path.parent.name}"
-            )
-        sums |= unflatten(load_arrays(path))
-    return sums
+        return self.artefact(None, "exports", name)

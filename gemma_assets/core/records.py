@@ -4,45 +4,67 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 
-class Family(str, Enum):
-    """How a dictionary was made; the value is its name on disk."""
+@dataclass(frozen=True)
+class Family:
+    """How a dictionary was made, as the report groups its rows; `value` is its name on disk.
 
-    KMEANS = "k-means"
-    GAIN_SHAPE = "gain-shape"
-    TOP_M = "top-m"
-    LEADER = "leader"
-    LEADER_MEAN = "leader-mean"
-    SAE_TOPK = "sae-topk"
-    SAE_PRETRAINED = "sae-pretrained"
+    Families are open: the module that declares a method (core.methods) defines its own with
+    `Family.define`, and records name them by value."""
 
-    @property
-    def is_sae(self) -> bool:
-        return self in (Family.SAE_TOPK, Family.SAE_PRETRAINED)
+    value: str
+    title: str  # the report's name for it; "{k}" stands for the dictionary's k
+    is_sae: bool = False
+
+    _defined: ClassVar[dict[str, Family]] = {}
+    KMEANS: ClassVar[Family]
+    GAIN_SHAPE: ClassVar[Family]
+    TOP_M: ClassVar[Family]
+    LEADER: ClassVar[Family]
+    LEADER_MEAN: ClassVar[Family]
+
+    @classmethod
+    def define(cls, value: str, title: str = "", is_sae: bool = False) -> Family:
+        """The family named `value`, defined on first use; a second, different definition is a bug."""
+        family = cls._defined.setdefault(value, cls(value, title or value, is_sae))
+        if family != cls(value, title or value, is_sae):
+            raise ValueError(f"dictionary family {value!r} is defined twice, differently: {family} and {title!r}")
+        return family
+
+    @classmethod
+    def of(cls, value: str) -> Family:
+        """A defined family by its name on disk."""
+        if value not in cls._defined:
+            raise ValueError(
+                f"unknown dictionary family {value!r} (known: {', '.join(cls._defined)}) "
+                "-> name the module that declares it under `methods` in the run config"
+            )
+        return cls._defined[value]
 
     @classmethod
     def of_sae(cls, architecture: str) -> Family:
-        families = {"pretrained": cls.SAE_PRETRAINED, "topk": cls.SAE_TOPK}
-        if architecture not in families:
-            raise ValueError(
-                f"no dictionary family for SAE architecture {architecture!r}; known: {', '.join(families)}"
-            )
-        return families[architecture]
+        """The family of SAEs of one architecture (`pretrained`: loaded, whatever their architecture)."""
+        return cls.define(f"sae-{architecture}", f"SAE ({architecture})", is_sae=True)
 
     def label(self, k: int) -> str:
         """The family as the report's tables and plots name it."""
-        return {
-            Family.TOP_M: f"top-m over k-means-{k}",
-            Family.LEADER: "leader (Exemplar Partitioning)",
-            Family.LEADER_MEAN: "leader, member mean",
-            Family.SAE_TOPK: "SAE (topk)",
-            Family.SAE_PRETRAINED: "SAE (pretrained)",
-        }.get(self, self.value)
+        return self.title.format(k=k)
+
+    @property
+    def heading(self) -> str:
+        """The family's name over its rows, whatever their k."""
+        return self.title.format(k="k")
+
+
+Family.KMEANS = Family.define("k-means")
+Family.GAIN_SHAPE = Family.define("gain-shape")
+Family.TOP_M = Family.define("top-m", "top-m over k-means-{k}")
+Family.LEADER = Family.define("leader", "leader (Exemplar Partitioning)")
+Family.LEADER_MEAN = Family.define("leader-mean", "leader, member mean")
 
 
 # the costs of a fit, shown in the report's cost table; every other fit fact goes to `facts`
@@ -105,7 +127,7 @@ class DictionaryRecord:
     def from_json(cls, value: Mapping[str, Any]) -> DictionaryRecord:
         return cls(
             value["name"],
-            Family(value["family"]),
+            Family.of(value["family"]),
             int(value["k"]),
             value["m"],
             value["heldout"],

@@ -95,10 +95,22 @@ INTERVAL_METRICS = ("fvu", "mse", "cosine", "l0")
 
 
 def series(record: DictionaryRecord) -> str:
-    """The line a dictionary belongs to on the L0 plots: SAEs by width, clusterings by family."""
+    """The line a dictionary belongs to on the L0 plots: SAEs by family and width, clusterings by family."""
     if record.family.is_sae:
-        return f"SAE, {record.k} latents"
+        return f"{record.family.label(record.k)}, {record.k} latents"
     return record.family.label(record.k)
+
+
+def by_family(
+    records: Sequence[DictionaryRecord], rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> Markdown:
+    """One table per family, in the order families first appear (a record and its row share an index)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record, row in zip(records, rows, strict=True):
+        groups.setdefault(record.family.heading, []).append(row)
+    return Markdown(
+        "\n\n".join(f"**{heading}**\n\n{markdown_table(group, columns)}" for heading, group in groups.items())
+    )
 
 
 class LeakageError(RuntimeError):
@@ -265,10 +277,10 @@ def render_markdown(
     downstream loss, cost, clustering quality, interpretation and the exact configuration; `rows`
     are the records' table rows with their intervals (`with_intervals`)."""
     tables = {
-        "reconstruction": markdown_table(rows, COLUMNS),
+        "reconstruction": by_family(records, rows, COLUMNS),
         "seeds": _seeds_md(run, spreads),
         "quality": markdown_table([r.row() for r in records if r.family is Family.KMEANS], QUALITY_COLUMNS),
-        "cost": markdown_table(rows, COST_COLUMNS),
+        "cost": by_family(records, rows, COST_COLUMNS),
         "alignment": markdown_table([with_row_intervals(p) for p in interpretation["alignment"]], ALIGNMENT_COLUMNS),
         "seed_agreement": _seed_agreement_md(interpretation.get("seed_agreement", [])),
         "probes": markdown_table([with_row_intervals(p) for p in interpretation["probes"]], PROBE_COLUMNS),

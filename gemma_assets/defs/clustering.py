@@ -1,7 +1,10 @@
-"""whitening and cluster_models[k]: the clustering side of the comparison."""
+"""whitening and cluster_models[k]: the clustering side of the comparison, and the k-means method."""
 
 import dagster as dg
 
+from gemma_assets.core import methods
+from gemma_assets.core.layout import WINDOWS_FILE
+from gemma_assets.core.records import Family
 from gemma_assets.core.stages import clustering
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
@@ -69,3 +72,22 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         kinds={"pytorch", "zarr"},
     )(cluster_models)
     return [whitening_asset, models]
+
+
+KMEANS = methods.register(
+    methods.Method(
+        name="k-means",
+        module=__name__,
+        build=build,
+        dictionary_assets=("cluster_models",),
+        record_assets=("cluster_models",),
+        records=lambda layout, run: [record for k in run.clustering.ks for record in layout.kmeans_records(k)],
+        window_files=lambda layout, run: [layout.kmeans_dir(k) / WINDOWS_FILE for k in run.clustering.ks],
+        seed_records=lambda layout, run: {
+            name: records for k in run.clustering.ks for name, records in layout.kmeans_seed_records(k).items()
+        },
+        members=lambda layout, run, device: layout.kmeans_members(run),
+        # the clusters every other method's features are read against (defs/evaluation.py)
+        interpreted=lambda layout, run, device: [m for m in layout.kmeans_members(run) if m.family is Family.KMEANS],
+    )
+)

@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from gemma_assets.core import model
+from gemma_assets.core import methods, model
+from gemma_assets.core.layout import WINDOWS_FILE
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import density
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
@@ -49,24 +50,46 @@ def leader_clusters(
     return dg.MaterializeResult(metadata=metadata | {"tokens_seen": gain_shape.facts["tokens_seen"]})
 
 
-def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
+def build_density(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     models = graph["cluster_models"]
-    gmm = dg.asset(
-        partitions_def=graph.k_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        deps=[models, *graph.deps("whitening", "activations")],
-        # 2: the record moved to density/k-NNNNN.json
-        code_version=code_version("3", graph.run, ("density",), [models]),
-        automation_condition=FOLLOW_UPSTREAM,
-        group_name="clustering",
-        kinds={"pytorch"},
-    )(cluster_density)
-    leader = dg.asset(
-        deps=graph.deps("whitening", "activations"),
-        # 4: the member-mean reading beside the gain-shape one, per-window sums
-        code_version=code_version("4", graph.run, ("leader",), [graph["whitening"]]),
-        automation_condition=FOLLOW_UPSTREAM,
-        group_name="clustering",
-        kinds={"pytorch"},
-    )(leader_clusters)
-    return [gmm, leader]
+    return [
+        dg.asset(
+            partitions_def=graph.k_partitions,
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            deps=[models, *graph.deps("whitening", "activations")],
+            # 2: the record moved to density/k-NNNNN.json
+            code_version=code_version("3", graph.run, ("density",), [models]),
+            automation_condition=FOLLOW_UPSTREAM,
+            group_name="clustering",
+            kinds={"pytorch"},
+        )(cluster_density)
+    ]
+
+
+def build_leader(graph: GraphBuild) -> list[dg.AssetsDefinition]:
+    return [
+        dg.asset(
+            deps=graph.deps("whitening", "activations"),
+            # 4: the member-mean reading beside the gain-shape one, per-window sums
+            code_version=code_version("4", graph.run, ("leader",), [graph["whitening"]]),
+            automation_condition=FOLLOW_UPSTREAM,
+            group_name="clustering",
+            kinds={"pytorch"},
+        )(leader_clusters)
+    ]
+
+
+# a density model, not a dictionary: its held-out likelihood and anomalies are its own asset's
+GMM = methods.register(methods.Method(name="gmm", module=__name__, build=build_density))
+LEADER = methods.register(
+    methods.Method(
+        name="leader",
+        module=__name__,
+        build=build_leader,
+        dictionary_assets=("leader_clusters",),
+        record_assets=("leader_clusters",),
+        records=lambda layout, run: layout.leader_records(),
+        window_files=lambda layout, run: [layout.leader_dir / WINDOWS_FILE],
+        members=lambda layout, run, device: layout.leader_members(),
+    )
+)

@@ -5,7 +5,7 @@ from dataclasses import asdict, fields
 import dagster as dg
 import torch
 
-from gemma_assets.core import model
+from gemma_assets.core import methods, model
 from gemma_assets.core.environment import numeric_environment
 from gemma_assets.core.findings import with_row_intervals
 from gemma_assets.core.report import (
@@ -19,7 +19,6 @@ from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, 
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 SPLICE_KEYS = ("evaluation.ce_windows", "evaluation.ce_batch_windows")
-DICTIONARIES = ("cluster_models", "leader_clusters", "sae_dictionary")
 # besides the dictionaries: the held-out tokens, the train mean and the clustering space
 SHARED_INPUTS = ("activations", "activation_stats", "whitening")
 
@@ -34,7 +33,7 @@ def downstream_loss(
     run_config, layout, device = run.config, storage.layout(context), compute.resolved_device
     dtype = compute.torch_dtype(run_config.model.dtype)
     lm = model.load_model(layout.model_source(run_config), run_config.model.layer, device, dtype)
-    members = layout.clustering_members(run_config) + layout.sae_members(run_config.sae_specs, device)
+    members = methods.all_members(layout, run_config, methods.methods_of(run_config), device)
     result = downstream.spliced_losses(layout, run_config, lm, members, device)
     computed_on = {"device": device, "dtype": str(dtype), "batch_size": compute.batch_size}
     precision = compute.comoment_precision(run_config.quality.comoment_precision)
@@ -59,10 +58,9 @@ def interpretation_asset(
     run_config, layout, device = run.config, storage.layout(context), compute.resolved_device
     source = layout.model_source(run_config)
     unembedding = model.load_model(source, run_config.model.layer, "cpu", torch.float32).get_output_embeddings().weight
-    latents = layout.sae_members(run_config.sae_specs, device)
     tokenizer = model.load_tokenizer(source)
     read = interpretation.interpret_dictionaries(
-        layout, run_config, latents, tokenizer, unembedding.detach(), device, context.log.info
+        layout, run_config, methods.methods_of(run_config), tokenizer, unembedding.detach(), device, context.log.info
     )
     tables = {  # value [95% interval] where the figure has one
         name: [with_row_intervals(row) for row in read.result[name]]
@@ -79,8 +77,13 @@ def interpretation_asset(
     )
 
 
+def dictionary_assets(graph: GraphBuild) -> list[dg.AssetsDefinition]:
+    """The assets that write the run's dictionaries, every method's."""
+    return graph.upstream(*(asset for method in methods.methods_of(graph.run) for asset in method.dictionary_assets))
+
+
 def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
-    dictionaries = graph.upstream(*DICTIONARIES)
+    dictionaries = dictionary_assets(graph)
     loss = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],

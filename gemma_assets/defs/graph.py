@@ -6,9 +6,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from gemma_assets.core import methods
 from gemma_assets.core.config import RunConfig
 from gemma_assets.dagster_private import UnresolvedAssetJobDefinition
-from gemma_assets.defs import activations, clustering, density, evaluation, report, saes, sample, statistics
+from gemma_assets.defs import activations, clustering, density, evaluation, report, saes, sample, statistics  # noqa: F401 - clustering, density, saes: importing them registers their methods
 from gemma_assets.defs.common import GraphBuild
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,
@@ -28,17 +29,10 @@ from gemma_assets.defs.resources import (
 
 RUN_TAG = "gemma_assets/run"
 CONFIG_DIGEST_TAG = "gemma_assets/config_digest"
-# each module's builder, in dependency order: a builder finds its upstream assets by name
-BUILDERS = (
-    sample.build,
-    activations.build,
-    statistics.build,
-    clustering.build,
-    density.build,
-    saes.build,
-    evaluation.build,
-    report.build,
-)
+# the methods' builders run between these, in registration order: a builder finds its upstream
+# assets by name
+INPUT_BUILDERS = (sample.build, activations.build, statistics.build)
+EVALUATION_BUILDERS = (evaluation.build, report.build)
 
 
 def build_graph(run: RunConfig, location: str) -> tuple[GraphBuild, list[dg.AssetChecksDefinition]]:
@@ -53,7 +47,8 @@ def build_graph(run: RunConfig, location: str) -> tuple[GraphBuild, list[dg.Asse
         dg.StaticPartitionsDefinition([str(k) for k in run.clustering.ks]),
     )
     checks = []
-    for build in BUILDERS:
+    builders = [*INPUT_BUILDERS, *(method.build for method in methods.methods_of(run)), *EVALUATION_BUILDERS]
+    for build in builders:
         for definition in build(graph):
             if isinstance(definition, dg.AssetChecksDefinition):
                 checks.append(definition)

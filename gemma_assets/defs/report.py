@@ -2,12 +2,10 @@
 
 import dagster as dg
 
-from gemma_assets.core import report
+from gemma_assets.core import methods, report
 from gemma_assets.core.stages.report import write_report
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md, reports_progress
 from gemma_assets.defs.resources import RunResource, StorageResource
-
-INPUTS = ("cluster_models", "leader_clusters", "sae_evaluation", "downstream_loss", "interpretation")
 
 
 @reports_progress
@@ -17,7 +15,7 @@ def comparison_report(
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
     clustering quality across k, computational cost, feature interpretation; report.json holds
     every figure with its 95% interval over held-out windows."""
-    written = write_report(storage.layout(context), run.config)
+    written = write_report(storage.layout(context), run.config, methods.methods_of(run.config))
     context.log.info(f"report written to {written.markdown} and {written.html}")
     table = report.markdown_table(written.rows, report.COLUMNS)  # value [95% interval over windows]
     return dg.MaterializeResult(
@@ -34,7 +32,8 @@ def comparison_report(
 
 
 def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
-    inputs = graph.upstream(*INPUTS)
+    records = (asset for method in methods.methods_of(graph.run) for asset in method.record_assets)
+    inputs = graph.upstream(*records, "downstream_loss", "interpretation")
     return [
         dg.asset(
             automation_condition=FOLLOW_UPSTREAM,

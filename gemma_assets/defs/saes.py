@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from gemma_assets.core import progress
+from gemma_assets.core import methods, progress
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import saes
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
@@ -83,3 +83,22 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         kinds={"pytorch"},
     )(sae_evaluation)
     return [dictionary, evaluation]
+
+
+SAES = methods.register(
+    methods.Method(
+        name="saes",
+        module=__name__,
+        build=build,
+        dictionary_assets=("sae_dictionary",),
+        record_assets=("sae_evaluation",),
+        records=lambda layout, run: layout.sae_records(),
+        window_files=lambda layout, run: [layout.sae_windows_file],
+        seed_records=lambda layout, run: layout.sae_seed_records(),
+        members=lambda layout, run, device: layout.sae_members(run.sae_specs, device),
+        interpreted=lambda layout, run, device: layout.sae_members(run.sae_specs, device),
+        replicas=lambda layout, run, member, device: layout.sae_members(
+            run.sae_seed_replicas.get(member.name, ()), device
+        ),
+    )
+)

@@ -19,6 +19,10 @@ def _type_name(annotation: Any) -> str:
     if origin in (tuple, list):
         inner = [arg for arg in typing.get_args(annotation) if arg is not Ellipsis]
         return f"list of {_type_name(inner[0])}" if inner else "list"
+    if origin is dict:
+        return "mapping of {} to {}".format(*(_type_name(arg) for arg in typing.get_args(annotation)))
+    if annotation is Any:
+        return "any"
     if isinstance(annotation, type):
         if issubclass(annotation, BaseModel):
             return "mapping"

@@ -326,6 +326,11 @@ class RunConfig(Section):
     quality: QualitySpec = Field(default_factory=QualitySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     saes: SaesSpec = Field(default_factory=SaesSpec)
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="more dictionary methods, each declared in its own module (core/methods.py): importable "
+        "module name -> that method's settings, e.g. {my_lab.random_centroids: {k: 64}}",
+    )
     seeds: int = Field(
         1,
         ge=1,

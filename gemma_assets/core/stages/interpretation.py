@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.files import write_json
 from gemma_assets.core.kmeans import KMeansDictionary
 from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.methods import Method
 from gemma_assets.core.records import Family
 from gemma_assets.core.storage import ActivationStore, window_ids
 
@@ -150,12 +151,14 @@ def seed_agreement(
     run: RunConfig,
     clusters: list[Member],
     latents: list[Member],
+    replicas: Callable[[Member], list[Member]],
     tokens: interpret.EvalTokens,
     acts: dict[str, interpret.FeatureActivations],
 ) -> list[dict]:
     """How much of each dictionary reappears when it is refitted with another seed: k-means
     clusters of seed 0 with a twin centroid (cosine) and a matching member set (F1) in seed s,
-    SAE latents of seed 0 with a twin decoder direction in seed s. The yardstick for the
+    every other method's features of seed 0 (`replicas` gives a member's refits) with a twin
+    decoder direction in seed s. The yardstick for the
     cluster-latent agreement: agreement below the seed-to-seed level is not evidence of
     different structure."""
     rows = []
@@ -177,9 +180,8 @@ def seed_agreement(
                     matched,
                 )
             )
-    replicas = run.sae_seed_replicas
     for latent in latents:
-        for replica in layout.sae_members(replicas.get(latent.name, ())):
+        for replica in replicas(latent):
             a, b = latent.dictionary.directions().cpu(), replica.dictionary.directions()
             rows.append(_agreement(latent.name, replica.name, a, b, None))
     return rows
@@ -238,7 +240,7 @@ def _pages(
 def interpret_dictionaries(
     layout: RunLayout,
     run: RunConfig,
-    latents: list[Member],
+    methods: Sequence[Method],
     tokenizer,
     unembedding: torch.Tensor,
     device: str,
@@ -246,7 +248,7 @@ def interpret_dictionaries(
 ) -> InterpretationRecord:
     """Per-feature summaries and HTML pages, centroid/decoder alignment, activation-set F1 (as
     Exemplar Partitioning reports it) and sparse probes of source stratum and token class, for
-    the k-means models and the run's SAEs (`latents`)."""
+    the k-means models and what every other method interprets (its `latents`: the SAEs)."""
     spec = run.evaluation
     decoded: dict[int, str] = {}
 
@@ -259,8 +261,15 @@ def interpret_dictionaries(
     keys, context_len = run.heldout_partition_keys, run.sampling.context_len
     tokens = load_eval_tokens(store, keys, spec.interpret_tokens, context_len, spec.context_width)
     centred = centred_units(tokens.x, torch.from_numpy(layout.moments("train").mean).float())
-    clusters = [m for m in layout.clustering_members(run) if m.family is Family.KMEANS]
-    members = clusters + latents
+    interpreted = {id(m): (method, m) for method in methods for m in method.interpreted(layout, run, device)}
+    members = [member for _, member in interpreted.values()]
+    clusters = [m for m in members if m.family is Family.KMEANS]
+    latents = [m for m in members if m.family is not Family.KMEANS]
+
+    def replicas(member: Member) -> list[Member]:
+        method, _ = interpreted[id(member)]
+        return method.replicas(layout, run, member, "cpu")
+
     acts = {m.name: _activations(m, tokens.x, device if m.family.is_sae else "cpu") for m in members}
     log(f"encoded {len(tokens.x)} held-out tokens with {len(members)} dictionaries")
     comparison = _Comparison.of(clusters, latents, acts, device)
@@ -288,7 +297,7 @@ def interpret_dictionaries(
         members, acts, tokens, centred, unembedding.to(device), twins_of, decode, spec.logit_effect_features
     )
     feature_pages.write_site(layout.features_site, pages)
-    agreement = seed_agreement(layout, run, clusters, latents, tokens, acts)
+    agreement = seed_agreement(layout, run, clusters, latents, replicas, tokens, acts)
     result = {"tokens": len(tokens.x), "alignment": comparison.pairs, "seed_agreement": agreement}
     result |= {"probes": probes, "probe_subset": probe_subset}
     result["examples"] = examples

@@ -13,7 +13,8 @@ from gemma_assets.core.bootstrap import Evidence, Interval
 from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_json, write_text
 from gemma_assets.core.findings import findings
-from gemma_assets.core.layout import RunLayout, all_records, all_seed_spreads, all_window_sums
+from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.methods import Method, all_records, all_seed_spreads, all_window_sums
 from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread, join_downstream
 from gemma_assets.core.stages.downstream import by_name
 
@@ -66,14 +67,14 @@ def _figures(
     }
 
 
-def write_report(layout: RunLayout, run: RunConfig) -> ReportRecord:
+def write_report(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -> ReportRecord:
     """Markdown and HTML report (PNG plots, feature pages) answering the three experiments:
     clustering quality across k, computational cost, feature interpretation; its figures with
     their intervals as report.json; the resolved config saved beside it. It names the device and
     numeric environment of the spliced CE, as downstream_loss recorded them."""
     downstream = layout.downstream()
     compute, environment = downstream["computed_on"], downstream["numeric_environment"]
-    records = join_downstream(all_records(layout, run), by_name(downstream))
+    records = join_downstream(all_records(layout, run, methods), by_name(downstream))
     report.check_no_leakage(records, run.heldout_partition_keys)
     readings = layout.interpretation()
     save_resolved(run, layout.resolved_config_file)
@@ -84,11 +85,11 @@ def write_report(layout: RunLayout, run: RunConfig) -> ReportRecord:
         "downstream": downstream,
     }
     evidence = Evidence(
-        all_window_sums(layout, run),
+        all_window_sums(layout, run, methods),
         {name: np.asarray(losses) for name, losses in downstream["ce_per_window"].items()},
         downstream["predictions_per_window"],
     )
-    spreads = all_seed_spreads(layout, run)
+    spreads = all_seed_spreads(layout, run, methods)
     # the tables' figures
     rows = [
         report.with_intervals(record, evidence)
