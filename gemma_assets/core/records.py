@@ -19,15 +19,20 @@ class Family(str, Enum):
     LEADER = "leader"
     LEADER_MEAN = "leader-mean"
     SAE_TOPK = "sae-topk"
+    SAE_BATCHTOPK = "sae-batchtopk"
+    SAE_MATRYOSHKA = "sae-matryoshka"
+    SAE_JUMPRELU = "sae-jumprelu"
+    SAE_STANDARD = "sae-standard"
     SAE_PRETRAINED = "sae-pretrained"
 
     @property
     def is_sae(self) -> bool:
-        return self in (Family.SAE_TOPK, Family.SAE_PRETRAINED)
+        return self.value.startswith("sae-")
 
     @classmethod
     def of_sae(cls, architecture: str) -> Family:
-        families = {"pretrained": cls.SAE_PRETRAINED, "topk": cls.SAE_TOPK}
+        """The family of an SAE architecture of the config (`topk`, ..., `pretrained`)."""
+        families = {member.value.removeprefix("sae-"): member for member in cls if member.is_sae}
         if architecture not in families:
             raise ValueError(
                 f"no dictionary family for SAE architecture {architecture!r}; known: {', '.join(families)}"
@@ -40,9 +45,7 @@ class Family(str, Enum):
             Family.TOP_M: f"top-m over k-means-{k}",
             Family.LEADER: "leader (Exemplar Partitioning)",
             Family.LEADER_MEAN: "leader, member mean",
-            Family.SAE_TOPK: "SAE (topk)",
-            Family.SAE_PRETRAINED: "SAE (pretrained)",
-        }.get(self, self.value)
+        }.get(self, f"SAE ({self.value.removeprefix('sae-')})" if self.is_sae else self.value)
 
 
 # the costs of a fit, shown in the report's cost table; every other fit fact goes to `facts`
