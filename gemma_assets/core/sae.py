@@ -15,7 +15,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from gemma_assets.core.model import ModelAccessError, offline_hint
 
 if TYPE_CHECKING:
     from sae_lens import SAE, SAETrainer, TrainingSAE
+    from sae_lens.config import SAETrainerConfig
 
 
 @dataclass
@@ -197,7 +198,7 @@ def training_sae(spec: SaeSpec, d_in: int, trainer: TrainerSpec, device: str) ->
     raise ValueError(f"{spec.name}: architecture {spec.architecture!r} is not trained here")
 
 
-def trainer_config(trainer: TrainerSpec, total_tokens: int, device: str) -> Any:
+def trainer_config(trainer: TrainerSpec, total_tokens: int, device: str) -> SAETrainerConfig:
     """SAELens' SAETrainerConfig from the run's trainer settings: no checkpoint, no wandb, no
     activation normalisation (the stream is scaled once for all SAEs)."""
     from sae_lens import LoggingConfig
@@ -296,7 +297,7 @@ def _fit_together(trainers: list[SAETrainer], batches: Iterator[torch.Tensor], t
             raise ValueError(f"normalize_activations={trainer.sae.cfg.normalize_activations!r} is not driven here")
         trainer.sae.to(trainer.cfg.device)
     seconds = [0.0] * len(trainers)
-    clock: Callable[[], float] = time.perf_counter
+    clock = time.perf_counter
     total = trainers[0].cfg.total_training_samples
     with training:
         while trainers[0].n_training_samples < total:
