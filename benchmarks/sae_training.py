@@ -11,6 +11,7 @@ beside the spread over seeds of its one-at-a-time fits. The time split of the pa
 steps vs reading, decoding and shuffling the store) says where the time goes. The memory probe
 trains one SAE on synthetic chunks of N and 4N tokens (d 640) in a fresh process each and
 records the RSS high-water mark of the pass. Targets: >= 4x speed, <= 1.25x memory from N to 4N.
+`--profile-steps N` instead profiles N SAELens steps of each architecture at the demo's shape.
 Needs only the package.
 """
 
@@ -74,6 +75,40 @@ def memory_probe(tokens: int, trainer: TrainerSpec) -> dict:
     return {"train_tokens": tokens, "peak_rss_mb": peak.mb, "buffer_peak_rows": done.buffer_peak_rows}
 
 
+def profile_steps(steps: int, trainer: TrainerSpec) -> None:
+    """Where one SAELens step's time goes: cProfile over `steps` steps of each architecture at the
+    demo's shape (d 640, width 256, k or target L0 16), the functions by own time."""
+    import cProfile
+    import pstats
+
+    from sae_lens import SAETrainer
+
+    x = torch.randn(trainer.batch_size, MEMORY_D, generator=torch.Generator().manual_seed(0))
+    for architecture in ("topk", "batchtopk", "matryoshka", "jumprelu", "standard"):
+        levels = (32, 128) if architecture == "matryoshka" else ()
+        spec = SaeSpec.trained(architecture, 256, 1.0 if architecture == "standard" else 16, levels)
+        fitted = SAETrainer(
+            cfg=sae.trainer_config(trainer, 10**9, "cpu"),
+            sae=sae.training_sae(spec, MEMORY_D, trainer, "cpu"),
+            data_provider=iter(()),
+        )
+        with sae.torch_threads(trainer.threads):
+            for _ in range(3):  # warm-up
+                fitted.step(x)
+            profiler = cProfile.Profile()
+            started = time.perf_counter()
+            profiler.enable()
+            for _ in range(steps):
+                fitted.maybe_reset_sparsity()
+                fitted.step(x)
+                fitted.n_training_steps += 1
+            profiler.disable()
+        print(
+            f"\n{spec.name}: {(time.perf_counter() - started) / steps * 1000:.1f} ms per step (profiled), top 8 by own time"
+        )
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=Path(default_data_root()) / "demo")
@@ -82,12 +117,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training")
     parser.add_argument("--memory-tokens", type=int, default=131_072, help="N of the memory probe")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)  # the probe's own process
+    parser.add_argument("--profile-steps", type=int, help="only profile this many steps of each architecture")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     run = load_run_config("demo")
     trainer = run.saes.trainer.model_copy(update={"epochs": args.epochs, "threads": args.threads})
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, trainer)))
+        return
+    if args.profile_steps:
+        profile_steps(args.profile_steps, trainer)
         return
 
     store = ActivationStore(str(args.store))
