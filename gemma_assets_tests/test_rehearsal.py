@@ -26,7 +26,8 @@ def test_gemma_2_2b_rehearses_offline_at_its_true_shapes(tmp_path):
     command = [
         sys.executable, "-m", "gemma_assets.cli", "preflight", "--config", "gemma-2-2b", "--offline-standins",
         "--points", "1", "--set", "clustering.max_iter=1", "--set", "clustering.seeding=random", "--set", "density.max_iter=1",
-        "--set", "evaluation.logit_effect_features=64", "--data-root", str(tmp_path), "--json", str(out),
+        "--set", "evaluation.logit_effect_features=64", "--set", "saes.trainer.epochs=0.25",
+        "--data-root", str(tmp_path), "--json", str(out),
     ]  # fmt: skip
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=2300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
