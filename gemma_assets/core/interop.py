@@ -99,7 +99,8 @@ def to_saelens(dictionary: Any, metadata: dict) -> DictionarySAE:
         )
     raise ConfigError(
         f"{type(dictionary).__name__} cannot be exported: k-means, gain-shape, top-m, leader clustering and "
-        "TopK SAEs trained here can; a pretrained SAE already is an SAELens SAE (use its release and id)"
+        "TopK SAEs trained here can; every other SAE already is an SAELens SAE (a pretrained one: use its release "
+        "and id; one trained here: its folder saes/<name>/ under the run)"
     )
 
 
