@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,6 @@ from gemma_assets.core.config import SaeSpec, TrainerSpec, load_run_config  # no
 from gemma_assets.core.memory import RssTrace  # noqa: E402
 from gemma_assets.core.stats import ActivationMoments  # noqa: E402
 from gemma_assets.core.storage import ActivationStore  # noqa: E402
-from gemma_assets.defs.resources import default_data_root  # noqa: E402
 
 MEMORY_D = 640  # the demo's d_model
 MEMORY_CHUNK = 2048  # tokens per synthetic chunk, about one of the store's
@@ -111,7 +111,8 @@ def profile_steps(steps: int, trainer: TrainerSpec) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", type=Path, default=Path(default_data_root()) / "demo")
+    data_root = Path(os.environ.get("GEMMA_ASSETS_DATA_ROOT") or "data")  # the package's default data root
+    parser.add_argument("--store", type=Path, default=data_root / "demo")
     parser.add_argument("--epochs", type=float, default=2.0, help="passes over the train split (the demo: 16)")
     parser.add_argument("--seeds", type=int, default=3, help="one-at-a-time fits per SAE, for the spread")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training")
