@@ -105,8 +105,8 @@ class ShuffledStream:
     """Training batches drawn from a re-iterable stream of raw chunks, pass after pass, mixed in a
     bounded shuffle buffer (the idea of SAELens' `mixing_buffer`): once the buffer holds
     `buffer_tokens` rows it is permuted, all but half of it is served, and the kept half mixes
-    with the chunks that come next. At most `buffer_tokens` plus one chunk are held, however large
-    the split; the order is fixed by `seed`."""
+    with the chunks that come next. At most `buffer_tokens` plus one chunk are held (twice that
+    while they are permuted), however large the split; the order is fixed by `seed`."""
 
     def __init__(
         self,
@@ -137,6 +137,7 @@ class ShuffledStream:
                 if rows < self.buffer_tokens:
                     continue
                 buffer = torch.cat(held)
+                held.clear()  # the chunks live on in the buffer: at most two copies while it is permuted
                 buffer = buffer[torch.randperm(rows, generator=generator)]
                 served = (rows - self.buffer_tokens // 2) // self.batch_size * self.batch_size
                 for start in range(0, served, self.batch_size):
@@ -258,7 +259,9 @@ def train_saes(
             # one latent learning the shared mean and winning every token (fatal at small k)
             sae.b_dec.copy_(mean.to(sae.b_dec) * scale)
         trainers.append(SAETrainer(cfg=config, sae=sae, data_provider=iter(()), save_checkpoint_fn=None))
-    stream = ShuffledStream(batches, trainer.batch_size, trainer.shuffle_buffer_tokens, scale, device=device)
+    # a buffer larger than the split would read it several times over before the first step
+    buffer_tokens = max(2 * trainer.batch_size, min(trainer.shuffle_buffer_tokens, n_tokens))
+    stream = ShuffledStream(batches, trainer.batch_size, buffer_tokens, scale, device=device)
     started = time.perf_counter()
     with torch_threads(trainer.threads):
         step_seconds = _fit_together(trainers, iter(stream), progress.task(_pass_name(specs), total, "tokens"))

@@ -296,8 +296,8 @@ class TrainerSpec(Section):
     shuffle_buffer_tokens: int = Field(
         65536,
         ge=1,
-        description="tokens held in the shuffle buffer that mixes the stream (at least 2 x batch_size): bounds "
-        "the trainer's memory whatever the split's size",
+        description="tokens held in the shuffle buffer that mixes the stream (at least 2 x batch_size; a split "
+        "smaller than this is held whole): bounds the trainer's memory whatever the split's size",
     )
     lr: float = Field(3e-3, gt=0, description="Adam learning rate (after warm-up)")
     lr_end: float = Field(3e-4, gt=0, description="learning rate the schedule ends at (cosine annealing)")
