@@ -113,10 +113,9 @@ def test_shipped_profiles_are_run_files():
     research = load_run_config("gemma-2-2b")
     assert research.model.name == "google/gemma-2-2b" and research.model.layer == 12
     assert research.clustering.ks == (64, 128, 256, 4096, 16384)
-    assert [s.sae_id for s in research.sae_specs][:2] == [
-        "layer_12/width_16k/canonical",
-        "layer_12/width_65k/canonical",
-    ]
+    pretrained = [s for s in research.sae_specs if not s.is_trained]
+    assert [s.sae_id for s in pretrained][:2] == ["layer_12/width_16k/canonical", "layer_12/width_65k/canonical"]
+    assert [s.name for s in research.sae_specs if s.is_trained] == ["topk-16384-k64", "jumprelu-16384-l0-64"]
 
 
 def test_shipped_research_config_validates_against_saelens(monkeypatch):
@@ -126,8 +125,9 @@ def test_shipped_research_config_validates_against_saelens(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = load_run_config("gemma-2-2b")
-    assert sae.pretrained_problems(run.sae_specs, 2304, run.model.hook_name) == []
-    wrong_layer = sae.pretrained_problems(run.sae_specs[:1], 2304, "blocks.6.hook_resid_post")
+    pretrained = [spec for spec in run.sae_specs if not spec.is_trained]
+    assert sae.pretrained_problems(pretrained, 2304, run.model.hook_name) == []
+    wrong_layer = sae.pretrained_problems(pretrained[:1], 2304, "blocks.6.hook_resid_post")
     assert "reads hook blocks.12.hook_resid_post but the run stores blocks.6.hook_resid_post" in wrong_layer[0]
 
 

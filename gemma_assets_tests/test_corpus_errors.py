@@ -110,9 +110,9 @@ def test_with_skip_the_run_completes_and_its_census_counts_the_skipped(tmp_path)
         "--set",
         "clustering.ks=[16]",
         "--set",
-        "saes.topk=[{widths: [16], ks: [1]}]",
+        "saes.train=[{architecture: topk, widths: [16], ks: [1]}]",
         "--set",
-        "saes.train_epochs=2",
+        "saes.trainer.epochs=2",
     ]
     done = _command(tmp_path, corpus, "skip", *materialize, "--config", str(tmp_path / "run.yaml"), *quick)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -88,7 +88,7 @@ def test_an_exported_folder_is_a_comparison_dictionary_with_the_same_metrics(tin
     (tmp_path / "models").symlink_to(tiny_run.data_root / "models")
     run_file = tmp_path / "imported.yaml"
     run_file.write_text(
-        "base: tiny\nname: tiny\nsaes:\n  topk: []\n  pretrained:\n"
+        "base: tiny\nname: tiny\nsaes:\n  train: []\n  pretrained:\n"
         f"    - {{name: imported-kmeans-64, path: {exports['kmeans-64']}}}\n"
         f"    - {{name: imported-topk-64-k4, path: {exports['topk-64-k4']}}}\n"
     )

@@ -21,7 +21,8 @@ from gemma_assets.runner.lock import LOCK_FILE, RunBusy, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny run made quick: the lock is what is tested, not the fits
-QUICK = ["--set", "clustering.ks=[16]", "--set", "saes.topk=[{widths: [16], ks: [1]}]", "--set", "saes.train_epochs=2"]
+QUICK = ["--set", "clustering.ks=[16]", "--set", "saes.train=[{architecture: topk, widths: [16], ks: [1]}]"]
+QUICK += ["--set", "saes.trainer.epochs=2"]
 
 
 def _holder(folder: Path) -> subprocess.Popen:

@@ -38,7 +38,7 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
     tokens = sample.n_windows * sample.context_len
     heldout_windows = sample.holdout_partitions * sample.windows_per_partition
     heldout_tokens = heldout_windows * (sample.context_len - 1)
-    trained = any(spec.architecture == "topk" for spec in run.sae_specs)
+    trained = any(spec.is_trained for spec in run.sae_specs)
     return {
         "pile_sample": Scaling(tokens, "tokens", "linear in sampled tokens (tokenising the chosen documents)"),
         "activations": Scaling(tokens, "tokens", "linear in tokens: forward to the block, copy, compress, write"),
@@ -46,9 +46,9 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
         "whitening": Scaling(heldout_tokens, "tokens", "linear in held-out tokens (the identity check) plus a d^3 fit"),
         "leader_clusters": Scaling(run.train_tokens, "tokens", "linear in train tokens (one pass, leaders fixed)"),
         "sae_dictionary": Scaling(
-            run.train_tokens * run.saes.train_epochs if trained else 1,
+            run.train_tokens * run.saes.trainer.epochs if trained else 1,
             "token-epochs" if trained else "loads",
-            "linear in train tokens x epochs, at every SAE width and seed"
+            "linear in train tokens x epochs (one pass trains every SAE), at every SAE width and seed"
             if trained
             else "constant: pretrained SAEs are loaded, nothing is trained",
         ),
@@ -305,14 +305,9 @@ def config_disk_estimate(run: RunConfig, d_model: int) -> dict[str, float]:
         + tokens_per_partition * STATS_PER_TOKEN_BYTES
         + sample.windows_per_partition * 16
     )
-    widths = {
-        spec.name: spec.width if spec.architecture == "topk" else _pretrained_width(spec.sae_id)
-        for spec in run.sae_specs
-    }
+    widths = {spec.name: spec.width if spec.is_trained else _pretrained_width(spec.sae_id) for spec in run.sae_specs}
     sae_weights = sum(
-        (run.seeds if spec.architecture == "topk" else 1)
-        * (2 * widths[spec.name] * d_model + widths[spec.name] + d_model)
-        * 4
+        (run.seeds if spec.is_trained else 1) * (2 * widths[spec.name] * d_model + widths[spec.name] + d_model) * 4
         for spec in run.sae_specs
     )
     corpus = 0

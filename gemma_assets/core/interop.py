@@ -11,8 +11,8 @@ gain; `encode` reproduces the project's choice of features:
 - `gain_shape` (spherical k-means) and `gain_shape_positive` (leader clustering: the nearest
   exemplar on the sphere): the best direction and the token's projection on it;
 - `matching_pursuit` (top-m over k-means directions): greedy residual coding with m atoms;
-- `topk` (TopK SAEs trained here): SAELens' TopK on the training scale's pre-activations,
-  rescaled so that W_dec's rows are unit and everything is in raw units.
+- `topk` (TopK SAEs trained here): SAELens' TopK, rescaled so that W_dec's rows are unit. (Every
+  SAE trained here already is a plain SAELens SAE folder, saes/<name>/; this form adds unit rows.)
 
 They are one SAELens architecture, `gemma_assets` (`core.sae_architecture`, registered when
 imported; this module and `core.sae` import it). In a fresh process,
@@ -81,26 +81,26 @@ def to_saelens(dictionary: Any, metadata: dict) -> DictionarySAE:
         encoding = "gain_shape" if dictionary.signed else "gain_shape_positive"
         return _build(encoding, dictionary.atoms, dictionary.mean, metadata)
     if isinstance(dictionary, SaeDictionary) and dictionary.sae.cfg.architecture() == "topk":
-        sae, scale = dictionary.sae, dictionary.scale
+        sae = dictionary.sae
         norms = sae.W_dec.detach().float().norm(dim=1)
-        b_in = sae.b_dec.detach().float() / scale if sae.cfg.apply_b_dec_to_input else torch.zeros(sae.cfg.d_in)
-        # pre-activations of x at the training scale: (x * s - b) @ W = (x - b / s) @ (s W); an SAE
-        # that ranks by decoder norm gets that norm folded into its encoder, its codes then are unit-row
+        b_in = sae.b_dec.detach().float() if sae.cfg.apply_b_dec_to_input else torch.zeros(sae.cfg.d_in)
+        # an SAE that ranks by decoder norm gets that norm folded into its encoder, its codes then are unit-row
         by_norm = norms if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else torch.ones_like(norms)
         return _build(
             "topk",
             unit_rows(sae.W_dec.detach().float()),
-            sae.b_dec.detach().float() / scale,
+            sae.b_dec.detach().float(),
             metadata,
             m=sae.cfg.k,
-            gain=norms / by_norm / scale,
-            W_enc=sae.W_enc.detach().float() * scale * by_norm,
+            gain=norms / by_norm,
+            W_enc=sae.W_enc.detach().float() * by_norm,
             b_enc=sae.b_enc.detach().float() * by_norm,
             b_in=b_in,
         )
     raise ConfigError(
         f"{type(dictionary).__name__} cannot be exported: k-means, gain-shape, top-m, leader clustering and "
-        "TopK SAEs trained here can; a pretrained SAE already is an SAELens SAE (use its release and id)"
+        "TopK SAEs trained here can; every other SAE already is an SAELens SAE (a pretrained one: use its release "
+        "and id; one trained here: its folder saes/<name>/ under the run)"
     )
 
 

@@ -1,8 +1,10 @@
-"""SAE dictionaries through SAELens: trained here on stored activations, or pretrained (Gemma Scope).
+"""SAE dictionaries through SAELens: trained here on stored activations, every SAE of a run in
+one streamed pass, or pretrained (Gemma Scope).
 
-Raw residuals have norms in the thousands, so trained SAEs see activations multiplied by
-one scalar `scale = sqrt(d_in) / mean ||x||` (SAELens' "expected average" convention);
-`SaeDictionary.decode` undoes it, so every metric is computed in raw units.
+Raw residuals have norms in the thousands, so trained SAEs see activations multiplied by one
+scalar `scale = sqrt(d_in) / mean ||x||` (SAELens' "expected average" convention). After training
+the scale is folded into the weights (SAELens' `fold_activation_norm_scaling_factor`: W_enc * s,
+W_dec / s, b_dec / s), so every SAE saved here is a plain SAELens SAE on raw activations.
 """
 
 from __future__ import annotations
@@ -11,33 +13,32 @@ import difflib
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
-from gemma_assets.core.config import ConfigError, SaeSpec
+from gemma_assets.core.config import ConfigError, SaeSpec, TrainerSpec
 from gemma_assets.core.model import ModelAccessError, offline_hint
 
 if TYPE_CHECKING:
     from sae_lens import SAE, SAETrainer, TrainingSAE
-
-SCALE_FILE = "activation_scale.json"
-DEAD_AFTER_TOKENS = 16384
+    from sae_lens.config import SAETrainerConfig
 
 
 @dataclass
 class SaeDictionary:
-    """An SAELens SAE plus the input scale it was trained at."""
+    """An SAELens SAE on raw activations."""
 
     sae: SAE
-    scale: float
 
     @property
     def n_features(self) -> int:
@@ -45,12 +46,11 @@ class SaeDictionary:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Codes:
-        """Latent activations (at the training scale) as sparse codes."""
-        return Codes.from_dense(self.sae.encode(x.to(self.sae.W_enc) * self.scale))
+        return Codes.from_dense(self.sae.encode(x.to(self.sae.W_enc)))
 
     @torch.no_grad()
     def decode(self, codes: Codes) -> torch.Tensor:
-        return self.sae.decode(codes.dense(self.n_features)) / self.scale
+        return self.sae.decode(codes.dense(self.n_features))
 
     def directions(self) -> torch.Tensor:
         return unit_rows(self.sae.W_dec.detach().float())
@@ -60,9 +60,9 @@ class SaeDictionary:
         return sum(p.numel() for p in self.sae.parameters())
 
     def save(self, path: Path) -> None:
-        # training SAEs save as their inference class, so load_from_disk gives a plain SAE
+        # training SAEs save as their inference class (BatchTopK and Matryoshka as JumpReLU), so
+        # plain SAE.load_from_disk loads them
         getattr(self.sae, "save_inference_model", self.sae.save_model)(str(path))
-        (path / SCALE_FILE).write_text(json.dumps({"scale": self.scale}))
 
 
 def load_dictionary(path: Path, device: str = "cpu") -> SaeDictionary:
@@ -70,10 +70,9 @@ def load_dictionary(path: Path, device: str = "cpu") -> SaeDictionary:
 
     import gemma_assets.core.sae_architecture  # noqa: F401 - an imported SAE may be an exported project dictionary
 
-    if not (path / SCALE_FILE).exists():
+    if not (path / "cfg.json").exists():
         raise FileNotFoundError(f"no SAE at {path}: materialise sae_dictionary first")
-    sae = SAE.load_from_disk(str(path), device=device)
-    return SaeDictionary(sae.eval(), json.loads((path / SCALE_FILE).read_text())["scale"])
+    return SaeDictionary(SAE.load_from_disk(str(path), device=device).eval())
 
 
 def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
@@ -85,7 +84,7 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
         import gemma_assets.core.sae_architecture  # noqa: F401 - registers the exported dictionaries' architecture
 
         with progress.task(f"loading {spec.name} from {spec.path}", 1, "SAEs"):
-            return SaeDictionary(SAE.load_from_disk(spec.path, device=device).eval(), 1.0)
+            return SaeDictionary(SAE.load_from_disk(spec.path, device=device).eval())
     try:
         # one call: its start and wall time are what can be reported (the hub client draws its
         # own bar while it downloads)
@@ -95,103 +94,235 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
         raise ModelAccessError(
             f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): {offline_hint()}"
         ) from error
-    return SaeDictionary(sae.eval(), 1.0)  # Gemma Scope is trained on raw activations
+    return SaeDictionary(sae.eval())  # Gemma Scope is trained on raw activations
 
 
 def activation_scale(mean_norm: float, d_in: int) -> float:
     return math.sqrt(d_in) / mean_norm
 
 
-def train_topk(
-    spec: SaeSpec,
+class ShuffledStream:
+    """Training batches drawn from a re-iterable stream of raw chunks, pass after pass, mixed in a
+    bounded shuffle buffer (the idea of SAELens' `mixing_buffer`): once the buffer holds
+    `buffer_tokens` rows it is permuted, all but half of it is served, and the kept half mixes
+    with the chunks that come next. At most `buffer_tokens` plus one chunk are held (twice that
+    while they are permuted), however large the split; the order is fixed by `seed`."""
+
+    def __init__(
+        self,
+        batches: Batches,
+        batch_size: int,
+        buffer_tokens: int,
+        scale: float = 1.0,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        if buffer_tokens < 2 * batch_size:
+            raise ValueError(f"a shuffle buffer of {buffer_tokens} tokens cannot serve batches of {batch_size}")
+        self.batches, self.batch_size, self.buffer_tokens = batches, batch_size, buffer_tokens
+        self.scale, self.seed, self.device = scale, seed, device
+        self.peak_rows = 0  # the most rows the buffer held at once (what bounds its memory)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        held: list[torch.Tensor] = []
+        rows = 0
+        while True:  # the trainer stops after its training tokens
+            chunks = 0
+            for chunk in self.batches():
+                chunks += 1
+                held.append(chunk)
+                rows += len(chunk)
+                self.peak_rows = max(self.peak_rows, rows)
+                if rows < self.buffer_tokens:
+                    continue
+                buffer = torch.cat(held)
+                held.clear()  # the chunks live on in the buffer: at most two copies while it is permuted
+                buffer = buffer[torch.randperm(rows, generator=generator)]
+                served = (rows - self.buffer_tokens // 2) // self.batch_size * self.batch_size
+                for start in range(0, served, self.batch_size):
+                    yield (buffer[start : start + self.batch_size].float() * self.scale).to(self.device)
+                held, rows = [buffer[served:]], rows - served
+            if not chunks:
+                raise ValueError("the training stream yielded no activations")
+
+
+@dataclass
+class TrainedSae:
+    """One SAE of a training pass: its dictionary (on raw activations) and its own step time."""
+
+    spec: SaeSpec
+    dictionary: SaeDictionary
+    step_seconds: float
+
+
+@dataclass
+class TrainingPass:
+    """What one streamed pass trained, and what the pass cost as a whole."""
+
+    saes: list[TrainedSae]
+    train_tokens: int
+    steps: int
+    seconds: float
+    buffer_peak_rows: int
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def training_sae(spec: SaeSpec, d_in: int, trainer: TrainerSpec, device: str) -> TrainingSAE:
+    """The SAELens training SAE of a spec (initialised from torch's current seed)."""
+    import sae_lens
+
+    common: dict[str, Any] = {"d_in": d_in, "d_sae": spec.width, "device": device}
+    topk = {"k": spec.k, "aux_loss_coefficient": trainer.aux_loss_coefficient}
+    if spec.architecture == "topk":
+        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common, **topk))
+    if spec.architecture == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common, **topk))
+    if spec.architecture == "matryoshka":
+        config = sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+            **common, **topk, matryoshka_widths=[*spec.levels, spec.width]
+        )
+        return sae_lens.MatryoshkaBatchTopKTrainingSAE(config)
+    if spec.architecture == "jumprelu":
+        config = sae_lens.JumpReLUTrainingSAEConfig(
+            **common,
+            jumprelu_sparsity_loss_mode="quadratic",  # Gemma Scope 2: a penalty around the target L0
+            target_l0=spec.target_l0,
+            l0_coefficient=trainer.l0_coefficient,
+            jumprelu_bandwidth=trainer.jumprelu_bandwidth,
+        )
+        return sae_lens.JumpReLUTrainingSAE(config)
+    if spec.architecture == "standard":
+        return sae_lens.StandardTrainingSAE(
+            sae_lens.StandardTrainingSAEConfig(**common, l1_coefficient=spec.l1_coefficient)
+        )
+    raise ValueError(f"{spec.name}: architecture {spec.architecture!r} is not trained here")
+
+
+def trainer_config(trainer: TrainerSpec, total_tokens: int, device: str) -> SAETrainerConfig:
+    """SAELens' SAETrainerConfig from the run's trainer settings: no checkpoint, no wandb, no
+    activation normalisation (the stream is scaled once for all SAEs)."""
+    from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
+
+    dead_window = max(1, trainer.dead_after_tokens // trainer.batch_size)
+    return SAETrainerConfig(
+        total_training_samples=total_tokens,
+        train_batch_size_samples=trainer.batch_size,
+        lr=trainer.lr,
+        lr_end=trainer.lr_end,
+        lr_scheduler_name=trainer.lr_scheduler,
+        lr_warm_up_steps=trainer.lr_warm_up_steps,
+        adam_beta1=trainer.adam_beta1,
+        adam_beta2=trainer.adam_beta2,
+        device=device,
+        dead_feature_window=dead_window,
+        # the window of SAELens' sparsity log, which ends up as the saved SAE's metadata L0: the same
+        # tokens as the dead-latent window
+        feature_sampling_window=dead_window,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+
+
+def train_saes(
+    specs: Sequence[SaeSpec],
     batches: Batches,
     d_in: int,
     n_tokens: int,
-    scale: float,
-    epochs: int,
     mean: torch.Tensor,
+    mean_norm: float,
+    trainer: TrainerSpec,
     device: str = "cpu",
-    seed: int = 0,
-    batch_size: int = 1024,
-) -> tuple[SaeDictionary, dict]:
-    """Train a TopK SAE with SAELens' SAETrainer on `epochs` passes over `batches()`.
+) -> TrainingPass:
+    """Train every spec in lockstep with one SAELens SAETrainer each, on the same batches: each
+    batch is read once from `batches` (raw activation chunks [n, d_in], re-iterated once per epoch)
+    and mixed in a bounded shuffle buffer, so memory does not grow with the split. Training tokens
+    are `trainer.epochs` x `n_tokens`. Seed replicas differ in their initialisation only: every SAE
+    sees one order of the tokens. The returned dictionaries read and write raw activations."""
+    from sae_lens import SAETrainer
 
-    `batches` yields raw activation tensors [n, d_in]; they are scaled and re-cut into
-    training batches of `batch_size`. Returns the dictionary and training facts.
-    """
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
-
-    torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=spec.width, k=spec.k, device=device))
-    with torch.no_grad():
-        # b_dec starts at the data mean: latents then compete on the centred token, instead of
-        # one latent learning the shared mean and winning every token (fatal at small k)
-        sae.b_dec.copy_(mean.to(sae.b_dec) * scale)
-    total = epochs * n_tokens
-    config = SAETrainerConfig(
-        n_checkpoints=0,
-        checkpoint_path=None,
-        save_final_checkpoint=False,
-        total_training_samples=total,
-        device=device,
-        autocast=False,
-        # small dictionaries on small data: a 10x larger rate, annealed to 3e-4 by a cosine, converges in few steps
-        lr=3e-4 * 10,
-        lr_end=3e-4,
-        lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        lr_decay_steps=0,
-        n_restart_cycles=1,
-        train_batch_size_samples=batch_size,
-        # steps without firing before a latent counts as dead and gets TopK's auxiliary loss:
-        # ~16k tokens, so the aux loss acts within short runs (SAELens' default, 1000 steps,
-        # exceeds a whole demo run and left most latents dead)
-        dead_feature_window=max(1, DEAD_AFTER_TOKENS // batch_size),
-        feature_sampling_window=2000,
-        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
-        n_batches_for_norm_estimate=100,
-    )
-
-    def provider() -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        while True:  # SAETrainer stops by itself after total_training_samples
-            pending = torch.cat([x for x in batches()]) * scale
-            pending = pending[torch.randperm(len(pending), generator=generator)]
-            for start in range(0, len(pending) - batch_size + 1, batch_size):
-                yield pending[start : start + batch_size].to(device)
-
-    started = time.perf_counter()
+    scale = activation_scale(mean_norm, d_in)
+    total = int(trainer.epochs * n_tokens) // trainer.batch_size * trainer.batch_size
+    if total < trainer.batch_size:
+        raise ConfigError(
+            f"saes.trainer.epochs {trainer.epochs:g} of {n_tokens} train tokens is less than one batch of "
+            f"{trainer.batch_size} -> raise saes.trainer.epochs or lower saes.trainer.batch_size"
+        )
+    config = trainer_config(trainer, total, device)
     logging.getLogger("sae_lens").setLevel(logging.WARNING)
-    trainer = SAETrainer(cfg=config, sae=sae, data_provider=provider(), save_checkpoint_fn=lambda *_: None)
-    trained = _fit(trainer, progress.task(f"training {spec.name}", total, "tokens"))
+    trainers = []
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        sae = training_sae(spec, d_in, trainer, device)
+        with torch.no_grad():
+            # b_dec starts at the data mean: latents then compete on the centred token, instead of
+            # one latent learning the shared mean and winning every token (fatal at small k)
+            sae.b_dec.copy_(mean.to(sae.b_dec) * scale)
+        trainers.append(SAETrainer(cfg=config, sae=sae, data_provider=iter(()), save_checkpoint_fn=None))
+    # a buffer larger than the split would read it several times over before the first step
+    buffer_tokens = max(2 * trainer.batch_size, min(trainer.shuffle_buffer_tokens, n_tokens))
+    stream = ShuffledStream(batches, trainer.batch_size, buffer_tokens, scale, device=device)
+    started = time.perf_counter()
+    with torch_threads(trainer.threads):
+        step_seconds = _fit_together(trainers, iter(stream), progress.task(_pass_name(specs), total, "tokens"))
     seconds = time.perf_counter() - started
-    return SaeDictionary(trained.eval(), scale), {"fit_seconds": seconds, "train_tokens": total}
+    trained = []
+    for spec, fitted, own_seconds in zip(specs, trainers, step_seconds, strict=True):
+        fitted.sae.fold_activation_norm_scaling_factor(scale)
+        trained.append(TrainedSae(spec, SaeDictionary(fitted.sae.eval()), own_seconds))
+    return TrainingPass(trained, total, total // trainer.batch_size, seconds, stream.peak_rows, {"scale": scale})
 
 
-def _fit(trainer: SAETrainer, training: progress.Task) -> TrainingSAE:
-    """`trainer.fit()` step for step through its public per-step seam (as SAELens' MultiSAETrainer
-    drives it), each step reported to `training` (loss and L0 only when a report is due) instead
-    of SAELens' own tqdm bar. No activation normalisation, checkpoint or wandb log is configured,
-    so fit's steps for those have nothing to do."""
-    if trainer.sae.cfg.normalize_activations != "none":  # fit() would estimate and fold a scale first
-        raise ValueError(f"normalize_activations={trainer.sae.cfg.normalize_activations!r} is not driven here")
-    trainer.sae.to(trainer.cfg.device)
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU thread count set to `threads` (0: left as is) for the block, then restored."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pass_name(specs: Sequence[SaeSpec]) -> str:
+    return f"training {specs[0].name}" if len(specs) == 1 else f"training {len(specs)} SAEs in one pass"
+
+
+def _fit_together(trainers: list[SAETrainer], batches: Iterator[torch.Tensor], training: progress.Task) -> list[float]:
+    """Each trainer's `fit()` step for step through its public per-step seam (as SAELens'
+    MultiSAETrainer drives them), all on each batch in turn; the pass reported to `training` (loss
+    and L0 summarised over the SAEs when a report is due) instead of SAELens' tqdm bars. No
+    activation normalisation, checkpoint or wandb log is configured, so fit's steps for those have
+    nothing to do. Returns each trainer's own seconds in its steps."""
+    for trainer in trainers:
+        if trainer.sae.cfg.normalize_activations != "none":  # fit() would estimate and fold a scale first
+            raise ValueError(f"normalize_activations={trainer.sae.cfg.normalize_activations!r} is not driven here")
+        trainer.sae.to(trainer.cfg.device)
+    seconds = [0.0] * len(trainers)
+    clock = time.perf_counter
+    total = trainers[0].cfg.total_training_samples
     with training:
-        while trainer.n_training_samples < trainer.cfg.total_training_samples:
-            trainer.maybe_reset_sparsity()
-            batch = next(trainer.data_provider)
-            output = trainer.step(batch)
-            trainer.n_training_steps += 1
+        while trainers[0].n_training_samples < total:
+            batch = next(batches)
+            outputs = []
+            for index, trainer in enumerate(trainers):
+                started = clock()
+                trainer.maybe_reset_sparsity()
+                outputs.append(trainer.step(batch))
+                trainer.n_training_steps += 1
+                seconds[index] += clock() - started
             if training.due:
-                l0 = float(output.feature_acts.bool().float().sum(-1).mean())
-                training.advance(len(batch), loss=float(output.loss), l0=l0)
+                losses = [float(output.loss) for output in outputs]
+                l0s = [float(output.feature_acts.bool().float().sum(-1).mean()) for output in outputs]
+                training.advance(
+                    len(batch), loss=statistics.median(losses), loss_max=max(losses), l0_min=min(l0s), l0_max=max(l0s)
+                )
             else:
                 training.advance(len(batch))
-    trainer.set_final_sae_metadata()
-    return trainer.sae
+    for trainer in trainers:
+        trainer.set_final_sae_metadata()
+    return seconds
 
 
 def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) -> list[str]:

@@ -8,8 +8,8 @@ so that `SAE.load_from_disk` can load them.
 Encodings: `nearest_centroid` (k-means: the nearest centroid in the space k-means was fitted in,
 coded with the centroid's distance from the mean), `gain_shape` and `gain_shape_positive`
 (spherical k-means, leader clustering: the best direction and the token's projection on it),
-`matching_pursuit` (top-m: greedy residual coding with m atoms), `topk` (SAELens' TopK on the
-training scale's pre-activations, rescaled to unit decoder rows and raw units).
+`matching_pursuit` (top-m: greedy residual coding with m atoms), `topk` (SAELens' TopK,
+rescaled to unit decoder rows).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """sae_dictionary and sae_evaluation: the SAE side of the comparison, through SAELens."""
 
-import itertools
 import json
 
 import dagster as dg
 
-from gemma_assets.core import methods, progress
+from gemma_assets.core import methods
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import saes
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
@@ -16,10 +15,12 @@ TRAINING_COLUMNS = (
     "architecture",
     "width",
     "k",
-    "scale",
+    "target_l0",
+    "l1_coefficient",
     "parameters",
     "train_tokens",
     "fit_seconds",
+    "pass_seconds",
     "fit_peak_rss_mb",
     "load_seconds",
 )
@@ -30,15 +31,14 @@ HELDOUT_COLUMNS = ("name", "heldout_fvu", "heldout_mse", "heldout_l0")
 def sae_dictionary(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """The run's SAEs: TopK SAEs trained with SAELens' SAETrainer on the stored train split
-    (tiny/demo), or pretrained Gemma Scope SAEs loaded with SAE.from_pretrained."""
+    """The run's SAEs: every trained architecture (TopK, BatchTopK, Matryoshka, JumpReLU, standard)
+    and seed replica trained with SAELens in one streamed pass over the stored train split, and
+    pretrained SAEs (Gemma Scope) loaded with SAE.from_pretrained."""
     run_config, layout = run.config, storage.layout(context)
     rows = []
-    specs = [*run_config.sae_specs, *itertools.chain(*run_config.sae_seed_replicas.values())]
-    for spec in progress.tracked(specs, "SAEs", unit="SAEs"):
-        training = saes.make_sae(layout, run_config, spec, compute.resolved_device)
+    for training in saes.make_saes(layout, run_config, compute.resolved_device):
         rows.append({key: value for key, value in training.to_json().items() if key != "train_partitions"})
-        context.log.info(f"SAE {spec.name}: {json.dumps(rows[-1])}")
+        context.log.info(f"SAE {training.name}: {json.dumps(rows[-1])}")
     return dg.MaterializeResult(metadata={"saes": md(markdown_table(rows, TRAINING_COLUMNS))})
 
 
@@ -70,15 +70,16 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     dictionary = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=graph.deps("activation_stats", "activations"),
-        code_version=code_version("3", graph.run, ("saes", "seeds"), [stats]),  # 3: seed replicas
+        # 4: every architecture in one streamed pass, saved natively with the scale folded in
+        code_version=code_version("4", graph.run, ("saes", "seeds"), [stats]),
         group_name="sae",
         kinds={"pytorch"},
     )(sae_dictionary)
     evaluation = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[dictionary, *graph.deps("activations")],
-        # 5: seed replicas
-        code_version=code_version("5", graph.run, upstream=[dictionary]),
+        # 6: SAEs on raw activations (no separate scale)
+        code_version=code_version("6", graph.run, upstream=[dictionary]),
         group_name="sae",
         kinds={"pytorch"},
     )(sae_evaluation)

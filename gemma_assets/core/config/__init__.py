@@ -37,6 +37,7 @@ from gemma_assets.core.config.schema import (
     RunConfig,
     SaeSpec,
     SampleSpec,
+    TrainerSpec,
     seed_name,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "RunConfig",
     "SaeSpec",
     "SampleSpec",
+    "TrainerSpec",
     "load_run_config",
     "parse_override",
     "parse_resolved",

@@ -207,16 +207,135 @@ class EvaluationSpec(Section):
     )
 
 
-class TopKGrid(Section):
+SAE_ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard")
+# the sparsity key each trained architecture is gridded over, and what its values mean
+SPARSITY_KEYS = {
+    "topk": ("ks", "active latents per token"),
+    "batchtopk": ("ks", "active latents per token on average over a batch"),
+    "matryoshka": ("ks", "active latents per token on average over a batch"),
+    "jumprelu": ("target_l0s", "the L0 the quadratic sparsity penalty pulls towards"),
+    "standard": ("l1_coefficients", "weights of the L1 penalty"),
+}
+
+
+class SaeGrid(Section):
+    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu", "standard"] = Field(
+        description="SAELens training class: `topk` (TopK), `batchtopk` (BatchTopK), `matryoshka` (Matryoshka "
+        "BatchTopK), `jumprelu` (JumpReLU with Gemma Scope 2's quadratic penalty around a target L0), "
+        "`standard` (ReLU with an L1 penalty)"
+    )
     widths: tuple[int, ...] = Field(min_length=1, description="dictionary sizes (latents)")
-    ks: tuple[int, ...] = Field(min_length=1, description="active latents per token")
+    ks: tuple[int, ...] = Field(
+        (), description="topk: active latents per token; batchtopk and matryoshka: the same on average over a batch"
+    )
+    target_l0s: tuple[float, ...] = Field((), description="jumprelu: target L0s (active latents per token)")
+    l1_coefficients: tuple[float, ...] = Field((), description="standard: weights of the L1 penalty")
+    levels: tuple[int, ...] = Field(
+        (),
+        description="matryoshka: widths of the nested inner dictionaries, increasing, each below every width "
+        "(the full width is the last level)",
+    )
 
     @model_validator(mode="after")
-    def _k_within_width(self) -> TopKGrid:
-        if min(self.widths + self.ks) < 1:
-            raise ValueError("widths and ks must be at least 1")
-        if max(self.ks) > min(self.widths):
-            raise ValueError(f"k={max(self.ks)} exceeds width {min(self.widths)}: a TopK SAE has k <= width")
+    def _sparsity_of_the_architecture(self) -> SaeGrid:
+        key, meaning = SPARSITY_KEYS[self.architecture]
+        values = getattr(self, key)
+        example = {"ks": "[16]", "target_l0s": "[16]", "l1_coefficients": "[0.001]"}[key]
+        if not values:
+            raise ValueError(f"architecture {self.architecture} needs {key} ({meaning}) -> add e.g. {key}: {example}")
+        for other in {"ks", "target_l0s", "l1_coefficients"} - {key}:
+            if getattr(self, other):
+                owners = "/".join(a for a, (k, _) in SPARSITY_KEYS.items() if k == other)
+                raise ValueError(
+                    f"{other} belongs to {owners}, not {self.architecture} -> give {self.architecture} {key} "
+                    f"({meaning}) instead"
+                )
+        if min(self.widths) < 1:
+            raise ValueError(f"widths must be at least 1, got {list(self.widths)}")
+        if min(values) <= 0:
+            raise ValueError(f"{key} must be positive, got {list(values)}")
+        if len(set(values)) != len(values) or len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"widths and {key} must be distinct values, got {list(self.widths)} and {list(values)}")
+        if key in ("ks", "target_l0s") and max(values) > min(self.widths):
+            raise ValueError(
+                f"{key} {max(values):g} exceeds width {min(self.widths)}: an SAE cannot have more active latents "
+                "than latents -> lower it or widen the SAE"
+            )
+        if (self.architecture == "matryoshka") != bool(self.levels):
+            raise ValueError(
+                "matryoshka needs levels (the nested inner widths, e.g. levels: [16, 64] for width 256)"
+                if self.architecture == "matryoshka"
+                else f"levels belong to matryoshka, not {self.architecture} -> remove them"
+            )
+        if self.levels and (
+            list(self.levels) != sorted(set(self.levels)) or self.levels[0] < 1 or self.levels[-1] >= min(self.widths)
+        ):
+            raise ValueError(
+                f"levels {list(self.levels)} must increase strictly, from at least 1 to below the smallest width "
+                f"{min(self.widths)} (the full width is the last level)"
+            )
+        return self
+
+    def specs(self) -> list[SaeSpec]:
+        """One spec per width x sparsity value."""
+        key, _ = SPARSITY_KEYS[self.architecture]
+        return [
+            SaeSpec.trained(self.architecture, width, value, self.levels)
+            for width in self.widths
+            for value in getattr(self, key)
+        ]
+
+
+class TrainerSpec(Section):
+    """SAELens' SAETrainer settings, shared by every SAE of the run (they train in one pass)."""
+
+    epochs: float = Field(
+        1.0, gt=0, description="passes over the train split (fractions allowed): training tokens = epochs x split"
+    )
+    batch_size: int = Field(1024, ge=1, description="tokens per training step")
+    shuffle_buffer_tokens: int = Field(
+        65536,
+        ge=1,
+        description="tokens held in the shuffle buffer that mixes the stream (at least 2 x batch_size; a split "
+        "smaller than this is held whole): bounds the trainer's memory whatever the split's size",
+    )
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate (after warm-up)")
+    lr_end: float = Field(3e-4, gt=0, description="learning rate the schedule ends at (cosine annealing)")
+    lr_scheduler: Literal["constant", "cosineannealing", "cosineannealingwarmrestarts"] = Field(
+        "cosineannealing", description="SAELens learning-rate schedule"
+    )
+    lr_warm_up_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
+    aux_loss_coefficient: float = Field(
+        1.0, ge=0, description="topk, batchtopk, matryoshka: weight of the auxiliary loss that revives dead latents"
+    )
+    dead_after_tokens: int = Field(
+        16384,
+        ge=1,
+        description="tokens without firing after which a latent counts as dead (and gets the auxiliary loss); "
+        "SAELens' default, 1000 steps, exceeds a whole demo run",
+    )
+    l0_coefficient: float = Field(
+        1.0, gt=0, description="jumprelu: weight of the quadratic penalty around the target L0"
+    )
+    jumprelu_bandwidth: float = Field(
+        0.05, gt=0, description="jumprelu: bandwidth of the straight-through estimator of the threshold's gradient"
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads while training; 0 = torch's default. Small SAEs train several times faster "
+        "on 1 thread, whose steps are too short to share (docs/experimental_setup.md)",
+    )
+
+    @model_validator(mode="after")
+    def _buffer_holds_batches(self) -> TrainerSpec:
+        if self.shuffle_buffer_tokens < 2 * self.batch_size:
+            raise ValueError(
+                f"shuffle_buffer_tokens {self.shuffle_buffer_tokens} is below 2 x batch_size ({2 * self.batch_size}): "
+                "the buffer keeps half to mix with what comes next -> raise shuffle_buffer_tokens"
+            )
         return self
 
 
@@ -250,13 +369,29 @@ class SaeSpec:
     """One SAE of a run, as the assets consume it (derived from the `saes` section)."""
 
     name: str
-    architecture: str  # "topk" (trained here) | "pretrained" (loaded through SAELens)
+    architecture: str  # one of SAE_ARCHITECTURES (trained here) | "pretrained" (loaded through SAELens)
     width: int = 0
-    k: int = 0  # active latents per token for topk
+    k: int = 0  # topk: active latents per token; batchtopk, matryoshka: on average over a batch
+    target_l0: float = 0.0  # jumprelu
+    l1_coefficient: float = 0.0  # standard
+    levels: tuple[int, ...] = ()  # matryoshka: inner widths
     release: str = ""  # pretrained only: an SAELens release and id, or an SAE folder
     sae_id: str = ""
     path: str = ""
-    seed: int = 0  # topk: seeds > 0 are the replicas that measure the spread over seeds
+    seed: int = 0  # trained: seeds > 0 are the replicas that measure the spread over seeds
+
+    @classmethod
+    def trained(cls, architecture: str, width: int, sparsity: float, levels: tuple[int, ...] = ()) -> SaeSpec:
+        """The spec of an SAE trained here, named by its architecture, width and sparsity setting."""
+        if architecture == "jumprelu":
+            return cls(f"jumprelu-{width}-l0-{sparsity:g}", architecture, width, target_l0=sparsity)
+        if architecture == "standard":
+            return cls(f"standard-{width}-l1-{sparsity:g}", architecture, width, l1_coefficient=sparsity)
+        return cls(f"{architecture}-{width}-k{sparsity:g}", architecture, width, int(sparsity), levels=levels)
+
+    @property
+    def is_trained(self) -> bool:
+        return self.architecture != "pretrained"
 
     @property
     def family(self) -> Family:
@@ -265,7 +400,7 @@ class SaeSpec:
     @property
     def active_per_token(self) -> int | None:
         """L0 by construction (TopK); None where it varies per token."""
-        return self.k or None
+        return self.k if self.architecture == "topk" else None
 
     def with_seed(self, seed: int) -> SaeSpec:
         """The replica of this (trained) SAE fitted with another seed."""
@@ -277,22 +412,33 @@ def seed_name(name: str, seed: int) -> str:
     return f"{name}-seed{seed}" if seed else name
 
 
+# keys of the first SAE schema, each with the key that replaced it
+REPLACED_SAE_KEYS = {"topk": "train", "train_epochs": "trainer.epochs", "batch_size": "trainer.batch_size"}
+
+
 class SaesSpec(Section):
-    topk: tuple[TopKGrid, ...] = Field(
-        (), description="grids of TopK SAEs trained here with SAELens: every width x k of each grid"
+    train: tuple[SaeGrid, ...] = Field(
+        (),
+        description="grids of SAEs trained here with SAELens, all in one streamed pass: every width x sparsity "
+        "value of each grid",
     )
     pretrained: tuple[PretrainedSae, ...] = Field((), description="SAEs loaded through SAELens' SAE.from_pretrained")
-    train_epochs: int = Field(1, ge=1, description="passes over the train split for each trained SAE")
-    batch_size: int = Field(1024, ge=1, description="tokens per training step")
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (old := [key for key in REPLACED_SAE_KEYS if key in data]):
+            moves = "; ".join(f"`{key}` -> `{REPLACED_SAE_KEYS[key]}`" for key in old)
+            example = ""
+            if "topk" in old:
+                example = " (a TopK grid: train: [{architecture: topk, widths: [64, 128], ks: [1, 4]}])"
+            raise ValueError(f"these keys were replaced: {moves}{example} -> rename them under saes")
+        return data
 
     @property
     def specs(self) -> tuple[SaeSpec, ...]:
-        trained = [
-            SaeSpec(f"topk-{width}-k{k}", "topk", width, k)
-            for grid in self.topk
-            for width in grid.widths
-            for k in grid.ks
-        ]
+        trained = [spec for grid in self.train for spec in grid.specs()]
         loaded = [
             SaeSpec(p.report_name, "pretrained", release=p.release, sae_id=p.sae_id, path=p.path)
             for p in self.pretrained
@@ -369,7 +515,7 @@ class RunConfig(Section):
     @property
     def sae_seed_replicas(self) -> dict[str, tuple[SaeSpec, ...]]:
         """Per trained SAE, its replicas fitted with seeds 1..seeds-1 (pretrained SAEs have no seed)."""
-        trained = [spec for spec in self.sae_specs if spec.architecture == "topk"]
+        trained = [spec for spec in self.sae_specs if spec.is_trained]
         return {spec.name: tuple(spec.with_seed(seed) for seed in range(1, self.seeds)) for spec in trained}
 
     def to_yaml(self, one_line: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ class SaeTraining:
     name: str
     architecture: str
     width: int
-    k: int  # active latents per token (0: not fixed, a pretrained SAE)
+    k: int  # topk, batchtopk, matryoshka: (average) active latents per token; 0 otherwise
     seed: int
-    scale: float
     parameters: int
-    # trained: fit_seconds, train_tokens, fit_peak_rss_mb, train_partitions; pretrained: load_seconds
+    # trained: fit_seconds (its own steps), pass_seconds (the whole shared pass), train_tokens,
+    # fit_peak_rss_mb (of the pass), scale (folded into the weights), train_partitions, and its
+    # sparsity setting (target_l0, l1_coefficient, levels); pretrained: load_seconds
     facts: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
@@ -40,44 +42,62 @@ class SaeTraining:
             "width": self.width,
             "k": self.k,
             "seed": self.seed,
-            "scale": self.scale,
             "parameters": self.parameters,
             **self.facts,
         }
 
 
-def make_sae(layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str) -> SaeTraining:
-    """One SAE of the run: a TopK SAE trained with SAELens' SAETrainer on the stored train split,
-    or a pretrained one loaded with SAE.from_pretrained; saved with its training facts under
-    saes/<name>/."""
-    facts: dict[str, Any]
-    if spec.architecture == "pretrained":
-        started = time.perf_counter()
-        dictionary = sae.load_pretrained(spec, device)
-        facts = {"load_seconds": time.perf_counter() - started}
-    else:
+def make_saes(layout: RunLayout, run: RunConfig, device: str) -> list[SaeTraining]:
+    """Every SAE of the run, seed replicas included: the trained ones in one streamed pass of
+    SAELens SAETrainers over the stored train split, the pretrained ones loaded through SAELens;
+    each saved with its training facts under saes/<name>/."""
+    replicas = itertools.chain(*run.sae_seed_replicas.values())
+    trained_specs = [spec for spec in [*run.sae_specs, *replicas] if spec.is_trained]
+    made = []
+    if trained_specs:
         moments = layout.moments("train")
         with RssTrace() as peak:
-            dictionary, facts = sae.train_topk(
-                spec,
+            trained = sae.train_saes(
+                trained_specs,
                 layout.activation_store().batches(run.train_partition_keys),
                 d_in=moments.d_model,
                 n_tokens=moments.count,
-                scale=sae.activation_scale(moments.norm_sum / moments.count, moments.d_model),
-                epochs=run.saes.train_epochs,
                 mean=torch.from_numpy(moments.mean).float(),
-                batch_size=run.saes.batch_size,
+                mean_norm=moments.norm_sum / moments.count,
+                trainer=run.saes.trainer,
                 device=device,
-                seed=spec.seed,
             )
-        facts |= {"fit_peak_rss_mb": peak.mb, "train_partitions": run.train_partition_keys}
+        shared = {
+            "pass_seconds": trained.seconds,
+            "train_tokens": trained.train_tokens,
+            "fit_peak_rss_mb": peak.mb,
+            **trained.facts,
+            "train_partitions": run.train_partition_keys,
+        }
+        for one in trained.saes:
+            facts = {"fit_seconds": one.step_seconds, **shared, **_sparsity(one.spec)}
+            made.append(_save(layout, one.spec, one.dictionary, facts))
+    for spec in run.sae_specs:
+        if not spec.is_trained:
+            started = time.perf_counter()
+            dictionary = sae.load_pretrained(spec, device)
+            made.append(_save(layout, spec, dictionary, {"load_seconds": time.perf_counter() - started}))
+    return made
+
+
+def _sparsity(spec: SaeSpec) -> dict[str, Any]:
+    """The sparsity setting of a trained SAE besides its k."""
+    setting = {"target_l0": spec.target_l0, "l1_coefficient": spec.l1_coefficient, "levels": list(spec.levels)}
+    return {key: value for key, value in setting.items() if value}
+
+
+def _save(layout: RunLayout, spec: SaeSpec, dictionary: sae.SaeDictionary, facts: dict[str, Any]) -> SaeTraining:
     training = SaeTraining(
         name=spec.name,
         architecture=spec.architecture,
         width=spec.width or dictionary.n_features,
         k=spec.k,
         seed=spec.seed,
-        scale=dictionary.scale,
         parameters=dictionary.n_parameters,
         facts=facts,
     )
