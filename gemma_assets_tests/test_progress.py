@@ -138,9 +138,10 @@ SLOW_FIT = textwrap.dedent(
 
 
 def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_path):
-    """The tiny run with its first k-means fit slowed to 20 x 0.6 s, progress every 1 s (the
-    default is 10 s): no gap in the command line's output of more than 10 s (a silent fit would
-    leave 12 s), and cluster_models' run log holds Lloyd lines with an ETA."""
+    """The tiny run with its first k-means fit slowed to 20 x 1.5 s, progress every 1 s (the
+    default is 10 s): no gap in the command line's output of more than 20 s (a silent fit would
+    leave 30 s; the margin is for a loaded machine, where one unreported call such as saving the
+    tiny model took 14 s), and cluster_models' run log holds Lloyd lines with an ETA."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SLOW_FIT)
@@ -149,7 +150,7 @@ def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_p
     env = {
         **os.environ,
         "PYTHONPATH": f"{shim}{os.pathsep}{ROOT}",
-        "TEST_SLOW_LLOYD_S": "0.6",
+        "TEST_SLOW_LLOYD_S": "1.5",
         "GEMMA_ASSETS_PROGRESS_EVERY_S": "1",
         "DAGSTER_HOME": str(home),
     }
@@ -169,7 +170,7 @@ def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_p
     reader.join()
     gaps = [(later - earlier, line) for (earlier, _), (later, line) in zip(stamped, stamped[1:], strict=False)]
     longest, after = max(gaps)
-    assert longest <= 10, f"{longest:.1f} s of silence before: {after}"
+    assert longest <= 20, f"{longest:.1f} s of silence before: {after}"
     lloyd = [line for _, line in stamped if "cluster_models" in line and "k=64 seed 0: Lloyd" in line]
     assert any("ETA <= " in line for line in lloyd), lloyd
 
