@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gemma_assets.core import bootstrap, methods, metrics
 from gemma_assets.core.codes import Codes, unit_rows
@@ -30,6 +30,8 @@ FAMILY = Family.define("random-centroids", "random centroids (floor)")
 
 
 class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
+
     k: int = Field(16, ge=1, description="centroids")
     seed: int = 0
 

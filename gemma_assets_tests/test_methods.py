@@ -59,7 +59,8 @@ def test_a_method_only_joins_the_runs_that_name_it():
     [
         ("methods={no_such_module_xyz: {}}", "cannot import 'no_such_module_xyz'"),
         ("methods={json: {}}", "module 'json' declares no method"),
-        (f"methods={{{MODULE}: {{k: 0}}}}", f"methods.{MODULE}"),
+        (f"methods={{{MODULE}: {{k: 0}}}}", f"methods.{MODULE}: k: Input should be greater than or equal to 1"),
+        (f"methods={{{MODULE}: {{kk: 2}}}}", f"methods.{MODULE}: kk: Extra inputs are not permitted"),
     ],
 )
 def test_a_bad_method_module_is_a_config_error(override, message):

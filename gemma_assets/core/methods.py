@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from gemma_assets.core.bootstrap import WindowSums, unflatten
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.files import load_arrays
@@ -123,8 +125,9 @@ def settings_of(method: Method, run: RunConfig) -> Any:
         return None
     try:
         return method.settings(**run.methods.get(method.module, {}))
-    except Exception as error:  # pydantic's ValidationError names the field
-        raise ConfigError(f"methods.{method.module}: {error} -> fix the settings of method {method.name}") from None
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"methods.{method.module}: {problems} -> fix the settings of method {method.name}") from None
 
 
 def all_records(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -> list[DictionaryRecord]:
