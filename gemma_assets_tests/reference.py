@@ -26,7 +26,7 @@ Why the tolerances are what they are:
   (`tolerances.spliced_cross_entropy`: 3 flips of 0.1 nats over 1,488 predictions, 2e-4 nats).
 - Trained SAEs amplify the stored activations' one-ULP differences: TopK selection and the
   revival of dead latents are discrete, and a run elsewhere trains another draw of the fitting
-  noise (measured: held-out FVU 1e-4..1e-3 relative apart, spliced delta CE up to 50%). Their
+  noise (measured: held-out figures 1e-4..2.7e-3 relative apart, spliced delta CE up to 50%). Their
   held-out figures are held to `SAE_SEED_SDS` standard deviations over seeds, the report's own
   measure of that noise, and never closer than `SAE_FLOOR` (two seeds can land close together); their spliced CE and the text that depends on which latents they learnt
   are not compared here. `gemma-assets verify-report` (test_verify_report) checks the evaluation
@@ -78,9 +78,11 @@ TINY_PREDICTIONS = 1488  # the tiny run's spliced predictions: 48 windows x 31
 SPLICED_NATS = tolerances.spliced_cross_entropy(torch.float32, TINY_PREDICTIONS)
 FORWARD_CE = tolerances.cross_entropy(torch.float32)
 SAE_SEED_SDS = 4.0
-# relative: the measured spread across environments (1e-4..1e-3), for where two seeds happened to
-# land close together (topk-256-k1's cosine: SD 2.9e-5 over seeds, 1.8e-4 relative on an AVX-512 EPYC)
-SAE_FLOOR = 1e-3
+# relative: twice the largest spread measured across environments, for where two seeds happened to
+# land close together. Measured: topk-256-k1's cosine, SD 2.9e-5 over seeds, 1.8e-4 relative apart
+# on an AVX-512 EPYC; with every SAE trained in one pass, topk-128-k4's held-out MSE interval bound
+# 2.7e-3 relative apart between AVX2 and `default` (its two seeds' FVUs 3e-4 apart)
+SAE_FLOOR = 5e-3
 MACHINE_FIGURES = {"fit_seconds", "fit_peak_rss_mb", "heldout_encode_tokens_per_s", "encode_tokens_per_s"}
 THROUGH_INPUTS = {"loss_recovered_vs_zero", "loss_recovered_vs_mean"}  # ratios with a ~0.005-nat denominator
 SPREAD_INPUTS = ("mean", "min", "max")  # the SD of two seeds is compared through min and max
