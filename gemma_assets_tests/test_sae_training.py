@@ -19,7 +19,7 @@ from gemma_assets.core import sae
 from gemma_assets.core.config import ConfigError, SaeSpec, TrainerSpec, load_run_config
 from gemma_assets.core.records import Family
 
-ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "random_decoder")
 
 
 def _chunks(n_chunks: int, rows: int, d: int = 8):
@@ -119,16 +119,18 @@ def test_every_architecture_trains_on_tiny_to_finite_figures(tiny_run):
     records = tiny_run.records()
     trained = [spec for spec in tiny_run.profile.sae_specs if spec.is_trained]
     assert {spec.architecture for spec in trained} == set(ARCHITECTURES)
+    assert any(spec.whitened for spec in trained)
     for spec in trained:
         row = records[spec.name]
         assert math.isfinite(row["heldout_fvu"]) and 0 < row["heldout_fvu"] < 1, (spec.name, row["heldout_fvu"])
         assert math.isfinite(row["heldout_l0"]) and 0 < row["heldout_l0"] <= spec.width, spec.name
-        assert row["family"] == Family.of_sae(spec.architecture).label(spec.width) == f"SAE ({spec.architecture})"
+        title = spec.architecture.replace("_", " ") + (", whitened inputs" if spec.whitened else "")
+        assert row["family"] == Family.of_sae(spec.architecture, spec.whitened).label(spec.width) == f"SAE ({title})"
         training = json.loads((tiny_run.layout.sae_dir(spec.name) / "training.json").read_text())
         assert training["train_tokens"] > 0 and training["fit_seconds"] <= training["pass_seconds"]
         if spec.architecture == "jumprelu":  # SAELens' quadratic penalty pulls L0 to its target
             assert abs(row["heldout_l0"] - spec.target_l0) <= 0.25 * spec.target_l0, row["heldout_l0"]
-        if spec.architecture == "topk":
+        if spec.architecture in ("topk", "random_decoder"):
             assert row["heldout_l0"] == spec.k
     passes = {
         json.loads((tiny_run.layout.sae_dir(s.name) / "training.json").read_text())["pass_seconds"] for s in trained
@@ -173,11 +175,95 @@ def test_trained_saes_load_with_plain_saelens_in_a_fresh_process_at_the_projects
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     records = tiny_run.records()
-    native = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}
+    native = {"random_decoder": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
     for spec, folder in zip(trained, folders, strict=True):
         assert measured[folder]["architecture"] == native.get(spec.architecture, spec.architecture)
         assert measured[folder]["fvu"] == pytest.approx(records[spec.name]["heldout_fvu"], rel=1e-6), spec.name
     assert not any((Path(folder) / "activation_scale.json").exists() for folder in folders)
+
+
+def _correlated_stream(d: int = 12, chunks: int = 6, rows: int = 256):
+    """Raw-like activations: an offset and directions whose variances span 1.5 decades."""
+    torch.manual_seed(0)
+    mixing = torch.randn(d, d) * torch.logspace(0, 1.5, d)
+    data = [torch.randn(rows, d) @ mixing + 5 for _ in range(chunks)]
+    x = torch.cat(data).double().numpy()
+    return (lambda: iter(data)), x
+
+
+def test_a_random_decoder_stays_the_random_unit_dictionary_it_started_as_while_its_encoder_learns():
+    from gemma_assets.core.codes import unit_rows
+
+    batches, x = _correlated_stream()
+    spec = SaeSpec.trained("random_decoder", 32, 4)
+    torch.manual_seed(spec.seed)
+    initial = sae.training_sae(spec, 12, TrainerSpec(), "cpu")
+    trained = sae.train_saes(
+        [spec, SaeSpec.trained("topk", 32, 4)],
+        batches,
+        12,
+        len(x),
+        torch.from_numpy(x.mean(0)).float(),
+        float(np.linalg.norm(x, axis=1).mean()),
+        TrainerSpec(epochs=3, batch_size=64, shuffle_buffer_tokens=256),
+    )
+    floor, learnt = (one.dictionary.sae for one in trained.saes)
+    assert torch.allclose(unit_rows(floor.W_dec.detach()), unit_rows(initial.W_dec.detach()), atol=1e-5)
+    assert not torch.allclose(unit_rows(floor.W_enc.detach().T), unit_rows(initial.W_enc.detach().T), atol=1e-2)
+    assert not torch.allclose(unit_rows(learnt.W_dec.detach()), unit_rows(initial.W_dec.detach()), atol=1e-2)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_whitening_is_folded_into_native_weights(architecture, tmp_path):
+    """What the SAE computed on whitened z = (x - mean) @ M, the saved folder computes on raw x,
+    with the reconstruction mapped back through M^-1 (SAELens' fold_activation_whitening)."""
+    from sae_lens import SAE
+
+    from gemma_assets.core.whitening import Whitening
+
+    _, x = _correlated_stream()
+    whitening = Whitening.fit(x.mean(0), np.cov(x.T))
+    zca, unzca = whitening.zca_matrix(), whitening.zca_inverse_matrix()
+    torch.manual_seed(0)
+    spec = SaeSpec.trained(architecture, 48, 6, (12,) if architecture == "matryoshka" else (), whitened=True)
+    training = sae.training_sae(spec, 12, TrainerSpec(), "cpu")
+    with torch.no_grad():
+        for name, parameter in training.named_parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3 if name != "threshold" else torch.rand_like(parameter))
+    training.save_inference_model(tmp_path / "whitened")
+    in_whitened_space = SAE.load_from_disk(str(tmp_path / "whitened"))
+    training.fold_activation_whitening(*(torch.from_numpy(a) for a in (whitening.mean, zca, unzca)))
+    sae.SaeDictionary(training).save(tmp_path / "folded")
+    folded = SAE.load_from_disk(str(tmp_path / "folded"))
+    raw = torch.from_numpy(x[:300]).float()
+    z = torch.from_numpy((x[:300] - whitening.mean) @ zca).float()
+    with torch.no_grad():
+        assert torch.equal(folded.encode(raw) != 0, in_whitened_space.encode(z) != 0)
+        mapped_back = in_whitened_space(z).double().numpy() @ unzca + whitening.mean
+        assert np.allclose(folded(raw).double().numpy(), mapped_back, rtol=1e-4, atol=1e-3)
+
+
+def test_a_whitened_input_sae_reports_its_fvu_in_raw_units_as_numpy_computes_it(tiny_run):
+    """The tiny run's whitened TopK SAE, recomputed from its saved weights in float64 numpy on the
+    raw held-out tokens, gives the report's FVU; in the whitened space its FVU is another number."""
+    from safetensors.numpy import load_file
+
+    [spec] = [s for s in tiny_run.profile.sae_specs if s.whitened]
+    folder = tiny_run.layout.sae_dir(spec.name)
+    weights = {k: v.astype(np.float64) for k, v in load_file(folder / "sae_weights.safetensors").items()}
+    config = json.loads((folder / "cfg.json").read_text())
+    x, _ = tiny_run.layout.activation_store().load_tokens(tiny_run.profile.heldout_partition_keys)
+    x = x.double().numpy()
+    pre = (x - weights["b_dec"] * config.get("apply_b_dec_to_input", False)) @ weights["W_enc"] + weights["b_enc"]
+    top = np.argsort(-pre, axis=1)[:, : spec.k]
+    codes = np.zeros_like(pre)
+    np.put_along_axis(codes, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    x_hat = codes @ weights["W_dec"] + weights["b_dec"]
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert tiny_run.records()[spec.name]["heldout_fvu"] == pytest.approx(fvu, rel=1e-5)
+    whitening = tiny_run.layout.whitening()
+    z, z_hat = ((a - whitening.mean) @ whitening.zca_matrix() for a in (x, x_hat))
+    assert abs(((z - z_hat) ** 2).sum() / ((z - z.mean(0)) ** 2).sum() - fvu) > 1e-3
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -228,7 +314,7 @@ def test_the_grid_names_every_architecture_and_seed_replicas_cover_them_all():
         ),
         (
             ["saes.train=[{architecture: standard, widths: [64], l1_coefficients: [1], ks: [4]}]"],
-            ["ks belongs to topk/batchtopk/matryoshka, not standard", "l1_coefficients"],
+            ["ks belongs to topk/batchtopk/matryoshka/random_decoder, not standard", "l1_coefficients"],
         ),
         (["saes.train=[{architecture: topk, widths: [64], ks: [100]}]"], ["ks 100 exceeds width 64", "lower it"]),
         (["saes.train=[{architecture: matryoshka, widths: [64], ks: [4]}]"], ["matryoshka needs levels"]),

@@ -19,6 +19,9 @@ class Family:
     value: str
     title: str  # the report's name for it; "{k}" stands for the dictionary's k
     is_sae: bool = False
+    # a baseline that learns no directions (random decoder, real activations): the findings state
+    # every other family's margin over it
+    is_floor: bool = False
 
     _defined: ClassVar[dict[str, Family]] = {}
     KMEANS: ClassVar[Family]
@@ -28,10 +31,10 @@ class Family:
     LEADER_MEAN: ClassVar[Family]
 
     @classmethod
-    def define(cls, value: str, title: str = "", is_sae: bool = False) -> Family:
+    def define(cls, value: str, title: str = "", is_sae: bool = False, is_floor: bool = False) -> Family:
         """The family named `value`, defined on first use; a second, different definition is a bug."""
-        family = cls._defined.setdefault(value, cls(value, title or value, is_sae))
-        if family != cls(value, title or value, is_sae):
+        family = cls._defined.setdefault(value, cls(value, title or value, is_sae, is_floor))
+        if family != cls(value, title or value, is_sae, is_floor):
             raise ValueError(f"dictionary family {value!r} is defined twice, differently: {family} and {title!r}")
         return family
 
@@ -46,9 +49,14 @@ class Family:
         return cls._defined[value]
 
     @classmethod
-    def of_sae(cls, architecture: str) -> Family:
-        """The family of SAEs of one architecture (`pretrained`: loaded, whatever their architecture)."""
-        return cls.define(f"sae-{architecture}", f"SAE ({architecture})", is_sae=True)
+    def of_sae(cls, architecture: str, whitened: bool = False) -> Family:
+        """The family of SAEs of one architecture (`pretrained`: loaded, whatever their architecture),
+        trained on raw or on whitened inputs. Random-decoder SAEs are a floor."""
+        suffix = "-whitened" if whitened else ""
+        title = architecture.replace("_", " ") + (", whitened inputs" if whitened else "")
+        return cls.define(
+            f"sae-{architecture}{suffix}", f"SAE ({title})", is_sae=True, is_floor=architecture == "random_decoder"
+        )
 
     def label(self, k: int) -> str:
         """The family as the report's tables and plots name it."""

@@ -5,6 +5,11 @@ Raw residuals have norms in the thousands, so trained SAEs see activations multi
 scalar `scale = sqrt(d_in) / mean ||x||` (SAELens' "expected average" convention). After training
 the scale is folded into the weights (SAELens' `fold_activation_norm_scaling_factor`: W_enc * s,
 W_dec / s, b_dec / s), so every SAE saved here is a plain SAELens SAE on raw activations.
+
+An SAE on whitened inputs sees z = (x - mean) @ M instead, with M the run's ZCA whitening (already
+at norm ~sqrt(d_in)); SAELens' `fold_activation_whitening` folds M and its inverse into the weights
+the same way. A random-decoder SAE (the floor of Korznikov et al. 2026) is a TopK SAE whose decoder
+is a frozen random unit dictionary: only its encoder and biases learn.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.config import ConfigError, SaeSpec, TrainerSpec
 from gemma_assets.core.model import ModelAccessError, offline_hint
+from gemma_assets.core.whitening import Whitening
 
 if TYPE_CHECKING:
     from sae_lens import SAE, SAETrainer, TrainingSAE
@@ -176,6 +182,8 @@ def training_sae(spec: SaeSpec, d_in: int, trainer: TrainerSpec, device: str) ->
     topk = {"k": spec.k, "aux_loss_coefficient": trainer.aux_loss_coefficient}
     if spec.architecture == "topk":
         return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common, **topk))
+    if spec.architecture == "random_decoder":
+        return with_frozen_random_decoder(sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common, **topk)))
     if spec.architecture == "batchtopk":
         return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common, **topk))
     if spec.architecture == "matryoshka":
@@ -197,6 +205,17 @@ def training_sae(spec: SaeSpec, d_in: int, trainer: TrainerSpec, device: str) ->
             sae_lens.StandardTrainingSAEConfig(**common, l1_coefficient=spec.l1_coefficient)
         )
     raise ValueError(f"{spec.name}: architecture {spec.architecture!r} is not trained here")
+
+
+def with_frozen_random_decoder(sae: TrainingSAE) -> TrainingSAE:
+    """The SAE with a decoder of random unit rows (Gaussian directions, from torch's current seed)
+    that training leaves alone, and its encoder initialised as the decoder's transpose (SAELens'
+    own tied initialisation)."""
+    with torch.no_grad():
+        sae.W_dec.copy_(unit_rows(torch.randn(sae.W_dec.shape, device=sae.W_dec.device)))
+        sae.W_enc.copy_(sae.W_dec.T)
+    sae.W_dec.requires_grad_(False)  # Adam skips a parameter that gets no gradient
+    return sae
 
 
 def trainer_config(trainer: TrainerSpec, total_tokens: int, device: str) -> SAETrainerConfig:
@@ -233,14 +252,18 @@ def train_saes(
     mean_norm: float,
     trainer: TrainerSpec,
     device: str = "cpu",
+    whitening: Whitening | None = None,
 ) -> TrainingPass:
     """Train every spec in lockstep with one SAELens SAETrainer each, on the same batches: each
     batch is read once from `batches` (raw activation chunks [n, d_in], re-iterated once per epoch)
     and mixed in a bounded shuffle buffer, so memory does not grow with the split. Training tokens
     are `trainer.epochs` x `n_tokens`. Seed replicas differ in their initialisation only: every SAE
-    sees one order of the tokens. The returned dictionaries read and write raw activations."""
+    sees one order of the tokens. Specs with `whitened` see the batch ZCA-whitened by `whitening`.
+    The returned dictionaries read and write raw activations."""
     from sae_lens import SAETrainer
 
+    if whitening is None and any(spec.whitened for spec in specs):
+        raise ValueError("SAEs on whitened inputs need the run's whitening")
     scale = activation_scale(mean_norm, d_in)
     total = int(trainer.epochs * n_tokens) // trainer.batch_size * trainer.batch_size
     if total < trainer.batch_size:
@@ -254,21 +277,46 @@ def train_saes(
     for spec in specs:
         torch.manual_seed(spec.seed)
         sae = training_sae(spec, d_in, trainer, device)
-        with torch.no_grad():
-            # b_dec starts at the data mean: latents then compete on the centred token, instead of
-            # one latent learning the shared mean and winning every token (fatal at small k)
-            sae.b_dec.copy_(mean.to(sae.b_dec) * scale)
+        if not spec.whitened:  # whitened inputs are centred already: b_dec starts at their mean, 0
+            with torch.no_grad():
+                # b_dec starts at the data mean: latents then compete on the centred token, instead
+                # of one latent learning the shared mean and winning every token (fatal at small k)
+                sae.b_dec.copy_(mean.to(sae.b_dec) * scale)
         trainers.append(SAETrainer(cfg=config, sae=sae, data_provider=iter(()), save_checkpoint_fn=None))
     # a buffer larger than the split would read it several times over before the first step
     buffer_tokens = max(2 * trainer.batch_size, min(trainer.shuffle_buffer_tokens, n_tokens))
     stream = ShuffledStream(batches, trainer.batch_size, buffer_tokens, scale, device=device)
     started = time.perf_counter()
+    whiten: Callable[[torch.Tensor], torch.Tensor] | None = None
+    if whitening is not None and any(spec.whitened for spec in specs):
+        shift = torch.from_numpy(whitening.mean).float().to(device)
+        zca = torch.from_numpy(whitening.zca_matrix()).float().to(device)
+
+        def whiten_scaled(batch: torch.Tensor) -> torch.Tensor:  # the stream holds scaled raw activations
+            return (batch / scale - shift) @ zca
+
+        whiten = whiten_scaled
+
     with torch_threads(trainer.threads):
-        step_seconds = _fit_together(trainers, iter(stream), progress.task(_pass_name(specs), total, "tokens"))
+        step_seconds = _fit_together(
+            trainers,
+            [spec.whitened for spec in specs],
+            iter(stream),
+            whiten,
+            progress.task(_pass_name(specs), total, "tokens"),
+        )
     seconds = time.perf_counter() - started
     trained = []
     for spec, fitted, own_seconds in zip(specs, trainers, step_seconds, strict=True):
-        fitted.sae.fold_activation_norm_scaling_factor(scale)
+        if spec.whitened:
+            assert whitening is not None
+            fitted.sae.fold_activation_whitening(
+                torch.from_numpy(whitening.mean),
+                torch.from_numpy(whitening.zca_matrix()),
+                torch.from_numpy(whitening.zca_inverse_matrix()),
+            )
+        else:
+            fitted.sae.fold_activation_norm_scaling_factor(scale)
         trained.append(TrainedSae(spec, SaeDictionary(fitted.sae.eval()), own_seconds))
     return TrainingPass(trained, total, total // trainer.batch_size, seconds, stream.peak_rows, {"scale": scale})
 
@@ -289,9 +337,16 @@ def _pass_name(specs: Sequence[SaeSpec]) -> str:
     return f"training {specs[0].name}" if len(specs) == 1 else f"training {len(specs)} SAEs in one pass"
 
 
-def _fit_together(trainers: list[SAETrainer], batches: Iterator[torch.Tensor], training: progress.Task) -> list[float]:
+def _fit_together(
+    trainers: list[SAETrainer],
+    whitened: list[bool],
+    batches: Iterator[torch.Tensor],
+    whiten: Callable[[torch.Tensor], torch.Tensor] | None,
+    training: progress.Task,
+) -> list[float]:
     """Each trainer's `fit()` step for step through its public per-step seam (as SAELens'
-    MultiSAETrainer drives them), all on each batch in turn; the pass reported to `training` (loss
+    MultiSAETrainer drives them), all on each batch in turn (whitened once per step by `whiten`
+    for the trainers flagged in `whitened`); the pass reported to `training` (loss
     and L0 summarised over the SAEs when a report is due) instead of SAELens' tqdm bars. No
     activation normalisation, checkpoint or wandb log is configured, so fit's steps for those have
     nothing to do. Returns each trainer's own seconds in its steps."""
@@ -305,11 +360,12 @@ def _fit_together(trainers: list[SAETrainer], batches: Iterator[torch.Tensor], t
     with training:
         while trainers[0].n_training_samples < total:
             batch = next(batches)
+            inputs = {False: batch, True: whiten(batch) if whiten is not None else batch}
             outputs = []
             for index, trainer in enumerate(trainers):
                 started = clock()
                 trainer.maybe_reset_sparsity()
-                outputs.append(trainer.step(batch))
+                outputs.append(trainer.step(inputs[whitened[index]]))
                 trainer.n_training_steps += 1
                 seconds[index] += clock() - started
             if training.due:

@@ -31,9 +31,10 @@ HELDOUT_COLUMNS = ("name", "heldout_fvu", "heldout_mse", "heldout_l0")
 def sae_dictionary(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """The run's SAEs: every trained architecture (TopK, BatchTopK, Matryoshka, JumpReLU, standard)
-    and seed replica trained with SAELens in one streamed pass over the stored train split, and
-    pretrained SAEs (Gemma Scope) loaded with SAE.from_pretrained."""
+    """The run's SAEs: every trained architecture (TopK, BatchTopK, Matryoshka, JumpReLU, standard,
+    and the random-decoder floor), on raw or whitened inputs, and seed replica trained with SAELens
+    in one streamed pass over the stored train split, and pretrained SAEs (Gemma Scope) loaded with
+    SAE.from_pretrained."""
     run_config, layout = run.config, storage.layout(context)
     rows = []
     for training in saes.make_saes(layout, run_config, compute.resolved_device):
@@ -66,12 +67,11 @@ def sae_evaluation(
 
 
 def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
-    stats = graph["activation_stats"]
     dictionary = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
-        deps=graph.deps("activation_stats", "activations"),
-        # 4: every architecture in one streamed pass, saved natively with the scale folded in
-        code_version=code_version("4", graph.run, ("saes", "seeds"), [stats]),
+        deps=graph.deps("activation_stats", "whitening", "activations"),
+        # 5: random-decoder SAEs, SAEs on whitened inputs (the whitening folded in)
+        code_version=code_version("5", graph.run, ("saes", "seeds"), graph.upstream("activation_stats", "whitening")),
         group_name="sae",
         kinds={"pytorch"},
     )(sae_dictionary)

@@ -207,7 +207,7 @@ class EvaluationSpec(Section):
     )
 
 
-SAE_ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard")
+SAE_ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "random_decoder")
 # the sparsity key each trained architecture is gridded over, and what its values mean
 SPARSITY_KEYS = {
     "topk": ("ks", "active latents per token"),
@@ -215,14 +215,16 @@ SPARSITY_KEYS = {
     "matryoshka": ("ks", "active latents per token on average over a batch"),
     "jumprelu": ("target_l0s", "the L0 the quadratic sparsity penalty pulls towards"),
     "standard": ("l1_coefficients", "weights of the L1 penalty"),
+    "random_decoder": ("ks", "active latents per token of its TopK encoder"),
 }
 
 
 class SaeGrid(Section):
-    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu", "standard"] = Field(
+    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "random_decoder"] = Field(
         description="SAELens training class: `topk` (TopK), `batchtopk` (BatchTopK), `matryoshka` (Matryoshka "
         "BatchTopK), `jumprelu` (JumpReLU with Gemma Scope 2's quadratic penalty around a target L0), "
-        "`standard` (ReLU with an L1 penalty)"
+        "`standard` (ReLU with an L1 penalty), `random_decoder` (a floor: a TopK encoder trained on a frozen "
+        "random unit decoder, Korznikov et al. 2026)"
     )
     widths: tuple[int, ...] = Field(min_length=1, description="dictionary sizes (latents)")
     ks: tuple[int, ...] = Field(
@@ -234,6 +236,11 @@ class SaeGrid(Section):
         (),
         description="matryoshka: widths of the nested inner dictionaries, increasing, each below every width "
         "(the full width is the last level)",
+    )
+    whitened: bool = Field(
+        False,
+        description="train on ZCA-whitened inputs (the run's `whitening` asset, the one the clustering uses); "
+        "the whitening is folded into the saved weights, so the SAE reads and writes raw activations",
     )
 
     @model_validator(mode="after")
@@ -280,7 +287,7 @@ class SaeGrid(Section):
         """One spec per width x sparsity value."""
         key, _ = SPARSITY_KEYS[self.architecture]
         return [
-            SaeSpec.trained(self.architecture, width, value, self.levels)
+            SaeSpec.trained(self.architecture, width, value, self.levels, self.whitened)
             for width in self.widths
             for value in getattr(self, key)
         ]
@@ -379,15 +386,24 @@ class SaeSpec:
     sae_id: str = ""
     path: str = ""
     seed: int = 0  # trained: seeds > 0 are the replicas that measure the spread over seeds
+    whitened: bool = False  # trained on ZCA-whitened inputs (folded into the saved weights)
 
     @classmethod
-    def trained(cls, architecture: str, width: int, sparsity: float, levels: tuple[int, ...] = ()) -> SaeSpec:
-        """The spec of an SAE trained here, named by its architecture, width and sparsity setting."""
+    def trained(
+        cls, architecture: str, width: int, sparsity: float, levels: tuple[int, ...] = (), whitened: bool = False
+    ) -> SaeSpec:
+        """The spec of an SAE trained here, named by its architecture, width, sparsity setting and
+        input space."""
+        prefix, suffix = f"{architecture.replace('_', '-')}-{width}", "-whitened" if whitened else ""
         if architecture == "jumprelu":
-            return cls(f"jumprelu-{width}-l0-{sparsity:g}", architecture, width, target_l0=sparsity)
+            return cls(f"{prefix}-l0-{sparsity:g}{suffix}", architecture, width, target_l0=sparsity, whitened=whitened)
         if architecture == "standard":
-            return cls(f"standard-{width}-l1-{sparsity:g}", architecture, width, l1_coefficient=sparsity)
-        return cls(f"{architecture}-{width}-k{sparsity:g}", architecture, width, int(sparsity), levels=levels)
+            return cls(
+                f"{prefix}-l1-{sparsity:g}{suffix}", architecture, width, l1_coefficient=sparsity, whitened=whitened
+            )
+        return cls(
+            f"{prefix}-k{sparsity:g}{suffix}", architecture, width, int(sparsity), levels=levels, whitened=whitened
+        )
 
     @property
     def is_trained(self) -> bool:
@@ -395,12 +411,12 @@ class SaeSpec:
 
     @property
     def family(self) -> Family:
-        return Family.of_sae(self.architecture)
+        return Family.of_sae(self.architecture, self.whitened)
 
     @property
     def active_per_token(self) -> int | None:
-        """L0 by construction (TopK); None where it varies per token."""
-        return self.k if self.architecture == "topk" else None
+        """L0 by construction (TopK encoders); None where it varies per token."""
+        return self.k if self.architecture in ("topk", "random_decoder") else None
 
     def with_seed(self, seed: int) -> SaeSpec:
         """The replica of this (trained) SAE fitted with another seed."""

@@ -31,8 +31,9 @@ class SaeTraining:
     seed: int
     parameters: int
     # trained: fit_seconds (its own steps), pass_seconds (the whole shared pass), train_tokens,
-    # fit_peak_rss_mb (of the pass), scale (folded into the weights), train_partitions, and its
-    # sparsity setting (target_l0, l1_coefficient, levels); pretrained: load_seconds
+    # fit_peak_rss_mb (of the pass), scale (folded into the weights unless whitened),
+    # train_partitions, its sparsity setting (target_l0, l1_coefficient, levels) and whitened;
+    # pretrained: load_seconds
     facts: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def make_saes(layout: RunLayout, run: RunConfig, device: str) -> list[SaeTrainin
                 mean_norm=moments.norm_sum / moments.count,
                 trainer=run.saes.trainer,
                 device=device,
+                whitening=layout.whitening() if any(spec.whitened for spec in trained_specs) else None,
             )
         shared = {
             "pass_seconds": trained.seconds,
@@ -86,8 +88,13 @@ def make_saes(layout: RunLayout, run: RunConfig, device: str) -> list[SaeTrainin
 
 
 def _sparsity(spec: SaeSpec) -> dict[str, Any]:
-    """The sparsity setting of a trained SAE besides its k."""
-    setting = {"target_l0": spec.target_l0, "l1_coefficient": spec.l1_coefficient, "levels": list(spec.levels)}
+    """The sparsity setting and input space of a trained SAE besides its k."""
+    setting = {
+        "target_l0": spec.target_l0,
+        "l1_coefficient": spec.l1_coefficient,
+        "levels": list(spec.levels),
+        "whitened": spec.whitened,
+    }
     return {key: value for key, value in setting.items() if value}
 
 
