@@ -121,3 +121,29 @@ def test_one_spliced_window_gives_values_and_no_interval_and_claims_nothing():
     assert not comparison.resolved and comparison.windows_to_resolve() is None
     assert findings.verdict(comparison) == "indistinguishable"
     assert "no interval" in findings.spread(comparison)
+
+
+def test_each_family_states_its_margin_over_the_floor_at_an_equal_width_and_l0():
+    rng = np.random.default_rng(4)
+    errors = rng.gamma(5.0, 20.0, size=48)
+    records, evidence = _evidence(errors, errors * 0.8)
+    floor = Family.of_sae("random_decoder")
+    assert floor.is_floor and not Family.of_sae("topk").is_floor
+    sums = evidence.windows["kmeans-64"]
+    floor_sums = WindowSums(sums.n, errors * 1.3, sums.sq, sums.x, sums.cosine, sums.relative_norm, sums.l0)
+    wider = WindowSums(sums.n, errors * 0.5, sums.sq, sums.x, sums.cosine, sums.relative_norm, sums.l0)
+    ones = np.ones((1, len(errors)))
+    records += [
+        DictionaryRecord("random-decoder-64-k1", floor, 64, 1, {"fvu": float(floor_sums.fvu(ones)[0]), "l0": 1.0}),
+        # no floor at 128 features: the margin is read at 64, the widest width with a floor
+        DictionaryRecord("topk-128-k1", Family.of_sae("topk"), 128, 1, {"fvu": float(wider.fvu(ones)[0]), "l0": 1.0}),
+    ]
+    windows = dict(evidence.windows) | {"random-decoder-64-k1": floor_sums, "topk-128-k1": wider}
+    evidence = Evidence(windows, {}, 31)
+    lines = [f for f in findings.findings(records, {}, evidence) if f.startswith("Over the floor")]
+    assert len(lines) == 2  # k-means and TopK; the floor has no margin over itself
+    kmeans_line, topk_line = lines
+    assert kmeans_line.startswith("Over the floor, k-means: kmeans-64 (L0 1.0) has a held-out FVU below that of")
+    assert "topk-64-k1" in topk_line and "topk-128-k1" not in topk_line and "paired difference -" in topk_line
+    # the floor is not an SAE the k-means readings are compared against
+    assert not any("random-decoder" in f for f in findings.findings(records, {}, evidence) if f.startswith("At L0"))

@@ -120,6 +120,42 @@ def best_sae_against_kmeans(readings: list[DictionaryRecord], saes: list[Diction
     return lines
 
 
+def margins_over_floor(records: list[DictionaryRecord], judge: Judge) -> list[str]:
+    """Each family's margin over the floor (random-decoder SAEs, ITDA: dictionaries whose
+    directions are not learnt): at the family's largest width that has a floor dictionary at an
+    equal held-out L0 (within EQUAL_L0), its best dictionary there against the best such floor,
+    paired on the same windows."""
+    floors = [r for r in records if r.family.is_floor]
+    lines = []
+    for family in dict.fromkeys(r.family for r in records if not r.family.is_floor):
+        pairs = [
+            (r, f)
+            for r in records
+            if r.family is family
+            for f in floors
+            if f.k == r.k and abs(f.l0 - r.l0) <= EQUAL_L0 * r.l0
+        ]
+        if not pairs:
+            continue
+        widest = max(r.k for r, _ in pairs)
+        mine = min((r for r, _ in pairs if r.k == widest), key=lambda r: r.fvu)
+        floor = min((f for r, f in pairs if r is mine), key=lambda f: f.fvu)
+        fvu_verdict, fvu_spread = judge.fvu(mine.name, floor.name)
+        stands = {"lower": "below", "higher": "above"}.get(fvu_verdict, "indistinguishable from")
+        line = (
+            f"Over the floor, {family.heading}: {mine.name} (L0 {mine.l0:.1f}) has a held-out FVU {stands} "
+            f"that of {floor.name} (L0 {floor.l0:.1f}), {mine.fvu:.3f} vs {floor.fvu:.3f} ({fvu_spread})"
+        )
+        if mine.name in judge.evidence.ce and floor.name in judge.evidence.ce:
+            ce = judge.evidence.compare_delta_ce(mine.name, floor.name)
+            line += (
+                f"; spliced delta CE {mine.downstream['delta_ce']:.3f} vs {floor.downstream['delta_ce']:.3f} nats, "
+                f"{verdict(ce)} ({spread(ce)})"
+            )
+        lines.append(line + ".")
+    return lines
+
+
 def sparsest_sae_beating_kmeans(
     kmeans: list[DictionaryRecord], saes: list[DictionaryRecord], judge: Judge
 ) -> list[str]:
@@ -138,18 +174,30 @@ def sparsest_sae_beating_kmeans(
     ]
 
 
-def loss_recovered_range(records: list[DictionaryRecord], evidence: Evidence) -> list[str]:
-    """The range of loss recovered vs zero-ablation over the dictionaries, with intervals."""
+def loss_recovered_range(records: list[DictionaryRecord], evidence: Evidence, uniform_ce: float | None) -> list[str]:
+    """The range of loss recovered vs mean-ablation over the dictionaries, with intervals, and why
+    zero-ablation is not the yardstick: with BOS kept clean, a zeroed residual stream can cost more
+    than a uniform guess over the vocabulary (`uniform_ce`, ln V nats)."""
     recovered = [r for r in records if r.name in evidence.ce]
     if not recovered:
         return []
-    best = max(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
-    worst = min(recovered, key=lambda r: r.downstream["loss_recovered_vs_zero"])
+    best = max(recovered, key=lambda r: r.downstream["loss_recovered_vs_mean"])
+    worst = min(recovered, key=lambda r: r.downstream["loss_recovered_vs_mean"])
     windows = len(evidence.ce[best.name])
+    zero_per_window = evidence.ce["zero-ablation"]
+    zero = float(zero_per_window.sum() / (len(zero_per_window) * evidence.predictions_per_window))
+    low = min(r.downstream["loss_recovered_vs_zero"] for r in recovered)
+    high = max(r.downstream["loss_recovered_vs_zero"] for r in recovered)
+    than_uniform = ""
+    if uniform_ce is not None:
+        side = "more" if zero > uniform_ce else "less"
+        than_uniform = f", {side} than a uniform guess over the vocabulary ({uniform_ce:.2f})"
     return [
-        f"Loss recovered vs zero-ablation ranges from {evidence.loss_recovered(worst.name, 'zero-ablation')} "
-        f"({worst.name}) to {evidence.loss_recovered(best.name, 'zero-ablation')} ({best.name}), "
+        f"Loss recovered vs mean-ablation ranges from {evidence.loss_recovered(worst.name, 'mean-ablation')} "
+        f"({worst.name}) to {evidence.loss_recovered(best.name, 'mean-ablation')} ({best.name}), "
         + (f"with 95% intervals over {windows} windows." if windows > 1 else "on one window (no interval).")
+        + f" Zero-ablation is a weak yardstick here: it costs {zero:.2f} nats per prediction{than_uniform}, "
+        f"so loss recovered against it spans only {low:.3f} to {high:.3f}."
     ]
 
 
@@ -212,18 +260,24 @@ def probing(interpretation: dict) -> list[str]:
 
 
 def findings(
-    records: list[DictionaryRecord], interpretation: dict, evidence: Evidence, spreads: Sequence[SeedSpread] = ()
+    records: list[DictionaryRecord],
+    interpretation: dict,
+    evidence: Evidence,
+    spreads: Sequence[SeedSpread] = (),
+    uniform_ce: float | None = None,
 ) -> list[str]:
-    """Every finding of a report, in the report's order."""
+    """Every finding of a report, in the report's order (`uniform_ce`: ln of the vocabulary size,
+    what zero-ablation's cost is read against)."""
     kmeans = sorted((r for r in records if r.family is Family.KMEANS), key=lambda r: r.k)
     readings = sorted((r for r in records if r.family in (Family.KMEANS, Family.TOP_M)), key=lambda r: (r.k, r.l0))
-    saes = [r for r in records if r.family.is_sae]
+    saes = [r for r in records if r.family.is_sae and not r.family.is_floor]
     judge = Judge(evidence, {spread.name: spread for spread in spreads})
     return [
+        *loss_recovered_range(records, evidence, uniform_ce),
         *raising_k(kmeans, judge),
         *best_sae_against_kmeans(readings, saes, judge),
         *sparsest_sae_beating_kmeans(kmeans, saes, judge),
-        *loss_recovered_range(records, evidence),
+        *margins_over_floor(records, judge),
         *cluster_latent_agreement(interpretation),
         *probing(interpretation),
     ]

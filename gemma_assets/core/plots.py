@@ -35,7 +35,7 @@ def norm_histogram(edges: np.ndarray, counts: np.ndarray, path: Path) -> Path:
 def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
     """A value against L0 (log scale) with an error bar, one line per series of dictionaries
     (rows carry series, name, l0, value and bar: its (low, high); optionally seed_range, drawn
-    as a wide pale bar behind the point)."""
+    as a wide pale bar behind the point, and floor: a baseline, drawn dashed)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     names = sorted({row["series"] for row in rows})
     for index, series in enumerate(names):
@@ -48,7 +48,17 @@ def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
         l0s = [p[0] * dodge for p in points]
         marker = "os^Dv"[index // 10 % 5]  # the colour cycle has 10 colours: the 11th series changes marker
         bars = np.clip(np.nan_to_num(bars), 0, None).T  # no interval (one window): no bar
-        drawn = ax.errorbar(l0s, values, yerr=bars, marker=marker, markersize=4, capsize=2, label=series)
+        floor = any(row.get("floor") for row in members)
+        drawn = ax.errorbar(
+            l0s,
+            values,
+            yerr=bars,
+            marker=marker,
+            markersize=4,
+            capsize=2,
+            linestyle="--" if floor else "-",
+            label=f"{series} (floor)" if floor else series,
+        )
         for l0, row in zip(l0s, members, strict=True):
             if "seed_range" in row:
                 ax.vlines(l0, *row["seed_range"], color=drawn[0].get_color(), linewidth=5, alpha=0.3)

@@ -37,8 +37,8 @@ COLUMNS = (
     "heldout_cosine",
     "heldout_relative_norm",
     "delta_ce",
-    "loss_recovered_vs_zero",
     "loss_recovered_vs_mean",
+    "loss_recovered_vs_zero",
 )
 COST_COLUMNS = (
     "name",

@@ -87,8 +87,8 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     loss = dg.asset(
         automation_condition=FOLLOW_UPSTREAM,
         deps=[*dictionaries, *graph.deps(*SHARED_INPUTS)],
-        # 3: blocks 0..L shared by every replacement; 4: the numeric environment it ran in
-        code_version=code_version("4", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
+        # 3: blocks 0..L shared by every replacement; 4: the numeric environment it ran in; 5: uniform CE
+        code_version=code_version("5", graph.run, ("clustering.ks", *SPLICE_KEYS), dictionaries),
         group_name="evaluation",
         pool="gpu",
         kinds={"pytorch"},

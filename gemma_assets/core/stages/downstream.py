@@ -3,6 +3,7 @@ reconstruction."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,7 @@ class SplicedLosses:
     clean_ce: float
     zero_ablation_ce: float
     mean_ablation_ce: float
+    uniform_ce: float  # ln(vocabulary size): the CE of a uniform guess, what the ablations are read against
     # summed CE of each window by run name, for intervals by a bootstrap over windows
     ce_per_window: dict[str, list[float]]
     dictionaries: list[SplicedDictionary]
@@ -100,6 +102,7 @@ def spliced_losses(
         clean_ce=clean,
         zero_ablation_ce=zero,
         mean_ablation_ce=mean,
+        uniform_ce=math.log(lm.get_output_embeddings().weight.shape[0]),
         ce_per_window={name: losses.tolist() for name, losses in per_window.items()},
         dictionaries=[
             SplicedDictionary(

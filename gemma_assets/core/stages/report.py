@@ -38,6 +38,7 @@ def _figures(
 
     def point(record: DictionaryRecord, value: float, window: Interval, seeds: Sequence[float] = ()) -> dict:
         row = {"name": record.name, "series": report.series(record), "l0": record.l0, "value": value}
+        row["floor"] = record.family.is_floor
         row["bar"] = (window.low, window.high)
         return row | ({"seed_range": (min(seeds), max(seeds))} if seeds else {})
 
@@ -96,7 +97,7 @@ def write_report(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -
         for record in progress.tracked(records, "bootstrap intervals", unit="dictionaries")
     ]
     figures = _figures(layout, records, evidence, spreads)
-    found = findings(records, readings, evidence, spreads)
+    found = findings(records, readings, evidence, spreads, downstream["uniform_ce"])
     names = {name: path.name for name, path in figures.items()}
     markdown = report.render_markdown(run, records, data, names, readings, found, compute, environment, rows, spreads)
     path = layout.report_file("report.md")
