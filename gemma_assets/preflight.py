@@ -143,8 +143,16 @@ class SliceResult:
         }
 
 
-def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str, debug: bool = False) -> SliceResult:
-    """Materialise every asset of the slice from scratch in `data_root` and measure each."""
+def run_slice(
+    plan: SlicePlan,
+    data_root: Path,
+    models_dir: Path,
+    log_level: str,
+    debug: bool = False,
+    warn: Callable[[str], None] = lambda _: None,
+) -> SliceResult:
+    """Materialise every asset of the slice from scratch in `data_root` and measure each; what
+    the validation warns of goes to `warn`."""
     from gemma_assets.core.validation import validate_run
     from gemma_assets.defs.graph import build_definitions
     from gemma_assets.runner import materialize_all
@@ -160,7 +168,7 @@ def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str
     if Path("dagster.yaml").exists():
         shutil.copy("dagster.yaml", home / "dagster.yaml")
     layout = RunLayout.of(data_root, run.name)
-    architecture = validate_run(run, layout.models_dir)
+    architecture = validate_run(run, layout.models_dir, warn)
     defs = build_definitions(run, str(data_root))
     save_resolved(run, layout.resolved_config_file)
     started = time.perf_counter()
@@ -327,6 +335,10 @@ def preflight(
         say(line)
     slices: list[SliceResult] = []
     clipped: tuple[str, ...] = ()
+
+    def warn_once(message: str) -> None:
+        say(f"gemma-assets preflight: warning: {message}")
+
     for point in range(1, points + 1):
         plan = slice_of(run, windows, point)
         clipped = clipped or plan.clipped
@@ -338,7 +350,14 @@ def preflight(
             f"{sample.context_len} tokens, k in {list(plan.run.clustering.ks)}, {len(plan.run.sae_specs)} SAEs, "
             f"{plan.run.evaluation.ce_windows} spliced window(s) ..."
         )
-        result = run_slice(plan, data_root / "preflight" / f"slice-{point}", data_root / "models", log_level, debug)
+        result = run_slice(
+            plan,
+            data_root / "preflight" / f"slice-{point}",
+            data_root / "models",
+            log_level,
+            debug,
+            warn=warn_once if point == 1 else lambda _: None,  # every slice validates the same SAEs
+        )
         slices.append(result)
         say(f"slice {point}: every asset done in {result.seconds:.0f} s\n\n{measured_table(result)}")
     d_model = slices[0].facts["d_model"]
