@@ -201,7 +201,7 @@ def _value(cell):
 
 def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
     """What the slice's report says ran: its dictionaries with held-out L0 and FVU, and the
-    pretrained SAEs with how they were loaded."""
+    pretrained SAEs with how they were loaded (or why an optional one was skipped)."""
     report_json = layout.report_file("report.json")
     rows = json.loads(report_json.read_text())["dictionaries"] if report_json.exists() else []
     pretrained = {spec.name: spec for spec in run.sae_specs if spec.architecture == "pretrained"}
@@ -217,6 +217,7 @@ def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
         for row in rows
     ]
     measured = {d["name"]: d for d in dictionaries}
+    skipped = layout.sae_skipped()
     return {
         "layer": run.model.layer,
         "model": run.model.name,
@@ -231,6 +232,7 @@ def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
                 "sae_id": spec.sae_id,
                 "path": spec.path,
                 "loaded_with": "SAE.load_from_disk" if spec.path else "SAE.from_pretrained",
+                "skipped": skipped.get(name),  # why an optional SAE was not loaded; None: it was
                 **{key: measured.get(name, {}).get(key) for key in ("features", "heldout_l0", "heldout_fvu")},
             }
             for name, spec in pretrained.items()

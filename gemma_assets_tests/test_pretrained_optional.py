@@ -14,7 +14,7 @@ import pytest
 import sae_lens
 import torch
 
-from gemma_assets.core import sae, sae_lens_offline, standins
+from gemma_assets.core import report, sae, sae_lens_offline, standins, validation
 from gemma_assets.core.config import load_run_config
 from gemma_assets.core.methods import all_records, methods_of
 from gemma_assets.defs.graph import build_definitions
@@ -52,6 +52,9 @@ def test_demo_gemma_scope_2_saes_load_offline_and_validate(tmp_path, monkeypatch
     scope_2 = [spec for spec in demo.sae_specs if spec.release == SCOPE_2]
     assert {spec.sae_id for spec in scope_2} == DEMO_IDS and all(spec.optional for spec in scope_2)
     assert "gemma-scope-2-16k-l0-small" in {spec.name for spec in scope_2}
+    note = report.checkpoint_note(demo)  # the report's Data section: the demo runs the quantised checkpoint
+    assert "Q4_K_M-quantised GGUF" in note and "trained on the unquantised bf16 model" in note
+    assert report.checkpoint_note(load_run_config("tiny")) == ""
     narrow = [spec for spec in scope_2 if "_16k_" in spec.sae_id]  # the 262k ones are 1.3 GB each
     standins.build_gemma_scope_2_saes(standins.StandIns(tmp_path), narrow, d_in=640)
     offline_cache(monkeypatch, tmp_path / "hub")
@@ -62,7 +65,9 @@ def test_demo_gemma_scope_2_saes_load_offline_and_validate(tmp_path, monkeypatch
         assert dictionary.sae.cfg.metadata.hook_name == demo.model.hook_name == "blocks.6.hook_resid_post"
 
     warnings: list[str] = []
-    assert sae.pretrained_problems(scope_2, 640, demo.model.hook_name, warnings.append) == []
+    # what materialize, config validate and each preflight slice check first (the demo model's
+    # shape is known without converting it)
+    assert validation.validate_run(demo, tmp_path / "models", warnings.append).d_model == 640
     assert len(warnings) == 2 and all("262k" in w and "not in the Hugging Face cache" in w for w in warnings)
     required = dataclasses.replace(next(s for s in scope_2 if "_262k_" in s.sae_id), optional=False)
     (problem,) = sae.pretrained_problems([required], 640, demo.model.hook_name)
@@ -97,9 +102,9 @@ def test_optional_saes_are_skipped_without_the_cache_and_reach_the_report_with_i
     with dg.instance_for_test() as instance:
         results = materialize_all(run, defs, instance, log_level="WARNING")
         logged = [e.user_message for result in results for e in instance.all_logs(result.run_id)]
-    report = (layout.root / "report" / "report.md").read_text()
+    markdown = (layout.root / "report" / "report.md").read_text()
     assert len(_skipped_lines("\n".join(logged))) == 2
-    assert _skipped_lines(report) == [
+    assert _skipped_lines(markdown) == [
         f"- skipped gemma-scope-2-16k-l0-{size}: optional SAE {SCOPE_2}/layer_2_width_16k_l0_{size} is not in the "
         "Hugging Face cache and the hub is unreachable (HF_HUB_OFFLINE is set)"
         for size in ("small", "big")
@@ -119,9 +124,9 @@ def test_optional_saes_are_skipped_without_the_cache_and_reach_the_report_with_i
     records = {r.name: r for r in _records(layout, run)}
     assert records["gemma-scope-2-16k-l0-small"].k == 16384
     assert 0 < records["gemma-scope-2-16k-l0-small"].l0 < 13 * 4  # the published L0 is 13
-    report = (layout.root / "report" / "report.md").read_text()
-    assert "gemma-scope-2-16k-l0-small" in report
-    assert [line.split(":")[0] for line in _skipped_lines(report)] == ["- skipped gemma-scope-2-16k-l0-big"]
+    markdown = (layout.root / "report" / "report.md").read_text()
+    assert "gemma-scope-2-16k-l0-small" in markdown
+    assert [line.split(":")[0] for line in _skipped_lines(markdown)] == ["- skipped gemma-scope-2-16k-l0-big"]
 
 
 def _records(layout, run):
