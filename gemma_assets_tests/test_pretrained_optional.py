@@ -43,7 +43,8 @@ def test_saelens_still_has_the_shapes_reader_that_is_swapped():
     )
     original = getattr(loaders, sae_lens_offline.SHAPES_FUNCTION)
     with sae_lens_offline.hub_cache_shapes():
-        assert getattr(loaders, sae_lens_offline.SHAPES_FUNCTION) is sae_lens_offline.cached_tensor_shapes
+        swapped = getattr(loaders, sae_lens_offline.SHAPES_FUNCTION)
+        assert swapped.func is sae_lens_offline.cached_tensor_shapes and swapped.keywords["read_remote"] is original
     assert getattr(loaders, sae_lens_offline.SHAPES_FUNCTION) is original
 
 
