@@ -143,8 +143,16 @@ class SliceResult:
         }
 
 
-def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str, debug: bool = False) -> SliceResult:
-    """Materialise every asset of the slice from scratch in `data_root` and measure each."""
+def run_slice(
+    plan: SlicePlan,
+    data_root: Path,
+    models_dir: Path,
+    log_level: str,
+    debug: bool = False,
+    warn: Callable[[str], None] = lambda _: None,
+) -> SliceResult:
+    """Materialise every asset of the slice from scratch in `data_root` and measure each; what
+    the validation warns of goes to `warn`."""
     from gemma_assets.core.validation import validate_run
     from gemma_assets.defs.graph import build_definitions
     from gemma_assets.runner import materialize_all
@@ -160,7 +168,7 @@ def run_slice(plan: SlicePlan, data_root: Path, models_dir: Path, log_level: str
     if Path("dagster.yaml").exists():
         shutil.copy("dagster.yaml", home / "dagster.yaml")
     layout = RunLayout.of(data_root, run.name)
-    architecture = validate_run(run, layout.models_dir)
+    architecture = validate_run(run, layout.models_dir, warn)
     defs = build_definitions(run, str(data_root))
     save_resolved(run, layout.resolved_config_file)
     started = time.perf_counter()
@@ -193,7 +201,7 @@ def _value(cell):
 
 def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
     """What the slice's report says ran: its dictionaries with held-out L0 and FVU, and the
-    pretrained SAEs with how they were loaded."""
+    pretrained SAEs with how they were loaded (or why an optional one was skipped)."""
     report_json = layout.report_file("report.json")
     rows = json.loads(report_json.read_text())["dictionaries"] if report_json.exists() else []
     pretrained = {spec.name: spec for spec in run.sae_specs if spec.architecture == "pretrained"}
@@ -209,6 +217,7 @@ def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
         for row in rows
     ]
     measured = {d["name"]: d for d in dictionaries}
+    skipped = layout.sae_skipped()
     return {
         "layer": run.model.layer,
         "model": run.model.name,
@@ -223,6 +232,7 @@ def _report_facts(layout: RunLayout, run: RunConfig) -> dict:
                 "sae_id": spec.sae_id,
                 "path": spec.path,
                 "loaded_with": "SAE.load_from_disk" if spec.path else "SAE.from_pretrained",
+                "skipped": skipped.get(name),  # why an optional SAE was not loaded; None: it was
                 **{key: measured.get(name, {}).get(key) for key in ("features", "heldout_l0", "heldout_fvu")},
             }
             for name, spec in pretrained.items()
@@ -327,6 +337,10 @@ def preflight(
         say(line)
     slices: list[SliceResult] = []
     clipped: tuple[str, ...] = ()
+
+    def warn_once(message: str) -> None:
+        say(f"gemma-assets preflight: warning: {message}")
+
     for point in range(1, points + 1):
         plan = slice_of(run, windows, point)
         clipped = clipped or plan.clipped
@@ -338,7 +352,14 @@ def preflight(
             f"{sample.context_len} tokens, k in {list(plan.run.clustering.ks)}, {len(plan.run.sae_specs)} SAEs, "
             f"{plan.run.evaluation.ce_windows} spliced window(s) ..."
         )
-        result = run_slice(plan, data_root / "preflight" / f"slice-{point}", data_root / "models", log_level, debug)
+        result = run_slice(
+            plan,
+            data_root / "preflight" / f"slice-{point}",
+            data_root / "models",
+            log_level,
+            debug,
+            warn=warn_once if point == 1 else lambda _: None,  # every slice validates the same SAEs
+        )
         slices.append(result)
         say(f"slice {point}: every asset done in {result.seconds:.0f} s\n\n{measured_table(result)}")
     d_model = slices[0].facts["d_model"]

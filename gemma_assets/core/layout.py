@@ -15,7 +15,8 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
                  replicas and their centroids)         cluster_models
     <root>/density/k-<k>.json                          cluster_density
     <root>/clusters/leader/                            leader_clusters
-    <root>/saes/<name>/, <name>-seed<s>/               sae_dictionary
+    <root>/saes/<name>/, <name>-seed<s>/,
+                 skipped.json                          sae_dictionary
     <root>/saes/evaluation.json, seeds.json            sae_evaluation
     <root>/evaluation/downstream.json                  downstream_loss
     <root>/evaluation/interpretation.json,
@@ -248,6 +249,21 @@ class RunLayout:
     # sae_dictionary
     def sae_dir(self, name: str) -> Path:
         return self.artefact("sae_dictionary", "saes", name)
+
+    @property
+    def sae_skipped_file(self) -> Path:
+        return self.artefact("sae_dictionary", "saes", "skipped.json")
+
+    def sae_skipped(self) -> dict[str, str]:
+        """Optional pretrained SAEs sae_dictionary could not load: name -> why (no file: a run made
+        before optional SAEs existed, which skipped none)."""
+        path = self.sae_skipped_file
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def made_saes(self, specs: Sequence[SaeSpec]) -> list[SaeSpec]:
+        """`specs` less the SAEs sae_dictionary skipped: those that have a folder to read."""
+        skipped = self.sae_skipped()
+        return [spec for spec in specs if spec.name not in skipped]
 
     def sae_members(self, specs: Sequence[SaeSpec], device: str = "cpu") -> list[Member]:
         from gemma_assets.core import sae  # SAELens is imported only where SAEs are used

@@ -76,6 +76,9 @@ class Method:
     interpreted: Members = _none
     # a member's refits with seeds 1, 2, ... (the seed-agreement yardstick)
     replicas: Callable[[RunLayout, RunConfig, Member, str], list[Member]] = _none
+    # dictionaries the run names but its assets could not make (an optional pretrained SAE out of
+    # reach): name -> why; read from its dictionary or record assets (the report names them)
+    skipped: Callable[[RunLayout, RunConfig], dict[str, str]] = _no_replicas
     # the pydantic model of its `methods.<module>` settings in the run config (None: it takes none)
     settings: type | None = None
 
@@ -143,6 +146,16 @@ def all_seed_spreads(layout: RunLayout, run: RunConfig, methods: Sequence[Method
         for record in all_records(layout, run, methods)
         if replicas.get(record.name)
     ]
+
+
+def all_skipped(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -> dict[str, str]:
+    """Every dictionary the run names that its method skipped: name -> why."""
+    return {name: why for method in methods for name, why in method.skipped(layout, run).items()}
+
+
+def skipped_line(name: str, reason: str) -> str:
+    """The one line that says a dictionary was skipped and why (the log's and the report's)."""
+    return f"skipped {name}: {reason}"
 
 
 def all_window_sums(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -> dict[str, WindowSums]:

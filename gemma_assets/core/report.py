@@ -261,6 +261,22 @@ def findings_markdown(lines: list[str]) -> str:
     return "\n".join(f"- {line}" for line in lines) or "- (not enough models)"
 
 
+def checkpoint_note(run: RunConfig) -> str:
+    """What the report says of the model's checkpoint where it is not the published one (the
+    demo's quantised GGUF), and what that means for SAEs trained on the published one."""
+    from gemma_assets.core.model import DEMO_CHECKPOINT
+
+    if run.model.kind != "gguf_demo":
+        return ""
+    note = f"The model is {DEMO_CHECKPOINT}."
+    if any(spec.release.startswith("gemma-scope-2") for spec in run.sae_specs):
+        note += (
+            " The Gemma Scope 2 SAEs were trained on the unquantised bf16 model, so their FVU here includes "
+            "the quantisation's shift of the activations."
+        )
+    return note
+
+
 def render_markdown(
     run: RunConfig,
     records: list[DictionaryRecord],

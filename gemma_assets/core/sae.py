@@ -81,10 +81,22 @@ def load_dictionary(path: Path, device: str = "cpu") -> SaeDictionary:
     return SaeDictionary(SAE.load_from_disk(str(path), device=device).eval())
 
 
+class SaeUnavailable(ModelAccessError):
+    """A pretrained SAE that neither the Hugging Face cache nor the hub can give; `reason` says so
+    in a few words (an optional SAE is skipped with it)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
     """A pretrained SAE through SAELens: a release + id (Gemma Scope; needs the hub or a filled
-    HF cache), or a folder on disk (what `gemma-assets export` writes, or SAELens' save_model)."""
+    HF cache), or a folder on disk (what `gemma-assets export` writes, or SAELens' save_model).
+    Raises SaeUnavailable when the cache has no copy and the hub cannot be reached."""
     from sae_lens import SAE
+
+    from gemma_assets.core.sae_lens_offline import hub_cache_shapes
 
     if spec.path:
         import gemma_assets.core.sae_architecture  # noqa: F401 - registers the exported dictionaries' architecture
@@ -94,13 +106,45 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
     try:
         # one call: its start and wall time are what can be reported (the hub client draws its
         # own bar while it downloads)
-        with progress.task(f"loading {spec.name} ({spec.release}/{spec.sae_id})", 1, "SAEs"):
+        with progress.task(f"loading {spec.name} ({spec.release}/{spec.sae_id})", 1, "SAEs"), hub_cache_shapes():
             sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
     except Exception as error:
-        raise ModelAccessError(
-            f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): {offline_hint()}"
-        ) from error
+        message = f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): {offline_hint()}"
+        if _hub_unreachable(error):
+            raise SaeUnavailable(message, unavailable_reason()) from error
+        raise ModelAccessError(message) from error
     return SaeDictionary(sae.eval())  # Gemma Scope is trained on raw activations
+
+
+def unavailable_reason() -> str:
+    """Why a hub file that the cache lacks cannot be had, in a few words."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "not in the Hugging Face cache and the hub is unreachable (HF_HUB_OFFLINE is set)"
+    return "not in the Hugging Face cache and the hub is unreachable"
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is the hub client finding neither a cached copy nor the
+    hub: offline mode, a missing cache entry, a failed connection or a timeout."""
+    import httpx
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    unreachable = (
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        httpx.TransportError,
+        requests.ConnectionError,
+        requests.Timeout,
+    )
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, unreachable):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def activation_scale(mean_norm: float, d_in: int) -> float:
@@ -381,12 +425,17 @@ def _fit_together(
     return seconds
 
 
-def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) -> list[str]:
+def pretrained_problems(
+    specs: Sequence[SaeSpec], d_model: int, hook_name: str, warn: Callable[[str], None] = lambda _: None
+) -> list[str]:
     """What is wrong with the pretrained SAEs a run names: unknown to SAELens' directory, or
     trained on another width or hook than the run's model and layer. Reads only configs (Gemma
-    Scope's come from the id itself; others from the hub or the Hugging Face cache)."""
+    Scope's come from the id itself; others from the hub or the Hugging Face cache). An optional
+    SAE whose config neither the cache nor the hub gives is no problem: `warn` is told instead."""
     from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from gemma_assets.core.sae_lens_offline import hub_cache_shapes
 
     directory = get_pretrained_saes_directory()
     problems = []
@@ -413,8 +462,12 @@ def pretrained_problems(specs: Sequence[SaeSpec], d_model: int, hook_name: str) 
             )
             continue
         try:
-            config = load_sae_config_from_huggingface(spec.release, spec.sae_id)
+            with hub_cache_shapes():
+                config = load_sae_config_from_huggingface(spec.release, spec.sae_id)
         except Exception as error:
+            if spec.optional and _hub_unreachable(error):
+                warn(f"{where} (optional) is {unavailable_reason()}: the run will skip it unless it can load it then")
+                continue
             problems.append(f"{where}: cannot read its config ({type(error).__name__}: {error}) -> {offline_hint()}")
             continue
         problems += _hook_problems(where, config.get("d_in"), _hook_of(config), d_model, hook_name)

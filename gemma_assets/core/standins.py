@@ -12,6 +12,11 @@ gemma-2-2b code path runs end to end with HF_HUB_OFFLINE=1 and no network:
   thresholds are per-latent quantiles of the stand-in's own block activations, so L0 lands near
   the id's published value (average_l0_82 -> ~82); SAELens loads them through its own
   `SAE.from_pretrained(release, sae_id)`.
+- google/gemma-scope-2-270m-pt (Gemma Scope 2, the demo's Gemma 3 270M): `params.safetensors`
+  at `resid_post_all/<id>/` of each SAE a run names, with its keys and shapes (w_enc [d_in,
+  d_sae], w_dec, b_enc, b_dec, threshold) and no config.json (SAELens' Gemma 3 loader then infers
+  the config from the repo and the id), at the d_in the caller gives: 640 for the demo's model,
+  the tiny model's 64 for tests that run them end to end.
 - the corpus: Pile-format jsonl.zst shards (text + meta.pile_set_name), read by the same reader
   as monology/pile-uncopyrighted.
 
@@ -34,10 +39,12 @@ import torch
 
 from gemma_assets.core.config import ConfigError, RunConfig, SaeSpec
 from gemma_assets.core.corpus import build_offline_corpus, iter_documents
-from gemma_assets.core.files import atomic_dir, save_arrays, write_text
+from gemma_assets.core.files import atomic_dir, atomic_file, save_arrays, write_text
 
 MODEL_REPO = "google/gemma-2-2b"
 SAE_REPO = "google/gemma-scope-2b-pt-res"
+SCOPE_2_REPO = "google/gemma-scope-2-270m-pt"
+SCOPE_2_CALIBRATION_TOKENS = 2048  # standard normal tokens where the caller has no activations
 REVISION = hashlib.sha1(b"gemma-assets stand-in 1").hexdigest()  # the snapshot folder and refs/main
 REDUCED: dict[str, Any] = {"intermediate_size": 512}  # the real MLP is 9216 wide; nothing downstream sees its width
 REAL_VOCAB = 256_000
@@ -216,6 +223,47 @@ def build_saes(stand_ins: StandIns, files: list[GemmaScopeFile], acts: Callable[
             params = gemma_scope_params(calibration, sae_file.width, sae_file.average_l0, seed)
             save_arrays(stand_ins.snapshot(SAE_REPO) / sae_file.path / "params.npz", params)
     _publish(stand_ins, SAE_REPO)
+
+
+def build_gemma_scope_2_saes(
+    stand_ins: StandIns, specs: Iterable[SaeSpec], d_in: int, calibration: np.ndarray | None = None
+) -> list[Path]:
+    """params.safetensors, in Gemma Scope 2's layout, for each Gemma Scope 2 SAE among `specs`
+    that the cache lacks: JumpReLU parameters at `d_in` whose L0 on `calibration` (activations
+    [n, d_in]; default: standard normal tokens) is the directory's published L0. Only the SAEs
+    named are built: a 262k-wide one at d_in 640 is 1.3 GB. Returns every file's path."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    from safetensors.numpy import save_file
+
+    directory = get_pretrained_saes_directory()
+    wanted: dict[str, int] = {}
+    for spec in specs:
+        release = directory.get(spec.release)
+        if spec.architecture != "pretrained" or spec.path or release is None or release.repo_id != SCOPE_2_REPO:
+            continue
+        if spec.sae_id not in release.saes_map:
+            raise ConfigError(
+                f"saes.pretrained {spec.name}: {spec.sae_id!r} is not in release {spec.release} -> use an id it lists"
+            )
+        wanted[release.saes_map[spec.sae_id]] = int(release.expected_l0.get(spec.sae_id) or 1)
+    if calibration is None:
+        calibration = np.random.default_rng(CALIBRATION_SEED).standard_normal(
+            (SCOPE_2_CALIBRATION_TOKENS, d_in), dtype=np.float32
+        )
+    if calibration.shape[1] != d_in:
+        raise ValueError(f"calibration activations of width {calibration.shape[1]} for SAEs of d_in {d_in}")
+    paths = []
+    for folder, l0 in wanted.items():
+        target = stand_ins.snapshot(SCOPE_2_REPO) / folder / "params.safetensors"
+        paths.append(target)
+        if target.exists():
+            continue
+        seed = int(hashlib.sha1(folder.encode()).hexdigest()[:8], 16)
+        params = gemma_scope_params(calibration, GemmaScopeFile(folder).width, l0, seed)
+        with atomic_file(target) as staging:  # the loader's names: lower-case w_enc, w_dec
+            save_file({name.lower(): np.ascontiguousarray(value) for name, value in params.items()}, str(staging))
+    _publish(stand_ins, SCOPE_2_REPO)
+    return paths
 
 
 def location(data_root: Path, run: RunConfig) -> StandIns:

@@ -6,6 +6,8 @@ The config module checks what the file alone tells; this adds what needs the mod
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gemma_assets.core import model, sae
@@ -22,13 +24,20 @@ def model_problems(run: RunConfig, architecture: model.ModelArchitecture) -> lis
     return []
 
 
-def validate_run(run: RunConfig, models_dir: Path) -> model.ModelArchitecture:
-    """Raises ConfigError listing every problem; returns the model's architecture."""
+def print_warning(message: str) -> None:
+    print(f"gemma-assets: warning: {message}", file=sys.stderr, flush=True)
+
+
+def validate_run(
+    run: RunConfig, models_dir: Path, warn: Callable[[str], None] = print_warning
+) -> model.ModelArchitecture:
+    """Raises ConfigError listing every problem; returns the model's architecture. What does not
+    stop the run (an optional SAE that cannot be had now) goes to `warn`."""
     architecture = model.architecture(run.model, models_dir)
     problems = model_problems(run, architecture)
     pretrained = [spec for spec in run.sae_specs if spec.architecture == "pretrained"]
     if pretrained and not problems:
-        problems += sae.pretrained_problems(pretrained, architecture.d_model, run.model.hook_name)
+        problems += sae.pretrained_problems(pretrained, architecture.d_model, run.model.hook_name, warn)
     if problems:
         raise ConfigError(f"run config {run.name} is invalid:\n" + "\n".join(f"- {p}" for p in problems))
     return architecture

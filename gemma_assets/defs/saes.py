@@ -34,12 +34,15 @@ def sae_dictionary(
     """The run's SAEs: every trained architecture (TopK, BatchTopK, Matryoshka, JumpReLU, standard,
     and the random-decoder floor), on raw or whitened inputs, and seed replica trained with SAELens
     in one streamed pass over the stored train split, and pretrained SAEs (Gemma Scope) loaded with
-    SAE.from_pretrained."""
+    SAE.from_pretrained; an optional one that neither the cache nor the hub gives is skipped, one
+    warning line each."""
     run_config, layout = run.config, storage.layout(context)
     rows = []
     for training in saes.make_saes(layout, run_config, compute.resolved_device):
         rows.append({key: value for key, value in training.to_json().items() if key != "train_partitions"})
         context.log.info(f"SAE {training.name}: {json.dumps(rows[-1])}")
+    for name, reason in layout.sae_skipped().items():
+        context.log.warning(methods.skipped_line(name, reason))
     return dg.MaterializeResult(metadata={"saes": md(markdown_table(rows, TRAINING_COLUMNS))})
 
 
@@ -51,7 +54,7 @@ def sae_evaluation(
     throughput) of every SAE on held-out non-BOS tokens."""
     run_config, layout = run.config, storage.layout(context)
     evaluated, replicas = [], {}
-    for spec in run_config.sae_specs:
+    for spec in layout.made_saes(run_config.sae_specs):
         evaluated.append(saes.evaluate_sae(layout, run_config, spec, compute.resolved_device))
         record = evaluated[-1][0]
         context.log.info(f"SAE {spec.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.1f}")
@@ -92,12 +95,14 @@ SAES = methods.register(
         module=__name__,
         build=build,
         dictionary_assets=("sae_dictionary",),
-        record_assets=("sae_evaluation",),
+        # sae_dictionary: the report names the optional SAEs it skipped
+        record_assets=("sae_dictionary", "sae_evaluation"),
         records=lambda layout, run: layout.sae_records(),
+        skipped=lambda layout, run: layout.sae_skipped(),
         window_files=lambda layout, run: [layout.sae_windows_file],
         seed_records=lambda layout, run: layout.sae_seed_records(),
-        members=lambda layout, run, device: layout.sae_members(run.sae_specs, device),
-        interpreted=lambda layout, run, device: layout.sae_members(run.sae_specs, device),
+        members=lambda layout, run, device: layout.sae_members(layout.made_saes(run.sae_specs), device),
+        interpreted=lambda layout, run, device: layout.sae_members(layout.made_saes(run.sae_specs), device),
         replicas=lambda layout, run, member, device: layout.sae_members(
             run.sae_seed_replicas.get(member.name, ()), device
         ),

@@ -357,6 +357,11 @@ class PretrainedSae(Section):
     name: str = Field(
         "", description="name in the report; default: the id with '/' replaced by '-', or the folder's name"
     )
+    optional: bool = Field(
+        False,
+        description="when the SAE is neither in the Hugging Face cache nor reachable on the hub, the run skips "
+        "it (one line in the log and the report says so) instead of failing",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PretrainedSae:
@@ -387,6 +392,7 @@ class SaeSpec:
     path: str = ""
     seed: int = 0  # trained: seeds > 0 are the replicas that measure the spread over seeds
     whitened: bool = False  # trained on ZCA-whitened inputs (folded into the saved weights)
+    optional: bool = False  # pretrained: skipped, not failed, when neither the hub nor the cache has it
 
     @classmethod
     def trained(
@@ -456,7 +462,7 @@ class SaesSpec(Section):
     def specs(self) -> tuple[SaeSpec, ...]:
         trained = [spec for grid in self.train for spec in grid.specs()]
         loaded = [
-            SaeSpec(p.report_name, "pretrained", release=p.release, sae_id=p.sae_id, path=p.path)
+            SaeSpec(p.report_name, "pretrained", release=p.release, sae_id=p.sae_id, path=p.path, optional=p.optional)
             for p in self.pretrained
         ]
         return tuple(trained + loaded)

@@ -14,7 +14,7 @@ from gemma_assets.core.config import RunConfig, save_resolved
 from gemma_assets.core.files import write_json, write_text
 from gemma_assets.core.findings import findings
 from gemma_assets.core.layout import RunLayout
-from gemma_assets.core.methods import Method, all_records, all_seed_spreads, all_window_sums
+from gemma_assets.core.methods import Method, all_records, all_seed_spreads, all_skipped, all_window_sums, skipped_line
 from gemma_assets.core.records import DictionaryRecord, Family, SeedSpread, join_downstream
 from gemma_assets.core.stages.downstream import by_name
 
@@ -84,6 +84,8 @@ def write_report(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -
         "heldout_tokens": layout.moments("heldout").count,
         "bos_ratio": layout.bos_ratio(),
         "downstream": downstream,
+        "checkpoint": report.checkpoint_note(run),
+        "skipped": [skipped_line(name, why) for name, why in all_skipped(layout, run, methods).items()],
     }
     evidence = Evidence(
         all_window_sums(layout, run, methods),

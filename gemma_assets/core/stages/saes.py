@@ -51,7 +51,9 @@ class SaeTraining:
 def make_saes(layout: RunLayout, run: RunConfig, device: str) -> list[SaeTraining]:
     """Every SAE of the run, seed replicas included: the trained ones in one streamed pass of
     SAELens SAETrainers over the stored train split, the pretrained ones loaded through SAELens;
-    each saved with its training facts under saes/<name>/."""
+    each saved with its training facts under saes/<name>/. An optional pretrained SAE that
+    neither the cache nor the hub gives is skipped: saes/skipped.json names it with the reason
+    (written every time, so a rerun that can load it forgets the skip)."""
     replicas = itertools.chain(*run.sae_seed_replicas.values())
     trained_specs = [spec for spec in [*run.sae_specs, *replicas] if spec.is_trained]
     made = []
@@ -79,11 +81,19 @@ def make_saes(layout: RunLayout, run: RunConfig, device: str) -> list[SaeTrainin
         for one in trained.saes:
             facts = {"fit_seconds": one.step_seconds, **shared, **_sparsity(one.spec)}
             made.append(_save(layout, one.spec, one.dictionary, facts))
+    skipped: dict[str, str] = {}
     for spec in run.sae_specs:
         if not spec.is_trained:
             started = time.perf_counter()
-            dictionary = sae.load_pretrained(spec, device)
+            try:
+                dictionary = sae.load_pretrained(spec, device)
+            except sae.SaeUnavailable as error:
+                if not spec.optional:
+                    raise
+                skipped[spec.name] = f"optional SAE {spec.release}/{spec.sae_id} is {error.reason}"
+                continue
             made.append(_save(layout, spec, dictionary, {"load_seconds": time.perf_counter() - started}))
+    write_json(layout.sae_skipped_file, skipped)
     return made
 
 
