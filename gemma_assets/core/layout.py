@@ -15,6 +15,7 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
                  replicas and their centroids)         cluster_models
     <root>/density/k-<k>.json                          cluster_density
     <root>/clusters/leader/                            leader_clusters
+    <root>/itda/                                       itda_dictionaries
     <root>/saes/<name>/, <name>-seed<s>/               sae_dictionary
     <root>/saes/evaluation.json, seeds.json            sae_evaluation
     <root>/evaluation/downstream.json                  downstream_loss
@@ -41,10 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma_assets.core import corpus, leader, model
+from gemma_assets.core import corpus, itda, leader, model
 from gemma_assets.core.codes import Dictionary
 from gemma_assets.core.config import RESOLVED_CONFIG_FILE, RunConfig, SaeSpec
-from gemma_assets.core.dictionaries import Member, clustering_family
+from gemma_assets.core.dictionaries import MatchingPursuitDictionary, Member, clustering_family
 from gemma_assets.core.files import load_arrays
 from gemma_assets.core.records import DictionaryRecord, Family
 from gemma_assets.core.sampling import TokenSample, load_sample
@@ -244,6 +245,28 @@ class RunLayout:
             Family.LEADER_MEAN: leader.RegionMeanDictionary(exemplars, mean, torch.from_numpy(regions["region_means"])),
         }
         return [Member(r.name, r.family, readings[r.family]) for r in self.leader_records()]
+
+    # itda_dictionaries
+    @property
+    def itda_dir(self) -> Path:
+        return self.artefact("itda_dictionaries", "itda")
+
+    def itda_records(self) -> list[DictionaryRecord]:
+        """Every ITDA dictionary's record, width by width."""
+        records = self._json("itda_dictionaries", self.itda_dir / "records.json", "ITDA dictionaries")
+        return [DictionaryRecord.from_json(r) for r in records]
+
+    def itda_members(self) -> list[Member]:
+        """The ITDA dictionaries: their atoms (by name) around the train mean, coded with m of them."""
+        arrays = load_arrays(self.existing("itda_dictionaries", self.itda_dir / "model.npz", "ITDA dictionaries"))
+        mean = torch.from_numpy(arrays["mean"])
+        members = []
+        for record in self.itda_records():
+            if record.m is None:  # every ITDA record says its m: this one was not written by itda_dictionaries
+                raise ValueError(f"ITDA record {record.name} has no m -> rematerialise itda_dictionaries")
+            atoms = torch.from_numpy(arrays[record.name])
+            members.append(Member(record.name, itda.FAMILY, MatchingPursuitDictionary(atoms, mean, record.m), record.m))
+        return members
 
     # sae_dictionary
     def sae_dir(self, name: str) -> Path:
