@@ -251,17 +251,29 @@ class RunLayout:
     def itda_dir(self) -> Path:
         return self.artefact("itda_dictionaries", "itda")
 
-    def itda_records(self) -> list[DictionaryRecord]:
-        """Every ITDA dictionary's record, width by width."""
+    def itda_records(self, run: RunConfig) -> list[DictionaryRecord]:
+        """The records of the run's ITDA dictionaries (as k-means' and the SAEs', those its config
+        names: a folder from another config does not add its own), width by width."""
+        names = [itda.itda_name(width, m) for width, m in itda.itda_shapes(run)]
+        if not names:
+            return []
         records = self._json("itda_dictionaries", self.itda_dir / "records.json", "ITDA dictionaries")
-        return [DictionaryRecord.from_json(r) for r in records]
+        stored = {record["name"]: record for record in records}
+        if missing := [name for name in names if name not in stored]:
+            raise MissingArtefact(
+                f"no ITDA dictionary {', '.join(missing)} in {self.itda_dir}: rematerialise itda_dictionaries"
+            )
+        return [DictionaryRecord.from_json(stored[name]) for name in names]
 
-    def itda_members(self) -> list[Member]:
-        """The ITDA dictionaries: their atoms (by name) around the train mean, coded with m of them."""
+    def itda_members(self, run: RunConfig) -> list[Member]:
+        """The run's ITDA dictionaries: their atoms (by name) around the train mean, coded with m of them."""
+        records = self.itda_records(run)
+        if not records:
+            return []
         arrays = load_arrays(self.existing("itda_dictionaries", self.itda_dir / "model.npz", "ITDA dictionaries"))
         mean = torch.from_numpy(arrays["mean"])
         members = []
-        for record in self.itda_records():
+        for record in records:
             if record.m is None:  # every ITDA record says its m: this one was not written by itda_dictionaries
                 raise ValueError(f"ITDA record {record.name} has no m -> rematerialise itda_dictionaries")
             atoms = torch.from_numpy(arrays[record.name])

@@ -55,10 +55,10 @@ ITDA = methods.register(
         build=build,
         dictionary_assets=("itda_dictionaries",),
         record_assets=("itda_dictionaries",),
-        records=lambda layout, run: layout.itda_records(),
-        window_files=lambda layout, run: [layout.itda_dir / WINDOWS_FILE],
-        members=lambda layout, run, device: layout.itda_members(),
+        records=lambda layout, run: layout.itda_records(run),
+        window_files=lambda layout, run: [layout.itda_dir / WINDOWS_FILE] if itda_shapes(run) else [],
+        members=lambda layout, run, device: layout.itda_members(run),
         # real-token atoms: their pages and alignment with the clusters show what the floor's features are
-        interpreted=lambda layout, run, device: layout.itda_members(),
+        interpreted=lambda layout, run, device: layout.itda_members(run),
     )
 )
