@@ -272,13 +272,13 @@ class RunLayout:
             return []
         arrays = load_arrays(self.existing("itda_dictionaries", self.itda_dir / "model.npz", "ITDA dictionaries"))
         mean = torch.from_numpy(arrays["mean"])
-        members = []
-        for record in records:
-            if record.m is None:  # every ITDA record says its m: this one was not written by itda_dictionaries
-                raise ValueError(f"ITDA record {record.name} has no m -> rematerialise itda_dictionaries")
-            atoms = torch.from_numpy(arrays[record.name])
-            members.append(Member(record.name, itda.FAMILY, MatchingPursuitDictionary(atoms, mean, record.m), record.m))
-        return members
+        shapes = itda.itda_shapes(run)  # the records' order
+        return [
+            Member(
+                record.name, itda.FAMILY, MatchingPursuitDictionary(torch.from_numpy(arrays[record.name]), mean, m), m
+            )
+            for (_, m), record in zip(shapes, records, strict=True)
+        ]
 
     # sae_dictionary
     def sae_dir(self, name: str) -> Path:
