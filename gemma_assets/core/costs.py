@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gemma_assets.core import kmeans, model
+from gemma_assets.core import itda, kmeans, model
 from gemma_assets.core.config import RunConfig, SaeSpec
 from gemma_assets.core.dictionaries import TOP_M
 from gemma_assets.core.files import write_json
@@ -45,6 +45,12 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
         "activation_stats": Scaling(tokens, "tokens", "linear in tokens: one pass, d^2 work per token"),
         "whitening": Scaling(heldout_tokens, "tokens", "linear in held-out tokens (the identity check) plus a d^3 fit"),
         "leader_clusters": Scaling(run.train_tokens, "tokens", "linear in train tokens (one pass, leaders fixed)"),
+        "itda_dictionaries": Scaling(
+            run.train_tokens,
+            "tokens",
+            "linear in train tokens per pass, at every ITDA width and L0 (a pass stops once its dictionary is full; "
+            "a full run's larger split may fill it in fewer passes)",
+        ),
         "sae_dictionary": Scaling(
             run.train_tokens * run.saes.trainer.epochs if trained else 1,
             "token-epochs" if trained else "loads",
@@ -288,15 +294,17 @@ def config_disk_estimate(run: RunConfig, d_model: int) -> dict[str, float]:
     (written with a lossless codec: the uncompressed size is an upper bound), the per-token arrays
     beside it, in the sample and k-means' assignments at every k, each partition's statistics
     (its d x d float64 co-moment, quantile sample and per-token columns), the per-window metric
-    sums of every dictionary, and fixed costs: moments and whitening, centroids, SAE weights,
-    one feature page per cluster and latent, the offline corpus and the report."""
+    sums of every dictionary, and fixed costs: moments and whitening, centroids, SAE weights, ITDA
+    atoms, one feature page per cluster, latent and ITDA atom, the offline corpus and the report."""
     sample = run.sampling
     tokens = sample.n_windows * sample.context_len
     heldout_windows = sample.holdout_partitions * sample.windows_per_partition
     tokens_per_partition = sample.tokens_per_partition
     non_bos_per_partition = sample.windows_per_partition * (sample.context_len - 1)
     ks = run.clustering.ks
-    dictionaries = len(ks) * (2 + len(TOP_M)) + 2 + len(run.sae_specs)  # k-means, gain-shape, top-m; leader x2; SAEs
+    itda_shapes = itda.itda_shapes(run)
+    # k-means, gain-shape, top-m; leader x2; ITDA; SAEs
+    dictionaries = len(ks) * (2 + len(TOP_M)) + 2 + len(itda_shapes) + len(run.sae_specs)
     d2 = d_model * d_model * 8  # one float64 d x d matrix
     per_partition = (
         d2
@@ -319,7 +327,8 @@ def config_disk_estimate(run: RunConfig, d_model: int) -> dict[str, float]:
         + sum(2 * k * d_model * 4 * run.seeds for k in ks)  # centroids and gain-shape atoms, per seed
         + 2 * max(ks) * d_model * 4  # leader regions, counted as many as the largest k
         + sae_weights
-        + (sum(ks) + sum(widths.values())) * FEATURE_PAGE_BYTES
+        + sum(width * d_model * 4 for width, _ in itda_shapes)  # ITDA atoms
+        + (sum(ks) + sum(widths.values()) + sum(width for width, _ in itda_shapes)) * FEATURE_PAGE_BYTES
         + corpus
         + REPORT_BYTES
     )

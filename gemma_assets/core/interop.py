@@ -10,7 +10,7 @@ gain; `encode` reproduces the project's choice of features:
   reconstruction is the centroid itself;
 - `gain_shape` (spherical k-means) and `gain_shape_positive` (leader clustering: the nearest
   exemplar on the sphere): the best direction and the token's projection on it;
-- `matching_pursuit` (top-m over k-means directions): greedy residual coding with m atoms;
+- `matching_pursuit` (top-m over k-means directions, ITDA): greedy residual coding with m atoms;
 - `topk` (TopK SAEs trained here): SAELens' TopK, rescaled so that W_dec's rows are unit. (Every
   SAE trained here already is a plain SAELens SAE folder, saes/<name>/; this form adds unit rows.)
 
@@ -60,7 +60,7 @@ def _build(encoding: str, w_dec: torch.Tensor, b_dec: torch.Tensor, metadata: di
 
 def to_saelens(dictionary: Any, metadata: dict) -> DictionarySAE:
     """The SAELens form of a project dictionary (k-means and its readings, leader clustering,
-    a TopK SAE trained here); `metadata` goes into cfg.json."""
+    ITDA, a TopK SAE trained here); `metadata` goes into cfg.json."""
     if isinstance(dictionary, KMeansDictionary):
         pre = dictionary.preprocessor
         offsets = pre.inverse(dictionary.centroids.float()) - pre.shift  # centroids relative to the mean
@@ -98,7 +98,7 @@ def to_saelens(dictionary: Any, metadata: dict) -> DictionarySAE:
             b_in=b_in,
         )
     raise ConfigError(
-        f"{type(dictionary).__name__} cannot be exported: k-means, gain-shape, top-m, leader clustering and "
+        f"{type(dictionary).__name__} cannot be exported: k-means, gain-shape, top-m, leader clustering, ITDA and "
         "TopK SAEs trained here can; every other SAE already is an SAELens SAE (a pretrained one: use its release "
         "and id; one trained here: its folder saes/<name>/ under the run)"
     )

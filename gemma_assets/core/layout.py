@@ -15,6 +15,7 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
                  replicas and their centroids)         cluster_models
     <root>/density/k-<k>.json                          cluster_density
     <root>/clusters/leader/                            leader_clusters
+    <root>/itda/                                       itda_dictionaries
     <root>/saes/<name>/, <name>-seed<s>/,
                  skipped.json                          sae_dictionary
     <root>/saes/evaluation.json, seeds.json            sae_evaluation
@@ -42,10 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma_assets.core import corpus, leader, model
+from gemma_assets.core import corpus, itda, leader, model
 from gemma_assets.core.codes import Dictionary
 from gemma_assets.core.config import RESOLVED_CONFIG_FILE, RunConfig, SaeSpec
-from gemma_assets.core.dictionaries import Member, clustering_family
+from gemma_assets.core.dictionaries import MatchingPursuitDictionary, Member, clustering_family
 from gemma_assets.core.files import load_arrays
 from gemma_assets.core.records import DictionaryRecord, Family
 from gemma_assets.core.sampling import TokenSample, load_sample
@@ -245,6 +246,40 @@ class RunLayout:
             Family.LEADER_MEAN: leader.RegionMeanDictionary(exemplars, mean, torch.from_numpy(regions["region_means"])),
         }
         return [Member(r.name, r.family, readings[r.family]) for r in self.leader_records()]
+
+    # itda_dictionaries
+    @property
+    def itda_dir(self) -> Path:
+        return self.artefact("itda_dictionaries", "itda")
+
+    def itda_records(self, run: RunConfig) -> list[DictionaryRecord]:
+        """The records of the run's ITDA dictionaries (as k-means' and the SAEs', those its config
+        names: a folder from another config does not add its own), width by width."""
+        names = [itda.itda_name(width, m) for width, m in itda.itda_shapes(run)]
+        if not names:
+            return []
+        records = self._json("itda_dictionaries", self.itda_dir / "records.json", "ITDA dictionaries")
+        stored = {record["name"]: record for record in records}
+        if missing := [name for name in names if name not in stored]:
+            raise MissingArtefact(
+                f"no ITDA dictionary {', '.join(missing)} in {self.itda_dir}: rematerialise itda_dictionaries"
+            )
+        return [DictionaryRecord.from_json(stored[name]) for name in names]
+
+    def itda_members(self, run: RunConfig) -> list[Member]:
+        """The run's ITDA dictionaries: their atoms (by name) around the train mean, coded with m of them."""
+        records = self.itda_records(run)
+        if not records:
+            return []
+        arrays = load_arrays(self.existing("itda_dictionaries", self.itda_dir / "model.npz", "ITDA dictionaries"))
+        mean = torch.from_numpy(arrays["mean"])
+        shapes = itda.itda_shapes(run)  # the records' order
+        return [
+            Member(
+                record.name, itda.FAMILY, MatchingPursuitDictionary(torch.from_numpy(arrays[record.name]), mean, m), m
+            )
+            for (_, m), record in zip(shapes, records, strict=True)
+        ]
 
     # sae_dictionary
     def sae_dir(self, name: str) -> Path:

@@ -9,7 +9,7 @@ import dagster as dg
 from gemma_assets.core import methods
 from gemma_assets.core.config import RunConfig
 from gemma_assets.dagster_private import UnresolvedAssetJobDefinition
-from gemma_assets.defs import activations, clustering, density, evaluation, report, saes, sample, statistics  # noqa: F401 - clustering, density, saes: importing them registers their methods
+from gemma_assets.defs import activations, clustering, density, evaluation, itda, report, saes, sample, statistics  # noqa: F401 - clustering, density, itda, saes: importing them registers their methods
 from gemma_assets.defs.common import GraphBuild
 from gemma_assets.defs.operations import (
     CRASH_ONLY_RETRY_TAGS,

@@ -1,6 +1,6 @@
 """Run configuration: one YAML file describes everything that decides *what* is computed.
 
-Model and layer, corpus, sample, k values, density and leader settings, SAEs, evaluation and
+Model and layer, corpus, sample, k values, density, leader and ITDA settings, SAEs, evaluation and
 quality sizes. Where things run (data root, device, batch size) is decided by resources, not
 here. The shipped profiles (`tiny`, `demo`, `gemma-2-2b`) are run files in
 `gemma_assets/configs/`, read by the same loader as a user's file. A file may start from a

@@ -170,6 +170,37 @@ class LeaderSpec(Section):
     )
 
 
+class ItdaSpec(Section):
+    widths: tuple[int, ...] = Field(
+        (),
+        description="atoms of each ITDA dictionary; empty = every width of the run's trained SAEs (`saes.train`), "
+        "so ITDA sits beside them",
+        json_schema_extra={"default_text": "the trained SAEs' widths"},
+    )
+    l0s: tuple[int, ...] = Field(
+        (),
+        description="atoms per token (matching pursuit steps), each fitted at every width; a value at or above a "
+        "width is skipped for it; empty = the L0 of every k-means reading: 1 (k-means, gain-shape) and the m of the "
+        "top-m readings",
+        json_schema_extra={"default_text": "1 and the top-m readings' m"},
+    )
+    threshold: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="relative residual (squared norm over the centred token's) above which a train token joins "
+        "the dictionary; halved for each further pass over the split until the dictionary is full",
+    )
+    enabled: bool = Field(True, description="false: the ITDA asset fits no dictionary")
+
+    @field_validator("widths", "l0s")
+    @classmethod
+    def _distinct_positive(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        if any(value < 1 for value in values) or len(set(values)) != len(values):
+            raise ValueError(f"values must be distinct and at least 1, got {list(values)}")
+        return values
+
+
 class QualitySpec(Section):
     outlier_z: float = Field(
         8.0, gt=0, description="robust z-score of log token norm beyond which a token is an outlier"
@@ -491,6 +522,11 @@ class RunConfig(Section):
     clustering: KMeansSpec = Field(default_factory=KMeansSpec)
     density: DensitySpec = Field(default_factory=DensitySpec)
     leader: LeaderSpec = Field(default_factory=LeaderSpec)
+    itda: ItdaSpec = Field(
+        default_factory=ItdaSpec,
+        description="ITDA (Leask et al., arXiv 2505.17769): dictionaries of real train tokens, built greedily "
+        "and coded by matching pursuit, a floor for the SAEs at their widths",
+    )
     quality: QualitySpec = Field(default_factory=QualitySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     saes: SaesSpec = Field(default_factory=SaesSpec)
@@ -533,6 +569,13 @@ class RunConfig(Section):
     @property
     def sae_specs(self) -> tuple[SaeSpec, ...]:
         return self.saes.specs
+
+    @property
+    def itda_widths(self) -> tuple[int, ...]:
+        """The widths ITDA dictionaries are fitted at: `itda.widths`, or the trained SAEs' (none when disabled)."""
+        if not self.itda.enabled:
+            return ()
+        return self.itda.widths or tuple(sorted({spec.width for spec in self.sae_specs if spec.is_trained}))
 
     @property
     def sae_seed_replicas(self) -> dict[str, tuple[SaeSpec, ...]]:
