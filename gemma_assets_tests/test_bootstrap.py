@@ -140,8 +140,11 @@ def test_each_family_states_its_margin_over_the_floor_at_an_equal_width_and_l0()
     ]
     windows = dict(evidence.windows) | {"random-decoder-64-k1": floor_sums, "topk-128-k1": wider}
     evidence = Evidence(windows, {}, 31)
+    records.append(DictionaryRecord("leader-90", Family.LEADER, 90, 1, {"fvu": 0.5, "l0": 1.0}))
     lines = [f for f in findings.findings(records, {}, evidence) if f.startswith("Over the floor")]
     assert len(lines) == 2  # k-means and TopK; the floor has no margin over itself
+    [unmatched] = [f for f in findings.findings(records, {}, evidence) if f.startswith("No floor stands")]
+    assert unmatched.endswith("of: leader (Exemplar Partitioning); their margins over the floor are not stated.")
     kmeans_line, topk_line = lines
     assert kmeans_line.startswith("Over the floor, k-means: kmeans-64 (L0 1.0) has a held-out FVU below that of")
     assert "topk-64-k1" in topk_line and "topk-128-k1" not in topk_line and "paired difference -" in topk_line

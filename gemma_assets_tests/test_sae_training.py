@@ -343,3 +343,15 @@ def test_bad_sae_config_names_the_problem_and_the_fix(overrides, expected):
         load_run_config("tiny", overrides)
     for text in expected:
         assert text in str(error.value), (text, str(error.value))
+
+
+def test_a_process_that_only_reads_records_knows_every_sae_family():
+    """Records name their family on disk; a fresh process (a report step in its own process)
+    reads SAE families it never built a spec for."""
+    code = (
+        "from gemma_assets.core.records import Family\n"
+        "family = Family.of('sae-random_decoder-whitened')\n"
+        "print(family.title, family.is_floor, Family.of('sae-topk').is_floor)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "SAE (random decoder, whitened inputs) True False", done.stderr

@@ -126,7 +126,9 @@ def margins_over_floor(records: list[DictionaryRecord], judge: Judge) -> list[st
     equal held-out L0 (within EQUAL_L0), its best dictionary there against the best such floor,
     paired on the same windows."""
     floors = [r for r in records if r.family.is_floor]
-    lines = []
+    if not floors:
+        return []
+    lines, unmatched = [], []
     for family in dict.fromkeys(r.family for r in records if not r.family.is_floor):
         pairs = [
             (r, f)
@@ -136,6 +138,7 @@ def margins_over_floor(records: list[DictionaryRecord], judge: Judge) -> list[st
             if f.k == r.k and abs(f.l0 - r.l0) <= EQUAL_L0 * r.l0
         ]
         if not pairs:
+            unmatched.append(family.heading)
             continue
         widest = max(r.k for r, _ in pairs)
         mine = min((r for r, _ in pairs if r.k == widest), key=lambda r: r.fvu)
@@ -153,6 +156,11 @@ def margins_over_floor(records: list[DictionaryRecord], judge: Judge) -> list[st
                 f"{verdict(ce)} ({spread(ce)})"
             )
         lines.append(line + ".")
+    if unmatched:
+        lines.append(
+            f"No floor stands at the width and held-out L0 (within {EQUAL_L0:.0%}) of any dictionary of: "
+            f"{', '.join(unmatched)}; their margins over the floor are not stated."
+        )
     return lines
 
 

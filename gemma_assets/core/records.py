@@ -40,7 +40,11 @@ class Family:
 
     @classmethod
     def of(cls, value: str) -> Family:
-        """A defined family by its name on disk."""
+        """A defined family by its name on disk (an SAE family, named by `of_sae`, is defined on
+        first read: a process that reads records need not have built the run's SAE specs)."""
+        if value not in cls._defined and value.startswith("sae-"):
+            architecture = value.removeprefix("sae-")
+            return cls.of_sae(architecture.removesuffix("-whitened"), architecture.endswith("-whitened"))
         if value not in cls._defined:
             raise ValueError(
                 f"unknown dictionary family {value!r} (known: {', '.join(cls._defined)}) "
