@@ -121,7 +121,7 @@ def test_every_stage_declares_what_it_reads():
     def parents(name: str) -> set[str]:
         return {key.to_user_string() for key in graph.get(dg.AssetKey(name)).parent_keys}
 
-    dictionaries = {"cluster_models", "leader_clusters", "sae_dictionary"}
+    dictionaries = {"cluster_models", "leader_clusters", "itda_dictionaries", "sae_dictionary"}
     shared = {"activations", "activation_stats", "whitening"}
     assert parents("interpretation") == dictionaries | shared
     assert parents("downstream_loss") == dictionaries | shared

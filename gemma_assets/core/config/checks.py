@@ -110,7 +110,7 @@ def static_problems(run: RunConfig) -> list[str]:
             f"({len(run.train_partition_keys)} train partitions x {sample.windows_per_partition} windows x "
             f"{sample.context_len - 1} non-BOS tokens): lower k or raise sampling.windows_per_partition / partitions"
         )
-    if run.itda_widths and (widest := max(run.itda_widths)) > run.train_tokens:
+    if run.train_tokens and run.itda_widths and (widest := max(run.itda_widths)) > run.train_tokens:
         problems.append(
             f"itda: width {widest} exceeds the {run.train_tokens:,} train tokens the sample will hold (its atoms are "
             "train tokens): lower itda.widths (default: the trained SAEs' widths) or raise "
