@@ -31,7 +31,7 @@ from gemma_assets.core.methods import skipped_line
 from gemma_assets.core.stages.downstream import heldout_windows
 from gemma_assets.core.storage import ActivationStore, window_ids
 
-# windows whose text both tokenizers must split into the same ids
+# windows whose ids both tokenizers must read as the same tokens
 TOKENIZER_CHECK_WINDOWS = 4
 # tokens per SAE encode: a 262k-wide SAE's dense codes of this many tokens take 2 GiB
 ENCODE_TOKENS = 2048
@@ -92,21 +92,17 @@ def stored_activations(store: ActivationStore, keys: list[str], context_len: int
 
 
 def tokenizer_mismatch(run_tokenizer: Any, other: Any, windows: np.ndarray) -> str | None:
-    """Where `other` splits the text of `windows` (decoded by the run's tokenizer) into other ids
-    than the run's tokenizer does, or gives BOS another id; None where they agree."""
+    """Where `other` reads an id of `windows` as another token than the run's tokenizer does, or
+    gives BOS another id; None where they agree. The unquantised model is fed the run's ids, so
+    what must agree is what each id means, not how text is split (a GGUF-converted tokenizer may
+    split differently and still number its vocabulary the same)."""
     if other.bos_token_id != run_tokenizer.bos_token_id:
         return f"its BOS id is {other.bos_token_id}, the run's {run_tokenizer.bos_token_id}"
-    for number, text in enumerate(run_tokenizer.batch_decode(windows, skip_special_tokens=True)):
-        ours = run_tokenizer(text, add_special_tokens=False)["input_ids"]
-        theirs = other(text, add_special_tokens=False)["input_ids"]
+    for number, window in enumerate(windows.tolist()):
+        ours, theirs = run_tokenizer.convert_ids_to_tokens(window), other.convert_ids_to_tokens(window)
         if ours != theirs:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
-            )
-            return (
-                f"held-out window {number} tokenizes to {len(theirs)} ids, not the run's {len(ours)}, "
-                f"first differing at token {at}"
-            )
+            at = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+            return f"held-out window {number}: id {window[at]} is {ours[at]!r} to the run's tokenizer, {theirs[at]!r} to its"
     return None
 
 
@@ -149,7 +145,7 @@ def measure_shift(
     )
     if problem:
         raise ConfigError(
-            f"model.unquantised {source} does not tokenize like the run's model: {problem} -> name the model the "
+            f"model.unquantised {source} does not share the run's tokenizer: {problem} -> name the model the "
             "run's checkpoint was quantised from (it shares its tokenizer), or leave model.unquantised empty"
         )
     held = stored_activations(store, keys, context_len, len(windows))
@@ -164,6 +160,8 @@ def measure_shift(
     shift = metrics.paired_window_sums(unquantised, held.x, held.window_ids)
     n = shift.n_windows
     pretrained = [spec for spec in layout.made_saes(run.sae_specs) if not spec.is_trained]
+    # one SAE in memory at a time: Gemma Scope's 262k-wide ones take 1.3 GB each
+    members = (member for spec in pretrained for member in layout.sae_members([spec], device))
     return QuantisationShift(
         unquantised=source,
         layer=layer,
@@ -172,10 +170,7 @@ def measure_shift(
         fvu=bootstrap.interval(shift.fvu, n),
         cosine=bootstrap.interval(shift.mean_of("cosine"), n),
         relative_norm=bootstrap.interval(shift.mean_of("relative_norm"), n),
-        saes=[
-            _sae_shift(member.name, member.dictionary, unquantised, held, device)
-            for member in layout.sae_members(pretrained, device)
-        ],
+        saes=[_sae_shift(member.name, member.dictionary, unquantised, held, device) for member in members],
     )
 
 
