@@ -78,6 +78,11 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
         "interpretation": Scaling(
             min(run.evaluation.interpret_tokens, heldout_tokens), "tokens", "linear in interpreted tokens"
         ),
+        "quantisation_shift": Scaling(
+            min(run.evaluation.ce_windows, heldout_windows),
+            "windows",
+            "linear in compared windows: the unquantised model's forward to the block, each pretrained SAE twice",
+        ),
         "comparison_report": Scaling(1, "reports", "constant: tables and plots over the dictionaries"),
     }
 

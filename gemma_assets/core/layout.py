@@ -20,6 +20,7 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
                  skipped.json                          sae_dictionary
     <root>/saes/evaluation.json, seeds.json            sae_evaluation
     <root>/evaluation/downstream.json                  downstream_loss
+    <root>/evaluation/quantisation_shift.json          quantisation_shift (model.unquantised set)
     <root>/evaluation/interpretation.json,
     <root>/report/features/, alignment_histogram.png   interpretation
     <root>/report/report.md, .html, plots,
@@ -336,6 +337,14 @@ class RunLayout:
 
     def downstream(self) -> dict:
         return self._json("downstream_loss", self.downstream_file, "spliced cross-entropy")
+
+    # quantisation_shift
+    @property
+    def quantisation_shift_file(self) -> Path:
+        return self.artefact("quantisation_shift", "evaluation", "quantisation_shift.json")
+
+    def quantisation_shift(self) -> dict:
+        return self._json("quantisation_shift", self.quantisation_shift_file, "quantisation comparison")
 
     # interpretation
     @property

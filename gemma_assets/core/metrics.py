@@ -46,9 +46,12 @@ class ReconstructionMetrics:
     fires: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     windows: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # window id -> its sums
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: Codes, windows: np.ndarray | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, x_hat: torch.Tensor, codes: Codes | None, windows: np.ndarray | None = None
+    ) -> None:
         """Add a batch; with `windows` (the window id of each token) the sums are also kept per
-        window, for intervals by a bootstrap over windows."""
+        window, for intervals by a bootstrap over windows. Without `codes` (x_hat is not a
+        dictionary's reconstruction) L0 and usage stay 0."""
         x64, x_hat64 = x.double(), x_hat.double()
         if not self.d_model:
             self.sum_x, self.d_model = np.zeros(x.shape[1]), x.shape[1]
@@ -58,7 +61,7 @@ class ReconstructionMetrics:
             "sq": (x64**2).sum(1),
             "cosine": torch.nn.functional.cosine_similarity(x64, x_hat64, dim=1),
             "relative_norm": x_hat64.norm(dim=1) / x64.norm(dim=1).clamp_min(1e-12),
-            "l0": codes.l0().double(),
+            "l0": codes.l0().double() if codes is not None else torch.zeros(len(x), dtype=torch.float64),
         }
         self.n_tokens += len(x)
         self.sum_sq_error += float(per_token["sse"].sum())
@@ -70,7 +73,8 @@ class ReconstructionMetrics:
         if windows is not None:
             self._add_windows(windows, x64, per_token)
         # a feature that fires twice in one token (never, for these dictionaries) counts once per token
-        self.fires += torch.bincount(codes.indices[codes.active].cpu(), minlength=self.n_features)
+        if codes is not None:
+            self.fires += torch.bincount(codes.indices[codes.active].cpu(), minlength=self.n_features)
 
     def _add_windows(self, windows: np.ndarray, x64: torch.Tensor, per_token: dict[str, torch.Tensor]) -> None:
         ids, inverse = np.unique(windows, return_inverse=True)
@@ -113,6 +117,15 @@ class ReconstructionMetrics:
             "encode_tokens_per_s": self.n_tokens / self.encode_seconds if self.encode_seconds else float("inf"),
             "n_tokens": self.n_tokens,
         }
+
+
+def paired_window_sums(x: torch.Tensor, x_hat: torch.Tensor, windows: np.ndarray) -> WindowSums:
+    """Per-window sums of x_hat [n, d] read as a reconstruction of x [n, d] where x_hat is no
+    dictionary's (another model's activations on the same tokens): FVU, cosine and relative norm
+    come out as for a dictionary, L0 is 0."""
+    metrics = ReconstructionMetrics(n_features=0)
+    metrics.update(x, x_hat, None, windows)
+    return metrics.window_sums()
 
 
 def evaluate(batches: Iterable[torch.Tensor], dictionary: Dictionary, device: str = "cpu") -> dict[str, float]:

@@ -272,9 +272,38 @@ def checkpoint_note(run: RunConfig) -> str:
     if any(spec.release.startswith("gemma-scope-2") for spec in run.sae_specs):
         note += (
             " The Gemma Scope 2 SAEs were trained on the unquantised bf16 model, so their FVU here includes "
-            "the quantisation's shift of the activations."
+            "the quantisation's shift of the activations"
+            + (" (the next line measures it)." if run.model.unquantised else ".")
         )
     return note
+
+
+def quantisation_markdown(shift: dict) -> str:
+    """The Data section's line on the quantisation (evaluation/quantisation_shift.json): the
+    quantised activations read as a reconstruction of the unquantised model's, and each
+    pretrained SAE's FVU on both, with sub-lines per SAE; or the line saying it was skipped."""
+    if "skipped" in shift:
+        return shift["skipped"]
+
+    def figure(value: dict) -> str:
+        return Interval(**value).format(".4g")
+
+    lines = [
+        f"Quantisation shift: on {shift['tokens']:,} non-BOS tokens of {shift['windows']} held-out windows, "
+        f"block {shift['layer']}'s output of this model read as a reconstruction of the unquantised "
+        f"`{shift['unquantised']}`'s has FVU {figure(shift['fvu'])}, cosine {figure(shift['cosine'])} and norm ratio "
+        f"{figure(shift['relative_norm'])} (quantised / unquantised; 95% intervals over windows)."
+    ]
+    if shift["saes"]:
+        lines[0] += " Each pretrained SAE's FVU on the unquantised -> quantised activations of the same tokens:"
+    else:
+        lines[0] += " The run loaded no pretrained SAE to read both with."
+    lines += [
+        f"  - {one['name']}: {figure(one['fvu_unquantised'])} -> {figure(one['fvu_quantised'])}, "
+        f"difference {figure(one['fvu_difference'])} (paired)"
+        for one in shift["saes"]
+    ]
+    return "\n".join(lines)
 
 
 def render_markdown(

@@ -110,7 +110,7 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
             sae = SAE.from_pretrained(spec.release, spec.sae_id, device=device)
     except Exception as error:
         message = f"cannot load SAE {spec.release}/{spec.sae_id} ({type(error).__name__}: {error}): {offline_hint()}"
-        if _hub_unreachable(error):
+        if hub_unreachable(error):
             raise SaeUnavailable(message, unavailable_reason()) from error
         raise ModelAccessError(message) from error
     return SaeDictionary(sae.eval())  # Gemma Scope is trained on raw activations
@@ -125,7 +125,7 @@ def unavailable_reason() -> str:
     return "not in the Hugging Face cache and the hub is unreachable"
 
 
-def _hub_unreachable(error: BaseException) -> bool:
+def hub_unreachable(error: BaseException) -> bool:
     """Whether `error` (or what caused it) is the hub client finding neither a cached copy nor the
     hub: offline mode, a missing cache entry, a failed connection or a timeout."""
     import httpx
@@ -465,7 +465,7 @@ def pretrained_problems(
             with hub_cache_shapes():
                 config = load_sae_config_from_huggingface(spec.release, spec.sae_id)
         except Exception as error:
-            if spec.optional and _hub_unreachable(error):
+            if spec.optional and hub_unreachable(error):
                 warn(f"{where} (optional) is {unavailable_reason()}: the run will skip it unless it can load it then")
                 continue
             problems.append(f"{where}: cannot read its config ({type(error).__name__}: {error}) -> {offline_hint()}")

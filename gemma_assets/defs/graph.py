@@ -19,6 +19,7 @@ from gemma_assets.defs.operations import (
     build_extraction_schedule,
     console_logger,
 )
+from gemma_assets.defs.quantisation import build as build_quantisation_shift
 from gemma_assets.defs.resources import (
     ComputeResource,
     OperationsResource,
@@ -32,7 +33,8 @@ CONFIG_DIGEST_TAG = "gemma_assets/config_digest"
 # the methods' builders run between these, in registration order: a builder finds its upstream
 # assets by name
 INPUT_BUILDERS = (sample.build, activations.build, statistics.build)
-EVALUATION_BUILDERS = (evaluation.build, report.build)
+# quantisation_shift joins only runs that set model.unquantised
+EVALUATION_BUILDERS = (evaluation.build, build_quantisation_shift, report.build)
 
 
 def build_graph(run: RunConfig, location: str) -> tuple[GraphBuild, list[dg.AssetChecksDefinition]]:

@@ -33,7 +33,8 @@ def comparison_report(
 
 def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
     records = (asset for method in methods.methods_of(graph.run) for asset in method.record_assets)
-    inputs = graph.upstream(*records, "downstream_loss", "interpretation")
+    optional = [name for name in ("quantisation_shift",) if name in graph.assets]  # only where the run sets it
+    inputs = graph.upstream(*records, "downstream_loss", "interpretation", *optional)
     return [
         dg.asset(
             automation_condition=FOLLOW_UPSTREAM,

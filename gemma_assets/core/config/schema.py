@@ -47,6 +47,28 @@ class ModelSpec(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="compute dtype of the forward pass: auto = bfloat16 on a GPU, float32 on the CPU"
     )
+    unquantised: str = Field(
+        "",
+        description="the `from_pretrained` source (hub id or local folder) of the unquantised model this "
+        "model's checkpoint was quantised from: the run measures how far the quantisation shifts block "
+        "`layer`'s output, and each pretrained SAE's FVU on both models' activations (asset "
+        "quantisation_shift). Skipped with one line when neither the Hugging Face cache nor the hub has it; "
+        "empty = no comparison",
+    )
+
+    @field_validator("unquantised")
+    @classmethod
+    def _stripped(cls, source: str) -> str:
+        return source.strip()
+
+    @model_validator(mode="after")
+    def _unquantised_is_another_model(self) -> ModelSpec:
+        if self.unquantised and self.kind == "hub" and self.unquantised == self.name:
+            raise ValueError(
+                f"model.unquantised is the run's own model ({self.name}): there is no quantisation to measure "
+                "-> name the model its checkpoint was quantised from, or leave model.unquantised empty"
+            )
+        return self
 
     @property
     def hook_name(self) -> str:

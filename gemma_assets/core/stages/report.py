@@ -85,6 +85,7 @@ def write_report(layout: RunLayout, run: RunConfig, methods: Sequence[Method]) -
         "bos_ratio": layout.bos_ratio(),
         "downstream": downstream,
         "checkpoint": report.checkpoint_note(run),
+        "quantisation": report.quantisation_markdown(layout.quantisation_shift()) if run.model.unquantised else "",
         "skipped": [skipped_line(name, why) for name, why in all_skipped(layout, run, methods).items()],
     }
     evidence = Evidence(
