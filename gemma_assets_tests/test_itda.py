@@ -88,7 +88,7 @@ def test_bad_settings_are_config_errors(width, m, threshold, message):
 
 def test_shapes_follow_the_trained_saes_and_the_config():
     tiny = load_run_config("tiny")
-    assert itda_shapes(tiny) == [(64, 4), (64, 16), (128, 4), (128, 16), (256, 4), (256, 16)]
+    assert itda_shapes(tiny) == [(width, m) for width in (64, 128, 256) for m in (1, 4, 16)]
     assert itda_shapes(load_run_config("tiny", ["itda.widths=[8, 32]", "itda.l0s=[8, 2]"])) == [
         (8, 2),
         (32, 8),

@@ -14,6 +14,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
 from gemma_assets.core import interpret, model, sae, splice
 from gemma_assets.core.codes import Codes, centred_units
+from gemma_assets.core.itda import itda_shapes
 from gemma_assets.core.metrics import evaluate
 from gemma_assets.core.stages.downstream import heldout_windows
 
@@ -130,7 +131,8 @@ def test_downstream_and_interpretation_cover_every_dictionary(tiny_run):
     assert {f"kmeans-{k}" for k in prof.clustering.ks} | {s.name for s in prof.sae_specs} <= names
     assert all(math.isfinite(r["delta_ce"]) for r in downstream["dictionaries"])
     interpretation = layout.interpretation()
-    assert len(interpretation["alignment"]) == len(prof.clustering.ks) * len(prof.sae_specs)
+    # every k-means k against every other interpreted dictionary: the SAEs and ITDA
+    assert len(interpretation["alignment"]) == len(prof.clustering.ks) * (len(prof.sae_specs) + len(itda_shapes(prof)))
     for pair in interpretation["alignment"]:  # the matched share with its interval over clusters
         low, high = pair["clusters_matched_f1_interval"]
         assert low <= pair["clusters_matched_f1"] <= high

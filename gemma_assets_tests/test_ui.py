@@ -114,7 +114,7 @@ def chromium(url: str, profile_dir: Path, *action: str) -> subprocess.CompletedP
         "--hide-scrollbars",
         f"--user-data-dir={profile_dir}",
         # wide enough for the graph to be drawn with readable asset names
-        "--window-size=1920,1600",
+        "--window-size=2400,3200",
         "--virtual-time-budget=30000",
     ]
     return subprocess.run([CHROMIUM, *flags, *action, url], capture_output=True, text=True, timeout=180, check=True)

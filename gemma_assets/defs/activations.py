@@ -78,7 +78,10 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
         pool="gpu",
         op_tags=GPU_TAGS,
         deps=[pile_sample],
-        code_version=code_version("1", graph.run, ("model",), [pile_sample], depends_on=graph.compute_dtype),
+        # model.unquantised names a model to compare with, not the one extracted from
+        code_version=code_version(
+            "1", graph.run, ("model",), [pile_sample], exclude=("model.unquantised",), depends_on=graph.compute_dtype
+        ),
         group_name="data",
         kinds={"zarr", "pytorch"},
     )(activations)
