@@ -16,7 +16,7 @@ from gemma_assets.core.files import atomic_file
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     with atomic_file(path) as staging:
-        fig.savefig(staging, dpi=110)
+        fig.savefig(staging, dpi=110, bbox_inches="tight")  # legends drawn beside the axes stay whole
     plt.close(fig)
     return path
 
@@ -36,7 +36,7 @@ def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
     """A value against L0 (log scale) with an error bar, one line per series of dictionaries
     (rows carry series, name, l0, value and bar: its (low, high); optionally seed_range, drawn
     as a wide pale bar behind the point, and floor: a baseline, drawn dashed)."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     names = sorted({row["series"] for row in rows})
     for index, series in enumerate(names):
         members = sorted((row for row in rows if row["series"] == series), key=lambda row: row["l0"])
@@ -68,7 +68,7 @@ def l0_frontier(rows: list[dict], path: Path, ylabel: str) -> Path:
     ax.set_xlabel("L0 (active features per token)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: points stay visible
     return _save(fig, path)
 
 

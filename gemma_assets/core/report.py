@@ -95,9 +95,10 @@ INTERVAL_METRICS = ("fvu", "mse", "cosine", "l0")
 
 
 def series(record: DictionaryRecord) -> str:
-    """The line a dictionary belongs to on the L0 plots: SAEs by family and width, clusterings by family."""
-    if record.family.is_sae:
-        return f"{record.family.label(record.k)}, {record.k} latents"
+    """The line a dictionary belongs to on the L0 plots: SAEs and floors by family and width,
+    clusterings by family."""
+    if record.family.is_sae or record.family.is_floor:
+        return f"{record.family.label(record.k)}, {record.k} {'latents' if record.family.is_sae else 'atoms'}"
     return record.family.label(record.k)
 
 

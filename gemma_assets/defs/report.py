@@ -40,8 +40,9 @@ def build(graph: GraphBuild) -> list[dg.AssetsDefinition]:
             automation_condition=FOLLOW_UPSTREAM,
             deps=[*inputs, *graph.deps("activation_stats")],
             # the report prints the whole resolved config
-            # 3: bootstrap intervals and paired findings; 4: seeds, report.json; 5: numeric environment
-            code_version=code_version("5", graph.run, ("",), inputs),
+            # 3: bootstrap intervals and paired findings; 4: seeds, report.json; 5: numeric environment;
+            # 6: floors (margins, dashed lines by width), findings led by mean ablation
+            code_version=code_version("6", graph.run, ("",), inputs),
             group_name="report",
             kinds={"markdown", "html"},
         )(comparison_report)
