@@ -30,7 +30,10 @@ Why the tolerances are what they are:
   held-out figures are held to `SAE_SEED_SDS` standard deviations over seeds, the report's own
   measure of that noise, and never closer than `SAE_FLOOR` (two seeds can land close together); their spliced CE and the text that depends on which latents they learnt
   are not compared here. `gemma-assets verify-report` (test_verify_report) checks the evaluation
-  of stored SAEs across environments at rounding-level tolerances instead.
+  of stored SAEs across environments at rounding-level tolerances instead. ITDA is held the same
+  way (`fitting_noise`): which tokens join its dictionary and which atom matching pursuit picks
+  are discrete decisions that one ULP flips (measured under ATEN_CPU_CAPABILITY=default: L0 1.6e-4
+  relative apart, a cluster-alignment share 0.3%).
 - Quantities that divide by a near-zero difference are compared through their inputs, never
   directly: loss recovered (the tiny model's ablations move CE by only ~0.005 nats), the windows a
   comparison would need, and the SD over two seeds (a difference of two close values).
@@ -51,6 +54,8 @@ import pytest
 import torch
 
 from gemma_assets.core import tolerances
+from gemma_assets.core.config import RunConfig
+from gemma_assets.core.itda import itda_name, itda_shapes
 from gemma_assets.core.sampling import TokenSample
 from gemma_assets.core.tolerances import Tolerance
 
@@ -169,6 +174,12 @@ class Mismatch:
 
     def __str__(self) -> str:
         return f"{self.where}: reference {self.reference!r}, found {self.found!r} (allowed +-{self.bound:.3g})"
+
+
+def fitting_noise(run: RunConfig) -> list[str]:
+    """The dictionaries whose fit makes discrete decisions on the stored activations, held to the
+    trained SAEs' tolerances (module doc): every SAE of the run and every ITDA dictionary."""
+    return [spec.name for spec in run.sae_specs] + [itda_name(width, m) for width, m in itda_shapes(run)]
 
 
 def _sae_tolerance(spread: Mapping, figure: str, reference: float) -> float:

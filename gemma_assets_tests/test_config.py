@@ -152,7 +152,13 @@ def test_tiny_figures_hold_against_the_reference(tiny_run):
     intervals, spliced delta CE, spread over seeds) agree with the reference at the tolerance the
     arithmetic behind each allows (reference.py says why), on any CPU, from the same token
     windows. Regenerate after a deliberate change: reference.reference_figures of the new run."""
-    from reference import TINY_PREDICTIONS, compare_figures, reference_figures, require_the_reference_sample
+    from reference import (
+        TINY_PREDICTIONS,
+        compare_figures,
+        fitting_noise,
+        reference_figures,
+        require_the_reference_sample,
+    )
 
     reference = json.loads(REFERENCE_FIGURES.read_text())
     require_the_reference_sample(reference, tiny_run.layout.sample())
@@ -162,7 +168,7 @@ def test_tiny_figures_hold_against_the_reference(tiny_run):
         tiny_run.layout.downstream(),
         tiny_run.layout.sample(),
     )
-    mismatches = compare_figures(reference, found, saes=[spec.name for spec in tiny_run.profile.sae_specs])
+    mismatches = compare_figures(reference, found, saes=fitting_noise(tiny_run.profile))
     assert not mismatches, "\n".join(map(str, mismatches))
 
 

@@ -23,6 +23,7 @@ from reference import (
     assignments,
     compare_figures,
     compare_text,
+    fitting_noise,
 )
 
 from gemma_assets.core.config import load_run_config
@@ -30,7 +31,7 @@ from gemma_assets.core.config import load_run_config
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "tiny_reference_figures.json").read_text())
 REPORT = (DATA / "tiny_report_reference.md").read_text()
-SAES = [spec.name for spec in load_run_config("tiny").sae_specs]
+SAES = fitting_noise(load_run_config("tiny"))
 SAE = SAES[0]
 
 
