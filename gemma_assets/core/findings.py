@@ -60,6 +60,14 @@ class Judge:
             return "indistinguishable", f"{spread(comparison)}, but their ranges over seeds overlap"
         return verdict(comparison), spread(comparison)
 
+    def delta_ce(self, a: str, b: str) -> tuple[str, str] | None:
+        """(verdict, the interval behind it) for spliced delta CE of a against b; None where either
+        was not spliced."""
+        if a not in self.evidence.ce or b not in self.evidence.ce:
+            return None
+        comparison = self.evidence.compare_delta_ce(a, b)
+        return verdict(comparison), spread(comparison)
+
     def _seed_ranges_apart(self, a: str, b: str) -> bool:
         """Whether the refits of a and b keep their order in held-out FVU (their ranges over seeds
         do not overlap); True where either was fitted once."""
@@ -80,11 +88,10 @@ def raising_k(kmeans: list[DictionaryRecord], judge: Judge) -> list[str]:
         f"Raising k from {first.k} to {last.k} {change} the held-out FVU of k-means at L0 = 1 "
         f"({first.fvu:.3f} to {last.fvu:.3f}; {fvu_spread})"
     )
-    if first.name in judge.evidence.ce and last.name in judge.evidence.ce:
-        ce = judge.evidence.compare_delta_ce(last.name, first.name)
+    if ce := judge.delta_ce(last.name, first.name):
         line += (
             f"; its spliced delta CE goes from {first.downstream['delta_ce']:.3f} to "
-            f"{last.downstream['delta_ce']:.3f} nats, {verdict(ce)} ({spread(ce)})"
+            f"{last.downstream['delta_ce']:.3f} nats, {ce[0]} ({ce[1]})"
         )
     return [line + "."]
 
@@ -110,11 +117,10 @@ def best_sae_against_kmeans(readings: list[DictionaryRecord], saes: list[Diction
             f"{stands.get(fvu_verdict, 'a held-out FVU indistinguishable from that of')} {km.name} "
             f"({best.fvu:.3f} vs {km.fvu:.3f}; {fvu_spread})"
         )
-        if best.name in judge.evidence.ce and km.name in judge.evidence.ce:
-            ce = judge.evidence.compare_delta_ce(best.name, km.name)
+        if ce := judge.delta_ce(best.name, km.name):
             line += (
-                f"; its spliced delta CE is {verdict(ce)} ({best.downstream['delta_ce']:.3f} vs "
-                f"{km.downstream['delta_ce']:.3f} nats; {spread(ce)})"
+                f"; its spliced delta CE is {ce[0]} ({best.downstream['delta_ce']:.3f} vs "
+                f"{km.downstream['delta_ce']:.3f} nats; {ce[1]})"
             )
         lines.append(line + ".")
     return lines
@@ -149,11 +155,10 @@ def margins_over_floor(records: list[DictionaryRecord], judge: Judge) -> list[st
             f"Over the floor, {family.heading}: {mine.name} (L0 {mine.l0:.1f}) has a held-out FVU {stands} "
             f"that of {floor.name} (L0 {floor.l0:.1f}), {mine.fvu:.3f} vs {floor.fvu:.3f} ({fvu_spread})"
         )
-        if mine.name in judge.evidence.ce and floor.name in judge.evidence.ce:
-            ce = judge.evidence.compare_delta_ce(mine.name, floor.name)
+        if ce := judge.delta_ce(mine.name, floor.name):
             line += (
                 f"; spliced delta CE {mine.downstream['delta_ce']:.3f} vs {floor.downstream['delta_ce']:.3f} nats, "
-                f"{verdict(ce)} ({spread(ce)})"
+                f"{ce[0]} ({ce[1]})"
             )
         lines.append(line + ".")
     if unmatched:
