@@ -32,7 +32,11 @@ def map_data(data: Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch
 @overload
 def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Batches: ...
 def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Batches:
-    """fn applied to a tensor, or lazily to every batch of a stream."""
+    """fn applied to a tensor, or lazily to every batch of a stream. A stream that carries its
+    own maps (engine.Partitioned, whose workers apply them) gets `fn` added to them."""
+    carried = getattr(data, "mapped", None)
+    if carried is not None:
+        return carried(fn)
     if callable(data):
         return lambda: (fn(batch) for batch in data())
     return fn(data)

@@ -24,6 +24,7 @@ import torch
 from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.config import ConfigError
+from gemma_assets.core.engine import Partitioned, Shard
 from gemma_assets.core.kmeans import assign
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -78,13 +79,41 @@ class _Stats:
     resp_x: torch.Tensor  # [k, d] sum r x
     resp_x2: torch.Tensor  # [k, d] sum r x^2
 
+    def __add__(self, other: _Stats) -> _Stats:
+        return _Stats(
+            self.n + other.n,
+            self.log_likelihood + other.log_likelihood,
+            self.resp + other.resp,
+            self.resp_x + other.resp_x,
+            self.resp_x2 + other.resp_x2,
+        )
+
+
+def _on_shard(shard: Shard, pass_over: Callable[..., _Stats], *shared: object) -> _Stats:
+    """A pass over one store partition (a task of the data's engine)."""
+    return pass_over(shard.batches, *shared)
+
+
+def _summed(data: Batches, pass_over: Callable[..., _Stats], *shared: object, on_rows=lambda _: None) -> _Stats:
+    """`pass_over(data, *shared)`; store partitions on a cluster as one task each, their
+    statistics added in partition order."""
+    if not (isinstance(data, Partitioned) and data.distributed):
+        return pass_over(data, *shared, on_rows)
+    total: _Stats | None = None
+    for part in data.engine.imap(_on_shard, data.shards, pass_over, *shared):
+        total = part if total is None else total + part
+        on_rows(part.n)
+    if total is None:
+        raise ValueError("the GMM's data has no partitions")
+    return total
+
 
 def _check(x: torch.Tensor, d: int) -> None:
     if x.ndim != 2 or x.shape[1] != d:
         raise ValueError(f"GMM data batches must be [n, {d}] like the initial means, got {list(x.shape)}")
 
 
-def _hard_stats(batches: Batches, init_means: torch.Tensor) -> _Stats:
+def _hard_stats(batches: Batches, init_means: torch.Tensor, on_rows: Callable[[int], None] = lambda _: None) -> _Stats:
     """Sufficient statistics of the assignment of every token to its nearest initial mean."""
     k, d = init_means.shape
     zeros = init_means.new_zeros((k, d), dtype=torch.float64)
@@ -98,10 +127,11 @@ def _hard_stats(batches: Batches, init_means: torch.Tensor) -> _Stats:
         stats.resp += torch.bincount(labels, minlength=k)
         stats.resp_x.index_add_(0, labels, x)
         stats.resp_x2.index_add_(0, labels, x**2)
+        on_rows(len(x))
     return stats
 
 
-def _soft_stats(gmm: GaussianMixture, batches: Batches, on_rows: Callable[[int], None] = lambda _: None) -> _Stats:
+def _soft_stats(batches: Batches, gmm: GaussianMixture, on_rows: Callable[[int], None] = lambda _: None) -> _Stats:
     """E-step over every batch: the responsibilities' sufficient statistics and the log-likelihood;
     `on_rows(n)` after each n rows (progress)."""
     d = gmm.means.shape[1]
@@ -150,7 +180,7 @@ def fit_gmm(
     if relative_var_floor <= 0:
         raise ConfigError(f"relative_var_floor must be > 0 (a zero variance has no density), got {relative_var_floor}")
     k = len(init_means)
-    hard = _hard_stats(batches, init_means)
+    hard = _summed(batches, _hard_stats, init_means)
     if k > hard.n:
         raise ConfigError(f"k={k} exceeds the {hard.n} training tokens: lower k or sample more tokens")
     total_mean = hard.resp_x.sum(0) / hard.n  # [d]
@@ -168,13 +198,13 @@ def fit_gmm(
     def on_rows(n: int) -> None:
         em.update(em.position + n / hard.n)
 
-    stats = _soft_stats(gmm, batches, on_rows)
+    stats = _summed(batches, _soft_stats, gmm, on_rows=on_rows)
     curve = [stats.log_likelihood / stats.n]
     converged = False
     for iteration in range(1, max_iter + 1):
         em.update(iteration, log_likelihood=curve[-1])
         gmm = _m_step(gmm, stats, var_floor)
-        stats = _soft_stats(gmm, batches, on_rows)
+        stats = _summed(batches, _soft_stats, gmm, on_rows=on_rows)
         curve.append(stats.log_likelihood / stats.n)
         if abs(curve[-1] - curve[-2]) <= tol * abs(curve[-2]):
             converged = True

@@ -8,6 +8,13 @@ Backends behind one results contract (`KMeansResult`):
   Hamerly's one bound per point, which skips the distance GEMM for whole rows;
 - "minibatch": Sculley's mini-batch k-means for very large N (approximate by design);
 - "cuml": cuML's KMeans on a CUDA GPU, when importable.
+
+Data held as store partitions (`engine.Partitioned`) on a Dask cluster is fitted by map-reduce
+instead: each Lloyd pass sends the centroids to the workers, each partition's task assigns its
+rows and returns its cluster sums in float64, and the driver adds them in partition order. The
+bounds are per-point state that would have to stay on the workers between passes, so there
+every pass computes every distance. Cluster sums are float64 on both paths, so they agree to
+float64 rounding and the centroids (float32) to the bit.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from gemma_assets.core import progress
@@ -25,6 +33,8 @@ from gemma_assets.core.batches import Batches, as_batches
 from gemma_assets.core.codes import Codes, cosine_to, unit_rows
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.elkan import centroid_gaps, elkan_pass
+from gemma_assets.core.engine import Partitioned, Shard
+from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor
 
 BACKENDS = ("torch", "minibatch", "cuml")
@@ -81,8 +91,10 @@ def distance_matrix(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor
 
 
 def cluster_sums(labels: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Sum of the rows of each cluster [k, d]."""
-    return torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, labels, rows)
+    """Sum of the rows of each cluster [k, d], accumulated in float64: the same sums to float64
+    rounding however the rows are grouped (by batch, by partition, by the rows that moved)."""
+    sums = torch.zeros(k, rows.shape[1], dtype=torch.float64, device=rows.device)
+    return sums.index_add_(0, labels, rows.double())
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +185,7 @@ SEEDINGS: dict[str, Seeding] = {"k-means||": kmeans_parallel, "k-means++": kmean
 
 
 def init_centroids(
-    batches: Batches,
+    data: torch.Tensor | Batches | Partitioned,
     k: int,
     seed: int,
     sample_rows: int = INIT_SAMPLE_ROWS,
@@ -181,23 +193,65 @@ def init_centroids(
     device: str = "cpu",
 ) -> torch.Tensor:
     """Seed k centroids (k-means||, greedy k-means++ or random rows) from a uniform sample of at
-    most sample_rows rows of the stream, on `device` (k-means++ reads the sample once per centroid:
-    16,384 passes over 100k x 2304 floats at the research k)."""
+    most sample_rows rows of the data, on `device` (k-means++ reads the sample once per centroid:
+    16,384 passes over 100k x 2304 floats at the research k). Store partitions are sampled by
+    `partition_sample`, the same rows on any engine."""
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(data, Partitioned):
+        kept = partition_sample(data, sample_rows, seed)
+    else:
+        kept = _stream_sample(as_batches(data), sample_rows, generator)
+    if len(kept) < k:
+        raise ConfigError(f"k={k} exceeds the {len(kept)} training tokens: lower k or sample more tokens")
+    return SEEDINGS[seeding](kept.to(device), k, generator)
+
+
+def _stream_sample(batches: Batches, sample_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """At most sample_rows rows drawn uniformly without replacement: the bottom-k of random keys."""
     kept: torch.Tensor | None = None
     keys: torch.Tensor | None = None
-    for batch in batches():  # bottom-k of random keys = a uniform sample without replacement
+    for batch in batches():
         batch_keys = torch.rand(len(batch), generator=generator)
         kept = batch if kept is None else torch.cat([kept, batch])
         keys = batch_keys if keys is None else torch.cat([keys, batch_keys])
         if len(kept) > sample_rows:
             order = keys.argsort()[:sample_rows]
             kept, keys = kept[order.to(kept.device)], keys[order]
-    if kept is None or len(kept) < k:
-        raise ConfigError(
-            f"k={k} exceeds the {0 if kept is None else len(kept)} training tokens: lower k or sample more tokens"
-        )
-    return SEEDINGS[seeding](kept.to(device), k, generator)
+    return torch.empty(0) if kept is None else kept
+
+
+def _rows_below(shard: Shard, seed: int, below: float) -> tuple[np.ndarray, torch.Tensor, int]:
+    """A partition's rows whose random key is below `below`: (their keys, the rows, rows read).
+    Keys come from a generator of (seed, partition), so they do not depend on who reads it."""
+    generator = np.random.default_rng([seed, int(shard.key)])
+    keys, rows, read = [np.empty(0)], [], 0
+    for x in shard.batches():
+        batch_keys = generator.random(len(x))
+        kept = batch_keys < below
+        keys.append(batch_keys[kept])
+        rows.append(x[torch.from_numpy(kept)])
+        read += len(x)
+    return np.concatenate(keys), torch.cat(rows) if rows else torch.empty(0), read
+
+
+def partition_sample(data: Partitioned, rows: int, seed: int) -> torch.Tensor:
+    """`rows` rows of the partitions drawn uniformly without replacement (all of them if fewer):
+    those of the smallest random keys. Each task returns only its rows with keys under a threshold
+    a little above rows / tokens, so about `rows` rows cross the network, not a partition's worth
+    each; a threshold that proves too low (rare) is doubled and the pass repeated."""
+    tokens = sum(ActivationStore(s.store_url).token_count([s.key]) for s in data.shards)  # BOS included: >= rows read
+    below = min(1.0, (1.25 * rows + 10 * math.sqrt(rows)) / max(tokens, 1))
+    while True:
+        found = list(data.engine.imap(_rows_below, data.shards, seed, below))
+        read, kept = sum(part[2] for part in found), sum(len(part[0]) for part in found)
+        if kept >= min(rows, read) or below >= 1.0:
+            break
+        below = min(1.0, 2 * below)
+    if not kept:
+        return torch.empty(0)
+    keys = np.concatenate([part[0] for part in found])
+    order = np.argsort(keys, kind="stable")[:rows]
+    return torch.cat([part[1] for part in found if len(part[0])])[torch.from_numpy(order)]
 
 
 def _validate(k: int, backend: str, device: str, seeding: str) -> None:
@@ -243,7 +297,9 @@ def fit_kmeans(
         elif len(init) != k:
             raise ConfigError(f"init has {len(init)} centroids, k={k}")
         init = init.to(device)
-        if backend == "cuml":
+        if backend == "torch" and isinstance(data, Partitioned) and data.distributed:
+            result = _fit_lloyd_mapped(data, init, max_iter, tol)
+        elif backend == "cuml":
             result = _fit_cuml(batches, init, max_iter, tol)
         elif backend == "minibatch":
             result = _fit_minibatch(batches, init, minibatch_steps, seed)
@@ -286,7 +342,7 @@ def _move_rows(sums: torch.Tensor, rows: torch.Tensor, old: torch.Tensor, new: t
     moved = (new != old).nonzero().flatten()
     if len(moved):
         k = len(sums)
-        sums += (cluster_sums(new[moved], rows[moved], k) - cluster_sums(old[moved], rows[moved], k)).double()
+        sums += cluster_sums(new[moved], rows[moved], k) - cluster_sums(old[moved], rows[moved], k)
 
 
 def _hamerly_chunk(
@@ -348,7 +404,7 @@ def _fit_lloyd(
                 bounds.append(state)
                 for start in range(0, len(x), _ROWS_PER_GEMM):
                     rows = slice(start, start + _ROWS_PER_GEMM)
-                    sums += cluster_sums(state.labels[rows], x[rows], k).double()
+                    sums += cluster_sums(state.labels[rows], x[rows], k)
                 x_sq_total += float(state.x_sq.double().sum())
                 computed += len(x) * k
                 n_points += len(x)
@@ -393,6 +449,102 @@ def _fit_lloyd(
         fit_seconds=0.0,
         sizes=counts.cpu(),
         distances_computed=computed,
+        distances_possible=n_points * k * len(curve),
+    )
+
+
+@dataclass
+class _PartitionSums:
+    """What one partition's rows add to a Lloyd update."""
+
+    sums: torch.Tensor  # [k, d] float64 rows of each cluster
+    counts: torch.Tensor  # [k] int64
+    x_sq: float  # sum of squared row norms
+
+
+def _task_device() -> str:
+    """A worker's device: its GPU where it has one (dask-cuda gives each worker one)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _assign_partition(shard: Shard, centroids: torch.Tensor) -> _PartitionSums:
+    """One partition's rows assigned to their nearest centroids, as _fit_lloyd's first pass does."""
+    device = _task_device()
+    centroids = centroids.to(device)
+    k = len(centroids)
+    c_sq = (centroids**2).sum(1)
+    sums = torch.zeros(centroids.shape, dtype=torch.float64, device=device)
+    counts = torch.zeros(k, dtype=torch.long, device=device)
+    x_sq = 0.0
+    for batch in shard.batches():
+        x = batch.to(device, torch.float32)
+        row_sq = (x**2).sum(1)
+        labels, _, _ = nearest_two(x, centroids, c_sq, row_sq)
+        for start in range(0, len(x), _ROWS_PER_GEMM):
+            rows = slice(start, start + _ROWS_PER_GEMM)
+            sums += cluster_sums(labels[rows], x[rows], k)
+        counts += torch.bincount(labels, minlength=k)
+        x_sq += float(row_sq.double().sum())
+    return _PartitionSums(sums.cpu(), counts.cpu(), x_sq)
+
+
+def _farthest_in_partition(shard: Shard, centroids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n rows of a partition farthest from their nearest centroid: (distances, rows)."""
+    c_sq = (centroids**2).sum(1)
+    best_dist, best_rows = torch.empty(0), torch.empty(0, centroids.shape[1])
+    for batch in shard.batches():
+        x = batch.float()
+        _, first, _ = nearest_two(x, centroids, c_sq)
+        dist = torch.cat([best_dist, first.sqrt()])
+        best_dist, order = dist.topk(min(n, len(dist)))
+        best_rows = torch.cat([best_rows, x])[order]
+    return best_dist, best_rows
+
+
+def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+    """Exact Lloyd as map-reduce over store partitions (see the module's docstring): the same
+    passes, sums, inertia and stopping rule as `_fit_lloyd`, with every distance computed."""
+    k = len(centroids)
+    device = centroids.device
+    centroids = centroids.cpu()
+    curve: list[float] = []
+    converged = False
+    n_points = 0
+    lloyd = progress.task("Lloyd", max_iter + 1, "passes", total_is_bound=tol > 0).start()
+    for iteration in range(max_iter + 1):
+        sums = torch.zeros(centroids.shape, dtype=torch.float64)
+        counts = torch.zeros(k, dtype=torch.long)
+        x_sq_total = 0.0
+        for index, part in enumerate(data.engine.imap(_assign_partition, data.shards, centroids)):
+            sums += part.sums
+            counts += part.counts
+            x_sq_total += part.x_sq
+            lloyd.update(iteration + (index + 1) / len(data.shards))
+        n_points = int(counts.sum())
+        c64 = centroids.double()
+        curve.append(x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum()))
+        if iteration == max_iter or (len(curve) > 1 and abs(curve[-2] - curve[-1]) <= tol * curve[-2]):
+            converged = iteration < max_iter
+            break
+        updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            found = list(data.engine.imap(_farthest_in_partition, data.shards, centroids, len(empty)))
+            dist, order = torch.cat([d for d, _ in found]).topk(len(empty))
+            updated[empty] = torch.cat([rows for _, rows in found])[order]
+        shift = (updated - centroids).norm(dim=1)
+        centroids = updated
+        lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
+    lloyd.update(len(curve))
+    lloyd.finish(inertia=curve[-1], iterations=len(curve) - 1)
+    return KMeansResult(
+        centroids=centroids.to(device),
+        inertia_curve=curve,
+        n_iter=len(curve) - 1,
+        converged=converged,
+        fit_seconds=0.0,
+        sizes=counts,
+        distances_computed=n_points * k * len(curve),
         distances_possible=n_points * k * len(curve),
     )
 

@@ -9,7 +9,7 @@ on more than DENSE_SHARE of them; usage entropy is that of the firing distributi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from gemma_assets.core import progress
 from gemma_assets.core.bootstrap import WindowSums
 from gemma_assets.core.codes import Codes, Dictionary
+from gemma_assets.core.engine import Partitioned, Shard
 
 DENSE_SHARE = 0.1
 WINDOW_FIELDS = ("n", "sse", "sq", "x", "cosine", "relative_norm", "l0")
@@ -89,6 +90,27 @@ class ReconstructionMetrics:
             for name, values in sums.items():
                 kept[name] = kept[name] + values[row].numpy()
 
+    def merge(self, other: ReconstructionMetrics) -> None:
+        """Fold in another accumulator's sums (another partition's: windows never span two)."""
+        if not other.d_model:
+            return
+        if not self.d_model:
+            self.sum_x, self.d_model = np.zeros(other.d_model), other.d_model
+            self.fires = torch.zeros(self.n_features, dtype=torch.long)
+        self.n_tokens += other.n_tokens
+        self.sum_sq_error += other.sum_sq_error
+        self.sum_sq_norm += other.sum_sq_norm
+        self.sum_x += other.sum_x
+        self.sum_cosine += other.sum_cosine
+        self.sum_relative_norm += other.sum_relative_norm
+        self.sum_l0 += other.sum_l0
+        self.encode_seconds += other.encode_seconds
+        self.fires += other.fires
+        for window, sums in other.windows.items():
+            kept = self.windows.setdefault(window, {name: np.zeros(()) for name in sums})
+            for name, values in sums.items():
+                kept[name] = kept[name] + values
+
     def window_sums(self) -> WindowSums:
         """The per-window sums, windows in increasing id order."""
         order = sorted(self.windows)
@@ -131,11 +153,12 @@ def paired_window_sums(x: torch.Tensor, x_hat: torch.Tensor, windows: np.ndarray
 def evaluate(batches: Iterable[torch.Tensor], dictionary: Dictionary, device: str = "cpu") -> dict[str, float]:
     """The metric suite of a dictionary over batches of raw activations (raw units throughout);
     encoding runs on `device`, and its time gives the encode throughput."""
-    return _accumulate(((x, None) for x in batches), dictionary, device).result()
+    with progress.task("held-out evaluation of dictionary", None, "tokens") as evaluated:
+        return _accumulate(((x, None) for x in batches), dictionary, device, evaluated.advance).result()
 
 
 def evaluate_windows(
-    batches: Iterable[tuple[torch.Tensor, np.ndarray]],
+    batches: Iterable[tuple[torch.Tensor, np.ndarray]] | Partitioned,
     dictionary: Dictionary,
     device: str = "cpu",
     name: str = "dictionary",
@@ -143,29 +166,40 @@ def evaluate_windows(
 ) -> tuple[dict[str, float], WindowSums]:
     """`evaluate` over (activations, window id of each token) batches, with the per-window sums
     that intervals are computed from; progress reported as the held-out evaluation of `name`,
-    against at most `tokens` tokens."""
-    metrics = _accumulate(batches, dictionary, device, name, tokens)
+    against at most `tokens` tokens. Store partitions are evaluated one task each on their
+    engine, their sums added in partition order."""
+    with progress.task(f"held-out evaluation of {name}", tokens, "tokens", total_is_bound=True) as evaluated:
+        if isinstance(batches, Partitioned):
+            metrics = ReconstructionMetrics(dictionary.n_features)
+            for part in batches.engine.imap(_partition_metrics, batches.shards, dictionary, device):
+                metrics.merge(part)
+                evaluated.advance(part.n_tokens)
+        else:
+            metrics = _accumulate(batches, dictionary, device, evaluated.advance)
     return metrics.result(), metrics.window_sums()
+
+
+def _partition_metrics(shard: Shard, dictionary: Dictionary, device: str) -> ReconstructionMetrics:
+    """One partition's metric sums (a task of `evaluate_windows`; a worker without CUDA encodes on its CPU)."""
+    return _accumulate(shard.window_batches(), dictionary, device if torch.cuda.is_available() else "cpu")
 
 
 def _accumulate(
     batches: Iterable[tuple[torch.Tensor, np.ndarray | None]],
     dictionary: Dictionary,
     device: str,
-    name: str = "dictionary",
-    tokens: int | None = None,
+    on_tokens: Callable[[int], None] = lambda _: None,
 ) -> ReconstructionMetrics:
     metrics = ReconstructionMetrics(dictionary.n_features)
-    with progress.task(f"held-out evaluation of {name}", tokens, "tokens", total_is_bound=True) as evaluated:
-        for x, windows in batches:
-            on_device = x.to(device)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            codes = dictionary.encode(on_device)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
-            metrics.encode_seconds += time.perf_counter() - started
-            metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"), windows)
-            evaluated.advance(len(x))
+    for x, windows in batches:
+        on_device = x.to(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        codes = dictionary.encode(on_device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        metrics.encode_seconds += time.perf_counter() - started
+        metrics.update(x, dictionary.decode(codes).cpu(), codes.to("cpu"), windows)
+        on_tokens(len(x))
     return metrics

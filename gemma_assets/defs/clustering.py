@@ -34,18 +34,21 @@ def cluster_models(
     """K-means (k-means++ init, exact Lloyd) fitted on the train split (in memory or streamed),
     its gain-shape and top-m readings, held-out metrics, and the cluster of every stored token."""
     run_config, layout = run.config, storage.layout(context)
-    train = clustering.train_split(layout, run_config)
-    if train.streamed:
-        context.log.info(f"train split larger than {run_config.clustering.in_memory_mb} MB: streamed from the store")
     metadata = {}
-    for key in context.partition_keys:
-        kmeans, *variants = records = clustering.fit_k(
-            layout, run_config, train, int(key), context.log.info, compute.resolved_device
-        )
-        context.log.info(clustering.describe_fit(records))
-        summary = {"heldout_fvu": kmeans.fvu, "heldout_mse": kmeans.heldout["mse"]}
-        summary |= {"iterations": kmeans.facts["iterations"], "fit_seconds": kmeans.cost["fit_seconds"]}
-        metadata[f"k={key}"] = dg.MetadataValue.json(summary)
+    with compute.engine(context.log.info) as engine:
+        train = clustering.train_split(layout, run_config, engine)
+        if train.streamed and not train.data.distributed:
+            context.log.info(
+                f"train split larger than {run_config.clustering.in_memory_mb} MB: streamed from the store"
+            )
+        for key in context.partition_keys:
+            kmeans, *variants = records = clustering.fit_k(
+                layout, run_config, train, int(key), context.log.info, compute.resolved_device
+            )
+            context.log.info(clustering.describe_fit(records))
+            summary = {"heldout_fvu": kmeans.fvu, "heldout_mse": kmeans.heldout["mse"]}
+            summary |= {"iterations": kmeans.facts["iterations"], "fit_seconds": kmeans.cost["fit_seconds"]}
+            metadata[f"k={key}"] = dg.MetadataValue.json(summary)
     return dg.MaterializeResult(metadata=metadata)
 
 

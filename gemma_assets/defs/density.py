@@ -7,14 +7,14 @@ from gemma_assets.core.layout import WINDOWS_FILE
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import density
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
-from gemma_assets.defs.resources import RunResource, StorageResource
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 ANOMALY_COLUMNS = ("k", "log_likelihood", "partition", "row", "context")
 
 
 @reports_progress
 def cluster_density(
-    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """Diagonal-covariance Gaussian mixture (streamed EM) in whitened principal components,
     initialised from the k-means centroids; held-out log-likelihood per token and the
@@ -23,24 +23,26 @@ def cluster_density(
     tokenizer = model.load_tokenizer(layout.model_source(run_config))
     metadata: dict[str, float | dg.MetadataValue] = {}
     anomalies: list[dict[str, object]] = []  # the lowest-density tokens of every k
-    for key in context.partition_keys:
-        record = density.fit_density(layout, run_config, int(key), tokenizer.decode)
-        likelihood = record.heldout_mean_log_likelihood
-        context.log.info(f"k={key}: GMM held-out mean log-likelihood {likelihood:.2f} per token")
-        metadata[f"k={key}_heldout_mean_log_likelihood"] = likelihood
-        anomalies += [{"k": record.k, **anomaly} for anomaly in record.anomalies[:5]]
+    with compute.engine(context.log.info) as engine:
+        for key in context.partition_keys:
+            record = density.fit_density(layout, run_config, int(key), tokenizer.decode, engine)
+            likelihood = record.heldout_mean_log_likelihood
+            context.log.info(f"k={key}: GMM held-out mean log-likelihood {likelihood:.2f} per token")
+            metadata[f"k={key}_heldout_mean_log_likelihood"] = likelihood
+            anomalies += [{"k": record.k, **anomaly} for anomaly in record.anomalies[:5]]
     metadata["lowest_density_tokens"] = md(markdown_table(anomalies, ANOMALY_COLUMNS))
     return dg.MaterializeResult(metadata=metadata)
 
 
 @reports_progress
 def leader_clusters(
-    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """Leader clustering as in Exemplar Partitioning (centred, unit-norm tokens; a new region
     when every exemplar is farther than a percentile-set cosine threshold), evaluated on the
     same held-out tokens as every other dictionary."""
-    gain_shape, member_mean = density.fit_leader_regions(storage.layout(context), run.config)
+    with compute.engine(context.log.info) as engine:
+        gain_shape, member_mean = density.fit_leader_regions(storage.layout(context), run.config, engine)
     context.log.info(
         f"leader clustering: {gain_shape.k} regions, held-out FVU {gain_shape.fvu:.4f} (gain-shape on the "
         f"exemplar), {member_mean.fvu:.4f} (member mean)"

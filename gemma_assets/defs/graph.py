@@ -91,7 +91,7 @@ def build_definitions(run: RunConfig, data_root: str | None = None) -> dg.Defini
         resources={
             "run": run_resource,
             "storage": StorageResource(data_root=data_root, run=run_resource),
-            "compute": ComputeResource(),
+            "compute": ComputeResource.from_environment(),
             "operations": OperationsResource.from_environment(),
         },
         loggers={"console": console_logger},

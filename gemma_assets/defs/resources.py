@@ -2,6 +2,8 @@
 derive, don't mutate."""
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,7 @@ import dagster as dg
 import torch
 
 from gemma_assets.core.config import ConfigError, RunConfig, parse_resolved
+from gemma_assets.core.engine import Engine, InProcess, open_engine
 from gemma_assets.core.files import writable_folder
 from gemma_assets.core.layout import RunLayout
 
@@ -93,11 +96,44 @@ def run_layout(defs: dg.Definitions) -> RunLayout:
     return storage.layout()
 
 
+DASK_CLUSTER_ENV_VAR = "GEMMA_ASSETS_DASK_CLUSTER"
+DASK_WORKERS_ENV_VAR = "GEMMA_ASSETS_DASK_WORKERS"
+DASK_THREADS_ENV_VAR = "GEMMA_ASSETS_DASK_THREADS"
+
+
 class ComputeResource(dg.ConfigurableResource):
-    """Device and batch size for model and clustering steps (the compute dtype is run config)."""
+    """Device and batch size for model and clustering steps (the compute dtype is run config),
+    and the engine of the passes over the store (core/engine.py): `cluster` "" runs them in the
+    step's process; "local" on a Dask LocalCluster of `workers` processes (0: one per core, or
+    one per GPU on a CUDA machine with dask-cuda) of `threads_per_worker` threads; anything else
+    is a Dask scheduler's address (tcp://host:8786). Results do not depend on it."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16  # windows per forward pass
+    cluster: str = ""  # $GEMMA_ASSETS_DASK_CLUSTER
+    workers: int = 0  # $GEMMA_ASSETS_DASK_WORKERS
+    threads_per_worker: int = 1  # $GEMMA_ASSETS_DASK_THREADS
+
+    @classmethod
+    def from_environment(cls) -> "ComputeResource":
+        """The engine as the deployment's environment sets it (unset or blank: the default)."""
+        knobs: dict[str, Any] = {}
+        if cluster := os.environ.get(DASK_CLUSTER_ENV_VAR, "").strip():
+            knobs["cluster"] = cluster
+        for field, variable in (("workers", DASK_WORKERS_ENV_VAR), ("threads_per_worker", DASK_THREADS_ENV_VAR)):
+            if value := os.environ.get(variable, "").strip():
+                if not value.isdigit():
+                    raise ConfigError(f"${variable} is {value!r}, not a whole number -> set it to e.g. 2, or unset it")
+                knobs[field] = int(value)
+        return cls(**knobs)
+
+    @contextmanager
+    def engine(self, log: Callable[[str], None]) -> Iterator[Engine]:
+        """The engine of this step's passes over the store, open for the block's length."""
+        with open_engine(self.cluster, self.workers, self.threads_per_worker) as engine:
+            if not isinstance(engine, InProcess):
+                log(f"passes over the store run on Dask ({self.cluster}): {engine.workers} workers")
+            yield engine
 
     @property
     def resolved_device(self) -> str:

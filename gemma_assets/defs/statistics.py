@@ -23,9 +23,10 @@ def activation_stats(
     merged exactly across partitions), token-norm tables by position and stratum, the largest
     activations and the tokens that carry them. The moments run on the compute device."""
     precision = compute.comoment_precision(run.config.quality.comoment_precision)
-    summary = statistics.summarise(
-        storage.layout(context), run.config, context.log.info, precision, compute.resolved_device
-    )
+    with compute.engine(context.log.info) as engine:
+        summary = statistics.summarise(
+            storage.layout(context), run.config, context.log.info, precision, compute.resolved_device, engine
+        )
     tables = summary.tables
     return dg.MaterializeResult(
         metadata={

@@ -13,10 +13,11 @@ import zarr
 import zarr.storage
 
 from gemma_assets.core import bootstrap, metrics, plots, progress
-from gemma_assets.core.batches import Batches, WindowBatches, as_batches, map_data
+from gemma_assets.core.batches import map_data
 from gemma_assets.core.cluster_metrics import cluster_quality
 from gemma_assets.core.config import RunConfig, seed_name
 from gemma_assets.core.dictionaries import Member, clustering_family, fit_gain_shape
+from gemma_assets.core.engine import Engine, Partitioned, Shard
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.kmeans import KMeansDictionary, KMeansResult, assign, fit_kmeans
 from gemma_assets.core.layout import SEED_MODELS_FILE, SEEDS_FILE, WINDOWS_FILE, RunLayout
@@ -54,29 +55,23 @@ def fit_whitening(layout: RunLayout, run: RunConfig) -> WhiteningRecord:
 
 @dataclass(frozen=True)
 class TrainSplit:
-    """The train split in the space k-means is fitted in: in memory, or streamed from the store."""
+    """The train split in the space k-means is fitted in, as store partitions on the run's engine:
+    held in this process's memory when it fits `clustering.in_memory_mb` and the engine is this
+    process; otherwise every pass streams the store (out of core, or on the cluster's workers)."""
 
-    data: torch.Tensor | Batches
+    data: Partitioned
     preprocessor: Preprocessor
     tokens: int
     streamed: bool
 
 
-def train_split(layout: RunLayout, run: RunConfig) -> TrainSplit:
-    """In memory when it fits `clustering.in_memory_mb`; otherwise every Lloyd iteration streams
-    the store once (out of core)."""
+def train_split(layout: RunLayout, run: RunConfig, engine: Engine) -> TrainSplit:
     spec = run.clustering
     preprocessor = layout.preprocessor(spec.preprocessing, spec.n_components)
     moments = layout.moments("train")
-    store = layout.activation_store()
-    streamed = moments.count * moments.d_model * 4 > spec.in_memory_mb * 2**20
-    keys = run.train_partition_keys
-    data = (
-        store.batches(keys, preprocessor.forward)
-        if streamed
-        else store.load_tokens(keys, transform=preprocessor.forward)[0]
-    )
-    return TrainSplit(data, preprocessor, moments.count, streamed)
+    partitions = Partitioned.of(engine, layout.activation_store(), run.train_partition_keys, preprocessor.forward)
+    streamed = partitions.distributed or moments.count * moments.d_model * 4 > spec.in_memory_mb * 2**20
+    return TrainSplit(partitions if streamed else partitions.in_memory(), preprocessor, moments.count, streamed)
 
 
 def _kmeans_facts(run: RunConfig, result: KMeansResult, peak_mb: float) -> dict:
@@ -143,7 +138,7 @@ class _SeededFit:
 def _fit_seeded(
     run: RunConfig,
     train: TrainSplit,
-    heldout_windows: WindowBatches,
+    heldout_windows: Partitioned,
     heldout_tokens: int,
     k: int,
     seed: int,
@@ -162,12 +157,12 @@ def _fit_seeded(
     # the same clustering read as dictionaries with more shapes (gain-shape's directions come
     # from spherical k-means on the same tokens)
     # batch by batch even when the split is in memory: a second copy of a 36 GB split would not fit
-    raw = map_data(as_batches(train.data), train.preprocessor.inverse)
+    raw = map_data(train.data, train.preprocessor.inverse)
     gain_shape, spherical = fit_gain_shape(raw, train.preprocessor.shift, k, seed=spec.seed + seed, **fit_args)
     family = clustering_family(k, result.centroids, gain_shape.atoms, train.preprocessor)
     evaluated = {
         member.name: metrics.evaluate_windows(
-            heldout_windows(), member.dictionary, name=seed_name(member.name, seed), tokens=heldout_tokens
+            heldout_windows, member.dictionary, name=seed_name(member.name, seed), tokens=heldout_tokens
         )
         for member in family
     }
@@ -186,10 +181,7 @@ def fit_k(
     metrics and the cluster of every stored token, written together under clusters/k-<k>/; with
     `seeds` > 1 also the refits with seeds 1.. (their records and centroids, no assignments)."""
     store = layout.activation_store()
-    heldout, heldout_windows = (
-        store.batches(run.heldout_partition_keys),
-        store.window_batches(run.heldout_partition_keys),
-    )
+    heldout_windows = Partitioned.of(train.data.engine, store, run.heldout_partition_keys)
     heldout_tokens = store.token_count(run.heldout_partition_keys)  # progress totals, read once
     fits = []
     for seed in range(run.seeds):
@@ -199,7 +191,8 @@ def fit_k(
             log(f"k={k}, seed {seed}: held-out FVU of {kmeans} {fits[-1].evaluated[kmeans][0]['fvu']:.4f}")
     first, *replicas = fits
     # cluster quality is read in the space k-means was fitted in
-    quality = {Family.KMEANS: cluster_quality(map_data(heldout, train.preprocessor.forward)(), first.kmeans.centroids)}
+    heldout = store.batches(run.heldout_partition_keys, train.preprocessor.forward)
+    quality = {Family.KMEANS: cluster_quality(heldout(), first.kmeans.centroids)}
     records = first.records(run, train, quality)
     seed_records: dict[str, list[dict[str, Any]]] = {member.name: [] for member in first.family}
     for fit in replicas:
@@ -214,7 +207,8 @@ def fit_k(
         save_arrays(
             out / "model.npz", {n: v.numpy() for n, v in model.items()} | {"inertia_curve": first.kmeans.inertia_curve}
         )
-        write_assignments(out / "assignments", store, run.partition_keys, first.kmeans_dictionary)
+        everything = Partitioned.of(train.data.engine, store, run.partition_keys)
+        write_assignments(out / "assignments", everything, first.kmeans_dictionary)
         write_json(out / "records.json", [record.to_json() for record in records])
         windows = {name: sums for name, (_, sums) in first.evaluated.items()}
         save_arrays(out / WINDOWS_FILE, bootstrap.flatten(windows))
@@ -223,19 +217,29 @@ def fit_k(
     return records
 
 
-def write_assignments(path: Path, store: ActivationStore, keys: list[str], dictionary: KMeansDictionary) -> None:
+def write_assignments(path: Path, partitions: Partitioned, dictionary: KMeansDictionary) -> None:
     """Cluster of every stored token (-1 for BOS), one zarr array per partition, row-aligned with
-    the activations; written beside and renamed into place, so readers never see half of it."""
+    the activations; each partition labelled by a task of its engine, and written here beside
+    the target, then renamed into place, so readers never see half of it."""
     k = len(dictionary.centroids)
-    with atomic_dir(path) as staging, progress.task(f"k={k} assignments", store.token_count(keys), "tokens") as done:
+    store = ActivationStore(partitions.shards[0].store_url)
+    total = store.token_count([shard.key for shard in partitions.shards])
+    with atomic_dir(path) as staging, progress.task(f"k={k} assignments", total, "tokens") as done:
         group = zarr.open_group(zarr.storage.LocalStore(str(staging)), mode="w")
-        for key in keys:
-            labels = np.full(store.open(key).n_tokens, -1, np.int32)
-            for x, info in store.iter_tokens([key]):
-                labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
-                done.advance(len(x))
-            done.update(done.position + int((labels == -1).sum()))  # BOS rows: stored, not assigned
-            group.create_array(f"part-{key}", data=labels, chunks=(min(len(labels), 1 << 20),))
+        for shard, labels in zip(
+            partitions.shards, partitions.engine.imap(partition_labels, partitions.shards, dictionary), strict=True
+        ):
+            group.create_array(f"part-{shard.key}", data=labels, chunks=(min(len(labels), 1 << 20),))
+            done.advance(len(labels))
+
+
+def partition_labels(shard: Shard, dictionary: KMeansDictionary) -> np.ndarray:
+    """The nearest centroid of each row of a partition, -1 for BOS rows (stored, not assigned)."""
+    store = ActivationStore(shard.store_url)
+    labels = np.full(store.manifest(shard.key)["n_tokens"], -1, np.int32)
+    for x, info in store.iter_tokens([shard.key]):
+        labels[info["row"]] = assign(dictionary.preprocessor.forward(x), dictionary.centroids)[0].numpy()
+    return labels
 
 
 def describe_fit(records: list[DictionaryRecord]) -> str:

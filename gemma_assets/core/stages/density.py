@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from gemma_assets.core import bootstrap, interpret, leader, metrics
-from gemma_assets.core.batches import as_batches
 from gemma_assets.core.codes import Dictionary
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.engine import Engine, Partitioned
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.gmm import fit_gmm, lowest_density
 from gemma_assets.core.layout import WINDOWS_FILE, RunLayout
@@ -40,19 +40,21 @@ class DensityRecord:
     anomalies: list[dict[str, Any]]
 
 
-def fit_density(layout: RunLayout, run: RunConfig, k: int, decode: Callable[[list[int]], str]) -> DensityRecord:
-    """Diagonal-covariance Gaussian mixture (streamed EM) in whitened principal components,
-    initialised from the k-means-k centroids; held-out log-likelihood per token and the
-    lowest-density held-out tokens in context, written to density/k-<k>.json."""
+def fit_density(
+    layout: RunLayout, run: RunConfig, k: int, decode: Callable[[list[int]], str], engine: Engine
+) -> DensityRecord:
+    """Diagonal-covariance Gaussian mixture (streamed EM, its passes on `engine`) in whitened
+    principal components, initialised from the k-means-k centroids; held-out log-likelihood per
+    token and the lowest-density held-out tokens in context, written to density/k-<k>.json."""
     store = layout.activation_store()
     whitened = layout.whitening()
     space = layout.preprocessor("pca", min(run.density.components, len(whitened.mean)))
     kmeans_space = layout.preprocessor(run.clustering.preprocessing, run.clustering.n_components)
     centroids = torch.from_numpy(layout.kmeans_model(k)["centroids"])
-    train = store.batches(run.train_partition_keys, space.forward)
-    if run.train_tokens * space.dim * 4 <= run.clustering.in_memory_mb * 2**20:
+    train = Partitioned.of(engine, store, run.train_partition_keys, space.forward)
+    if not train.distributed and run.train_tokens * space.dim * 4 <= run.clustering.in_memory_mb * 2**20:
         # the projected split is small (components << d_model): read the store once, not once per EM pass
-        train = as_batches(store.load_tokens(run.train_partition_keys, transform=space.forward)[0])
+        train = train.in_memory()
     init = space.forward(kmeans_space.inverse(centroids))
     gmm = fit_gmm(train, init, max_iter=run.density.max_iter, tol=run.density.tol)
     heldout = store.batches(run.heldout_partition_keys, space.forward)
@@ -85,11 +87,11 @@ def fit_density(layout: RunLayout, run: RunConfig, k: int, decode: Callable[[lis
     return record
 
 
-def fit_leader_regions(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
+def fit_leader_regions(layout: RunLayout, run: RunConfig, engine: Engine) -> list[DictionaryRecord]:
     """Leader clustering as in Exemplar Partitioning (centred, unit-norm tokens; a new region when
     every exemplar is farther than a percentile-set cosine threshold), read two ways: gain-shape
     on the exemplar direction, and the mean of the region's train tokens; both evaluated on the
-    same held-out tokens as every other dictionary and written under clusters/leader/."""
+    same held-out tokens as every other dictionary (on `engine`) and written under clusters/leader/."""
     store = layout.activation_store()
     mean = torch.from_numpy(layout.whitening().mean).float()
     started = time.perf_counter()
@@ -106,12 +108,10 @@ def fit_leader_regions(layout: RunLayout, run: RunConfig) -> list[DictionaryReco
         Family.LEADER: result.dictionary(),
         Family.LEADER_MEAN: leader.RegionMeanDictionary(result.exemplars, mean, means),
     }
-    heldout_windows, tokens = (
-        store.window_batches(run.heldout_partition_keys),
-        store.token_count(run.heldout_partition_keys),
-    )
+    heldout_windows = Partitioned.of(engine, store, run.heldout_partition_keys)
+    tokens = store.token_count(run.heldout_partition_keys)
     evaluated = {
-        family: metrics.evaluate_windows(heldout_windows(), d, name=family.value, tokens=tokens)
+        family: metrics.evaluate_windows(heldout_windows, d, name=family.value, tokens=tokens)
         for family, d in readings.items()
     }
     facts = {

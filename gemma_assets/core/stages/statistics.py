@@ -7,15 +7,17 @@ look across partitions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from gemma_assets.core import expectations, plots, progress, quality
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.engine import Engine, Partitioned, Shard
 from gemma_assets.core.files import atomic_file, write_json
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.records import CheckReport, Finding, describe
@@ -39,37 +41,58 @@ class StatsSummary:
     folder: Path
 
 
+def _cache_is_fresh(layout: RunLayout, store: ActivationStore, key: str, sample_size: int, precision: str) -> bool:
+    """Whether partition `key`'s cached statistics are of its committed version, sample size and
+    co-moment precision: a new or rewritten partition, a new `quality.quantile_sample_per_partition`
+    or precision is the only reason to recompute. Reads the cache's small fields only."""
+    path = layout.partition_stats_file(key)
+    manifest = store.manifest(key)
+    non_bos = manifest["n_tokens"] - manifest["n_tokens"] // manifest["attrs"]["context_len"]
+    if not path.exists() or not layout.partition_moments_file(key).exists():
+        return False
+    try:
+        with np.load(path) as cached:
+            return (
+                str(cached["version"]) == manifest["version"]
+                and str(cached["precision"]) == precision
+                and len(cached["sample"]) == min(sample_size, non_bos)
+            )
+    except (OSError, KeyError, ValueError):  # a damaged or half-deleted cache entry is recomputed
+        return False
+
+
+def _compute_partition_stats(shard: Shard, sample_size: int, precision: str, device: str) -> PartitionStats:
+    """One partition's pass (a task of the run's engine; a worker without CUDA computes on its CPU)."""
+    device = device if torch.cuda.is_available() else "cpu"
+    return PartitionStats.compute(
+        ActivationStore(shard.store_url), shard.key, sample_size, precision=precision, device=device
+    )
+
+
 def partition_stats(
     layout: RunLayout,
-    store: ActivationStore,
-    key: str,
+    engine: Engine,
+    keys: list[str],
     sample_size: int,
     log: Callable[[str], None],
     precision: str,
     device: str,
-) -> PartitionStats:
-    """Cached per committed version, sample size and co-moment precision: a new or rewritten
-    partition, a new `quality.quantile_sample_per_partition` or precision is the only reason
-    to recompute."""
-    path = layout.partition_stats_file(key)
-    manifest = store.manifest(key)
-    non_bos = manifest["n_tokens"] - manifest["n_tokens"] // manifest["attrs"]["context_len"]
-    try:
-        cached = layout.partition_stats(key) if path.exists() else None
-    except (OSError, KeyError, ValueError):  # a damaged or half-deleted cache entry is recomputed
-        cached = None
-    if (
-        cached is not None
-        and cached.version == manifest["version"]
-        and cached.precision == precision
-        and len(cached.sample) == min(sample_size, non_bos)
-    ):
-        log(f"statistics of partition {key}: reused (unchanged since last pass)")
-        return cached
-    stats = PartitionStats.compute(store, key, sample_size, precision=precision, device=device)
-    stats.save(path)
-    log(f"statistics of partition {key}: {stats.moments.count} tokens")
-    return stats
+) -> Iterator[PartitionStats]:
+    """Each partition's statistics, in `keys` order: cached per committed version, sample size and
+    precision; those to compute are tasks of `engine`, saved here as they arrive."""
+    store = layout.activation_store()
+    stale = [key for key in keys if not _cache_is_fresh(layout, store, key, sample_size, precision)]
+    shards = Partitioned.of(engine, store, stale).shards
+    computed = engine.imap(_compute_partition_stats, shards, sample_size, precision, device)
+    for key in keys:
+        if key not in stale:
+            log(f"statistics of partition {key}: reused (unchanged since last pass)")
+            yield layout.partition_stats(key)
+            continue
+        stats = next(computed)
+        stats.save(layout.partition_stats_file(key))
+        log(f"statistics of partition {key}: {stats.moments.count} tokens")
+        yield stats
 
 
 def _mean_norms(sums: list[pl.DataFrame], key: str) -> pl.DataFrame:
@@ -143,12 +166,13 @@ class _Pass:
 
 
 def summarise(
-    layout: RunLayout, run: RunConfig, log: Callable[[str], None], precision: str, device: str
+    layout: RunLayout, run: RunConfig, log: Callable[[str], None], precision: str, device: str, engine: Engine
 ) -> StatsSummary:
     """Per-dimension mean/variance/min/max/quantiles and covariance (float64 sums, BOS excluded,
     merged exactly across partitions), token-norm tables by position and stratum, the largest
     activations and the tokens that carry them; every table written under stats/. The co-moment's
-    `precision` (core.stats.PRECISIONS) and the `device` it runs on come from the compute resource."""
+    `precision` (core.stats.PRECISIONS), the `device` it runs on and the `engine` of the
+    partitions' passes come from the compute resource."""
     store = layout.activation_store()
     split_of = dict.fromkeys(run.train_partition_keys, "train") | dict.fromkeys(run.heldout_partition_keys, "heldout")
     manifest = store.manifest(run.partition_keys[0])
@@ -156,8 +180,8 @@ def summarise(
     quantile_rows = max(1, MAX_QUANTILE_SAMPLE // len(run.train_partition_keys))
     with progress.task("statistics pass", store.token_count(run.partition_keys), "tokens") as done:
         sample_size = run.quality.quantile_sample_per_partition
-        for key in run.partition_keys:
-            part = partition_stats(layout, store, key, sample_size, log, precision, device)
+        parts = partition_stats(layout, engine, run.partition_keys, sample_size, log, precision, device)
+        for key, part in zip(run.partition_keys, parts, strict=True):
             token_ids = store.open(key).array("token_ids")
             acc.add(part, split_of[key], token_ids, quantile_rows, run.sampling.context_len)
             done.advance(len(token_ids))

@@ -1,0 +1,143 @@
+"""The store passes on Dask: speed-up with workers, per-worker memory, and network bytes.
+
+    python benchmarks/distributed.py --json benchmarks/results/distributed_cpu.json
+
+Writes a synthetic store at d 2304 (benchmarks/stats.py's, with massive dimensions) and runs
+the two passes the fits spend their time in, as map-reduce over partitions (core/engine.py):
+k-means Lloyd iterations from fixed centroids, and the statistics pass. Each runs on a
+LocalCluster of one single-threaded worker process (the baseline, in the same process) and of
+two. Targets (issue #26):
+
+- with 2 workers, Lloyd and statistics run at least 1.7x as fast as with 1;
+- per-worker peak RSS is flat (at most 1.25x) from N to 4N tokens;
+- the bytes sent per Lloyd iteration grow as k * d and do not depend on N.
+
+Needs the `bench` extra (Dask). Worker peak RSS is each worker process's high-water mark
+(getrusage), on a fresh cluster per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.stats import write_store  # noqa: E402
+from gemma_assets.core.engine import DaskEngine, Partitioned, open_engine  # noqa: E402
+from gemma_assets.core.kmeans import fit_kmeans  # noqa: E402
+from gemma_assets.core.stages.statistics import _compute_partition_stats  # noqa: E402
+from gemma_assets.core.stats import ActivationMoments  # noqa: E402
+from gemma_assets.core.storage import ActivationStore  # noqa: E402
+
+TARGET_SPEEDUP = 1.7
+TARGET_RSS_GROWTH = 1.25
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def lloyd(store: ActivationStore, keys: list[str], workers: int, k: int, iterations: int) -> dict:
+    """Lloyd passes from fixed centroids on a fresh cluster: seconds per pass, bytes per pass,
+    peak RSS of the busiest worker."""
+    init = torch.randn(k, 2304, generator=torch.Generator().manual_seed(1)) * 10
+    with open_engine("local", workers) as engine:
+        assert isinstance(engine, DaskEngine)
+        data = Partitioned.of(engine, store, keys)
+        started = time.perf_counter()
+        result = fit_kmeans(data, k, max_iter=iterations, tol=0.0, init=init)
+        seconds = time.perf_counter() - started
+        passes = result.n_iter + 1
+        rss = max(engine.client.run(_peak_rss_mb).values())
+        return {
+            "workers": workers,
+            "tokens": int(result.sizes.sum()),
+            "k": k,
+            "seconds_per_pass": seconds / passes,
+            "bytes_sent_per_pass": engine.traffic.sent / passes,
+            "bytes_received_per_pass": engine.traffic.received / passes,
+            "worker_peak_rss_mb": rss,
+        }
+
+
+def statistics(store: ActivationStore, keys: list[str], workers: int) -> dict:
+    """The statistics pass (moments, norms, quantile sample) over `keys`, merged here in order."""
+    with open_engine("local", workers) as engine:
+        shards = Partitioned.of(engine, store, keys).shards
+        started = time.perf_counter()
+        total = ActivationMoments(2304)
+        for part in engine.imap(_compute_partition_stats, shards, 2048, "mixed", "cpu"):
+            total.merge(part.moments)
+        return {"workers": workers, "tokens": total.count, "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--tokens-per-partition", type=int, default=8192)
+    parser.add_argument("--partitions", type=int, default=4, help="N: the small store's partitions (4N: the large)")
+    parser.add_argument("--k", type=int, default=512)
+    parser.add_argument("--iterations", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        store = write_store(Path(scratch), 4 * args.partitions, args.tokens_per_partition, 2304)
+        keys = store.committed_keys()
+        small = keys[: args.partitions]
+        one, two = (lloyd(store, small, workers, args.k, args.iterations) for workers in (1, 2))
+        large = lloyd(store, keys, 2, args.k, args.iterations)
+        wider = lloyd(store, small, 2, 2 * args.k, args.iterations)
+        stats_one, stats_two = (statistics(store, small, workers) for workers in (1, 2))
+    figures = {
+        "d_model": 2304,
+        "tokens_per_partition": args.tokens_per_partition,
+        "lloyd": {"1 worker": one, "2 workers": two, "2 workers, 4N": large, "2 workers, 2k": wider},
+        "statistics": {"1 worker": stats_one, "2 workers": stats_two},
+        "lloyd_speedup_2_workers": one["seconds_per_pass"] / two["seconds_per_pass"],
+        "statistics_speedup_2_workers": stats_one["seconds"] / stats_two["seconds"],
+        "worker_rss_growth_4n": large["worker_peak_rss_mb"] / two["worker_peak_rss_mb"],
+        "bytes_per_pass_growth_4n": large["bytes_sent_per_pass"] / two["bytes_sent_per_pass"],
+        "bytes_per_pass_growth_2k": wider["bytes_sent_per_pass"] / two["bytes_sent_per_pass"],
+    }
+    figures["targets_met"] = {
+        "lloyd_speedup": figures["lloyd_speedup_2_workers"] >= TARGET_SPEEDUP,
+        "statistics_speedup": figures["statistics_speedup_2_workers"] >= TARGET_SPEEDUP,
+        "flat_worker_rss": figures["worker_rss_growth_4n"] <= TARGET_RSS_GROWTH,
+        # N-independent: within 5% (task arguments grow with the partition count, by ~100 B each)
+        "bytes_independent_of_n": abs(figures["bytes_per_pass_growth_4n"] - 1) <= 0.05,
+        "bytes_proportional_to_k": abs(figures["bytes_per_pass_growth_2k"] - 2) <= 0.1,
+    }
+    print(f"\nstore passes on a LocalCluster, d 2304, {args.tokens_per_partition:,} tokens per partition")
+    print("  pass         workers  tokens     k   s/pass  sent/pass MB  received/pass MB  worker peak RSS MB")
+    for name, row in figures["lloyd"].items():
+        print(
+            f"  Lloyd {name:>14s} {row['tokens']:8,d} {row['k']:5d} {row['seconds_per_pass']:8.2f} "
+            f"{row['bytes_sent_per_pass'] / 1e6:13.2f} {row['bytes_received_per_pass'] / 1e6:17.2f} "
+            f"{row['worker_peak_rss_mb']:19.0f}"
+        )
+    for name, row in figures["statistics"].items():
+        print(f"  statistics {name:>9s} {row['tokens']:8,d}       {row['seconds']:8.2f}")
+    print(
+        f"  2 workers vs 1: Lloyd {figures['lloyd_speedup_2_workers']:.2f}x, statistics "
+        f"{figures['statistics_speedup_2_workers']:.2f}x (target >= {TARGET_SPEEDUP}x)"
+    )
+    print(
+        f"  4N tokens: worker peak RSS {figures['worker_rss_growth_4n']:.2f}x (target <= {TARGET_RSS_GROWTH}x), "
+        f"bytes per pass {figures['bytes_per_pass_growth_4n']:.2f}x; 2k: bytes per pass "
+        f"{figures['bytes_per_pass_growth_2k']:.2f}x"
+    )
+    print(f"  targets met: {figures['targets_met']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

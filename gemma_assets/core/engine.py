@@ -1,0 +1,252 @@
+"""Where the passes over the activation store run: in this process, or on a Dask cluster.
+
+A pass over the store is a map over its committed partitions, then a reduce. A task opens one
+partition, streams it batch by batch and returns what the pass needs of it: float64 sums and
+counts, a partition's labels, a bounded sample. The driver folds those results in partition
+order, whatever order they finished in, so a figure does not depend on the number of workers
+or on which worker ran which task. Only those results and the pass's shared inputs (centroids,
+a dictionary) cross the network, never activations: workers read their partitions straight
+from the store, local or s3://.
+
+- `InProcess` runs the tasks here, one partition after another: one partition's memory at a
+  time, as a streamed pass always had.
+- `DaskEngine` submits every partition's task to a `distributed` cluster at once and yields
+  the results in partition order as they arrive. The shared inputs go to every worker once per
+  pass. Tasks are pure functions of a partition and those inputs, so when a worker dies the
+  scheduler runs its tasks again on another and the pass ends with the same result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from gemma_assets.core.config import ConfigError
+from gemma_assets.core.storage import ActivationStore
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+LOCAL = "local"  # the compute resource's `cluster` for a LocalCluster on this machine
+
+
+HELD_BATCH_ROWS = 65536  # rows per batch of a partition held in memory (batches.as_batches' default)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One committed partition as a task reads it: the store's URL (not an open store, so it
+    pickles small), the partition key and the transforms applied to each batch, in order. A
+    shard `held` in memory keeps its rows, read and transformed once, for passes in this process."""
+
+    store_url: str
+    key: str
+    transforms: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+    held: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        for transform in self.transforms:
+            x = transform(x)
+        return x
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The partition's non-BOS activations, transformed, batch by batch."""
+        if self.held is not None:
+            for start in range(0, len(self.held), HELD_BATCH_ROWS):
+                yield self._transformed(self.held[start : start + HELD_BATCH_ROWS])
+            return
+        for x, _ in ActivationStore(self.store_url).iter_tokens([self.key]):
+            yield self._transformed(x)
+
+    def window_batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """`batches`, each with the window id of its tokens (see storage.window_ids); from the store."""
+        if self.held is not None:
+            raise ValueError(f"partition {self.key} is held in memory without its window ids: read it from the store")
+        for x, windows in ActivationStore(self.store_url).window_batches([self.key])():
+            yield self._transformed(x), windows
+
+    def in_memory(self) -> Shard:
+        """This partition read once, transformed, into memory."""
+        batches = list(self.batches())
+        rows = torch.cat(batches) if batches else torch.empty(0)
+        return Shard(self.store_url, self.key, (), rows)
+
+
+class Engine(Protocol):
+    """Runs one task per item and yields the results in the items' order."""
+
+    @property
+    def workers(self) -> int: ...
+
+    def imap(self, task: Callable[..., R], items: Sequence[T], *shared: Any) -> Iterator[R]:
+        """task(item, *shared) for each item, in order; `shared` is sent to each worker once."""
+        ...
+
+
+class InProcess:
+    """Every task in this process, lazily: the next runs when the previous result is consumed."""
+
+    workers = 1
+
+    def imap(self, task: Callable[..., R], items: Sequence[T], *shared: Any) -> Iterator[R]:
+        return (task(item, *shared) for item in items)
+
+
+def _run_task(task: Callable[..., R], item: Any, shared: tuple, threads: int) -> R:
+    """A task on a worker, with torch's intra-op threads matched to the worker's (the nanny sets
+    OMP_NUM_THREADS=1; a worker of n threads should use n)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return task(item, *shared)
+
+
+@dataclass
+class Traffic:
+    """Payload bytes that crossed the network, by Dask's own size estimate (dask.sizeof)."""
+
+    sent: int = 0  # shared inputs (once per worker) and task arguments
+    received: int = 0  # task results
+
+
+@dataclass
+class DaskEngine:
+    """Tasks on a `distributed` cluster (see the module's docstring)."""
+
+    client: Client
+    threads_per_worker: int = 1
+    traffic: Traffic = field(default_factory=Traffic)
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+
+    def imap(self, task: Callable[..., R], items: Sequence[T], *shared: Any) -> Iterator[R]:
+        from dask.sizeof import sizeof
+
+        # one future holding every shared input, on every worker (hash=False: a fresh key per pass)
+        shared_future = self.client.scatter([shared], broadcast=True, hash=False)[0]
+        self.traffic.sent += sizeof(shared) * self.workers
+        futures = [
+            self.client.submit(_run_task, task, item, shared_future, self.threads_per_worker, pure=False)
+            for item in items
+        ]
+        self.traffic.sent += sum(sizeof(item) for item in items)
+        try:
+            for future in futures:
+                result = future.result()  # a task's exception (a StorageError, say) is raised here as itself
+                self.traffic.received += sizeof(result)
+                future.release()
+                yield result
+        finally:
+            self.client.cancel([future for future in futures if not future.done()])
+            shared_future.release()
+
+
+@dataclass(frozen=True)
+class Partitioned:
+    """Store partitions and the engine that runs passes over them. Called, it is a `Batches`
+    stream read in this process (for the loops that keep state across passes in memory); the
+    passes written as map-reduce hand `shards` to `engine.imap` instead."""
+
+    engine: Engine
+    shards: tuple[Shard, ...]
+
+    @classmethod
+    def of(
+        cls,
+        engine: Engine,
+        store: ActivationStore,
+        keys: Sequence[str],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Partitioned:
+        transforms = () if transform is None else (transform,)
+        return cls(engine, tuple(Shard(store.root, key, transforms) for key in keys))
+
+    @property
+    def distributed(self) -> bool:
+        return not isinstance(self.engine, InProcess)
+
+    def __call__(self) -> Iterator[torch.Tensor]:
+        return itertools.chain.from_iterable(shard.batches() for shard in self.shards)
+
+    def mapped(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> Partitioned:
+        """The same partitions with `transform` applied after the existing transforms."""
+        return replace(self, shards=tuple(replace(s, transforms=(*s.transforms, transform)) for s in self.shards))
+
+    def window_batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        return itertools.chain.from_iterable(shard.window_batches() for shard in self.shards)
+
+    def in_memory(self) -> Partitioned:
+        """The partitions read once into this process's memory: later passes read memory, not the
+        store (for data that fits, fitted in this process)."""
+        return replace(self, shards=tuple(shard.in_memory() for shard in self.shards))
+
+
+def local_cluster_size(workers: int) -> int:
+    """A LocalCluster's worker processes: `workers`, or one per core when 0."""
+    return workers or os.cpu_count() or 1
+
+
+@contextmanager
+def open_engine(
+    cluster: str = "", workers: int = 0, threads_per_worker: int = 1, connect_timeout_s: float = 20
+) -> Iterator[Engine]:
+    """The engine a step's passes run on, for the compute resource's `cluster`:
+    "" in this process; "local" a LocalCluster of `workers` worker processes (0: one per core;
+    on a CUDA machine with dask-cuda, one per GPU); otherwise a scheduler's address, which must
+    answer within `connect_timeout_s`."""
+    if not cluster:
+        yield InProcess()
+        return
+    if threads_per_worker < 1:
+        raise ConfigError(f"compute threads_per_worker must be at least 1, got {threads_per_worker}")
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as error:
+        raise ConfigError(
+            f"compute cluster {cluster!r} needs Dask, which is not installed -> pip install 'gemma_assets[cluster]'"
+        ) from error
+    if cluster == LOCAL:
+        with _local_cluster(LocalCluster, workers, threads_per_worker) as local, Client(local) as client:
+            yield DaskEngine(client, threads_per_worker)
+        return
+    try:
+        client = Client(cluster, timeout=f"{connect_timeout_s}s")
+    except (OSError, TimeoutError, ValueError) as error:
+        raise ConfigError(
+            f"no Dask scheduler answers at compute cluster {cluster!r} ({error}) -> start one there, "
+            f"or set the compute resource's cluster to 'local' (a cluster on this machine) or '' (in this process)"
+        ) from error
+    with client:
+        yield DaskEngine(client, threads_per_worker)
+
+
+@contextmanager
+def _local_cluster(local_cluster: type, workers: int, threads_per_worker: int) -> Iterator[Any]:
+    """One worker per GPU through dask-cuda where CUDA and dask-cuda are there; otherwise
+    `workers` CPU worker processes. No dashboard (bokeh is not a dependency) and no log chatter."""
+    quiet: dict[str, Any] = {"silence_logs": logging.WARNING, "dashboard_address": None}
+    if torch.cuda.is_available():
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            pass
+        else:
+            with LocalCUDACluster(threads_per_worker=threads_per_worker, **quiet) as cluster:
+                yield cluster
+            return
+    with local_cluster(
+        n_workers=local_cluster_size(workers), threads_per_worker=threads_per_worker, processes=True, **quiet
+    ) as cluster:
+        yield cluster
