@@ -12,9 +12,11 @@ import traceback
 from pathlib import Path
 
 from gemma_assets.commands import export_dictionary, verify_report
+from gemma_assets.core import fleet_costs
 from gemma_assets.core.config import (
     CONFIG_ENV_VAR,
     SHIPPED_CONFIGS,
+    RunConfig,
     load_run_config,
     reference_markdown,
     save_resolved,
@@ -101,6 +103,41 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rehearse google/gemma-2-2b with Gemma Scope offline: build stand-ins in the real layouts in a "
         "Hugging Face cache under DATA_ROOT/standins and run with HF_HUB_OFFLINE=1",
+    )
+    fleet = preflight.add_argument_group(
+        "over machines",
+        "with --workers or --gpus, no slice is run: the run is counted from its config, d_model and the rates below "
+        '(docs/scaling_out.md, "The full-Pile plan")',
+    )
+    fleet.add_argument("--workers", type=int, metavar="M", help="Dask workers the store passes are divided over")
+    fleet.add_argument("--gpus", type=int, metavar="N", help="GPUs extraction is divided over")
+    fleet.add_argument(
+        "--tokens",
+        type=lambda text: int(float(text)),
+        metavar="T",
+        help="sample about T tokens (e.g. 1.26e9): partitions of the config's size, held-out share kept "
+        "(default: the config's)",
+    )
+    fleet.add_argument("--d-model", type=int, metavar="D", help="the model's d_model (default: read from its config)")
+    fleet.add_argument(
+        "--worker-gflops",
+        type=float,
+        metavar="G",
+        help="float32 GEMM GFLOP/s of one worker (default: measured here on one thread; a dask-cuda worker is a GPU's)",
+    )
+    fleet.add_argument(
+        "--gpu-tokens-per-s",
+        type=float,
+        default=fleet_costs.H100_EXTRACTION_TOKENS_PER_S,
+        metavar="R",
+        help="extraction tokens/s of one GPU (default: %(default).0f, measured on an H100)",
+    )
+    fleet.add_argument(
+        "--worker-read-gbps",
+        type=float,
+        default=fleet_costs.STORE_READ_BYTES_PER_S_PER_THREAD / 1e9,
+        metavar="B",
+        help="GB/s of bf16 one worker reads and decodes from the store (default: %(default).3g, measured per thread)",
     )
     for command in (materialize, ui, validate, export, preflight):
         _add_config_arguments(command)
@@ -189,6 +226,9 @@ def _preflight(args: argparse.Namespace) -> None:
     from gemma_assets import preflight
 
     run_config, data_root = load_run_config(args.config, args.overrides), Path(resolve_data_root(args.data_root))
+    if args.workers is not None or args.gpus is not None:
+        _fleet_estimate(args, run_config, data_root)
+        return
     if args.offline_standins:
         from gemma_assets.core import standins
 
@@ -209,6 +249,18 @@ def _preflight(args: argparse.Namespace) -> None:
         )
     except StageFailed as error:
         raise StageFailed(f"preflight: {error}", error.code, error.details) from None
+
+
+def _fleet_estimate(args: argparse.Namespace, run_config: RunConfig, data_root: Path) -> None:
+    from gemma_assets import preflight
+    from gemma_assets.core import model
+
+    if args.tokens is not None:
+        run_config = fleet_costs.at_tokens(run_config, args.tokens)
+    d_model = args.d_model or model.architecture(run_config.model, data_root / "models").d_model
+    worker_flops = args.worker_gflops * 1e9 if args.worker_gflops else fleet_costs.one_thread_gemm_flops()
+    rates = fleet_costs.FleetRates(worker_flops, args.gpu_tokens_per_s, args.worker_read_gbps * 1e9)
+    preflight.fleet_estimate(run_config, d_model, args.gpus or 1, args.workers or 1, rates, args.json)
 
 
 def _verify_report(args: argparse.Namespace) -> None:

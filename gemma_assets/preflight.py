@@ -7,6 +7,9 @@ seeds, epochs) and shrinks only what is counted in tokens: one held-out partitio
 SLICE_TRAIN_PARTITIONS train partitions of just enough windows for the largest k, a window of
 spliced CE and the held-out tokens for interpretation. Slices live in DATA_ROOT/preflight with
 their own Dagster instance; the model cache (DATA_ROOT/models) is shared with real runs.
+
+With --workers/--gpus it runs nothing: the run is counted over N GPUs and M Dask workers
+(`core/fleet_costs.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from gemma_assets.core import costs
+from gemma_assets.core import costs, fleet_costs
 from gemma_assets.core.config import ConfigError, RunConfig, save_resolved
 from gemma_assets.core.files import write_json
 from gemma_assets.core.layout import RunLayout
@@ -395,3 +398,60 @@ def preflight(
         say(f"\nJSON: {json_path}")
     sys.stdout.flush()
     return document
+
+
+def fleet_table(plan: fleet_costs.FleetPlan, rates: fleet_costs.FleetRates) -> str:
+    """The fleet plan as markdown: the stages, then the rates and what one worker holds and moves."""
+    lines = [
+        "| stage | passes | read | FLOP | wall clock | assumption |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in plan.stages:
+        lines.append(
+            f"| {stage.stage} | {f'{stage.store_passes:,.0f}' if stage.store_passes else '-'} | "
+            f"{costs.format_bytes(stage.read_bytes)} | "
+            f"{stage.flops:.3g} | {_duration(stage.seconds)} | {stage.assumption} |"
+        )
+    lines.append(f"| **all** | | | | **{_duration(plan.seconds)}** | the stages one after another |")
+    per_iteration = plan.lloyd_bytes_to_each_worker + plan.lloyd_bytes_from_each_worker
+    lines += [
+        "",
+        f"rates: {rates.gpu_tokens_per_s:,.0f} tokens/s per GPU (extraction), "
+        f"{rates.worker_read_bytes_per_s / 1e9:.3g} GB/s store read and {rates.worker_flops / 1e9:,.0f} GFLOP/s "
+        "float32 GEMM per worker",
+        f"activation store: {costs.format_bytes(plan.store_bytes)} of bf16 ({plan.tokens:,} tokens x d {plan.d_model}), "
+        f"{costs.format_bytes(plan.store_bytes / plan.workers)} read per worker per pass over it",
+        f"network per Lloyd iteration at k = {plan.lloyd_k:,}: each worker receives "
+        f"{costs.format_bytes(plan.lloyd_bytes_to_each_worker)} of float32 centroids and sends "
+        f"{costs.format_bytes(plan.lloyd_bytes_from_each_worker)} of float64 sums and counts "
+        f"({costs.format_bytes(per_iteration)} per worker); the client receives "
+        f"{costs.format_bytes(plan.lloyd_bytes_at_client)} from {plan.workers} workers",
+        f"memory per worker: {costs.format_bytes(plan.worker_memory_bytes)} of data (a decoded partition in bf16 "
+        f"and float32, centroids and float64 sums at k = {plan.lloyd_k:,}, the d x d co-moment), "
+        "plus the interpreter and torch",
+    ]
+    return "\n".join(lines)
+
+
+def fleet_estimate(
+    run: RunConfig,
+    d_model: int,
+    gpus: int,
+    workers: int,
+    rates: fleet_costs.FleetRates,
+    json_path: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> fleet_costs.FleetPlan:
+    """Print (and write to `json_path`) the run's estimate over `gpus` GPUs and `workers` Dask workers."""
+    plan = fleet_costs.fleet_plan(run, d_model, gpus, workers, rates)
+    sample = run.sampling
+    say(
+        f"estimate for {run.name} ({sample.partitions:,} partitions x {sample.windows_per_partition:,} windows x "
+        f"{sample.context_len} tokens, {sample.holdout_partitions:,} held out, k in {list(run.clustering.ks)}) "
+        f"with extraction over {gpus} GPU(s) and the store passes over {workers} Dask worker(s), "
+        f"every Lloyd and EM iteration counted:\n\n" + fleet_table(plan, rates)
+    )
+    if json_path is not None:
+        write_json(json_path, {"run": run.name, "config_digest": run.digest(), "rates": asdict(rates)} | plan.to_json())
+        say(f"\nJSON: {json_path}")
+    return plan

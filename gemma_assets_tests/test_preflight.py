@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -10,7 +11,7 @@ import pytest
 
 from gemma_assets import preflight
 from gemma_assets.cli import main
-from gemma_assets.core import costs, model
+from gemma_assets.core import costs, fleet_costs, model
 from gemma_assets.core.config import ConfigError, load_run_config
 
 
@@ -139,3 +140,78 @@ def test_memory_scales_what_the_asset_adds_not_what_earlier_slices_left():
     # growth 1 GB at 1/8 and 2 GB at 1/4 of the tokens: 8 GB at all of them, on the 1 GB baseline
     assert estimate.peak_rss_bytes == pytest.approx(9 * gb, rel=1e-6)
     assert "RSS the asset adds" in estimate.assumption
+
+
+def _fleet(run=None, gpus: int = 2, workers: int = 8, d_model: int = 2304) -> fleet_costs.FleetPlan:
+    run = run or fleet_costs.at_tokens(load_run_config("gemma-2-2b"), 10**9)
+    return fleet_costs.fleet_plan(run, d_model, gpus, workers, fleet_costs.FleetRates(worker_flops=50e9))
+
+
+def _stage_seconds(plan: fleet_costs.FleetPlan) -> dict[str, float]:
+    return {stage.stage: stage.seconds for stage in plan.stages}
+
+
+STORE_PASSES = ("statistics", "k-means Lloyd", "assignments", "GMM EM", "held-out evaluation")
+
+
+def test_the_store_passes_divide_over_workers_and_extraction_over_gpus():
+    base = _stage_seconds(_fleet())
+    twice_the_workers = _stage_seconds(_fleet(workers=16))
+    twice_the_gpus = _stage_seconds(_fleet(gpus=4))
+    for stage in STORE_PASSES:
+        assert twice_the_workers[stage] == pytest.approx(base[stage] / 2) and twice_the_gpus[stage] == base[stage]
+    assert twice_the_gpus["extraction"] == pytest.approx(base["extraction"] / 2)
+    assert twice_the_workers["extraction"] == base["extraction"]
+    # the seeding sample is drawn over the workers, the seeding itself runs in one process
+    assert base["k-means seeding"] / 2 < twice_the_workers["k-means seeding"] < base["k-means seeding"]
+
+
+def test_a_lloyd_pass_costs_what_the_issue_counts():
+    """At k = 16,384 and d 2,304 a Lloyd iteration over the train split is 2 n k d FLOP."""
+    run = fleet_costs.at_tokens(load_run_config("gemma-2-2b", ["clustering.ks=[16384]"]), 10**9)
+    (lloyd,) = [stage for stage in _fleet(run).stages if stage.stage == "k-means Lloyd"]
+    assert lloyd.store_passes == 2 * run.clustering.max_iter
+    assert lloyd.flops / lloyd.store_passes == pytest.approx(2 * run.train_tokens * 16384 * 2304)
+    assert lloyd.read_bytes / lloyd.store_passes == pytest.approx(run.train_tokens * 2304 * 2)
+
+
+def test_lloyd_network_bytes_follow_k_and_d_not_the_fleet():
+    plan = _fleet()
+    assert plan.lloyd_bytes_to_each_worker == 16384 * 2304 * 4  # float32 centroids
+    assert plan.lloyd_bytes_from_each_worker == 16384 * 2305 * 8  # float64 sums and counts
+    other_fleet = _fleet(gpus=7, workers=3)
+    assert (other_fleet.lloyd_bytes_to_each_worker, other_fleet.lloyd_bytes_from_each_worker) == (
+        plan.lloyd_bytes_to_each_worker,
+        plan.lloyd_bytes_from_each_worker,
+    )
+    assert other_fleet.lloyd_bytes_at_client == 3 * plan.lloyd_bytes_from_each_worker
+    half_d = _fleet(d_model=1152)
+    assert half_d.lloyd_bytes_to_each_worker == plan.lloyd_bytes_to_each_worker / 2
+    half_k = _fleet(fleet_costs.at_tokens(load_run_config("gemma-2-2b", ["clustering.ks=[64,8192]"]), 10**9))
+    assert half_k.lloyd_k == 8192 and half_k.lloyd_bytes_to_each_worker == plan.lloyd_bytes_to_each_worker / 2
+
+
+def test_a_token_count_becomes_partitions_of_the_configs_size():
+    research = load_run_config("gemma-2-2b")
+    full = fleet_costs.at_tokens(research, 1_260_000_000)
+    per_partition = research.sampling.tokens_per_partition
+    assert full.sampling.partitions == math.ceil(1_260_000_000 / per_partition) == 4807
+    assert full.sampling.holdout_partitions == round(4807 * 2 / 17)
+    assert full.sampling.windows_per_partition == research.sampling.windows_per_partition
+    with pytest.raises(ConfigError, match="more than 9,999 .* sampling.windows_per_partition"):
+        fleet_costs.at_tokens(research, 10_000 * per_partition)
+    with pytest.raises(ConfigError, match="each needs at least 1"):
+        _fleet(workers=0)
+
+
+def test_preflight_over_machines_prints_the_plan_without_running_a_slice(tmp_path, capsys):
+    argv = ["preflight", "--config", "gemma-2-2b", "--tokens", "1.26e9", "--d-model", "2304"]
+    argv += ["--workers", "64", "--gpus", "8", "--worker-gflops", "50", "--data-root", str(tmp_path)]
+    main([*argv, "--json", str(tmp_path / "plan.json")])
+    out = capsys.readouterr().out
+    assert "extraction over 8 GPU(s) and the store passes over 64 Dask worker(s)" in out
+    assert "| k-means Lloyd | 500 |" in out and "the client receives 18.0 GB from 64 workers" in out
+    assert not (tmp_path / "preflight").exists()
+    document = json.loads((tmp_path / "plan.json").read_text())
+    assert document["workers"] == 64 and document["rates"]["worker_flops"] == 50e9
+    assert document["seconds"] == pytest.approx(sum(stage["seconds"] for stage in document["stages"]))

@@ -515,7 +515,7 @@ def stage_work(run: RunConfig, d_model: int, vocab: int | None) -> list[StageWor
         ),
     ]
     if vocab is not None:
-        sae_widths = [_sae_width(sae) for sae in run.sae_specs]
+        sae_widths = [sae_width(sae) for sae in run.sae_specs]
         widths = [*spec.ks, *sae_widths]
         per_dictionary = run.evaluation.logit_effect_features
         features = sum(min(per_dictionary, w) if per_dictionary else w for w in widths)
@@ -531,7 +531,8 @@ def stage_work(run: RunConfig, d_model: int, vocab: int | None) -> list[StageWor
     return work
 
 
-def _sae_width(spec: SaeSpec) -> int:
+def sae_width(spec: SaeSpec) -> int:
+    """Latents of an SAE: its configured width, or the width its Gemma Scope id names."""
     if spec.width:
         return spec.width
     return _pretrained_width(spec.sae_id) if spec.sae_id else 0
