@@ -3,6 +3,7 @@ the same figures as in this process, a worker killed mid-fit, a partition a work
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import cloudpickle
 import dagster as dg
@@ -43,12 +45,18 @@ def _relative(reached, expected) -> float:
 @pytest.fixture(scope="module")
 def two_worker_run(tiny_run, tmp_path_factory, monkeypatch_module):
     """The tiny run's statistics, clustering (k = 64: each step starts its own cluster, seconds
-    apiece), density and leader steps again on a 2-worker LocalCluster, from a copy of its
-    sample and activations."""
+    apiece), density, leader, ITDA and SAE evaluation steps again on a 2-worker LocalCluster,
+    from a copy of its sample, activations and trained SAEs."""
     name = tiny_run.profile.name
     data_root = tmp_path_factory.mktemp("distributed")
     for folder in ("sample", "activations"):
         shutil.copytree(tiny_run.data_root / name / folder, data_root / name / folder)
+    evaluation = (tiny_run.layout.sae_evaluation_file, tiny_run.layout.sae_windows_file, tiny_run.layout.sae_seeds_file)
+    shutil.copytree(
+        tiny_run.data_root / name / "saes",
+        data_root / name / "saes",
+        ignore=lambda folder, names: [n for n in names if Path(folder, n) in evaluation],
+    )
     shutil.copytree(tiny_run.data_root / "models", data_root / "models", symlinks=True)
     monkeypatch_module.setenv(DASK_CLUSTER_ENV_VAR, "local")
     monkeypatch_module.setenv(DASK_WORKERS_ENV_VAR, "2")
@@ -56,7 +64,10 @@ def two_worker_run(tiny_run, tmp_path_factory, monkeypatch_module):
     assert defs.resources["compute"].cluster == "local"
     with dg.instance_for_test() as instance:
         analyse = defs.resolve_job_def("analyse")
-        for selection in (["activation_stats", "whitening"], ["leader_clusters"]):
+        for selection in (
+            ["activation_stats", "whitening"],
+            ["leader_clusters", "itda_dictionaries", "sae_evaluation"],
+        ):
             keys = [dg.AssetKey(asset) for asset in selection]
             assert analyse.execute_in_process(instance=instance, asset_selection=keys).success
         fits = defs.resolve_job_def("fit_cluster_models")
@@ -89,28 +100,33 @@ def test_fits_on_two_workers_equal_in_process(tiny_run, two_worker_run):
             for figure, value in theirs.heldout.items():
                 if isinstance(value, float) and not figure.endswith("per_s"):
                     assert _relative(mine.heldout[figure], value) <= FIT_RELATIVE, (mine.name, figure)
-        seeds = "clusters", f"k-{k}", "seeds.json"
-        assert (
-            _relative(
-                [
-                    r["heldout"]["fvu"]
-                    for rs in json.loads(two_worker_run.root.joinpath(*seeds).read_text()).values()
-                    for r in rs
-                ],
-                [
-                    r["heldout"]["fvu"]
-                    for rs in json.loads(tiny_run.layout.root.joinpath(*seeds).read_text()).values()
-                    for r in rs
-                ],
-            )
-            <= FIT_RELATIVE
-        )
+        replicas = [layout.kmeans_seed_records(k) for layout in (two_worker_run, tiny_run.layout)]
+        assert replicas[0].keys() == replicas[1].keys()
+        for name, records in replicas[1].items():
+            assert _relative([r.fvu for r in replicas[0][name]], [r.fvu for r in records]) <= FIT_RELATIVE, name
+        seed_centroids = [layout.kmeans_seed_centroids(k) for layout in (two_worker_run, tiny_run.layout)]
+        for mine, theirs in zip(*seed_centroids, strict=True):
+            assert _relative(mine, theirs) <= FIT_RELATIVE
         density = [json.loads(layout.density_file(k).read_text()) for layout in (two_worker_run, tiny_run.layout)]
         for figure in ("train_log_likelihood_curve", "heldout_mean_log_likelihood"):
             assert _relative(density[0][figure], density[1][figure]) <= FIT_RELATIVE, (k, figure)
     leaders = [{r.name: r.fvu for r in layout.leader_records()} for layout in (two_worker_run, tiny_run.layout)]
     assert leaders[0].keys() == leaders[1].keys()
     assert _relative(list(leaders[0].values()), list(leaders[1].values())) <= FIT_RELATIVE
+
+
+def test_evaluations_on_two_workers_equal_in_process(tiny_run, two_worker_run):
+    """ITDA (fitted here, evaluated on the workers) and every SAE: held-out figures to 1e-9."""
+    pairs = [
+        (two_worker_run.itda_records(tiny_run.profile), tiny_run.layout.itda_records(tiny_run.profile)),
+        (two_worker_run.sae_records(), tiny_run.layout.sae_records()),
+    ]
+    for mine, theirs in pairs:
+        assert [r.name for r in mine] == [r.name for r in theirs]
+        for reached, expected in zip(mine, theirs, strict=True):
+            for figure, value in expected.heldout.items():
+                if isinstance(value, float) and not figure.endswith("per_s"):
+                    assert _relative(reached.heldout[figure], value) <= FIT_RELATIVE, (reached.name, figure)
 
 
 def _store(root, partitions: int = 4, tokens: int = 3000, d: int = 16) -> ActivationStore:
@@ -193,3 +209,12 @@ def test_the_default_engine_is_this_process():
     assert ComputeResource().cluster == ""
     with open_engine("") as engine:
         assert isinstance(engine, InProcess)
+
+
+def test_cuml_on_a_cluster_without_cuml_names_the_extra(tmp_path):
+    if importlib.util.find_spec("cuml") is not None:
+        pytest.skip("cuML is installed: this checks the message where it is not")
+    store = _store(tmp_path, partitions=2, tokens=600)
+    init = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    with open_engine("local", workers=1) as engine, pytest.raises(ConfigError, match=r"pip install '\.\[gpu\]'"):
+        fit_kmeans(Partitioned.of(engine, store, store.committed_keys()), 3, backend="cuml", init=init)

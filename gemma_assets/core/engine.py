@@ -1,19 +1,21 @@
 """Where the passes over the activation store run: in this process, or on a Dask cluster.
 
-A pass over the store is a map over its committed partitions, then a reduce. A task opens one
-partition, streams it batch by batch and returns what the pass needs of it: float64 sums and
-counts, a partition's labels, a bounded sample. The driver folds those results in partition
-order, whatever order they finished in, so a figure does not depend on the number of workers
-or on which worker ran which task. Only those results and the pass's shared inputs (centroids,
-a dictionary) cross the network, never activations: workers read their partitions straight
-from the store, local or s3://.
+A pass over the store is a map over its committed partitions, then a reduce. A task opens
+partitions, streams them batch by batch and returns what the pass needs of them: float64 sums
+and counts, a partition's labels or statistics, a bounded sample. The driver folds the results
+in partition order, whatever order they finished in, so a figure does not depend on which
+worker ran which task, and on the number of workers only through the float64 rounding of the
+sums' grouping. Workers read their partitions straight from the store (local or s3://);
+activations never cross the network.
 
 - `InProcess` runs the tasks here, one partition after another: one partition's memory at a
   time, as a streamed pass always had.
-- `DaskEngine` submits every partition's task to a `distributed` cluster at once and yields
-  the results in partition order as they arrive. The shared inputs go to every worker once per
-  pass. Tasks are pure functions of a partition and those inputs, so when a worker dies the
-  scheduler runs its tasks again on another and the pass ends with the same result.
+- `DaskEngine` submits the tasks to a `distributed` cluster at once and yields the results in
+  order as they arrive. A pass's shared inputs (centroids, a dictionary) go to every worker
+  once. `map_reduce` gives each worker one contiguous run of partitions and adds its results
+  there, so what crosses the network per pass is one result per worker (k x d sums for Lloyd),
+  not one per partition. Tasks are pure functions of their partitions and those inputs: when a
+  worker dies, the scheduler runs its tasks again on another and the pass ends the same.
 """
 
 from __future__ import annotations
@@ -191,6 +193,44 @@ class Partitioned:
         """The partitions read once into this process's memory: later passes read memory, not the
         store (for data that fits, fitted in this process)."""
         return replace(self, shards=tuple(shard.in_memory() for shard in self.shards))
+
+
+def map_reduce(
+    data: Partitioned,
+    task: Callable[..., R],
+    add: Callable[[R, R], R],
+    *shared: Any,
+    on_result: Callable[[R], None] = lambda _: None,
+) -> R:
+    """task(shard, *shared) of every partition, added up with `add` in partition order. On a
+    cluster the partitions are cut into one contiguous run per worker, and a task adds up its
+    run's results there: one result per worker crosses the network, however many partitions
+    there are. `on_result` sees each run's total as it arrives (progress)."""
+    if not data.shards:
+        raise ValueError("no store partitions to reduce over")
+    runs = (
+        [(shard,) for shard in data.shards] if not data.distributed else _contiguous(data.shards, data.engine.workers)
+    )
+    total: R | None = None
+    for result in data.engine.imap(_reduce_run, runs, task, add, *shared):
+        on_result(result)
+        total = result if total is None else add(total, result)
+    assert total is not None
+    return total
+
+
+def _contiguous(shards: tuple[Shard, ...], runs: int) -> list[tuple[Shard, ...]]:
+    """`shards` in order, cut into `runs` runs whose lengths differ by at most one."""
+    runs = min(runs, len(shards))
+    bounds = [round(i * len(shards) / runs) for i in range(runs + 1)]
+    return [shards[start:stop] for start, stop in itertools.pairwise(bounds)]
+
+
+def _reduce_run(run: tuple[Shard, ...], task: Callable[..., R], add: Callable[[R, R], R], *shared: Any) -> R:
+    total = task(run[0], *shared)
+    for shard in run[1:]:
+        total = add(total, task(shard, *shared))
+    return total
 
 
 def local_cluster_size(workers: int) -> int:

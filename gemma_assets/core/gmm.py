@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -24,7 +25,7 @@ import torch
 from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.config import ConfigError
-from gemma_assets.core.engine import Partitioned, Shard
+from gemma_assets.core.engine import Partitioned, Shard, map_reduce
 from gemma_assets.core.kmeans import assign
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -95,17 +96,11 @@ def _on_shard(shard: Shard, pass_over: Callable[..., _Stats], *shared: object) -
 
 
 def _summed(data: Batches, pass_over: Callable[..., _Stats], *shared: object, on_rows=lambda _: None) -> _Stats:
-    """`pass_over(data, *shared)`; store partitions on a cluster as one task each, their
+    """`pass_over(data, *shared)`; store partitions on a cluster as tasks of its workers, their
     statistics added in partition order."""
     if not (isinstance(data, Partitioned) and data.distributed):
         return pass_over(data, *shared, on_rows)
-    total: _Stats | None = None
-    for part in data.engine.imap(_on_shard, data.shards, pass_over, *shared):
-        total = part if total is None else total + part
-        on_rows(part.n)
-    if total is None:
-        raise ValueError("the GMM's data has no partitions")
-    return total
+    return map_reduce(data, _on_shard, operator.add, pass_over, *shared, on_result=lambda part: on_rows(part.n))
 
 
 def _check(x: torch.Tensor, d: int) -> None:

@@ -7,7 +7,8 @@ Backends behind one results contract (`KMeansResult`):
   float32 fit the `bounds_mb` budget, otherwise (and on a GPU, where the GEMM is cheap)
   Hamerly's one bound per point, which skips the distance GEMM for whole rows;
 - "minibatch": Sculley's mini-batch k-means for very large N (approximate by design);
-- "cuml": cuML's KMeans on a CUDA GPU, when importable.
+- "cuml": cuML's KMeans on a CUDA GPU, when importable; on a Dask cluster of GPU workers
+  (dask-cuda), cuML's multi-GPU `cuml.dask.cluster.KMeans` over the store partitions.
 
 Data held as store partitions (`engine.Partitioned`) on a Dask cluster is fitted by map-reduce
 instead: each Lloyd pass sends the centroids to the workers, each partition's task assigns its
@@ -20,6 +21,7 @@ float64 rounding and the centroids (float32) to the bit.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from gemma_assets.core.batches import Batches, as_batches
 from gemma_assets.core.codes import Codes, cosine_to, unit_rows
 from gemma_assets.core.config import ConfigError
 from gemma_assets.core.elkan import centroid_gaps, elkan_pass
-from gemma_assets.core.engine import Partitioned, Shard
+from gemma_assets.core.engine import Partitioned, Shard, map_reduce
 from gemma_assets.core.storage import ActivationStore
 from gemma_assets.core.whitening import Preprocessor
 
@@ -254,14 +256,15 @@ def partition_sample(data: Partitioned, rows: int, seed: int) -> torch.Tensor:
     return torch.cat([part[1] for part in found if len(part[0])])[torch.from_numpy(order)]
 
 
-def _validate(k: int, backend: str, device: str, seeding: str) -> None:
+def _validate(k: int, backend: str, device: str, seeding: str, on_cluster: bool) -> None:
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if seeding not in SEEDINGS:
         raise ConfigError(f"unknown k-means seeding {seeding!r}; valid: {', '.join(SEEDINGS)}")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown k-means backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if (backend == "cuml" or device.startswith("cuda")) and not torch.cuda.is_available():
+    # on a cluster cuML runs on the workers' GPUs: the step's own machine may have none
+    if ((backend == "cuml" and not on_cluster) or device.startswith("cuda")) and not torch.cuda.is_available():
         raise ConfigError(
             f"backend {backend!r} on {device!r} needs a CUDA GPU and none is visible: use backend 'torch' on 'cpu'"
         )
@@ -288,7 +291,8 @@ def fit_kmeans(
     `init_sample_rows` rows (the only rows held in memory besides one batch when data is
     streamed). `bounds_mb` caps the memory of Elkan's per-centroid bounds (n x k float32) on the
     CPU; batches beyond it use Hamerly's. Seeding and iterations report progress as `label`."""
-    _validate(k, backend, device, seeding)
+    on_cluster = isinstance(data, Partitioned) and data.distributed
+    _validate(k, backend, device, seeding, on_cluster)
     batches = as_batches(data)
     started = time.perf_counter()
     with progress.within(f"{label} k={k} seed {seed}"):
@@ -299,6 +303,8 @@ def fit_kmeans(
         init = init.to(device)
         if backend == "torch" and isinstance(data, Partitioned) and data.distributed:
             result = _fit_lloyd_mapped(data, init, max_iter, tol)
+        elif backend == "cuml" and isinstance(data, Partitioned) and data.distributed:
+            result = _fit_cuml_on_cluster(data, init, max_iter, tol)
         elif backend == "cuml":
             result = _fit_cuml(batches, init, max_iter, tol)
         elif backend == "minibatch":
@@ -455,11 +461,29 @@ def _fit_lloyd(
 
 @dataclass
 class _PartitionSums:
-    """What one partition's rows add to a Lloyd update."""
+    """What partitions' rows add to a Lloyd update."""
 
     sums: torch.Tensor  # [k, d] float64 rows of each cluster
     counts: torch.Tensor  # [k] int64
     x_sq: float  # sum of squared row norms
+
+    def __add__(self, other: _PartitionSums) -> _PartitionSums:
+        return _PartitionSums(self.sums + other.sums, self.counts + other.counts, self.x_sq + other.x_sq)
+
+
+@dataclass
+class _Farthest:
+    """The n rows farthest from their nearest centroid among those seen: seeds for empty clusters."""
+
+    distances: torch.Tensor  # [<= n], largest first
+    rows: torch.Tensor  # [<= n, d]
+    n: int
+
+    def __add__(self, other: _Farthest) -> _Farthest:
+        distances, order = torch.cat([self.distances, other.distances]).topk(
+            min(self.n, len(self.distances) + len(other.distances))
+        )
+        return _Farthest(distances, torch.cat([self.rows, other.rows])[order], self.n)
 
 
 def _task_device() -> str:
@@ -488,17 +512,15 @@ def _assign_partition(shard: Shard, centroids: torch.Tensor) -> _PartitionSums:
     return _PartitionSums(sums.cpu(), counts.cpu(), x_sq)
 
 
-def _farthest_in_partition(shard: Shard, centroids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n rows of a partition farthest from their nearest centroid: (distances, rows)."""
+def _farthest_in_partition(shard: Shard, centroids: torch.Tensor, n: int) -> _Farthest:
+    """The n rows of a partition farthest from their nearest centroid."""
     c_sq = (centroids**2).sum(1)
-    best_dist, best_rows = torch.empty(0), torch.empty(0, centroids.shape[1])
+    farthest = _Farthest(torch.empty(0), torch.empty(0, centroids.shape[1]), n)
     for batch in shard.batches():
         x = batch.float()
         _, first, _ = nearest_two(x, centroids, c_sq)
-        dist = torch.cat([best_dist, first.sqrt()])
-        best_dist, order = dist.topk(min(n, len(dist)))
-        best_rows = torch.cat([best_rows, x])[order]
-    return best_dist, best_rows
+        farthest = farthest + _Farthest(first.sqrt(), x, n)
+    return farthest
 
 
 def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
@@ -512,14 +534,8 @@ def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int,
     n_points = 0
     lloyd = progress.task("Lloyd", max_iter + 1, "passes", total_is_bound=tol > 0).start()
     for iteration in range(max_iter + 1):
-        sums = torch.zeros(centroids.shape, dtype=torch.float64)
-        counts = torch.zeros(k, dtype=torch.long)
-        x_sq_total = 0.0
-        for index, part in enumerate(data.engine.imap(_assign_partition, data.shards, centroids)):
-            sums += part.sums
-            counts += part.counts
-            x_sq_total += part.x_sq
-            lloyd.update(iteration + (index + 1) / len(data.shards))
+        total = map_reduce(data, _assign_partition, operator.add, centroids)
+        sums, counts, x_sq_total = total.sums, total.counts, total.x_sq
         n_points = int(counts.sum())
         c64 = centroids.double()
         curve.append(x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum()))
@@ -529,9 +545,7 @@ def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int,
         updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
         empty = (counts == 0).nonzero().flatten()
         if len(empty):
-            found = list(data.engine.imap(_farthest_in_partition, data.shards, centroids, len(empty)))
-            dist, order = torch.cat([d for d, _ in found]).topk(len(empty))
-            updated[empty] = torch.cat([rows for _, rows in found])[order]
+            updated[empty] = map_reduce(data, _farthest_in_partition, operator.add, centroids, len(empty)).rows
         shift = (updated - centroids).norm(dim=1)
         centroids = updated
         lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
@@ -607,6 +621,57 @@ def _fit_cuml(batches: Batches, init: torch.Tensor, max_iter: int, tol: float) -
     centroids = torch.as_tensor(model.cluster_centers_, device="cuda")
     final = _fit_lloyd(batches, centroids, max_iter=0, tol=0.0)  # same inertia definition as the other backends
     final.n_iter, final.converged = int(model.n_iter_), int(model.n_iter_) < max_iter
+    return final
+
+
+def _rows_of(shard: Shard) -> int:
+    """How many rows a partition's batches hold (BOS dropped): read from its small per-token arrays."""
+    store = ActivationStore(shard.store_url)
+    part = store.open(shard.key)
+    bos = part.manifest["attrs"].get("bos_token_id")
+    return int(((part.array("positions") != 0) & (part.array("token_ids") != bos)).sum())
+
+
+def _rows_on_gpu(shard: Shard):  # -> cupy.ndarray
+    """A partition's rows on the worker's GPU, as cuML's dask KMeans reads its chunks."""
+    import cupy
+
+    return cupy.asarray(torch.cat(list(shard.batches())).float().numpy())
+
+
+def _fit_cuml_on_cluster(data: Partitioned, init: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+    """cuML's multi-GPU KMeans (centroids exchanged, rows stay on the workers' GPUs) over the
+    partitions, one dask-array chunk each; then one exact mapped pass for the inertia and sizes
+    every backend reports."""
+    try:
+        import cupy
+        import dask
+        import dask.array
+        from cuml.dask.cluster import KMeans
+    except ImportError as error:
+        raise ConfigError(
+            "backend 'cuml' on a Dask cluster needs cuML and dask-cuda on the GPU workers: pip install '.[gpu]'"
+        ) from error
+    from gemma_assets.core.engine import DaskEngine
+
+    assert isinstance(data.engine, DaskEngine)
+    d = init.shape[1]
+    rows = list(data.engine.imap(_rows_of, data.shards))
+    chunks = [
+        dask.array.from_delayed(
+            dask.delayed(_rows_on_gpu)(shard), shape=(n, d), dtype="float32", meta=cupy.empty((0, d), "float32")
+        )
+        for shard, n in zip(data.shards, rows, strict=True)
+        if n
+    ]
+    model = KMeans(
+        client=data.engine.client, n_clusters=len(init), init=init.float().cpu().numpy(), max_iter=max_iter, tol=tol
+    )
+    model.fit(dask.array.concatenate(chunks))
+    centroids = torch.as_tensor(cupy.asnumpy(cupy.asarray(model.cluster_centers_)))
+    final = _fit_lloyd_mapped(data, centroids, max_iter=0, tol=0.0)
+    n_iter = int(getattr(model, "n_iter_", max_iter))
+    final.n_iter, final.converged = n_iter, n_iter < max_iter
     return final
 
 

@@ -18,7 +18,7 @@ import torch
 from gemma_assets.core import progress
 from gemma_assets.core.bootstrap import WindowSums
 from gemma_assets.core.codes import Codes, Dictionary
-from gemma_assets.core.engine import Partitioned, Shard
+from gemma_assets.core.engine import Partitioned, Shard, map_reduce
 
 DENSE_SHARE = 0.1
 WINDOW_FIELDS = ("n", "sse", "sq", "x", "cosine", "relative_norm", "l0")
@@ -170,13 +170,22 @@ def evaluate_windows(
     engine, their sums added in partition order."""
     with progress.task(f"held-out evaluation of {name}", tokens, "tokens", total_is_bound=True) as evaluated:
         if isinstance(batches, Partitioned):
-            metrics = ReconstructionMetrics(dictionary.n_features)
-            for part in batches.engine.imap(_partition_metrics, batches.shards, dictionary, device):
-                metrics.merge(part)
-                evaluated.advance(part.n_tokens)
+            metrics = map_reduce(
+                batches,
+                _partition_metrics,
+                _merged,
+                dictionary,
+                device,
+                on_result=lambda m: evaluated.advance(m.n_tokens),
+            )
         else:
             metrics = _accumulate(batches, dictionary, device, evaluated.advance)
     return metrics.result(), metrics.window_sums()
+
+
+def _merged(total: ReconstructionMetrics, more: ReconstructionMetrics) -> ReconstructionMetrics:
+    total.merge(more)
+    return total
 
 
 def _partition_metrics(shard: Shard, dictionary: Dictionary, device: str) -> ReconstructionMetrics:

@@ -8,20 +8,21 @@ from gemma_assets.core.layout import WINDOWS_FILE
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import itda
 from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
-from gemma_assets.defs.resources import RunResource, StorageResource
+from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 TABLE_COLUMNS = ("name", "k", "m", "heldout_fvu", "heldout_l0", "threshold", "passes", "tokens_seen", "fit_seconds")
 
 
 @reports_progress
 def itda_dictionaries(
-    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
+    context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """ITDA (Leask, Nanda et al., arXiv 2505.17769): dictionaries of real train tokens (centred,
     unit-norm), each added when matching pursuit over the atoms so far leaves more than a
     threshold of its variance, coded with m atoms per token; at the trained SAEs' widths and
     evaluated on the same held-out tokens as every other dictionary."""
-    records = itda.fit_itda_dictionaries(storage.layout(context), run.config)
+    with compute.engine(context.log.info) as engine:
+        records = itda.fit_itda_dictionaries(storage.layout(context), run.config, engine)
     for record in records:
         context.log.info(
             f"{record.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.2f} ({record.facts['passes']} passes, "

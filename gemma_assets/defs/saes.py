@@ -54,16 +54,18 @@ def sae_evaluation(
     throughput) of every SAE on held-out non-BOS tokens."""
     run_config, layout = run.config, storage.layout(context)
     evaluated, replicas = [], {}
-    for spec in layout.made_saes(run_config.sae_specs):
-        evaluated.append(saes.evaluate_sae(layout, run_config, spec, compute.resolved_device))
-        record = evaluated[-1][0]
-        context.log.info(f"SAE {spec.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.1f}")
-    for name, specs in run_config.sae_seed_replicas.items():
-        replicas[name] = [saes.evaluate_sae(layout, run_config, spec, compute.resolved_device)[0] for spec in specs]
-        if specs:
-            context.log.info(
-                f"SAE {name} over seeds: held-out FVU " + ", ".join(f"{r.fvu:.4f}" for r in replicas[name])
-            )
+    device = compute.resolved_device
+    with compute.engine(context.log.info) as engine:
+        for spec in layout.made_saes(run_config.sae_specs):
+            evaluated.append(saes.evaluate_sae(layout, run_config, spec, device, engine))
+            record = evaluated[-1][0]
+            context.log.info(f"SAE {spec.name}: held-out FVU {record.fvu:.4f}, L0 {record.l0:.1f}")
+        for name, specs in run_config.sae_seed_replicas.items():
+            replicas[name] = [saes.evaluate_sae(layout, run_config, spec, device, engine)[0] for spec in specs]
+            if specs:
+                context.log.info(
+                    f"SAE {name} over seeds: held-out FVU " + ", ".join(f"{r.fvu:.4f}" for r in replicas[name])
+                )
     saes.save_evaluation(layout, evaluated, replicas)
     table = markdown_table([record.row() for record, _ in evaluated], HELDOUT_COLUMNS)
     return dg.MaterializeResult(metadata={"heldout_metrics": md(table)})

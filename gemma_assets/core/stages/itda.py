@@ -10,6 +10,7 @@ import torch
 from gemma_assets.core import bootstrap, metrics
 from gemma_assets.core.batches import Batches, as_batches
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.engine import Engine, Partitioned
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.itda import FAMILY, fit_itda, itda_name, itda_shapes
 from gemma_assets.core.layout import WINDOWS_FILE, RunLayout
@@ -17,10 +18,10 @@ from gemma_assets.core.memory import RssTrace
 from gemma_assets.core.records import DictionaryRecord
 
 
-def fit_itda_dictionaries(layout: RunLayout, run: RunConfig) -> list[DictionaryRecord]:
+def fit_itda_dictionaries(layout: RunLayout, run: RunConfig, engine: Engine) -> list[DictionaryRecord]:
     """Every ITDA dictionary of the run (each width with each L0 below it), built from the train
-    split around its mean and evaluated on the same held-out tokens as every other dictionary;
-    atoms, records and per-window sums written under itda/."""
+    split around its mean and evaluated on the same held-out tokens as every other dictionary
+    (on `engine`); atoms, records and per-window sums written under itda/."""
     store = layout.activation_store()
     mean = torch.from_numpy(layout.whitening().mean).float()
     keys = run.train_partition_keys
@@ -30,7 +31,7 @@ def fit_itda_dictionaries(layout: RunLayout, run: RunConfig) -> list[DictionaryR
         # every dictionary makes one or more passes: read the store once when the split fits in memory
         train = as_batches(store.load_tokens(keys)[0])
     tokens = store.token_count(keys)
-    heldout = store.window_batches(run.heldout_partition_keys)
+    heldout = Partitioned.of(engine, store, run.heldout_partition_keys)
     heldout_tokens = store.token_count(run.heldout_partition_keys)
     records, atoms, windows = [], {}, {}
     for width, m in itda_shapes(run):
@@ -40,7 +41,7 @@ def fit_itda_dictionaries(layout: RunLayout, run: RunConfig) -> list[DictionaryR
             result = fit_itda(train, mean, width, m, run.itda.threshold, tokens)
         fit_seconds = time.perf_counter() - started
         evaluated, windows[name] = metrics.evaluate_windows(
-            heldout(), result.dictionary(), name=name, tokens=heldout_tokens
+            heldout, result.dictionary(), name=name, tokens=heldout_tokens
         )
         facts = {
             "train_partitions": keys,

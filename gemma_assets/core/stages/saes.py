@@ -12,6 +12,7 @@ import torch
 
 from gemma_assets.core import bootstrap, metrics, sae
 from gemma_assets.core.config import RunConfig, SaeSpec
+from gemma_assets.core.engine import Engine, Partitioned
 from gemma_assets.core.files import atomic_dir, save_arrays, write_json
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.memory import RssTrace
@@ -125,17 +126,18 @@ def _save(layout: RunLayout, spec: SaeSpec, dictionary: sae.SaeDictionary, facts
 
 
 def evaluate_sae(
-    layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str
+    layout: RunLayout, run: RunConfig, spec: SaeSpec, device: str, engine: Engine
 ) -> tuple[DictionaryRecord, bootstrap.WindowSums]:
     """The metric suite (FVU computed by us, MSE, cosine, relative norm, L0, usage, encode
-    throughput) of one SAE on held-out non-BOS tokens, with its per-window sums."""
+    throughput) of one SAE on held-out non-BOS tokens, with its per-window sums; the partitions
+    are tasks of `engine` (a cluster's workers encode on their CPUs)."""
     folder = layout.sae_dir(spec.name)
+    store, keys = layout.activation_store(), run.heldout_partition_keys
+    heldout_windows = Partitioned.of(engine, store, keys)
+    device = "cpu" if heldout_windows.distributed else device
     dictionary = sae.load_dictionary(folder, device)
     training = json.loads((folder / TRAINING_FILE).read_text())
-    store, keys = layout.activation_store(), run.heldout_partition_keys
-    heldout, windows = metrics.evaluate_windows(
-        store.window_batches(keys)(), dictionary, device, spec.name, store.token_count(keys)
-    )
+    heldout, windows = metrics.evaluate_windows(heldout_windows, dictionary, device, spec.name, store.token_count(keys))
     facts = {key: value for key, value in training.items() if key not in ("name", "width", "k")}
     record = DictionaryRecord.of_fit(spec.name, spec.family, training["width"], spec.active_per_token, heldout, facts)
     return record, windows
