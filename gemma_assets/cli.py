@@ -16,13 +16,20 @@ from gemma_assets.core import fleet_costs
 from gemma_assets.core.config import (
     CONFIG_ENV_VAR,
     SHIPPED_CONFIGS,
+    ConfigError,
     RunConfig,
     load_run_config,
     reference_markdown,
     save_resolved,
 )
 from gemma_assets.core.layout import RunLayout
-from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root
+from gemma_assets.defs.resources import (
+    DASK_CLUSTER_ENV_VAR,
+    DASK_WORKERS_ENV_VAR,
+    DATA_ROOT_ENV_VAR,
+    require_writable,
+    resolve_data_root,
+)
 from gemma_assets.runner import (
     EXIT_INTERRUPTED,
     KNOWN_ERRORS,
@@ -152,6 +159,18 @@ def _parser() -> argparse.ArgumentParser:
         help="start even when the free space is below the estimate",
     )
     materialize.add_argument(
+        "--cluster",
+        metavar="WHERE",
+        help=f"where the passes over the store run: 'local' (a Dask cluster on this machine) or a Dask scheduler's "
+        f"address, tcp://HOST:8786 (default: ${DASK_CLUSTER_ENV_VAR}, else in each step's process)",
+    )
+    materialize.add_argument(
+        "--cluster-workers",
+        type=int,
+        metavar="N",
+        help=f"with --cluster local: worker processes (default: ${DASK_WORKERS_ENV_VAR}, else one per core, or per GPU)",
+    )
+    materialize.add_argument(
         "--no-wait",
         action="store_true",
         help="when another materialize of the run is live, stop at once instead of waiting for it",
@@ -185,6 +204,13 @@ def _materialize(args: argparse.Namespace) -> None:
     from gemma_assets.runner.command import MaterializeOptions, materialize
 
     run_config, data_root = load_run_config(args.config, args.overrides), resolve_data_root(args.data_root)
+    # exported, like --data-root: the definitions the command builds read the compute resource from them
+    if args.cluster is not None:
+        os.environ[DASK_CLUSTER_ENV_VAR] = args.cluster
+    if args.cluster_workers is not None:
+        if args.cluster_workers < 0:
+            raise ConfigError(f"--cluster-workers is {args.cluster_workers}: pass 1 or more, or 0 for one per core")
+        os.environ[DASK_WORKERS_ENV_VAR] = str(args.cluster_workers)
     options = MaterializeOptions(
         args.log_level, args.force, args.wait_timeout, args.debug, args.ignore_free_space, not args.no_wait
     )
