@@ -10,16 +10,17 @@ activations never cross the network.
 
 - `InProcess` runs the tasks here, one partition after another: one partition's memory at a
   time, as a streamed pass always had.
-- `DaskEngine` submits the tasks to a `distributed` cluster at once and yields the results in
-  order as they arrive. A pass's shared inputs (centroids, a dictionary) go to every worker
-  once. `map_reduce` gives each worker one contiguous run of partitions and adds its results
-  there, so what crosses the network per pass is one result per worker (k x d sums for Lloyd),
-  not one per partition. Tasks are pure functions of their partitions and those inputs: when a
+- `DaskEngine` keeps up to two tasks per worker in flight on a `distributed` cluster and
+  yields the results in order as they arrive. A pass's shared inputs (centroids, a
+  dictionary) go to every worker once. `map_reduce` gives each worker one contiguous run of
+  partitions and adds its results there, so what crosses the network per pass is one result
+  per worker (k x d sums for Lloyd), not one per partition. Tasks are pure functions of their partitions and those inputs: when a
   worker dies, the scheduler runs its tasks again on another and the pass ends the same.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -134,24 +135,34 @@ class DaskEngine:
         return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
 
     def imap(self, task: Callable[..., R], items: Sequence[T], *shared: Any) -> Iterator[R]:
+        """Up to two tasks per worker in flight: results wait on the workers for the driver to
+        take them in order, and a bounded window keeps that wait (and their memory) bounded."""
         from dask.sizeof import sizeof
 
         # one future holding every shared input, on every worker (hash=False: a fresh key per pass)
         shared_future = self.client.scatter([shared], broadcast=True, hash=False)[0]
         self.traffic.sent += sizeof(shared) * self.workers
-        futures = [
-            self.client.submit(_run_task, task, item, shared_future, self.threads_per_worker, pure=False)
-            for item in items
-        ]
-        self.traffic.sent += sum(sizeof(item) for item in items)
+        waiting = iter(items)
+        in_flight: collections.deque = collections.deque()
+
+        def submit(count: int) -> None:
+            for item in itertools.islice(waiting, count):
+                self.traffic.sent += sizeof(item)
+                in_flight.append(
+                    self.client.submit(_run_task, task, item, shared_future, self.threads_per_worker, pure=False)
+                )
+
+        submit(2 * self.workers)
         try:
-            for future in futures:
+            while in_flight:
+                future = in_flight.popleft()
                 result = future.result()  # a task's exception (a StorageError, say) is raised here as itself
                 self.traffic.received += sizeof(result)
                 future.release()
+                submit(1)
                 yield result
         finally:
-            self.client.cancel([future for future in futures if not future.done()])
+            self.client.cancel(list(in_flight))
             shared_future.release()
 
 
