@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -59,11 +59,31 @@ class KMeansResult:
         return 1 - self.distances_computed / self.distances_possible
 
 
+# A row whose two nearest centroids are within this share of ||x||^2 + max ||c||^2 in squared
+# distance is settled in float64. float32 rounds the expansion ||x||^2 - 2 x.c + ||c||^2 (and
+# Elkan's compiled dot products) by under 1e-5 of that scale at d in the thousands, so every
+# other row's float32 answer is the exact argmin: the GEMM path, Elkan's and Hamerly's bounds
+# and the map-reduce over partitions all assign every token alike.
+NEAR_TIE = 1e-4
+
+
+def exact_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [n, k] in float64, each from its own differences (no GEMM expansion):
+    the same value for a row whatever rows it is computed with."""
+    return torch.cdist(x.double(), centroids.double(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def near_ties(gap_sq: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
+    """Which rows have a squared-distance margin `gap_sq` to their runner-up within NEAR_TIE."""
+    return gap_sq <= NEAR_TIE * (x_sq + c_sq.max())
+
+
 def nearest_two(
     x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, x_sq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(label, squared distance to nearest, squared distance to second nearest) per row of x;
-    c_sq / x_sq are the squared row norms of centroids / x (x_sq computed when not given)."""
+    c_sq / x_sq are the squared row norms of centroids / x (x_sq computed when not given).
+    Near ties are settled by exact distances (NEAR_TIE), ties going to the lower index."""
     if x_sq is None:
         x_sq = (x**2).sum(1)
     labels, first, second = [], [], []
@@ -79,7 +99,14 @@ def nearest_two(
         labels.append(index[:, 0])
         first.append(best[:, 0] + x_sq[rows])
         second.append(best[:, 1] + x_sq[rows])
-    return torch.cat(labels), torch.cat(first).clamp_min_(0), torch.cat(second).clamp_min_(0)
+    label, nearest, runner_up = torch.cat(labels), torch.cat(first).clamp_min_(0), torch.cat(second).clamp_min_(0)
+    tied = near_ties(runner_up - nearest, x_sq, c_sq).nonzero().flatten()
+    if len(tied) and len(centroids) > 1:
+        exact = exact_distances(x[tied], centroids)
+        label[tied] = exact.argmin(1)
+        nearest[tied] = exact.gather(1, label[tied, None]).squeeze(1).square().to(nearest.dtype)
+        runner_up[tied] = exact.scatter(1, label[tied, None], float("inf")).amin(1).square().to(nearest.dtype)
+    return label, nearest, runner_up
 
 
 def distance_matrix(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
@@ -338,9 +365,34 @@ def _first_assignment(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tens
     if elkan:
         lower = distance_matrix(x, centroids, c_sq, x_sq)
         upper, labels = lower.min(1)
-        return _Bounds(labels, upper, lower, x_sq)
+        state = _Bounds(labels, upper, lower, x_sq)
+        _settle_elkan_ties(x, centroids, c_sq, torch.zeros(len(centroids), len(centroids)), state)
+        return state
     labels, first, second = nearest_two(x, centroids, c_sq, x_sq)
     return _Bounds(labels, first.sqrt(), second.sqrt(), x_sq)
+
+
+def _settle_elkan_ties(
+    x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, half_gap: torch.Tensor, state: _Bounds
+) -> int:
+    """Rows whose Elkan proof (the least, over the other centroids, of their lower bound or half
+    the gap between centroids) beats the upper bound by less than NEAR_TIE get exact distances
+    to every centroid: label, upper and lower bounds from those. Returns the distances computed."""
+    found = []
+    for start in range(0, len(x), _ROWS_PER_GEMM):
+        chunk = slice(start, start + _ROWS_PER_GEMM)
+        labels = state.labels[chunk, None]
+        proof = torch.maximum(state.lower[chunk], half_gap[state.labels[chunk]]).scatter_(1, labels, float("inf"))
+        gap_sq = proof.amin(1).square() - state.upper[chunk].square()
+        found.append(near_ties(gap_sq, state.x_sq[chunk], c_sq).nonzero().flatten() + start)
+    tied = torch.cat(found)
+    if not len(tied) or len(centroids) < 2:
+        return 0
+    exact = exact_distances(x[tied], centroids)
+    state.labels[tied] = exact.argmin(1)
+    state.lower[tied] = exact.float()
+    state.upper[tied] = exact.gather(1, state.labels[tied, None]).squeeze(1).float()
+    return len(tied) * len(centroids)
 
 
 def _move_rows(sums: torch.Tensor, rows: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
@@ -367,7 +419,9 @@ def _hamerly_chunk(
     # Hamerly (2010): a row whose upper bound is below its lower bound keeps its centroid.
     # (Tightening the upper bound first would need a gather per row that costs about what the
     # GEMM on that row costs at k in the hundreds, so the GEMM is done directly.)
-    redo = (state.upper > state.lower).nonzero().flatten()
+    # a row within NEAR_TIE of no proof is recomputed too: nearest_two settles its tie exactly
+    tied = near_ties(state.lower.clamp_min(0).square() - state.upper.square(), state.x_sq, c_sq)
+    redo = (tied | (state.upper > state.lower)).nonzero().flatten()
     if not len(redo):
         return 0
     old = state.labels[redo]
@@ -422,6 +476,7 @@ def _fit_lloyd(
                 computed += elkan_pass(
                     x, state.x_sq, centroids, c_sq, shift, gaps, state.labels, state.upper, state.lower
                 )
+                computed += _settle_elkan_ties(x, centroids, c_sq, gaps[0], state)
                 _move_rows(sums, x, old, state.labels)
                 continue
             # cache-sized row chunks: whole-batch temporaries cost more than the arithmetic
@@ -438,7 +493,7 @@ def _fit_lloyd(
         updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
         empty = (counts == 0).nonzero().flatten()
         if len(empty):
-            updated[empty] = _farthest_rows(batches, bounds, len(empty), device)
+            updated[empty] = _farthest(batches(), centroids, len(empty)).rows
         shift = (updated - centroids).norm(dim=1)
         centroids = updated
         if lloyd.due:  # the shift's maximum syncs a GPU: only for a line that is shown
@@ -512,15 +567,19 @@ def _assign_partition(shard: Shard, centroids: torch.Tensor) -> _PartitionSums:
     return _PartitionSums(sums.cpu(), counts.cpu(), x_sq)
 
 
-def _farthest_in_partition(shard: Shard, centroids: torch.Tensor, n: int) -> _Farthest:
-    """The n rows of a partition farthest from their nearest centroid."""
+def _farthest(batches: Iterable[torch.Tensor], centroids: torch.Tensor, n: int) -> _Farthest:
+    """The n rows farthest from their nearest centroid (exact assignment, as every path makes it)."""
     c_sq = (centroids**2).sum(1)
-    farthest = _Farthest(torch.empty(0), torch.empty(0, centroids.shape[1]), n)
-    for batch in shard.batches():
-        x = batch.float()
+    farthest = _Farthest(centroids.new_empty(0), centroids.new_empty(0, centroids.shape[1]), n)
+    for batch in batches:
+        x = batch.to(centroids.device, torch.float32)
         _, first, _ = nearest_two(x, centroids, c_sq)
         farthest = farthest + _Farthest(first.sqrt(), x, n)
     return farthest
+
+
+def _farthest_in_partition(shard: Shard, centroids: torch.Tensor, n: int) -> _Farthest:
+    return _farthest(shard.batches(), centroids, n)
 
 
 def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
@@ -561,18 +620,6 @@ def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int,
         distances_computed=n_points * k * len(curve),
         distances_possible=n_points * k * len(curve),
     )
-
-
-def _farthest_rows(batches: Batches, bounds: list[_Bounds], n: int, device) -> torch.Tensor:
-    """The n rows farthest from their centroids (by upper bound): seeds for empty clusters."""
-    best_dist = torch.empty(0, device=device)
-    best_rows: list[torch.Tensor] = []  # the rows of best_dist, as one tensor
-    for state, batch in zip(bounds, batches(), strict=True):
-        top = state.upper.topk(min(n, len(state.upper))).indices
-        candidates = torch.cat([*best_rows, batch.to(device, torch.float32)[top]])
-        best_dist, order = torch.cat([best_dist, state.upper[top]]).topk(min(n, len(best_dist) + len(top)))
-        best_rows = [candidates[order]]
-    return torch.cat(best_rows)
 
 
 def _fit_minibatch(
