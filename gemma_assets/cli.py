@@ -15,11 +15,12 @@ from gemma_assets.commands import export_dictionary, verify_report
 from gemma_assets.core.config import (
     CONFIG_ENV_VAR,
     SHIPPED_CONFIGS,
+    ConfigError,
     load_run_config,
     reference_markdown,
     save_resolved,
 )
-from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.layout import RunLayout, is_url
 from gemma_assets.defs.resources import DATA_ROOT_ENV_VAR, require_writable, resolve_data_root
 from gemma_assets.runner import (
     EXIT_INTERRUPTED,
@@ -188,7 +189,10 @@ def _export(args: argparse.Namespace) -> None:
 def _preflight(args: argparse.Namespace) -> None:
     from gemma_assets import preflight
 
-    run_config, data_root = load_run_config(args.config, args.overrides), Path(resolve_data_root(args.data_root))
+    run_config, chosen_root = load_run_config(args.config, args.overrides), resolve_data_root(args.data_root)
+    if is_url(chosen_root):
+        raise ConfigError(f"preflight measures the disk of a local data root, not {chosen_root} -> pass a folder")
+    data_root = Path(chosen_root)
     if args.offline_standins:
         from gemma_assets.core import standins
 
