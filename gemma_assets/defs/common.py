@@ -17,7 +17,7 @@ import dagster as dg
 
 from gemma_assets.core import progress, remote
 from gemma_assets.core.config import ConfigError, RunConfig
-from gemma_assets.core.layout import claims_of
+from gemma_assets.core.layout import claims_of, is_url
 from gemma_assets.core.records import Markdown
 from gemma_assets.defs.resources import StorageResource
 
@@ -131,9 +131,9 @@ def keeps_artefacts(
         storage = kwargs["storage"]
         if not isinstance(storage, StorageResource):
             raise TypeError(f"{body.__name__} takes no storage resource: it cannot keep artefacts")
-        layout = storage.layout(context)
-        if not layout.remote:
+        if not is_url(storage.data_root):  # checked before building a layout: no cost on a local root
             return body(context, *args, **kwargs)
+        layout = storage.layout(context)
         owner = context.asset_key.to_user_string()
         remote.pull(layout, layout.declared - {owner})
         with claims_of(owner) as claimed:
