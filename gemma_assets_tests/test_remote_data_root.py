@@ -2,7 +2,7 @@
 pointed at it. The tiny run materialises there end to end through the command line, a second
 run finds everything up to date, a fresh working copy (another machine, no shared volume) gets
 every artefact back from the bucket, and an object deleted there is found like a deleted file;
-a commit cut short leaves the previous one in force."""
+a commit cut short leaves the previous one in force, and a damaged commit is named."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from moto.server import ThreadedMotoServer
 
 from gemma_assets.core.layout import WORKING_COPY_ENV_VAR, MissingArtefact, RunLayout
 from gemma_assets.core.remote import ARTEFACTS, committed_assets, crc32_of, pull, push
-from gemma_assets.core.storage import COMMIT_FILE
+from gemma_assets.core.storage import COMMIT_FILE, StorageError
 from gemma_assets.defs.recovery import PID_TAG
 from gemma_assets.runner.errors import EXIT_CONFIG
 from gemma_assets.runner.lock import LOCK_FILE
@@ -223,3 +223,7 @@ def test_a_commit_cut_short_leaves_the_previous_one_in_force(s3_env, tmp_path, m
     commit = push(run, "cluster_models", ["16"], [folder])  # the next commit clears the cut one's objects
     versions = fs.ls(f"{BUCKET}/unit/run/{ARTEFACTS}/cluster_models/16", detail=False)
     assert sorted(path.rsplit("/", 1)[-1] for path in versions) == sorted([COMMIT_FILE, commit["version"]])
+    pointer = f"{BUCKET}/unit/run/{ARTEFACTS}/cluster_models/16/{COMMIT_FILE}"
+    fs.pipe_file(pointer, b'{"version": "v-1"')  # cut off: not JSON
+    with pytest.raises(StorageError, match=rf"s3://{pointer} is not a commit of cluster_models \(corrupt\) -> "):
+        pull(elsewhere, ["cluster_models"])

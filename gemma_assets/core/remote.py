@@ -90,6 +90,21 @@ def _rematerialise(owner: str, partitions: str) -> str:
     )
 
 
+def _read_commit(fs: fsspec.AbstractFileSystem, path: str, owner: str) -> dict:
+    """A COMMIT.json, or StorageError naming it when it is not one (readers index it unchecked)."""
+    try:
+        commit = json.loads(fs.cat_file(path))
+        if isinstance(commit["version"], str) and isinstance(commit["committed_ns"], int):
+            if all({"size", "crc32"} <= set(entry) for entry in commit["files"].values()):
+                return commit
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not the fields of a commit
+        pass
+    partitions = path.rsplit("/", 2)[-2]
+    raise StorageError(
+        f"{fs.unstrip_protocol(path)} is not a commit of {owner} (corrupt) -> {_rematerialise(owner, partitions)}"
+    )
+
+
 def pull(layout: RunLayout, owners: Iterable[str]) -> None:
     """Bring the committed artefacts of `owners` into the working copy (a file already there
     intact is kept). An object its commit lists that is gone or damaged raises MissingArtefact
@@ -101,10 +116,11 @@ def pull(layout: RunLayout, owners: Iterable[str]) -> None:
         # listing cache: another process may have committed or deleted since)
         fs.invalidate_cache(f"{base}/{ARTEFACTS}/{owner}")
         listing = fs.find(f"{base}/{ARTEFACTS}/{owner}", detail=True)
-        commits = []
-        for path in listing:
-            if path.endswith(f"/{COMMIT_FILE}"):
-                commits.append((path.rsplit("/", 1)[0], json.loads(fs.cat_file(path))))
+        commits = [
+            (path.rsplit("/", 1)[0], _read_commit(fs, path, owner))
+            for path in listing
+            if path.endswith(f"/{COMMIT_FILE}")
+        ]
         latest: dict[str, tuple[str, str, dict]] = {}
         for folder, commit in sorted(commits, key=lambda found: found[1]["committed_ns"]):
             for name, entry in commit["files"].items():
