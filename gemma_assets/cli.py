@@ -22,7 +22,7 @@ from gemma_assets.core.config import (
     reference_markdown,
     save_resolved,
 )
-from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.layout import RunLayout, is_url
 from gemma_assets.defs.resources import (
     DASK_CLUSTER_ENV_VAR,
     DASK_WORKERS_ENV_VAR,
@@ -251,7 +251,10 @@ def _export(args: argparse.Namespace) -> None:
 def _preflight(args: argparse.Namespace) -> None:
     from gemma_assets import preflight
 
-    run_config, data_root = load_run_config(args.config, args.overrides), Path(resolve_data_root(args.data_root))
+    run_config, chosen_root = load_run_config(args.config, args.overrides), resolve_data_root(args.data_root)
+    if is_url(chosen_root):
+        raise ConfigError(f"preflight measures the disk of a local data root, not {chosen_root} -> pass a folder")
+    data_root = Path(chosen_root)
     if args.workers is not None or args.gpus is not None:
         _fleet_estimate(args, run_config, data_root)
         return

@@ -13,12 +13,14 @@ from gemma_assets.runner.errors import EXIT_DISAGREES, StageFailed
 
 def export_dictionary(run_config: RunConfig, data_root: str, name: str, out: Path | None) -> str:
     """Write one dictionary of a finished run as an SAELens SAE folder; returns what to tell the user."""
-    from gemma_assets.core import interop, methods
+    from gemma_assets.core import interop, methods, remote
     from gemma_assets.core.report import git_revision
     from gemma_assets.defs import graph  # noqa: F401 - registers the package's methods
     from gemma_assets.defs.resources import RunResource, StorageResource
 
     layout = StorageResource(data_root=data_root, run=RunResource.of(run_config)).layout()
+    if layout.remote:  # the steps may have run on another machine: their artefacts come from the remote
+        remote.pull(layout, remote.committed_assets(layout))
     try:
         member = methods.find_member(layout, run_config, methods.methods_of(run_config), name)
     except FileNotFoundError as error:  # a dictionary of a run that has not been materialised

@@ -30,13 +30,22 @@ dependency, so a missing edge in the asset graph fails loudly instead of orderin
 A method declared outside the package (core/methods.py) keeps its files under a folder of its
 own through `artefact(<its asset>, ...)`. The corpus (`<root>/corpus`) and models
 (`<data_root>/models`) are sources, not assets.
+
+A data root may be an fsspec URL (s3://bucket/prefix): `root` and `models_dir` are then a local
+working copy (see `working_copy`) and `remote` the run's URL, where the activation store lives
+and where core.remote commits every other asset's artefacts. What a step commits is what it
+claimed: every path `artefact` handed out for its asset while `claims_of` was open.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +68,34 @@ TOKENIZER_CORPUS_DOCUMENTS = 400
 WINDOWS_FILE = "windows.npz"  # per-window metric sums of a folder's dictionaries (core.bootstrap)
 SEEDS_FILE = "seeds.json"  # records of a folder's dictionaries refitted with seeds 1, 2, ...
 SEED_MODELS_FILE = "seed_models.npz"  # their centroids (cross-seed agreement)
+WORKING_COPY_ENV_VAR = "GEMMA_ASSETS_CACHE"  # where runs whose data root is a URL keep their working copies
+
+# owner -> the artefact paths `artefact` handed out for it while `claims_of(owner)` is open:
+# what its step wrote (or kept from an earlier pass), so what it commits on a remote data root
+_CLAIMS: dict[str, set[Path]] = {}
+
+
+def is_url(data_root: str | Path) -> bool:
+    """Whether a data root is an fsspec URL (s3://bucket/prefix, ...) rather than a folder."""
+    return "://" in str(data_root)
+
+
+def working_copy(url: str) -> Path:
+    """The local folder mirroring data root `url`: under $GEMMA_ASSETS_CACHE (default
+    ~/.cache/gemma_assets), named after the URL and unique to it."""
+    base = Path(os.environ.get(WORKING_COPY_ENV_VAR) or Path.home() / ".cache" / "gemma_assets").expanduser()
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-60:]
+    return base / f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+@contextmanager
+def claims_of(owner: str) -> Iterator[set[Path]]:
+    """The artefact paths of `owner` that layouts hand out within the block."""
+    claimed = _CLAIMS.setdefault(owner, set())
+    try:
+        yield claimed
+    finally:
+        del _CLAIMS[owner]
 
 
 class UndeclaredDependency(RuntimeError):
@@ -75,21 +112,35 @@ class RunLayout:
 
     root: Path
     models_dir: Path
-    activations_url: str = ""  # an fsspec URL for the activation store; default: under root
+    activations_url: str = ""  # an fsspec URL for the activation store; default: under root (or remote)
     reader: str | None = None  # the asset whose reads are checked (None: unchecked)
     declared: frozenset[str] = field(default_factory=frozenset)  # the reader and its dependencies
+    remote: str = ""  # the run's fsspec URL when the data root is one ("": a local data root)
 
     @classmethod
     def of(cls, data_root: str | Path, run_name: str, activations_url: str = "") -> RunLayout:
-        """The layout of run `run_name` under `data_root` (models are shared by every run there)."""
-        return cls(Path(data_root, run_name), Path(data_root, "models"), activations_url)
+        """The layout of run `run_name` under `data_root` (models are shared by every run there);
+        a URL data root is worked on in its local working copy."""
+        if not is_url(data_root):
+            return cls(Path(data_root, run_name), Path(data_root, "models"), activations_url)
+        remote = f"{str(data_root).rstrip('/')}/{run_name}"
+        local = working_copy(str(data_root).rstrip("/"))
+        return cls(local / run_name, local / "models", activations_url or remote, remote=remote)
+
+    @property
+    def location(self) -> str:
+        """Where the run's outputs live: its URL, or its folder."""
+        return self.remote or str(self.root)
 
     def bound(self, reader: str, declared: Iterable[str]) -> RunLayout:
         """This layout as `reader` sees it: artefacts of `declared` assets only."""
-        return RunLayout(self.root, self.models_dir, self.activations_url, reader, frozenset(declared) | {reader})
+        return RunLayout(
+            self.root, self.models_dir, self.activations_url, reader, frozenset(declared) | {reader}, self.remote
+        )
 
     def artefact(self, owner: str | None, *parts: str) -> Path:
-        """The path of an artefact asset `owner` writes (None: a source), its folder created."""
+        """The path of an artefact asset `owner` writes (None: a source), its folder created; while
+        `claims_of(owner)` is open, claimed for owner."""
         if owner is not None and self.reader is not None and owner not in self.declared:
             raise UndeclaredDependency(
                 f"asset {self.reader} reads {'/'.join(parts)}, an artefact of {owner}, without depending on it "
@@ -97,6 +148,8 @@ class RunLayout:
             )
         path = self.root.joinpath(*parts)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if owner in _CLAIMS:
+            _CLAIMS[owner].add(path)
         return path
 
     def existing(self, owner: str, path: Path, what: str) -> Path:
@@ -155,13 +208,15 @@ class RunLayout:
 
     # activation_stats
     def partition_stats_file(self, key: str) -> Path:
-        return self.artefact("activation_stats", "stats", f"part-{key}.npz")
+        path = self.artefact("activation_stats", "stats", f"part-{key}.npz")
+        self.partition_moments_file(key)  # claimed with it: PartitionStats.save writes both
+        return path
 
     def partition_stats(self, key: str) -> PartitionStats:
         return PartitionStats.load(self.existing("activation_stats", self.partition_stats_file(key), "statistics"))
 
     def partition_moments_file(self, key: str) -> Path:
-        return moments_path(self.partition_stats_file(key))
+        return self.artefact("activation_stats", "stats", moments_path(Path(f"part-{key}.npz")).name)
 
     def partition_moments(self, key: str) -> ActivationMoments:
         path = self.existing("activation_stats", self.partition_moments_file(key), "moments")

@@ -268,12 +268,13 @@ class ActivationStore:
     def _zarr_store(self, path: str, read_only: bool) -> Store:
         if isinstance(self.fs, LocalFileSystem):
             return zarr.storage.LocalStore(path, read_only=read_only)
-        fs = self.fs
-        if not fs.async_impl:  # s3fs/gcsfs are async; wrap sync ones (memory://, ...) for zarr
-            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
-        return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
+        # an instance of zarr's own, asynchronous (sync ones such as mem:// wrapped): `self.fs` runs
+        # on fsspec's event loop, and an s3fs client used from zarr's loop fails ("attached to a
+        # different loop")
+        url = self.fs.unstrip_protocol(path)
+        return zarr.storage.FsspecStore.from_url(
+            url, storage_options=dict(self.fs.storage_options), read_only=read_only
+        )
 
     def writer(self, key: str, n_tokens: int, d_model: int) -> PartitionWriter:
         """A new, invisible version of partition `key`, written row block by row block."""

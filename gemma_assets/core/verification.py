@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gemma_assets.core import metrics, tolerances
+from gemma_assets.core import metrics, remote, tolerances
 from gemma_assets.core.config import ConfigError, RunConfig, parse_resolved
 from gemma_assets.core.dictionaries import Member
 from gemma_assets.core.layout import RunLayout
@@ -68,6 +68,8 @@ class ReportToVerify:
                 "-> rematerialise comparison_report (gemma-assets materialize) and verify the new report"
             )
         layout = RunLayout.of(data_root, figures["run"], activations_url)
+        if layout.remote:  # the steps may have run on another machine: their artefacts come from the remote
+            remote.pull(layout, remote.committed_assets(layout))
         config_file = layout.resolved_config_file
         if not config_file.exists():
             raise ConfigError(

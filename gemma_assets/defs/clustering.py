@@ -6,11 +6,19 @@ from gemma_assets.core import methods
 from gemma_assets.core.layout import WINDOWS_FILE
 from gemma_assets.core.records import Family
 from gemma_assets.core.stages import clustering
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, reports_progress
+from gemma_assets.defs.common import (
+    FOLLOW_UPSTREAM,
+    GraphBuild,
+    code_version,
+    image_md,
+    keeps_artefacts,
+    reports_progress,
+)
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 
 @reports_progress
+@keeps_artefacts
 def whitening(context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource) -> dg.MaterializeResult:
     """Mean and covariance eigendecomposition of the train split (BOS excluded); ZCA with an
     eigenvalue floor, checked on held-out tokens against the identity."""
@@ -28,6 +36,7 @@ def whitening(context: dg.AssetExecutionContext, run: RunResource, storage: Stor
 
 
 @reports_progress
+@keeps_artefacts
 def cluster_models(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

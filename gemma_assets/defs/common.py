@@ -1,4 +1,5 @@
-"""What every asset module shares: the graph being built, versions and metadata."""
+"""What every asset module shares: the graph being built, versions, metadata and the wrappers of
+asset bodies (progress reporting, artefacts kept on a remote data root)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from typing import Concatenate, ParamSpec
 
 import dagster as dg
 
-from gemma_assets.core import progress
+from gemma_assets.core import progress, remote
 from gemma_assets.core.config import ConfigError, RunConfig
+from gemma_assets.core.layout import claims_of, is_url
 from gemma_assets.core.records import Markdown
+from gemma_assets.defs.resources import StorageResource
 
 P = ParamSpec("P")
 # seconds between two progress lines of a step in the run log (its first line and the end of
@@ -114,3 +117,28 @@ def reports_progress(
         )
 
     return with_progress
+
+
+def keeps_artefacts(
+    body: Callable[Concatenate[dg.AssetExecutionContext, P], dg.MaterializeResult],
+) -> Callable[Concatenate[dg.AssetExecutionContext, P], dg.MaterializeResult]:
+    """An asset body (taking the `storage` resource) that, on a URL data root, first pulls the
+    committed artefacts of the assets it reads into the run's working copy, then, once it
+    succeeds, commits the artefacts it wrote (core.remote). On a local data root: the body alone."""
+
+    @functools.wraps(body)
+    def kept(context: dg.AssetExecutionContext, *args: P.args, **kwargs: P.kwargs) -> dg.MaterializeResult:
+        storage = kwargs["storage"]
+        if not isinstance(storage, StorageResource):
+            raise TypeError(f"{body.__name__} takes no storage resource: it cannot keep artefacts")
+        if not is_url(storage.data_root):  # checked before building a layout: no cost on a local root
+            return body(context, *args, **kwargs)
+        layout = storage.layout(context)
+        owner = context.asset_key.to_user_string()
+        remote.pull(layout, layout.declared - {owner})
+        with claims_of(owner) as claimed:
+            result = body(context, *args, **kwargs)
+        remote.push(layout, owner, context.partition_keys if context.assets_def.partitions_def else [], claimed)
+        return result
+
+    return kept

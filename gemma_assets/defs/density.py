@@ -6,13 +6,14 @@ from gemma_assets.core import methods, model
 from gemma_assets.core.layout import WINDOWS_FILE
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import density
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, keeps_artefacts, md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 ANOMALY_COLUMNS = ("k", "log_likelihood", "partition", "row", "context")
 
 
 @reports_progress
+@keeps_artefacts
 def cluster_density(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -35,6 +36,7 @@ def cluster_density(
 
 
 @reports_progress
+@keeps_artefacts
 def leader_clusters(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -15,7 +15,15 @@ from gemma_assets.core.report import (
     markdown_table,
 )
 from gemma_assets.core.stages import downstream, interpretation
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md, reports_progress
+from gemma_assets.defs.common import (
+    FOLLOW_UPSTREAM,
+    GraphBuild,
+    code_version,
+    image_md,
+    keeps_artefacts,
+    md,
+    reports_progress,
+)
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 SPLICE_KEYS = ("evaluation.ce_windows", "evaluation.ce_batch_windows")
@@ -24,6 +32,7 @@ SHARED_INPUTS = ("activations", "activation_stats", "whitening")
 
 
 @reports_progress
+@keeps_artefacts
 def downstream_loss(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -49,6 +58,7 @@ def downstream_loss(
 
 
 @reports_progress
+@keeps_artefacts
 def interpretation_asset(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 
 from gemma_assets.core import methods
 from gemma_assets.core.config import RunConfig
+from gemma_assets.core.layout import RunLayout
 from gemma_assets.dagster_private import UnresolvedAssetJobDefinition
 from gemma_assets.defs import activations, clustering, density, evaluation, itda, report, saes, sample, statistics  # noqa: F401 - clustering, density, itda, saes: importing them registers their methods
 from gemma_assets.defs.common import GraphBuild
@@ -26,6 +25,7 @@ from gemma_assets.defs.resources import (
     RunResource,
     StorageResource,
     default_data_root,
+    normalised_data_root,
 )
 
 RUN_TAG = "gemma_assets/run"
@@ -79,8 +79,8 @@ def build_jobs(graph: GraphBuild, tags: dict[str, str]) -> list[UnresolvedAssetJ
 
 
 def build_definitions(run: RunConfig, data_root: str | None = None) -> dg.Definitions:
-    data_root = str(Path(data_root or default_data_root()).resolve())
-    graph, checks = build_graph(run, str(Path(data_root, run.name)))
+    data_root = normalised_data_root(data_root or default_data_root())
+    graph, checks = build_graph(run, RunLayout.of(data_root, run.name).location)
     run_resource = RunResource.of(run)
     return dg.Definitions(
         assets=list(graph.assets.values()),

@@ -7,13 +7,14 @@ from gemma_assets.core.itda import itda_shapes
 from gemma_assets.core.layout import WINDOWS_FILE
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import itda
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, keeps_artefacts, md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 TABLE_COLUMNS = ("name", "k", "m", "heldout_fvu", "heldout_l0", "threshold", "passes", "tokens_seen", "fit_seconds")
 
 
 @reports_progress
+@keeps_artefacts
 def itda_dictionaries(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

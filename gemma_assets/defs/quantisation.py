@@ -7,11 +7,12 @@ import dagster as dg
 
 from gemma_assets.core import report
 from gemma_assets.core.stages import quantisation
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, keeps_artefacts, md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 
 @reports_progress
+@keeps_artefacts
 def quantisation_shift(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

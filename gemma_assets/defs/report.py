@@ -4,11 +4,20 @@ import dagster as dg
 
 from gemma_assets.core import methods, report
 from gemma_assets.core.stages.report import write_report
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md, reports_progress
+from gemma_assets.defs.common import (
+    FOLLOW_UPSTREAM,
+    GraphBuild,
+    code_version,
+    image_md,
+    keeps_artefacts,
+    md,
+    reports_progress,
+)
 from gemma_assets.defs.resources import RunResource, StorageResource
 
 
 @reports_progress
+@keeps_artefacts
 def comparison_report(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.MaterializeResult:

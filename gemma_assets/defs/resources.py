@@ -13,7 +13,8 @@ import torch
 from gemma_assets.core.config import ConfigError, RunConfig, parse_resolved
 from gemma_assets.core.engine import Engine, InProcess, open_engine
 from gemma_assets.core.files import writable_folder
-from gemma_assets.core.layout import RunLayout
+from gemma_assets.core.layout import WORKING_COPY_ENV_VAR, RunLayout, is_url
+from gemma_assets.core.remote import url_problem
 
 DATA_ROOT_ENV_VAR = "GEMMA_ASSETS_DATA_ROOT"
 
@@ -22,25 +23,41 @@ def default_data_root() -> str:
     return os.environ.get(DATA_ROOT_ENV_VAR) or str(Path.cwd() / "data")
 
 
+def normalised_data_root(data_root: str) -> str:
+    """A URL data root (s3://bucket/prefix) less any trailing slash; a folder, absolute."""
+    if is_url(data_root):
+        return data_root.rstrip("/")
+    return str(Path(data_root).expanduser().resolve())
+
+
 def resolve_data_root(option: str | None) -> str:
     """The data root of a command (its --data-root, then $GEMMA_ASSETS_DATA_ROOT, then ./data),
     never empty; an option given is exported, so the definitions the command builds see it."""
     if option is not None:
         if not option.strip():
             raise ConfigError("--data-root is empty: pass a folder, or leave the option out to use ./data")
-        os.environ[DATA_ROOT_ENV_VAR] = str(Path(option).expanduser().resolve())
+        os.environ[DATA_ROOT_ENV_VAR] = normalised_data_root(option)
     elif DATA_ROOT_ENV_VAR in os.environ and not os.environ[DATA_ROOT_ENV_VAR].strip():
         raise ConfigError(f"${DATA_ROOT_ENV_VAR} is set but empty: set it to a folder, or unset it to use ./data")
-    return str(Path(default_data_root()).expanduser().resolve())
+    return normalised_data_root(default_data_root())
 
 
 def require_writable(data_root: str, run: RunConfig) -> None:
-    """Refuse, with the fix, a data root where the run's outputs cannot be written."""
-    folder = RunLayout.of(data_root, run.name).root
-    if problem := writable_folder(folder):
+    """Refuse, with the fix, a data root where the run's outputs cannot be written (on a URL data
+    root: the run's URL, and the local working copy its steps write in)."""
+    layout = RunLayout.of(data_root, run.name)
+    if layout.remote and (remote_problem := url_problem(layout.remote)):
+        problem, fix = remote_problem
+        raise ConfigError(f"the data root {data_root} cannot hold outputs ({layout.remote}: {problem}) -> {fix}")
+    if local_problem := writable_folder(layout.root):
+        if layout.remote:
+            raise ConfigError(
+                f"the working copy of the data root {data_root} cannot be written ({layout.root}: {local_problem}) "
+                f"-> set ${WORKING_COPY_ENV_VAR} to a writable folder"
+            )
         raise ConfigError(
-            f"the data root {data_root} cannot hold outputs ({folder}: {problem}) -> pass --data-root with a "
-            f"writable folder, or set ${DATA_ROOT_ENV_VAR}"
+            f"the data root {data_root} cannot hold outputs ({layout.root}: {local_problem}) -> pass --data-root "
+            f"with a writable folder, or set ${DATA_ROOT_ENV_VAR}"
         )
 
 
@@ -62,8 +79,9 @@ class RunResource(dg.ConfigurableResource):
 class StorageResource(dg.ConfigurableResource):
     """Where outputs live: `data_root/<run name>/...` (models are shared under data_root/models).
 
-    `activations_url` may be an fsspec URL (s3://bucket/path) for the activation store;
-    by default it sits under the local data root.
+    `data_root` may be an fsspec URL (s3://bucket/prefix): steps then work in a local working
+    copy and commit their artefacts there (core.remote). `activations_url` may be an fsspec URL
+    for the activation store alone; by default it sits under the data root.
     """
 
     data_root: str

@@ -7,7 +7,7 @@ import dagster as dg
 from gemma_assets.core import methods
 from gemma_assets.core.report import markdown_table
 from gemma_assets.core.stages import saes
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, md, reports_progress
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, keeps_artefacts, md, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 TRAINING_COLUMNS = (
@@ -28,6 +28,7 @@ HELDOUT_COLUMNS = ("name", "heldout_fvu", "heldout_mse", "heldout_l0")
 
 
 @reports_progress
+@keeps_artefacts
 def sae_dictionary(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -47,6 +48,7 @@ def sae_dictionary(
 
 
 @reports_progress
+@keeps_artefacts
 def sae_evaluation(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

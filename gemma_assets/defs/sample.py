@@ -5,11 +5,12 @@ import dagster as dg
 from gemma_assets.core import model
 from gemma_assets.core.report import frame_table
 from gemma_assets.core.stages.sample import draw_sample
-from gemma_assets.defs.common import GraphBuild, code_version, md, reports_progress
+from gemma_assets.defs.common import GraphBuild, code_version, keeps_artefacts, md, reports_progress
 from gemma_assets.defs.resources import RunResource, StorageResource
 
 
 @reports_progress
+@keeps_artefacts
 def pile_sample(context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource) -> dg.MaterializeResult:
     """Token windows (BOS first, one document each) sampled at a fixed document rate, shuffled
     with the seed and dealt to activation partitions; the last partitions are held out."""

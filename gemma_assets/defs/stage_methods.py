@@ -8,7 +8,7 @@ import dagster as dg
 
 from gemma_assets.core.config import RunConfig
 from gemma_assets.core.layout import RunLayout
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, reports_progress
+from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, keeps_artefacts, reports_progress
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 Fit = Callable[[RunLayout, RunConfig, str], Mapping[str, Any]]
@@ -26,6 +26,7 @@ def fitted_by(
         upstream = graph.upstream(*reads)
 
         @reports_progress
+        @keeps_artefacts
         def body(
             context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
         ) -> dg.MaterializeResult:

@@ -9,13 +9,22 @@ import dagster as dg
 from gemma_assets.core.report import frame_table
 from gemma_assets.core.stages import statistics
 from gemma_assets.defs.checks import check_result
-from gemma_assets.defs.common import FOLLOW_UPSTREAM, GraphBuild, code_version, image_md, md, reports_progress
+from gemma_assets.defs.common import (
+    FOLLOW_UPSTREAM,
+    GraphBuild,
+    code_version,
+    image_md,
+    keeps_artefacts,
+    md,
+    reports_progress,
+)
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
 
 WARN = dg.AssetCheckSeverity.WARN
 
 
 @reports_progress
+@keeps_artefacts
 def activation_stats(
     context: dg.AssetExecutionContext, run: RunResource, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

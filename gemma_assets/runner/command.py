@@ -39,18 +39,21 @@ def materialize(run_config: RunConfig, data_root: str, options: MaterializeOptio
     def need() -> costs.DiskNeed:  # what the run still needs: less what its folder holds now
         return costs.disk_need(run_config, architecture.d_model, layout.root, layout.models_dir)
 
+    # the disk this machine writes: the data root, or the working copy of a URL data root (the
+    # bulk, the activations, goes to the remote, which has no free space to check)
+    disk = str(layout.root.parent) if layout.remote else data_root
     try:
         require_writable(data_root, run_config)  # first: an unwritable data root is a bad option (2), not a full disk
-        if not options.ignore_free_space and (refusal := short_of_space(data_root, need())):
+        if not options.ignore_free_space and not layout.remote and (refusal := short_of_space(disk, need())):
             raise refusal  # before the lock: a refused command writes nothing
         with run_lock(layout.root, run_config.name, options.wait, lambda line: print(line, flush=True)):
             _run_stages(run_config, data_root, options)
     except DiskFull as error:  # a step's ENOSPC: say where, how much is free and what the run needs
-        raise disk_full(error.cause, data_root, need(), error.details) from None
+        raise disk_full(error.cause, disk, need(), error.details) from None
     except (OSError, ConfigError) as error:  # the command's own writes: the probe, the resolved config, ...
         if not is_enospc(error):
             raise
-        raise disk_full(f"{type(error).__name__}: {error}", data_root, need(), traceback.format_exc()) from None
+        raise disk_full(f"{type(error).__name__}: {error}", disk, need(), traceback.format_exc()) from None
 
 
 def _run_stages(run_config: RunConfig, data_root: str, options: MaterializeOptions) -> None:

@@ -1,0 +1,229 @@
+"""A data root on object storage: a real S3 server on loopback (moto's server mode) with s3fs
+pointed at it. The tiny run materialises there end to end through the command line, a second
+run finds everything up to date, a fresh working copy (another machine, no shared volume) gets
+every artefact back from the bucket, and an object deleted there is found like a deleted file;
+a commit cut short leaves the previous one in force, and a damaged commit is named."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import dagster as dg
+import fsspec
+import pytest
+from moto.server import ThreadedMotoServer
+
+from gemma_assets.core.layout import WORKING_COPY_ENV_VAR, MissingArtefact, RunLayout
+from gemma_assets.core.remote import ARTEFACTS, committed_assets, crc32_of, pull, push
+from gemma_assets.core.storage import COMMIT_FILE, StorageError
+from gemma_assets.defs.recovery import PID_TAG
+from gemma_assets.runner.errors import EXIT_CONFIG
+from gemma_assets.runner.lock import LOCK_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "gemma-runs"
+DATA_ROOT = f"s3://{BUCKET}/nightly"
+# the tiny run made quick: where its artefacts live is what is tested, not the fits
+QUICK = ["--set", "clustering.ks=[16]", "--set", "saes.train=[{architecture: topk, widths: [16], ks: [1]}]"]
+QUICK += ["--set", "saes.trainer.epochs=2"]
+# every asset that commits artefacts (all but the activations, whose store is on the remote itself)
+COMMITTING = {
+    "pile_sample",
+    "activation_stats",
+    "whitening",
+    "cluster_models",
+    "cluster_density",
+    "leader_clusters",
+    "itda_dictionaries",
+    "sae_dictionary",
+    "sae_evaluation",
+    "downstream_loss",
+    "interpretation",
+    "comparison_report",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RemoteRun:
+    env: dict[str, str]  # of the command line: the S3 server, its credentials, the Dagster home
+    home: Path
+    working_copy: Path
+    first: subprocess.CompletedProcess
+    first_pid: int
+    second: subprocess.CompletedProcess
+    second_pid: int
+
+
+def _materialize(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *QUICK, *args]
+    process = subprocess.Popen(
+        [*command, "--log-level", "WARNING"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, out.decode()), process.pid
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    """An S3 server on loopback with the bucket, and the environment that points s3fs at it
+    (set in this process too while the module runs)."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    s3 = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask a cloud's metadata address for credentials
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in s3.items():
+            patch.setenv(name, value)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        try:
+            yield s3
+        finally:
+            fs.clear_instance_cache()  # its clients point at this server
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_run(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> RemoteRun:
+    folder = tmp_path_factory.mktemp("remote")
+    home = folder / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, **s3_env, "DAGSTER_HOME": str(home), WORKING_COPY_ENV_VAR: str(folder / "cache")}
+    env.pop("GEMMA_ASSETS_CONFIG", None)
+    env.pop("GEMMA_ASSETS_DATA_ROOT", None)
+    first, first_pid = _materialize(env, "--data-root", DATA_ROOT)
+    second, second_pid = _materialize(env, "--data-root", DATA_ROOT)
+    return RemoteRun(env, home, folder / "cache", first, first_pid, second, second_pid)
+
+
+def _layout(working_copy: Path) -> RunLayout:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(WORKING_COPY_ENV_VAR, str(working_copy))
+        return RunLayout.of(DATA_ROOT, "tiny")
+
+
+def test_the_tiny_run_materialises_on_s3_and_a_second_run_recomputes_nothing(remote_run):
+    assert remote_run.first.returncode == 0, remote_run.first.stdout
+    fs = fsspec.filesystem("s3")
+    run_url = f"{BUCKET}/nightly/tiny"
+    assert fs.glob(f"{run_url}/activations/part-*/{COMMIT_FILE}")  # the store went straight to the bucket
+    commits = fs.glob(f"{run_url}/{ARTEFACTS}/*/*/{COMMIT_FILE}")
+    assert {path.split("/")[-3] for path in commits} >= COMMITTING
+    working = _layout(remote_run.working_copy)
+    assert not any(path.is_file() for path in (working.root / "activations").rglob("*"))  # no local copy
+    assert remote_run.second.returncode == 0, remote_run.second.stdout
+    assert "nothing to do" in remote_run.second.stdout, remote_run.second.stdout
+    with dg.DagsterInstance.from_config(str(remote_run.home)) as instance:
+        pids = {run.tags.get(PID_TAG) for run in instance.get_runs()}
+    assert pids == {str(remote_run.first_pid)}  # the second run started none
+
+
+def test_a_fresh_working_copy_gets_every_artefact_back_and_a_deleted_object_is_named(remote_run, tmp_path):
+    assert remote_run.first.returncode == 0, remote_run.first.stdout
+    used, fresh = _layout(remote_run.working_copy), _layout(tmp_path / "elsewhere")
+    assert set(committed_assets(fresh)) >= COMMITTING
+    pull(fresh, committed_assets(fresh))
+    # every artefact the run wrote, and nothing else: not the sources, nor the run's lock
+    written = {
+        path.relative_to(used.root): crc32_of(path)
+        for path in used.root.rglob("*")
+        if path.is_file() and path.relative_to(used.root).parts[0] not in ("corpus", LOCK_FILE)
+    }
+    pulled = {path.relative_to(fresh.root): crc32_of(path) for path in fresh.root.rglob("*") if path.is_file()}
+    assert pulled == written
+    assert Path("stats", "part-0000.moments.npz") in pulled and Path("run_config.yaml") in pulled
+    model = Path("clusters", "k-00016", "model.npz")
+    assert crc32_of(fresh.root / model) == crc32_of(used.root / model)
+    (fresh.root / model).write_bytes(b"damaged locally")  # a damaged working copy is fetched again
+    pull(fresh, ["cluster_models"])
+    assert crc32_of(fresh.root / model) == crc32_of(used.root / model)
+
+    fs = fsspec.filesystem("s3")
+    (whitening,) = fs.glob(f"{BUCKET}/nightly/tiny/{ARTEFACTS}/whitening/all/v-*/whitening/whitening.npz")
+    fs.rm_file(whitening)
+    with pytest.raises(MissingArtefact) as missing:
+        pull(fresh, ["whitening"])
+    assert str(missing.value) == (
+        f"whitening/whitening.npz of whitening is gone (s3://{whitening}) -> materialise it again: dagster asset "
+        "materialize -m gemma_assets.definitions --select whitening (with $GEMMA_ASSETS_CONFIG naming this run's config)"
+    )
+
+
+def test_a_missing_bucket_or_missing_credentials_is_one_line_naming_the_fix(s3_env, tmp_path):
+    env = {**os.environ, **s3_env, "DAGSTER_HOME": str(tmp_path), WORKING_COPY_ENV_VAR: str(tmp_path / "cache")}
+    no_bucket, _ = _materialize(env, "--data-root", "s3://no-such-bucket/runs")
+    assert no_bucket.returncode == EXIT_CONFIG
+    assert no_bucket.stdout.strip().splitlines()[-1] == (
+        "gemma-assets: error: the data root s3://no-such-bucket/runs cannot hold outputs (s3://no-such-bucket/runs/"
+        "tiny: The specified bucket does not exist) -> create s3://no-such-bucket, or pass --data-root with a "
+        "bucket that exists"
+    )
+    anonymous = {
+        name: value for name, value in env.items() if name not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    anonymous |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    no_credentials, _ = _materialize(anonymous, "--data-root", DATA_ROOT)
+    assert no_credentials.returncode == EXIT_CONFIG
+    assert no_credentials.stdout.strip().splitlines()[-1] == (
+        f"gemma-assets: error: the data root {DATA_ROOT} cannot hold outputs ({DATA_ROOT}/tiny: Unable to locate "
+        "credentials) -> set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); AWS_ENDPOINT_URL for a "
+        "non-AWS server"
+    )
+
+
+def test_a_commit_cut_short_leaves_the_previous_one_in_force(s3_env, tmp_path, monkeypatch):
+    run = RunLayout(tmp_path / "here" / "run", tmp_path / "here" / "models", remote=f"s3://{BUCKET}/unit/run")
+    folder = run.root / "clusters" / "k-00016"
+    folder.mkdir(parents=True)
+    for name in ("model.npz", "records.json"):
+        (folder / name).write_text(f"{name} v1")
+    push(run, "cluster_models", ["16"], [folder])
+    for name in ("model.npz", "records.json"):
+        (folder / name).write_text(f"{name} v2")
+    fs = fsspec.filesystem("s3")
+    put_file, puts = fs.put_file, []
+
+    def crash_after_the_first_object(local: str, stored: str) -> None:
+        if puts:
+            raise ConnectionError("killed mid-commit")
+        puts.append(stored)
+        put_file(local, stored)
+
+    monkeypatch.setattr(fs, "put_file", crash_after_the_first_object)
+    with pytest.raises(ConnectionError):
+        push(run, "cluster_models", ["16"], [folder])
+    monkeypatch.undo()
+    elsewhere = replace(run, root=tmp_path / "elsewhere" / "run")
+    pull(elsewhere, ["cluster_models"])  # the first commit, whole: nothing of the cut one
+    pulled = elsewhere.root / "clusters" / "k-00016"
+    assert {path.name: path.read_text() for path in pulled.iterdir()} == {
+        "model.npz": "model.npz v1",
+        "records.json": "records.json v1",
+    }
+    commit = push(run, "cluster_models", ["16"], [folder])  # the next commit clears the cut one's objects
+    versions = fs.ls(f"{BUCKET}/unit/run/{ARTEFACTS}/cluster_models/16", detail=False)
+    assert sorted(path.rsplit("/", 1)[-1] for path in versions) == sorted([COMMIT_FILE, commit["version"]])
+    pointer = f"{BUCKET}/unit/run/{ARTEFACTS}/cluster_models/16/{COMMIT_FILE}"
+    fs.pipe_file(pointer, b'{"version": "v-1"')  # cut off: not JSON
+    with pytest.raises(StorageError, match=rf"s3://{pointer} is not a commit of cluster_models \(corrupt\) -> "):
+        pull(elsewhere, ["cluster_models"])
