@@ -160,3 +160,42 @@ def test_empty_cluster_is_reseeded_at_the_farthest_token(bounds_mb):
     assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(curve, curve[1:], strict=False))
     labels, _ = _plain_lloyd(x, result.centroids, 0)
     assert torch.equal(result.sizes, torch.bincount(labels, minlength=5))  # the bounds ended on the true assignment
+
+
+def _tied_rows(n: int = 3000, d: int = 256, k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (bf16-exact, as stored) nearer centroid 0 or 1 by 4 * 2^-20 in squared distance, out of
+    norms of thousands: the two differ only in dimension 0 (+1 and -1), where a row holds
+    +-2^-20. float32 cannot tell the two distances apart; exact arithmetic can."""
+    generator = torch.Generator().manual_seed(7)
+    centroids = (torch.randn(k, d, generator=generator) * 4).bfloat16().float()
+    centroids[1] = centroids[0]
+    centroids[0, 0], centroids[1, 0] = 1.0, -1.0
+    x = (centroids[0] + torch.randn(n, d, generator=generator)).bfloat16().float()
+    x[:, 0] = torch.where(torch.rand(n, generator=generator) < 0.5, 2.0**-20, -(2.0**-20))
+    return x, centroids
+
+
+def test_near_ties_go_to_the_same_centroid_on_every_path(tmp_path):
+    """The first assignment of Elkan's bounds (a distance matrix), of Hamerly's and of the
+    map-reduce Lloyd (nearest two by GEMM) is the exact one, ties below float32's resolution
+    included: each settles near ties by exact distances (kmeans.NEAR_TIE)."""
+    from gemma_assets.core import kmeans
+    from gemma_assets.core.bf16 import bf16_to_bits
+    from gemma_assets.core.engine import InProcess, Partitioned
+    from gemma_assets.core.storage import ActivationStore
+
+    x, centroids = _tied_rows()
+    exact = kmeans.exact_distances(x, centroids).argmin(1)
+    store = ActivationStore(str(tmp_path))
+    for index, rows in enumerate(x.split(1000)):
+        positions = 1 + torch.arange(len(rows), dtype=torch.int32).numpy()  # no BOS rows: every row is read
+        arrays = {"activations": bf16_to_bits(rows), "token_ids": positions.copy(), "positions": positions}
+        store.write_partition(f"{index:04d}", arrays, {"context_len": 10**6, "bos_token_id": -1})
+    partitions = Partitioned.of(InProcess(), store, store.committed_keys())
+    mapped = kmeans._fit_lloyd_mapped(partitions, centroids, max_iter=0, tol=0.0)
+    assert torch.equal(mapped.sizes, torch.bincount(exact, minlength=8))
+    for bounds_mb in (ELKAN, HAMERLY):
+        bounded = fit_kmeans(x, 8, max_iter=0, tol=0.0, init=centroids, bounds_mb=bounds_mb)
+        assert torch.equal(bounded.centroids, mapped.centroids), bounds_mb
+        assert torch.equal(bounded.sizes, mapped.sizes), bounds_mb
+    assert torch.equal(kmeans.assign(x, centroids)[0], exact)
