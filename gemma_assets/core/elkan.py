@@ -28,7 +28,7 @@ def _distance(x: np.ndarray, x_sq: float, c: np.ndarray, c_sq: float) -> float:
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _elkan_pass(x, x_sq, centroids, c_sq, half_gap, half_nearest, shift, labels, upper, lower):
+def _elkan_pass(x, x_sq, centroids, c_sq, half_gap, half_nearest, shift, near_tie, labels, upper, lower, tied):
     n, k = lower.shape
     computed = np.zeros(n, np.int64)
     for i in numba.prange(n):
@@ -38,7 +38,10 @@ def _elkan_pass(x, x_sq, centroids, c_sq, half_gap, half_nearest, shift, labels,
             moved = row[j] - shift[j]
             row[j] = moved if moved > 0.0 else np.float32(0.0)
         u = upper[i] + shift[a]
-        if u <= half_nearest[a]:  # closer to its centroid than half the way to any other
+        # a centroid is ruled out only when farther than u by the near-tie margin (in squared
+        # distance, kmeans.near_ties): within it, float32's rounding could put either first
+        reach = math.sqrt(u * u + near_tie * (3.0 * x_sq[i] + 2.0 * u * u))
+        if reach <= half_nearest[a]:  # closer to its centroid than half the way to any other
             upper[i] = u
             continue
         tight = False
@@ -47,21 +50,25 @@ def _elkan_pass(x, x_sq, centroids, c_sq, half_gap, half_nearest, shift, labels,
             if j == a:
                 continue
             bound = max(row[j], half_gap[a, j])
-            if u <= bound:
+            if reach <= bound:
                 continue
             if not tight:  # the upper bound may be loose: make it exact once, then test again
                 u = _distance(x[i], x_sq[i], centroids[a], c_sq[a])
                 row[a] = u
+                reach = math.sqrt(u * u + near_tie * (3.0 * x_sq[i] + 2.0 * u * u))
                 tight = True
                 count += 1
-                if u <= bound:
+                if reach <= bound:
                     continue
             d = _distance(x[i], x_sq[i], centroids[j], c_sq[j])
             row[j] = d
             count += 1
+            if abs(d * d - u * u) <= near_tie * (3.0 * x_sq[i] + 2.0 * min(d, u) ** 2):
+                tied[i] = True
             if d < u:
                 a = j
                 u = d
+                reach = math.sqrt(u * u + near_tie * (3.0 * x_sq[i] + 2.0 * u * u))
         labels[i] = a
         upper[i] = u
         computed[i] = count
@@ -84,18 +91,25 @@ def elkan_pass(
     c_sq: torch.Tensor,
     shift: torch.Tensor,
     gaps: tuple[torch.Tensor, torch.Tensor],
+    near_tie: float,
     labels: torch.Tensor,
     upper: torch.Tensor,
     lower: torch.Tensor,
-) -> int:
+) -> tuple[int, torch.Tensor]:
     """Reassign the rows of x (float32, CPU; x_sq / c_sq the squared row norms of x /
     centroids) after the centroids moved by `shift`, updating labels [n], upper [n] and
-    lower [n, k] in place. Returns how many distances it computed."""
+    lower [n, k] in place. A centroid within the near-tie margin of a row's nearest (`near_tie`
+    times 3 ||x||^2 + 2 d^2 in squared distance, kmeans.near_ties) is never ruled out by a bound.
+    Returns how many distances it computed, and which rows had two computed distances within
+    that margin (near ties, for the caller to settle)."""
     half_gap, half_nearest = gaps
     # read-only inputs as contiguous arrays; labels, upper and lower are updated in place
     x_, x_sq_, centroids_, c_sq_, half_gap_, half_nearest_, shift_ = (
         t.contiguous().numpy() for t in (x, x_sq, centroids, c_sq, half_gap, half_nearest, shift)
     )
+    tied = np.zeros(len(x_), np.bool_)
     in_place = labels.numpy(), upper.numpy(), lower.numpy()
-    computed = _elkan_pass(x_, x_sq_, centroids_, c_sq_, half_gap_, half_nearest_, shift_, *in_place)
-    return int(computed)
+    computed = _elkan_pass(
+        x_, x_sq_, centroids_, c_sq_, half_gap_, half_nearest_, shift_, np.float32(near_tie), *in_place, tied
+    )
+    return int(computed), torch.from_numpy(tied)

@@ -59,23 +59,29 @@ class KMeansResult:
         return 1 - self.distances_computed / self.distances_possible
 
 
-# A row whose two nearest centroids are within this share of ||x||^2 + max ||c||^2 in squared
-# distance is settled in float64. float32 rounds the expansion ||x||^2 - 2 x.c + ||c||^2 (and
-# Elkan's compiled dot products) by under 1e-5 of that scale at d in the thousands, so every
-# other row's float32 answer is the exact argmin: the GEMM path, Elkan's and Hamerly's bounds
-# and the map-reduce over partitions all assign every token alike.
-NEAR_TIE = 1e-4
+# A row whose two nearest centroids are within NEAR_TIE of 3 ||x||^2 + 2 d^2 in squared distance
+# (d: the distance to the nearest) is settled in float64. float32 rounds a squared distance
+# ||x||^2 - 2 x.c + ||c||^2 by a few 1e-7 of ||x||^2 + ||c||^2 (GEMM or Elkan's compiled dot
+# products, at d_model in the thousands), and a centroid that close has ||c||^2 <= 2 ||x||^2 +
+# 2 d^2: every other row's float32 answer is the exact argmin. So the GEMM path, Elkan's and
+# Hamerly's bounds and the map-reduce over partitions all assign every token alike.
+NEAR_TIE = 1e-5
 
 
-def exact_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [n, k] in float64, each from its own differences (no GEMM expansion):
-    the same value for a row whatever rows it is computed with."""
-    return torch.cdist(x.double(), centroids.double(), compute_mode="donot_use_mm_for_euclid_dist")
+def settle(x: torch.Tensor, centroids: torch.Tensor, dist_sq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """`dist_sq` [n, k] (float64) with the `candidates` entries (a row's near-tied centroids) made
+    exact: squared distances summed from the differences in float64, each pair on its own, so a
+    row's value does not depend on what else is computed with it. The argmin (lowest index on a
+    tie) is then the exact nearest centroid: the others are farther by more than float32 rounds."""
+    rows, columns = candidates.nonzero(as_tuple=True)
+    exact = (x[rows].double() - centroids[columns].double()).square_().sum(1)
+    return dist_sq.index_put((rows, columns), exact)
 
 
-def near_ties(gap_sq: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
-    """Which rows have a squared-distance margin `gap_sq` to their runner-up within NEAR_TIE."""
-    return gap_sq <= NEAR_TIE * (x_sq + c_sq.max())
+def near_ties(gap_sq: torch.Tensor, x_sq: torch.Tensor, nearest_sq: torch.Tensor) -> torch.Tensor:
+    """Which rows' squared-distance margin `gap_sq` to a runner-up is within NEAR_TIE (rows with
+    squared norm `x_sq`, at squared distance `nearest_sq` from their nearest centroid)."""
+    return gap_sq <= NEAR_TIE * (3 * x_sq + 2 * nearest_sq)
 
 
 def nearest_two(
@@ -100,12 +106,14 @@ def nearest_two(
         first.append(best[:, 0] + x_sq[rows])
         second.append(best[:, 1] + x_sq[rows])
     label, nearest, runner_up = torch.cat(labels), torch.cat(first).clamp_min_(0), torch.cat(second).clamp_min_(0)
-    tied = near_ties(runner_up - nearest, x_sq, c_sq).nonzero().flatten()
+    tied = near_ties(runner_up - nearest, x_sq, nearest).nonzero().flatten()
     if len(tied) and len(centroids) > 1:
-        exact = exact_distances(x[tied], centroids)
-        label[tied] = exact.argmin(1)
-        nearest[tied] = exact.gather(1, label[tied, None]).squeeze(1).square().to(nearest.dtype)
-        runner_up[tied] = exact.scatter(1, label[tied, None], float("inf")).amin(1).square().to(nearest.dtype)
+        dist = torch.addmm(c_sq, x[tied], centroids.T, alpha=-2.0).add_(x_sq[tied, None]).double()
+        candidates = near_ties(dist - nearest[tied, None].double(), x_sq[tied, None], nearest[tied, None])
+        settled = settle(x[tied], centroids, dist, candidates)
+        label[tied] = settled.argmin(1)
+        nearest[tied] = settled.gather(1, label[tied, None]).squeeze(1).to(nearest.dtype)
+        runner_up[tied] = settled.scatter(1, label[tied, None], float("inf")).amin(1).to(nearest.dtype)
     return label, nearest, runner_up
 
 
@@ -366,33 +374,34 @@ def _first_assignment(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tens
         lower = distance_matrix(x, centroids, c_sq, x_sq)
         upper, labels = lower.min(1)
         state = _Bounds(labels, upper, lower, x_sq)
-        _settle_elkan_ties(x, centroids, c_sq, torch.zeros(len(centroids), len(centroids)), state)
+        if len(centroids) > 1:
+            two = torch.cat([rows.topk(2, dim=1, largest=False).values for rows in lower.split(_ROWS_PER_GEMM)])
+            first_sq = two[:, 0].square()
+            _settle_elkan_ties(x, centroids, c_sq, state, near_ties(two[:, 1].square() - first_sq, x_sq, first_sq))
         return state
     labels, first, second = nearest_two(x, centroids, c_sq, x_sq)
     return _Bounds(labels, first.sqrt(), second.sqrt(), x_sq)
 
 
 def _settle_elkan_ties(
-    x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, half_gap: torch.Tensor, state: _Bounds
+    x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor, state: _Bounds, tied: torch.Tensor
 ) -> int:
-    """Rows whose Elkan proof (the least, over the other centroids, of their lower bound or half
-    the gap between centroids) beats the upper bound by less than NEAR_TIE get exact distances
-    to every centroid: label, upper and lower bounds from those. Returns the distances computed."""
-    found = []
-    for start in range(0, len(x), _ROWS_PER_GEMM):
-        chunk = slice(start, start + _ROWS_PER_GEMM)
-        labels = state.labels[chunk, None]
-        proof = torch.maximum(state.lower[chunk], half_gap[state.labels[chunk]]).scatter_(1, labels, float("inf"))
-        gap_sq = proof.amin(1).square() - state.upper[chunk].square()
-        found.append(near_ties(gap_sq, state.x_sq[chunk], c_sq).nonzero().flatten() + start)
-    tied = torch.cat(found)
-    if not len(tied) or len(centroids) < 2:
+    """The `tied` rows of an Elkan state, whose lower bounds are exact (float32) wherever a
+    centroid is within NEAR_TIE of the nearest: those centroids get exact distances, the label is
+    the nearest of them and the bounds are tightened to them. Returns the distances computed."""
+    rows = tied.nonzero().flatten()
+    if not len(rows) or len(centroids) < 2:
         return 0
-    exact = exact_distances(x[tied], centroids)
-    state.labels[tied] = exact.argmin(1)
-    state.lower[tied] = exact.float()
-    state.upper[tied] = exact.gather(1, state.labels[tied, None]).squeeze(1).float()
-    return len(tied) * len(centroids)
+    labels = state.labels[rows, None]
+    lower = state.lower[rows].scatter(1, labels, state.upper[rows, None]).double()
+    upper_sq = state.upper[rows].double().square()[:, None]
+    candidates = near_ties(lower.square() - upper_sq, state.x_sq[rows, None], upper_sq)
+    candidates.scatter_(1, labels, True)
+    settled = settle(x[rows], centroids, torch.full(candidates.shape, float("inf"), dtype=torch.float64), candidates)
+    state.labels[rows] = settled.argmin(1)
+    state.upper[rows] = settled.amin(1).sqrt().float()
+    state.lower[rows] = torch.where(candidates, settled.sqrt().float(), state.lower[rows])
+    return int(candidates.sum())
 
 
 def _move_rows(sums: torch.Tensor, rows: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
@@ -420,7 +429,8 @@ def _hamerly_chunk(
     # (Tightening the upper bound first would need a gather per row that costs about what the
     # GEMM on that row costs at k in the hundreds, so the GEMM is done directly.)
     # a row within NEAR_TIE of no proof is recomputed too: nearest_two settles its tie exactly
-    tied = near_ties(state.lower.clamp_min(0).square() - state.upper.square(), state.x_sq, c_sq)
+    upper_sq = state.upper.square()
+    tied = near_ties(state.lower.clamp_min(0).square() - upper_sq, state.x_sq, upper_sq)
     redo = (tied | (state.upper > state.lower)).nonzero().flatten()
     if not len(redo):
         return 0
@@ -473,10 +483,10 @@ def _fit_lloyd(
             if state.elkan:
                 assert gaps is not None  # computed in every iteration after the first that has Elkan bounds
                 old = state.labels.clone()
-                computed += elkan_pass(
-                    x, state.x_sq, centroids, c_sq, shift, gaps, state.labels, state.upper, state.lower
+                passed, tied = elkan_pass(
+                    x, state.x_sq, centroids, c_sq, shift, gaps, NEAR_TIE, state.labels, state.upper, state.lower
                 )
-                computed += _settle_elkan_ties(x, centroids, c_sq, gaps[0], state)
+                computed += passed + _settle_elkan_ties(x, centroids, c_sq, state, tied)
                 _move_rows(sums, x, old, state.labels)
                 continue
             # cache-sized row chunks: whole-batch temporaries cost more than the arithmetic
