@@ -442,6 +442,31 @@ def _hamerly_chunk(
     return len(redo)
 
 
+def _inertia(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, x_sq_total: float) -> float:
+    """sum ||x - c_a||^2 from the cluster sums: sum ||x||^2 - 2 sum_j c_j . S_j + sum_j n_j ||c_j||^2."""
+    c64 = centroids.double()
+    return x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum())
+
+
+def _stops(curve: list[float], iteration: int, max_iter: int, tol: float) -> bool:
+    """The last pass, or the inertia changed by at most `tol` of itself."""
+    return iteration == max_iter or (len(curve) > 1 and abs(curve[-2] - curve[-1]) <= tol * curve[-2])
+
+
+def _updated(
+    centroids: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    farthest_rows: Callable[[int], torch.Tensor],
+) -> torch.Tensor:
+    """The clusters' means; an empty cluster takes one of the rows farthest from their centroid."""
+    updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+    empty = (counts == 0).nonzero().flatten()
+    if len(empty):
+        updated[empty] = farthest_rows(len(empty)).to(updated)
+    return updated
+
+
 def _fit_lloyd(
     batches: Batches, centroids: torch.Tensor, max_iter: int, tol: float, bounds_mb: float = 0.0
 ) -> KMeansResult:
@@ -495,15 +520,11 @@ def _fit_lloyd(
                 chunk = _Bounds(state.labels[rows], state.upper[rows], state.lower[rows], state.x_sq[rows])
                 computed += k * _hamerly_chunk(x[rows], chunk, centroids, c_sq, shift, sums)
         counts = torch.bincount(torch.cat([b.labels for b in bounds]), minlength=k)
-        c64 = centroids.double()
-        curve.append(x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum()))
-        if iteration == max_iter or (len(curve) > 1 and abs(curve[-2] - curve[-1]) <= tol * curve[-2]):
+        curve.append(_inertia(centroids, sums, counts, x_sq_total))
+        if _stops(curve, iteration, max_iter, tol):
             converged = iteration < max_iter
             break
-        updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty):
-            updated[empty] = _farthest(batches(), centroids, len(empty)).rows
+        updated = _updated(centroids, sums, counts, lambda n: _farthest(batches(), centroids, n).rows)
         shift = (updated - centroids).norm(dim=1)
         centroids = updated
         if lloyd.due:  # the shift's maximum syncs a GPU: only for a line that is shown
@@ -606,15 +627,16 @@ def _fit_lloyd_mapped(data: Partitioned, centroids: torch.Tensor, max_iter: int,
         total = map_reduce(data, _assign_partition, operator.add, centroids)
         sums, counts, x_sq_total = total.sums, total.counts, total.x_sq
         n_points = int(counts.sum())
-        c64 = centroids.double()
-        curve.append(x_sq_total - 2 * float((c64 * sums).sum()) + float((counts * (c64**2).sum(1)).sum()))
-        if iteration == max_iter or (len(curve) > 1 and abs(curve[-2] - curve[-1]) <= tol * curve[-2]):
+        curve.append(_inertia(centroids, sums, counts, x_sq_total))
+        if _stops(curve, iteration, max_iter, tol):
             converged = iteration < max_iter
             break
-        updated = (sums / counts.clamp_min(1).unsqueeze(1)).float()
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty):
-            updated[empty] = map_reduce(data, _farthest_in_partition, operator.add, centroids, len(empty)).rows
+        updated = _updated(
+            centroids,
+            sums,
+            counts,
+            lambda n: map_reduce(data, _farthest_in_partition, operator.add, centroids, n).rows,
+        )
         shift = (updated - centroids).norm(dim=1)
         centroids = updated
         lloyd.update(iteration + 1, inertia=curve[-1], max_shift=float(shift.max()))
