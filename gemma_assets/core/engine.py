@@ -116,10 +116,17 @@ def _run_task(task: Callable[..., R], item: Any, shared: tuple, threads: int) ->
 
 @dataclass
 class Traffic:
-    """Payload bytes that crossed the network, by Dask's own size estimate (dask.sizeof)."""
+    """Bytes of pickled payload that crossed the network (counted when a DaskEngine is asked to:
+    it pickles each payload once more to weigh it)."""
 
     sent: int = 0  # shared inputs (once per worker) and task arguments
     received: int = 0  # task results
+
+
+def _pickled_bytes(payload: object) -> int:
+    import cloudpickle
+
+    return len(cloudpickle.dumps(payload, protocol=5))
 
 
 @dataclass
@@ -128,7 +135,7 @@ class DaskEngine:
 
     client: Client
     threads_per_worker: int = 1
-    traffic: Traffic = field(default_factory=Traffic)
+    traffic: Traffic | None = None  # a Traffic to count payload bytes in (benchmarks/dask_cluster.py)
 
     @property
     def workers(self) -> int:
@@ -137,17 +144,17 @@ class DaskEngine:
     def imap(self, task: Callable[..., R], items: Sequence[T], *shared: Any) -> Iterator[R]:
         """Up to two tasks per worker in flight: results wait on the workers for the driver to
         take them in order, and a bounded window keeps that wait (and their memory) bounded."""
-        from dask.sizeof import sizeof
-
         # one future holding every shared input, on every worker (hash=False: a fresh key per pass)
         shared_future = self.client.scatter([shared], broadcast=True, hash=False)[0]
-        self.traffic.sent += sizeof(shared) * self.workers
+        if self.traffic is not None:
+            self.traffic.sent += _pickled_bytes(shared) * self.workers
         waiting = iter(items)
         in_flight: collections.deque = collections.deque()
 
         def submit(count: int) -> None:
             for item in itertools.islice(waiting, count):
-                self.traffic.sent += sizeof(item)
+                if self.traffic is not None:
+                    self.traffic.sent += _pickled_bytes(item)
                 in_flight.append(
                     self.client.submit(_run_task, task, item, shared_future, self.threads_per_worker, pure=False)
                 )
@@ -157,7 +164,8 @@ class DaskEngine:
             while in_flight:
                 future = in_flight.popleft()
                 result = future.result()  # a task's exception (a StorageError, say) is raised here as itself
-                self.traffic.received += sizeof(result)
+                if self.traffic is not None:
+                    self.traffic.received += _pickled_bytes(result)
                 future.release()
                 submit(1)
                 yield result
@@ -244,6 +252,14 @@ def _reduce_run(run: tuple[Shard, ...], task: Callable[..., R], add: Callable[[R
     return total
 
 
+def _weigh_tensors() -> None:
+    """Tell Dask a torch tensor's size (it would count a few dozen bytes), so its memory manager
+    sees the sums and samples that results hold."""
+    from dask.sizeof import sizeof
+
+    sizeof.register(torch.Tensor)(lambda tensor: tensor.element_size() * tensor.nelement())
+
+
 def local_cluster_size(workers: int) -> int:
     """A LocalCluster's worker processes: `workers`, or one per core when 0."""
     return workers or os.cpu_count() or 1
@@ -268,6 +284,7 @@ def open_engine(
         raise ConfigError(
             f"compute cluster {cluster!r} needs Dask, which is not installed -> pip install 'gemma_assets[cluster]'"
         ) from error
+    _weigh_tensors()
     if cluster == LOCAL:
         with _local_cluster(LocalCluster, workers, threads_per_worker) as local, Client(local) as client:
             yield DaskEngine(client, threads_per_worker)

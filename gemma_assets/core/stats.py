@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from gemma_assets.core.batches import prefetched
+from gemma_assets.core.engine import Shard
 from gemma_assets.core.files import load_arrays, save_arrays
+from gemma_assets.core.storage import ActivationStore
 
 NORM_BIN_EDGES = np.logspace(-3, 7, 201)  # token L2 norms, log-spaced bins
 PRECISIONS = ("float64", "mixed")
@@ -219,6 +221,14 @@ class PartitionStats:
         key, version = str(arrays.pop("key")), str(arrays.pop("version"))
         precision = str(arrays.pop("precision", ""))
         return cls(key, version, ActivationMoments.load(moments_path(path)), **arrays, precision=precision)
+
+
+def compute_partition_stats(shard: Shard, sample_size: int, precision: str, device: str) -> PartitionStats:
+    """One partition's pass, as a task of an engine (a worker without CUDA computes on its CPU)."""
+    device = device if torch.cuda.is_available() else "cpu"
+    return PartitionStats.compute(
+        ActivationStore(shard.store_url), shard.key, sample_size, precision=precision, device=device
+    )
 
 
 def moments_path(path: Path) -> Path:

@@ -13,16 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from gemma_assets.core import expectations, plots, progress, quality
 from gemma_assets.core.config import RunConfig
-from gemma_assets.core.engine import Engine, Partitioned, Shard
+from gemma_assets.core.engine import Engine, Partitioned
 from gemma_assets.core.files import atomic_file, write_json
 from gemma_assets.core.layout import RunLayout
 from gemma_assets.core.records import CheckReport, Finding, describe
 from gemma_assets.core.report import markdown_table
-from gemma_assets.core.stats import NORM_BIN_EDGES, QUANTILES, ActivationMoments, PartitionStats
+from gemma_assets.core.stats import (
+    NORM_BIN_EDGES,
+    QUANTILES,
+    ActivationMoments,
+    PartitionStats,
+    compute_partition_stats,
+)
 from gemma_assets.core.storage import ActivationStore
 
 MAX_QUANTILE_SAMPLE = 200_000  # train tokens kept in memory for the approximate per-dim quantiles
@@ -61,14 +66,6 @@ def _cache_is_fresh(layout: RunLayout, store: ActivationStore, key: str, sample_
         return False
 
 
-def _compute_partition_stats(shard: Shard, sample_size: int, precision: str, device: str) -> PartitionStats:
-    """One partition's pass (a task of the run's engine; a worker without CUDA computes on its CPU)."""
-    device = device if torch.cuda.is_available() else "cpu"
-    return PartitionStats.compute(
-        ActivationStore(shard.store_url), shard.key, sample_size, precision=precision, device=device
-    )
-
-
 def partition_stats(
     layout: RunLayout,
     engine: Engine,
@@ -83,7 +80,7 @@ def partition_stats(
     store = layout.activation_store()
     stale = [key for key in keys if not _cache_is_fresh(layout, store, key, sample_size, precision)]
     shards = Partitioned.of(engine, store, stale).shards
-    computed = engine.imap(_compute_partition_stats, shards, sample_size, precision, device)
+    computed = engine.imap(compute_partition_stats, shards, sample_size, precision, device)
     for key in keys:
         if key not in stale:
             log(f"statistics of partition {key}: reused (unchanged since last pass)")
