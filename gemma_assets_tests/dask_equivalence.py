@@ -1,6 +1,7 @@
 """A run's store-pass steps in one process and on a 2-worker LocalCluster: every figure compared.
 
-    python benchmarks/dask_equivalence.py demo data out/equivalence --json benchmarks/results/dask_equivalence_demo.json
+    python gemma_assets_tests/dask_equivalence.py demo data out/equivalence \
+        --json benchmarks/results/dask_equivalence_demo.json
 
 From a data root where the profile's sample, activations and SAEs are materialised (`data` after
 `gemma-assets materialize --config demo`), copies those twice under OUT and runs the steps that
@@ -8,7 +9,8 @@ pass over the store there: statistics and whitening; leader clustering, ITDA and
 evaluation; k-means and the GMM at every k. Once in each step's process, once with
 GEMMA_ASSETS_DASK_CLUSTER=local and 2 workers. Prints the wall clock of each and the largest
 relative differences of all figures. Issue #26's bar: statistics to 1e-12, fits to 1e-9.
-Needs the `bench` extra (Dask).
+A check, not a test: it takes minutes on the demo (the suite holds the tiny run to the same bar,
+test_distributed.py). Dask comes with the `dev` extra.
 """
 
 from __future__ import annotations
