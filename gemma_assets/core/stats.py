@@ -12,11 +12,14 @@ test_whitening.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from gemma_assets.core.batches import prefetched
 from gemma_assets.core.engine import Shard
@@ -54,11 +57,25 @@ def batch_comoment(x: torch.Tensor, mean: torch.Tensor, precision: str) -> np.nd
     shift = mean.float()
     centred = (x - shift).cpu().numpy()
     total = np.zeros((x.shape[1], x.shape[1]))
-    for start in range(0, len(centred), COMOMENT_BLOCK_ROWS):
-        block = centred[start : start + COMOMENT_BLOCK_ROWS]
-        total += block.T @ block  # float32 syrk, then summed in float64
+    for product in _block_products(centred):
+        total += product  # float32 syrk, summed in float64 in block order
     delta = (mean - shift.double()).cpu().numpy()
     return total - len(centred) * np.outer(delta, delta)
+
+
+def _block_products(rows: np.ndarray) -> Iterator[np.ndarray]:
+    """block^T block, float32, for each COMOMENT_BLOCK_ROWS-row block of `rows`, in order.
+
+    Each product is one single-threaded BLAS call: a threaded float32 syrk splits its sums by
+    thread count on some CPUs (OpenBLAS on AMD Zen), so a partition's moments would depend on
+    the threads of the process computing them, and a Dask worker of one thread would disagree
+    with this process. The parallelism is over blocks instead (BLAS releases the GIL), as many
+    at once as torch has threads, each block's product the same whatever the count."""
+    blocks = [rows[start : start + COMOMENT_BLOCK_ROWS] for start in range(0, len(rows), COMOMENT_BLOCK_ROWS)]
+    threads = torch.get_num_threads()
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        for first in range(0, len(blocks), threads):
+            yield from pool.map(lambda block: block.T @ block, blocks[first : first + threads])
 
 
 @dataclass
