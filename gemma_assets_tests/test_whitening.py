@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
-from gemma_assets.core.stats import PRECISIONS, ActivationMoments
+from gemma_assets.core.stats import COMOMENT_BLOCK_ROWS, PRECISIONS, ActivationMoments, batch_comoment
 from gemma_assets.core.whitening import PREPROCESSINGS, Preprocessor, Whitening, identity_deviation
 
 
@@ -86,3 +87,22 @@ def test_mixed_precision_comoment_whitens_at_condition_1e7(structure):
     mixed = Whitening.fit(moments["mixed"].mean, moments["mixed"].covariance, relative_floor=1e-12)
     heldout = _ill_conditioned(200_000, seed=2, structure=structure)
     assert identity_deviation(Preprocessor.from_whitening("pca", mixed).forward(heldout)) < 0.05
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_comoment_is_the_same_whatever_the_threads(precision):
+    """A partition's moments do not depend on the computing process's threads (a 2-thread step and
+    a 1-thread Dask worker agree exactly): OpenBLAS's threaded float32 syrk splits its sums by
+    thread count on some CPUs, so each block's product is one single-threaded call."""
+    rows = torch.from_numpy(np.random.default_rng(3).standard_normal((3 * COMOMENT_BLOCK_ROWS + 5, 96))).float()
+    mean = rows.double().mean(0)
+    threads = torch.get_num_threads()
+    try:
+        products = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with threadpool_limits(count):  # as a Dask worker's OPENBLAS_NUM_THREADS=1 does
+                products.append(batch_comoment(rows, mean, precision))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.array_equal(products[0], other) for other in products[1:])
