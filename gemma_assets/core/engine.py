@@ -286,7 +286,12 @@ def open_engine(
         ) from error
     _weigh_tensors()
     if cluster == LOCAL:
-        with _local_cluster(LocalCluster, workers, threads_per_worker) as local, Client(local) as client:
+        # results straight from the workers, not relayed by the scheduler: its relay ran in this
+        # process: 3.8 s of its CPU vs 2.7 s for 8 statistics results of 61 MB (2 workers)
+        with (
+            _local_cluster(LocalCluster, workers, threads_per_worker) as local,
+            Client(local, direct_to_workers=True) as client,
+        ):
             yield DaskEngine(client, threads_per_worker)
         return
     try:
