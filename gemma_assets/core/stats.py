@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from gemma_assets.core.batches import prefetched
 from gemma_assets.core.engine import Shard
@@ -73,9 +74,16 @@ def _block_products(rows: np.ndarray) -> Iterator[np.ndarray]:
     at once as torch has threads, each block's product the same whatever the count."""
     blocks = [rows[start : start + COMOMENT_BLOCK_ROWS] for start in range(0, len(rows), COMOMENT_BLOCK_ROWS)]
     threads = torch.get_num_threads()
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+    with _blas_libraries().limit(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         for first in range(0, len(blocks), threads):
             yield from pool.map(lambda block: block.T @ block, blocks[first : first + threads])
+
+
+@cache
+def _blas_libraries() -> ThreadpoolController:
+    """The process's BLAS libraries, found once: `threadpool_limits` rescans every loaded library
+    on each call (1 ms, against 0.04 ms for a limit on a found controller), once per batch here."""
+    return ThreadpoolController()
 
 
 @dataclass
