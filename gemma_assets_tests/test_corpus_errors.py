@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from quick import quick_flags
 
 from gemma_assets.core.corpus import CorpusError, build_offline_corpus, iter_documents
 from gemma_assets.runner.errors import EXIT_CORPUS
@@ -106,15 +107,7 @@ def test_materialize_stops_at_a_bad_record_with_exit_5(tmp_path, reason):
 def test_with_skip_the_run_completes_and_its_census_counts_the_skipped(tmp_path):
     corpus = _corpus_with(tmp_path, list(BAD_LINES.values()))
     materialize = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--log-level", "WARNING"]
-    quick = [
-        "--set",
-        "clustering.ks=[16]",
-        "--set",
-        "saes.train=[{architecture: topk, widths: [16], ks: [1]}]",
-        "--set",
-        "saes.trainer.epochs=2",
-    ]
-    done = _command(tmp_path, corpus, "skip", *materialize, "--config", str(tmp_path / "run.yaml"), *quick)
+    done = _command(tmp_path, corpus, "skip", *materialize, "--config", str(tmp_path / "run.yaml"), *quick_flags())
     assert done.returncode == 0, done.stdout + done.stderr
     run = tmp_path / "data" / "bad-corpus"
     read = json.loads((run / "sample" / "corpus_read.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from quick import QUICK_OVERRIDES, quick_flags
 
 from gemma_assets.cli import main
 from gemma_assets.core import costs
@@ -27,7 +28,7 @@ from gemma_assets.runner.errors import EXIT_DISK_FULL, DiskFull, failure, is_eno
 from gemma_assets.runner.lock import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = "5m"  # fills during the statistics pass, after the sample and the activations (17 MB when done)
+SMALL = "5m"  # fills during the statistics pass, after the sample and the activations (estimate: 8.6 MB)
 LARGE = "64m"
 
 
@@ -125,9 +126,9 @@ def _materialize(home: Path, data_root: Path, *args: str) -> subprocess.Complete
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     for name in ("GEMMA_ASSETS_CONFIG", "GEMMA_ASSETS_DATA_ROOT"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", "--log-level", "WARNING"]
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *quick_flags()]
     return subprocess.run(
-        [*command, "--data-root", str(data_root), *args],
+        [*command, "--log-level", "WARNING", "--data-root", str(data_root), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -188,7 +189,7 @@ def test_full_disk_ends_with_its_code_leaves_nothing_half_visible_and_the_rerun_
         done = _materialize(home, data_root)
         assert done.returncode == 0, done.stderr[-3000:]
         assert (layout_root / "report" / "report.md").exists()
-        run = load_run_config("tiny")
+        run = load_run_config("tiny", list(QUICK_OVERRIDES))
         assert store.committed_keys() == run.partition_keys
         assert all(store.verify(key) == [] for key in run.partition_keys)
         # the estimate from the run config is an upper bound of what the run took

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import zstandard
+from offline import offline_cache
 
 from gemma_assets.cli import main
 from gemma_assets.core import model
@@ -53,8 +54,8 @@ def test_empty_corpus(tmp_path, tiny_run):
         sample_windows(iter_documents(small), tokenizer, spec)
 
 
-def test_unreachable_gated_model_names_hf_token(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_unreachable_gated_model_names_hf_token(monkeypatch, tmp_path):
+    offline_cache(monkeypatch, tmp_path / "empty-cache")
     with pytest.raises(model.ModelAccessError, match="HF_TOKEN"):
         model.load_tokenizer("google/gemma-2-2b")
 

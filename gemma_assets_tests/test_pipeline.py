@@ -150,7 +150,11 @@ def test_run_file_sweep_materialises_and_reruns_only_what_changed(tmp_path, monk
     from gemma_assets.defs.graph import build_definitions
 
     run_file = tmp_path / "layer1.yaml"
-    run_file.write_text("base: tiny\nmodel:\n  layer: 1\nclustering:\n  ks: [16, 32]\n")
+    # one small SAE: the sweep's k-means partitions are what is tested (the tiny run trains 14)
+    run_file.write_text(
+        "base: tiny\nmodel:\n  layer: 1\nclustering:\n  ks: [16, 32]\n"
+        "saes:\n  train: [{architecture: topk, widths: [16], ks: [1]}]\n  trainer: {epochs: 2}\n"
+    )
     data_root = tmp_path / "data"
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     argv = ["materialize", "--config", str(run_file), "--data-root", str(data_root), "--log-level", "WARNING"]

@@ -8,6 +8,7 @@ import math
 import os
 
 import pytest
+from offline import offline_cache
 
 from gemma_assets import preflight
 from gemma_assets.cli import main
@@ -96,8 +97,7 @@ def test_offline_standins_stand_in_for_gemma_2_2b_only(tmp_path, capsys):
 
 
 def test_missing_standins_name_the_preflight_command(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    offline_cache(monkeypatch, tmp_path / "empty-cache")
     with pytest.raises(model.ModelAccessError) as error:
         model.load_tokenizer("google/gemma-2-2b")
     assert "HF_HUB_OFFLINE is set and the Hugging Face cache" in str(error.value)

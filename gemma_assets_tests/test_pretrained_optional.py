@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from pathlib import Path
 
 import dagster as dg
 import pytest
 import sae_lens
 import torch
+from offline import offline_cache
 
 from gemma_assets.core import report, sae, sae_lens_offline, standins, validation
 from gemma_assets.core.config import load_run_config
@@ -22,17 +22,6 @@ from gemma_assets.runner import materialize_all
 
 SCOPE_2 = "gemma-scope-2-270m-pt-res-all"
 DEMO_IDS = {"layer_6_width_16k_l0_small", "layer_6_width_16k_l0_big", "layer_6_width_262k_l0_small", "layer_6_width_262k_l0_big"}  # fmt: skip
-
-
-def offline_cache(monkeypatch: pytest.MonkeyPatch, hub_cache: Path) -> None:
-    """The hub client reads `hub_cache` and never the network. It reads HF_HUB_CACHE and
-    HF_HUB_OFFLINE once, when first imported, so its constants are set as well as the variables."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 def test_saelens_still_has_the_shapes_reader_that_is_swapped():

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from quick import quick_flags
 
 from gemma_assets.core import progress
 from gemma_assets.core.config import load_run_config
@@ -138,7 +139,7 @@ SLOW_FIT = textwrap.dedent(
 
 
 def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_path):
-    """The tiny run with its first k-means fit slowed to 20 x 1.5 s, progress every 1 s (the
+    """The quick tiny run (k = 64) with its first k-means fit slowed to 20 x 1.5 s, progress every 1 s (the
     default is 10 s): no gap in the command line's output of more than 20 s (a silent fit would
     leave 30 s; the margin is for a loaded machine, where one unreported call such as saving the
     tiny model took 14 s), and cluster_models' run log holds Lloyd lines with an ETA."""
@@ -155,7 +156,7 @@ def test_a_slowed_kmeans_fit_is_never_silent_and_its_run_log_has_eta_lines(tmp_p
         "DAGSTER_HOME": str(home),
     }
     command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny"]
-    command += ["--data-root", str(tmp_path / "data")]
+    command += [*quick_flags("clustering.ks=[64]"), "--data-root", str(tmp_path / "data")]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stamped: list[tuple[float, str]] = []
 

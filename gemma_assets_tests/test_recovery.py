@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from quick import quick_flags
 
 from gemma_assets.cli import main
 
@@ -21,14 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
-    """`gemma-assets materialize` on the tiny run in its own process, instance and data root
+    """`gemma-assets materialize` on the quick tiny run in its own process, instance and data root
     (the project's dagster.yaml: the `gpu` pool has one slot)."""
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "GEMMA_ASSETS_DATA_ROOT": str(tmp_path / "data")}
     env.pop("GEMMA_ASSETS_CONFIG", None)
-    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", "--log-level", "WARNING"]
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *quick_flags()]
+    command += ["--log-level", "WARNING"]
     return subprocess.Popen(
         [*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -19,6 +19,7 @@ import dagster as dg
 import fsspec
 import pytest
 from moto.server import ThreadedMotoServer
+from quick import quick_flags
 
 from gemma_assets.core.layout import WORKING_COPY_ENV_VAR, MissingArtefact, RunLayout
 from gemma_assets.core.remote import ARTEFACTS, committed_assets, crc32_of, pull, push
@@ -30,9 +31,6 @@ from gemma_assets.runner.lock import LOCK_FILE
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "gemma-runs"
 DATA_ROOT = f"s3://{BUCKET}/nightly"
-# the tiny run made quick: where its artefacts live is what is tested, not the fits
-QUICK = ["--set", "clustering.ks=[16]", "--set", "saes.train=[{architecture: topk, widths: [16], ks: [1]}]"]
-QUICK += ["--set", "saes.trainer.epochs=2"]
 # every asset that commits artefacts (all but the activations, whose store is on the remote itself)
 COMMITTING = {
     "pile_sample",
@@ -68,7 +66,7 @@ class RemoteRun:
 
 
 def _materialize(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, int]:
-    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *QUICK, *args]
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *quick_flags(), *args]
     process = subprocess.Popen(
         [*command, "--log-level", "WARNING"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from quick import quick_flags
 
 from gemma_assets.defs.recovery import PID_TAG
 from gemma_assets.runner.errors import EXIT_BUSY
 from gemma_assets.runner.lock import LOCK_FILE, RunBusy, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
-# the tiny run made quick: the lock is what is tested, not the fits
-QUICK = ["--set", "clustering.ks=[16]", "--set", "saes.train=[{architecture: topk, widths: [16], ks: [1]}]"]
-QUICK += ["--set", "saes.trainer.epochs=2"]
 
 
 def _holder(folder: Path) -> subprocess.Popen:
@@ -58,7 +56,7 @@ def _materialize(tmp_path: Path, *args: str) -> subprocess.Popen:
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "GEMMA_ASSETS_DATA_ROOT": str(tmp_path / "data")}
     env.pop("GEMMA_ASSETS_CONFIG", None)
-    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *QUICK, *args]
+    command = [sys.executable, "-m", "gemma_assets.cli", "materialize", "--config", "tiny", *quick_flags(), *args]
     return subprocess.Popen(
         [*command, "--log-level", "WARNING"],
         cwd=ROOT,
