@@ -100,7 +100,11 @@ def alignment_histogram(best_cosines: dict[str, np.ndarray], clustering: str, pa
     ax.axvline(twin_cosine, color="k", linestyle=":", linewidth=1)
     ax.set_xlabel(f"best cosine of a {clustering} centroid (centred) with an SAE decoder direction")
     ax.set_ylabel("centroids")
-    ax.legend(fontsize=6)
+    if best_cosines:
+        ax.legend(fontsize=6)
+    else:  # no SAE configured, or every one skipped (optional, not cached): said on the axes, no empty legend
+        ax.set_xlim(bins[0], bins[-1])
+        ax.text(0.5, 0.5, "no SAE in this run to align with", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
