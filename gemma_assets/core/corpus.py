@@ -346,15 +346,8 @@ def build_offline_corpus(out_dir: Path, max_documents: int = 0, seed: int = 0) -
                 compressor.compress(lines.getvalue().encode("utf-8"))
             )
         counts = {s: sum(1 for d in documents if d[0] == s) for s in OFFLINE_STRATA}
-        (staging / "manifest.json").write_text(
-            json.dumps(
-                {
-                    "fingerprint": fingerprint,
-                    "installation": installation,
-                    "documents": len(documents),
-                    "strata": counts,
-                },
-                indent=2,
-            )
+        write_json(
+            staging / "manifest.json",
+            {"fingerprint": fingerprint, "installation": installation, "documents": len(documents), "strata": counts},
         )
     return sorted((out_dir / "train").glob("*.jsonl.zst"))
