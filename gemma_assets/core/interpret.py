@@ -179,13 +179,18 @@ def summarise(
 
 
 def alignment(
-    a: torch.Tensor, b: torch.Tensor, rows: int = 4096
+    a: torch.Tensor,
+    b: torch.Tensor,
+    block_cosines: int = 2**26,
+    aligned: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For unit directions a [ka, d] and b [kb, d]: best cosine of each a in b and its index,
-    and best cosine of each b in a and its index (in row blocks of a: 16k x 65k cosines would
-    not fit in memory at once). Computed on b's device (the research run aligns 21k x 115k: 11.1 TFLOP),
-    returned on the CPU."""
+    and best cosine of each b in a and its index. Computed on b's device (the research run aligns
+    21k x 115k: 11.1 TFLOP) in row blocks of a of at most `block_cosines` cosines (256 MB of
+    float32: 16k x 65k would not fit at once, and one 65k-wide block of 4,096 rows is 20 s of a
+    two-core CPU), calling `aligned(rows)` after each; returned on the CPU."""
     b = b.float()
+    rows = max(1, block_cosines // max(1, len(b)))
     best_ab, index_ab = [], []
     best_ba = torch.full((len(b),), -torch.inf, device=b.device)
     index_ba = torch.zeros(len(b), dtype=torch.long, device=b.device)
@@ -198,6 +203,8 @@ def alignment(
         better = value > best_ba
         best_ba = torch.where(better, value, best_ba)
         index_ba = torch.where(better, index + start, index_ba)
+        if aligned is not None:
+            aligned(len(cosine))
     return torch.cat(best_ab).cpu(), torch.cat(index_ab).cpu(), best_ba.cpu(), index_ba.cpu()
 
 
