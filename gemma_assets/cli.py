@@ -5,6 +5,7 @@ This module parses the command line and dispatches to one handler per command.""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import subprocess
 import sys
@@ -308,6 +309,10 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> None:
     """Run one command; a known failure ends in one line naming the cause and the fix."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # each line as it is printed, into a pipe too (`| tee`, CI and pod logs): block buffering
+        # held preflight's lines back until it ended
+        sys.stdout.reconfigure(line_buffering=True)
     args = _parser().parse_args(argv)
     args.typed = list(sys.argv[1:] if argv is None else argv)  # what preflight's rehearsal command repeats
     try:

@@ -127,7 +127,7 @@ def gemma_scope_files(specs: Iterable[SaeSpec]) -> list[GemmaScopeFile]:
     return [GemmaScopeFile(path) for path in dict.fromkeys(paths)]
 
 
-def build_model(stand_ins: StandIns, texts: Iterable[str], seed: int = 0) -> None:
+def build_model(stand_ins: StandIns, texts: Iterable[str], seed: int = 0, log: Callable[[str], None] = print) -> None:
     """The google/gemma-2-2b snapshot: random weights (bfloat16, sharded with an index as the hub
     stores it), the real config but for REDUCED, and a 256k-id tokenizer."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -137,6 +137,8 @@ def build_model(stand_ins: StandIns, texts: Iterable[str], seed: int = 0) -> Non
     target = stand_ins.snapshot(MODEL_REPO)
     if (target / "config.json").exists():
         return
+    # each step is one silent call: together most of a minute on two cores
+    log(f"{MODEL_REPO}: training the stand-in's tokenizer, then drawing and saving its random weights")
     with atomic_dir(target) as staging:
         tokenizer = train_tokenizer(texts, TRAINED_VOCAB, padded_to=REAL_VOCAB)
         tokenizer.save_pretrained(staging)
@@ -213,12 +215,19 @@ def gemma_scope_params(acts: np.ndarray, width: int, average_l0: int, seed: int)
     return {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": threshold}
 
 
-def build_saes(stand_ins: StandIns, files: list[GemmaScopeFile], acts: Callable[[], np.ndarray]) -> None:
+def build_saes(
+    stand_ins: StandIns,
+    files: list[GemmaScopeFile],
+    acts: Callable[[], np.ndarray],
+    log: Callable[[str], None] = print,
+) -> None:
     """params.npz for each missing Gemma Scope file (calibration activations computed once)."""
     missing = [f for f in files if not (stand_ins.snapshot(SAE_REPO) / f.path / "params.npz").exists()]
     if missing:
+        log(f"Gemma Scope: the stand-in model's activations on {CALIBRATION_WINDOWS} windows, to set the thresholds")
         calibration = acts()
-        for sae_file in missing:
+        for number, sae_file in enumerate(missing, start=1):
+            log(f"Gemma Scope {number}/{len(missing)}: {sae_file.path} ({sae_file.width:,} latents)")
             seed = int(hashlib.sha1(sae_file.path.encode()).hexdigest()[:8], 16)
             params = gemma_scope_params(calibration, sae_file.width, sae_file.average_l0, seed)
             save_arrays(stand_ins.snapshot(SAE_REPO) / sae_file.path / "params.npz", params)
@@ -285,8 +294,8 @@ def build(stand_ins: StandIns, run: RunConfig, log: Callable[[str], None] = prin
     def texts() -> Iterable[str]:
         return (document.text for document in iter_documents(stand_ins.corpus_files))
 
-    build_model(stand_ins, texts())
-    build_saes(stand_ins, files, lambda: calibration_activations(stand_ins, run))
+    build_model(stand_ins, texts(), log=log)
+    build_saes(stand_ins, files, lambda: calibration_activations(stand_ins, run), log)
     return stand_ins
 
 
