@@ -193,11 +193,11 @@ def test_activation_f1_and_alignment_on_known_answers():
     assert f1[1] == 1.0 and best[1] == 1  # top-2 of latent 1 are exactly cluster 1
     assert f1[2] == pytest.approx(2 * 2 / (3 + 2)) and best[2] == 2
     directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    blocks: list[int] = []  # blocks of at most 12 cosines against 4 directions: 3 rows, then 1
+    blocks: list[int] = []  # blocks of at most 12 cosines against 4 directions: 3 rows, then 1 row
     best_ab, index_ab, best_ba, index_ba = interpret.alignment(
         directions, directions[[2, 0, 3, 1]], block_cosines=12, aligned=blocks.append
     )
-    assert blocks == [3, 1]
+    assert blocks == [12, 4]
     assert torch.allclose(best_ab, torch.ones(4)) and index_ab.tolist() == [1, 3, 0, 2]
     assert torch.allclose(best_ba, torch.ones(4)) and index_ba.tolist() == [2, 0, 3, 1]
     generator = torch.Generator().manual_seed(0)

@@ -188,7 +188,7 @@ def alignment(
     and best cosine of each b in a and its index. Computed on b's device (the research run aligns
     21k x 115k: 11.1 TFLOP) in row blocks of a of at most `block_cosines` cosines (256 MB of
     float32: 16k x 65k would not fit at once, and one 65k-wide block of 4,096 rows is 20 s of a
-    two-core CPU), calling `aligned(rows)` after each; returned on the CPU."""
+    two-core CPU), calling `aligned(cosines)` after each with the block's count; returned on the CPU."""
     b = b.float()
     rows = max(1, block_cosines // max(1, len(b)))
     best_ab, index_ab = [], []
@@ -204,7 +204,7 @@ def alignment(
         best_ba = torch.where(better, value, best_ba)
         index_ba = torch.where(better, index + start, index_ba)
         if aligned is not None:
-            aligned(len(cosine))
+            aligned(cosine.numel())
     return torch.cat(best_ab).cpu(), torch.cat(index_ab).cpu(), best_ba.cpu(), index_ba.cpu()
 
 

@@ -96,11 +96,8 @@ class _Comparison:
         for cluster in clusters:
             labels = acts[cluster.name].labels()
             for latent in latents:
-                width = latent.dictionary.n_features
                 aligned = interpret.alignment(
-                    cluster.dictionary.directions(),
-                    latent.dictionary.directions().to(device),
-                    aligned=lambda rows, width=width: compared.advance(rows * width),
+                    cluster.dictionary.directions(), latent.dictionary.directions().to(device), aligned=compared.advance
                 )
                 best_cl, _, best_la, _ = best[(cluster.name, latent.name)] = aligned
                 f1, _ = interpret.activation_f1(labels, cluster.dictionary.n_features, acts[latent.name])
