@@ -9,13 +9,14 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gemma_assets.core import sae
+from gemma_assets.core import progress, sae
 from gemma_assets.core.config import ConfigError, SaeSpec, TrainerSpec, load_run_config
 from gemma_assets.core.records import Family
 
@@ -82,6 +83,38 @@ def test_every_sae_of_a_pass_steps_on_the_same_batches_each_read_once(monkeypatc
     assert all(torch.equal(a, b) for order in orders[1:] for a, b in zip(order, orders[0], strict=True))
     assert len(passes) <= 3  # two epochs read as a stream (the buffer's kept half may start a third)
     assert [one.spec.name for one in trained.saes] == [spec.name for spec in specs]
+
+
+def test_a_slow_batch_reports_between_its_saes_and_each_batch_end_carries_the_figures(monkeypatch):
+    """Wide SAEs on a CPU take half a minute a step: a batch that has run SLOW_BATCH_S reports
+    after each SAE's step, not only once all of them have stepped."""
+    from sae_lens import SAETrainer
+
+    step = SAETrainer.step
+
+    def slowed(self, batch):
+        time.sleep(0.25)  # longer than a task's 0.2 s between updates: each one is sent
+        return step(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", slowed)
+    monkeypatch.setattr(sae, "SLOW_BATCH_S", 0.1)
+    batches, _ = _chunks(n_chunks=4, rows=64, d=16)
+    specs = [SaeSpec.trained("topk", 32, 4, ()), SaeSpec.trained("topk", 32, 4, ()).with_seed(1)]
+    updates: list[progress.Update] = []
+    with progress.reporting(updates.append):
+        sae.train_saes(
+            specs,
+            batches,
+            16,
+            256,
+            torch.zeros(16),
+            4.0,
+            TrainerSpec(epochs=1, batch_size=64, shuffle_buffer_tokens=128),
+        )
+    assert [update.position for update in updates] == [0, 32, 64, 96, 128, 160, 192, 224, 256, 256]
+    for update in updates[2:-1:2]:  # each batch's end, once both SAEs have stepped
+        assert {"loss", "loss_max", "l0_min", "l0_max"} <= update.figures.keys(), update
+    assert updates[-1].final
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
