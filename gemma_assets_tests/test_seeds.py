@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_assets.core import interpret
+from gemma_assets.core import interpret, progress
 from gemma_assets.core.methods import all_records, all_seed_spreads, methods_of
-from gemma_assets.core.records import SEED_METRICS
+from gemma_assets.core.records import SEED_METRICS, Family
+from gemma_assets.core.stages.interpretation import load_eval_tokens, seed_agreement
 
 
 def test_partition_f1_known_answers():
@@ -66,3 +67,49 @@ def test_seed_agreement_compares_each_dictionary_with_its_refit(tiny_run):
     report = layout.report_file("report.md").read_text()
     assert "### Spread over seeds" in report and "| kmeans-64 | 2 |" in report
     assert "| kmeans-64 | kmeans-64-seed1 |" in report
+
+
+def test_seed_agreement_reports_its_alignments_in_cosines_and_recomputes_the_stored_rows(tiny_run):
+    layout, run = tiny_run.layout, tiny_run.profile
+    spec = run.evaluation
+    tokens = load_eval_tokens(
+        layout.activation_store(),
+        run.heldout_partition_keys,
+        spec.interpret_tokens,
+        run.sampling.context_len,
+        spec.context_width,
+    )
+    clusters = [m for m in layout.kmeans_members(run) if m.family is Family.KMEANS]
+    latents = layout.sae_members(run.sae_specs)
+    acts = {
+        m.name: interpret.FeatureActivations.from_codes([m.dictionary.encode(tokens.x)], m.dictionary.n_features)
+        for m in clusters
+    }
+    updates: list[progress.Update] = []
+    with progress.reporting(updates.append, "interpretation"):
+        rows = seed_agreement(
+            layout,
+            clusters,
+            latents,
+            lambda m: layout.sae_members(run.sae_seed_replicas.get(m.name, ())),
+            tokens,
+            acts,
+            "cpu",
+        )
+    assert rows == layout.interpretation()["seed_agreement"]
+    # one task per dictionary with a refit, counted in the cosines of its alignment (each has one refit)
+    ends = {u.task: u for u in updates if u.final and u.task.startswith("seed agreement of ")}
+    widths = {m.name: m.dictionary.n_features for m in [*clusters, *latents]}
+    assert set(ends) == {f"seed agreement of {name}" for name in widths}
+    for name, n in widths.items():
+        end = ends[f"seed agreement of {name}"]
+        assert end.unit == "cosines" and end.total == end.position == n * n
+    # each refit's clusters are encoded with a task of their own, its member sets matched by F1
+    assert {u.task for u in updates if u.final} >= {f"encoding {len(tokens.x):,} held-out tokens with kmeans-64-seed1"}
+    (refit,) = layout.kmeans_seed_centroids(64)
+    first = torch.from_numpy(layout.kmeans_model(64)["centroids"])
+    centred = tokens.x - torch.from_numpy(layout.moments("train").mean).float()  # centroids are centred
+    labels = [torch.cdist(centred, c.float()).argmin(1) for c in (first, refit)]
+    matched = interpret.partition_f1(labels[0].numpy(), labels[1].numpy(), 64, 64) > interpret.MATCH_F1
+    kmeans_row = next(r for r in rows if r["dictionary"] == "kmeans-64")
+    assert kmeans_row["clusters_matched_f1"] == pytest.approx(matched.mean())
