@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -70,3 +76,61 @@ def test_bad_k():
         ConfigError, match=re.escape("unknown k-means seeding 'forgy'; valid: k-means||, k-means++, random")
     ):
         fit_kmeans(x, 2, seeding="forgy")
+
+
+def test_an_unreachable_hub_is_asked_once_then_the_cache_alone_is_read(tiny_run, tmp_path):
+    """HF_HUB_OFFLINE unset and the hub unreachable: the hub client would retry every file with
+    backoff (140 s for the tokenizer here) before reading the cache, and as long before an
+    optional SAE the cache lacks is skipped. The loaders probe the hub once per process and then
+    read the cache alone. The 'hub' is a loopback port that reads each request's first line and
+    closes the connection unanswered."""
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--google--gemma-2-2b"
+    shutil.copytree(tiny_run.layout.models_dir / "tiny-gemma2", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests = []
+
+    def refuse() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            with connection:
+                connection.settimeout(5)
+                requests.append(connection.recv(4096).decode(errors="replace").split("\r\n")[0])
+
+    threading.Thread(target=refuse, daemon=True).start()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HF_")}
+    env |= {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+    script = (
+        "import torch\n"
+        "from gemma_assets.core import model, sae\n"
+        "from gemma_assets.core.config import load_run_config\n"
+        "from gemma_assets.core.config.schema import ModelSpec\n"
+        "source = 'google/gemma-2-2b'\n"
+        "print(len(model.load_tokenizer(source)), model.load_model(source, 1, 'cpu', torch.float32).config.hidden_size)\n"
+        "print(model.architecture(ModelSpec(kind='hub', name=source, layer=1), None).d_model)\n"
+        "optional = [s for s in load_run_config('demo').sae_specs if s.optional]\n"
+        "print(sae.pretrained_problems(optional[:1], 640, 'blocks.6.hook_resid_post', print))\n"
+        "try:\n"
+        "    sae.load_pretrained(optional[0], 'cpu')\n"
+        "except sae.SaeUnavailable as error:\n"
+        "    print(error.reason)\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() + lines[1].split() == [str(model.TINY_VOCAB), "64", "64"]
+    assert "(optional) is not in the Hugging Face cache and the hub is unreachable: the run will skip it" in lines[2]
+    assert lines[3:] == ["[]", "not in the Hugging Face cache and the hub is unreachable"]
+    assert requests.count("HEAD / HTTP/1.1") == 1  # the probe, once per process
+    # no request for a file, let alone its retries (the hub client's own registry fetch names no repo)
+    assert not [request for request in requests if "gemma" in request], requests
+    warning = "the Hugging Face hub cannot be reached: this process reads the Hugging Face cache alone"
+    assert done.stderr.count(warning) == 1

@@ -10,7 +10,9 @@ All three profiles end in the same call, `AutoModelForCausalLM.from_pretrained(s
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -199,7 +201,7 @@ def architecture(spec: ModelSpec, cache_dir: Path) -> ModelArchitecture:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, token=os.environ.get("HF_TOKEN"))
+        config = AutoConfig.from_pretrained(source, **_hub_access(source))
     except Exception as error:
         raise _access_error(source, error) from error
     config = getattr(config, "text_config", config)  # multimodal configs nest the language model's
@@ -211,12 +213,58 @@ STANDINS_HINT = (
 )
 
 
+def hub_offline_set() -> bool:
+    """Whether the user set HF_HUB_OFFLINE (not this process finding the hub unreachable)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def offline_hint() -> str:
     """What to do when the hub cannot answer: the cache that was searched when offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub_offline_set():
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         return f"HF_HUB_OFFLINE is set and the Hugging Face cache ({cache}) has no copy: fill it, or unset HF_HUB_OFFLINE; {STANDINS_HINT}"
     return f"check the network; offline, fill the Hugging Face cache first and set HF_HUB_OFFLINE=1; {STANDINS_HINT}"
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers one request, asked once per process."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        answer = get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # no answer at all: name resolution, connection, proxy, TLS or timeout
+        return False
+    return answer.status_code < 500
+
+
+def offline_if_hub_unreachable() -> None:
+    """Before a load from the hub: when the hub cannot be reached, the rest of this process reads
+    the Hugging Face cache alone, as HF_HUB_OFFLINE=1 would have it. Otherwise the hub client
+    retries every file with backoff (23 s a file here) before it falls back to the cache, and a
+    tokenizer asks for half a dozen optional files that no cache holds: minutes per load, and an
+    optional SAE the cache lacks takes as long to be skipped. The client reads the variable once,
+    at import, and `is_offline_mode()` its constant at each call: the constant is what is set
+    (test_errors.py fails if that stops working)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or hub_reachable():
+        return
+    logging.getLogger(__name__).warning(
+        "the Hugging Face hub cannot be reached: this process reads the Hugging Face cache alone "
+        "(HF_HUB_OFFLINE=1 skips this check)"
+    )
+    constants.HF_HUB_OFFLINE = True
+
+
+def _hub_access(source: str) -> dict[str, Any]:
+    """`from_pretrained`'s keywords for `source`, a hub id or a local folder."""
+    if not Path(source).is_dir():
+        offline_if_hub_unreachable()
+    return {"token": os.environ.get("HF_TOKEN")}
 
 
 def _access_error(source: str, error: Exception) -> ModelAccessError:
@@ -231,7 +279,7 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"))
+        return AutoTokenizer.from_pretrained(source, **_hub_access(source))
     except Exception as error:
         raise _access_error(source, error) from error
 
@@ -242,7 +290,7 @@ def load_model(source: str, layer: int, device: str, dtype: torch.dtype) -> PreT
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="eager", token=os.environ.get("HF_TOKEN")
+            source, dtype=dtype, attn_implementation="eager", **_hub_access(source)
         )
     except Exception as error:
         raise _access_error(source, error) from error

@@ -32,7 +32,7 @@ from gemma_assets.core import progress
 from gemma_assets.core.batches import Batches
 from gemma_assets.core.codes import Codes, unit_rows
 from gemma_assets.core.config import ConfigError, SaeSpec, TrainerSpec
-from gemma_assets.core.model import ModelAccessError, offline_hint
+from gemma_assets.core.model import ModelAccessError, hub_offline_set, offline_hint, offline_if_hub_unreachable
 from gemma_assets.core.whitening import Whitening
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
 
         with progress.task(f"loading {spec.name} from {spec.path}", 1, "SAEs"):
             return SaeDictionary(SAE.load_from_disk(spec.path, device=device).eval())
+    offline_if_hub_unreachable()
     try:
         # one call: its start and wall time are what can be reported (the hub client draws its
         # own bar while it downloads)
@@ -118,9 +119,7 @@ def load_pretrained(spec: SaeSpec, device: str) -> SaeDictionary:
 
 def unavailable_reason() -> str:
     """Why a hub file that the cache lacks cannot be had, in a few words."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
+    if hub_offline_set():
         return "not in the Hugging Face cache and the hub is unreachable (HF_HUB_OFFLINE is set)"
     return "not in the Hugging Face cache and the hub is unreachable"
 
@@ -474,6 +473,7 @@ def pretrained_problems(
                 + " -> use an id the release lists"
             )
             continue
+        offline_if_hub_unreachable()
         try:
             with hub_cache_shapes():
                 config = load_sae_config_from_huggingface(spec.release, spec.sae_id)
