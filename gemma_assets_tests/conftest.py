@@ -21,6 +21,15 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
+@pytest.fixture(autouse=True)
+def hub_offline_constant_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.offline_if_hub_unreachable sets the hub client's offline constant for the rest of a
+    process; in the test process, for the rest of a test, so no test sees what an earlier one set."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+
+
 @dataclass
 class TinyRun:
     profile: RunConfig
