@@ -29,7 +29,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from gemma_assets.core import costs, fleet_costs
+from gemma_assets.core import costs, fleet_costs, progress
 from gemma_assets.core.config import ConfigError, RunConfig, save_resolved
 from gemma_assets.core.files import write_json
 from gemma_assets.core.layout import RunLayout
@@ -89,9 +89,10 @@ def slice_of(run: RunConfig, windows: int | None = None, point: int = 1) -> Slic
 @dataclass
 class Meter:
     """Wraps each Dagster execution: resets the CUDA peak and records it (one per execution:
-    the assets of one execution share it)."""
+    the assets of one execution share it), and keeps the last report of every progress task."""
 
     gpu_peaks: dict[str, int] = field(default_factory=dict)
+    finished: list[progress.Update] = field(default_factory=list)
 
     @contextmanager
     def __call__(self, run_id: str) -> Iterator[None]:
@@ -99,9 +100,18 @@ class Meter:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
-            yield
+            with progress.reporting(self._keep_finished):
+                yield
         finally:
             self.gpu_peaks[run_id] = torch.cuda.max_memory_reserved() if cuda else 0
+
+    def _keep_finished(self, update: progress.Update) -> None:
+        if update.final:
+            self.finished.append(update)
+
+    def seconds_in(self, step: str, units: Sequence[str]) -> float:
+        """Wall time of the step's tasks that count in `units`."""
+        return sum(u.elapsed_s for u in self.finished if u.step == step and u.unit in units)
 
 
 def _step_windows(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[tuple[float, float]]]:
@@ -187,14 +197,27 @@ def run_slice(
                 row[0] += sum(end - start for start, end in spans)
                 row[1] = max(row[1], max(trace.peak_between(start, end) for start, end in spans))
                 row[2] = max(row[2], meter.gpu_peaks[result.run_id])
+    width_flops = costs.width_flops(run, architecture.d_model, architecture.vocab)
     measured = [
         costs.Measured(
-            asset, row[0], int(row[1]), int(row[2]), work[asset].units, work[asset].unit, start_rss_bytes=int(row[3])
+            asset,
+            row[0],
+            int(row[1]),
+            int(row[2]),
+            work[asset].units,
+            work[asset].unit,
+            start_rss_bytes=int(row[3]),
+            width_seconds=meter.seconds_in(asset, work[asset].width_units) if work[asset].width_units else 0.0,
+            width_flops=width_flops if work[asset].width_units else 0.0,
         )
         for asset, row in totals.items()
         if asset in work
     ]
-    facts = _report_facts(layout, run) | {"d_model": architecture.d_model, "n_layers": architecture.n_layers}
+    facts = _report_facts(layout, run) | {
+        "d_model": architecture.d_model,
+        "n_layers": architecture.n_layers,
+        "vocab": architecture.vocab,
+    }
     return SliceResult(run, seconds, measured, costs.disk_use(layout.root), facts)
 
 
@@ -366,7 +389,13 @@ def preflight(
         slices.append(result)
         say(f"slice {point}: every asset done in {result.seconds:.0f} s\n\n{measured_table(result)}")
     d_model = slices[0].facts["d_model"]
-    estimates = costs.estimate([s.measured for s in slices], run, d_model, costs.streamed_train(slices[0].run, d_model))
+    estimates = costs.estimate(
+        [s.measured for s in slices],
+        run,
+        d_model,
+        costs.streamed_train(slices[0].run, d_model),
+        slices[0].facts["vocab"],
+    )
     disk = costs.disk_estimate([(s.run, s.disk) for s in slices], run)
     # `gemma-assets materialize` of this config checks the free space against it
     recorded = costs.record_disk_estimate(RunLayout.of(data_root, run.name).root, run, disk)

@@ -12,7 +12,7 @@ from offline import offline_cache
 
 from gemma_assets import preflight
 from gemma_assets.cli import main
-from gemma_assets.core import costs, fleet_costs, model
+from gemma_assets.core import costs, fleet_costs, model, progress
 from gemma_assets.core.config import ConfigError, load_run_config
 
 
@@ -215,3 +215,58 @@ def test_preflight_over_machines_prints_the_plan_without_running_a_slice(tmp_pat
     document = json.loads((tmp_path / "plan.json").read_text())
     assert document["workers"] == 64 and document["rates"]["worker_flops"] == 50e9
     assert document["seconds"] == pytest.approx(sum(stage["seconds"] for stage in document["stages"]))
+
+
+def test_interpretation_keeps_its_width_set_work_out_of_the_token_line():
+    """The alignments and feature pages do not grow with the interpreted tokens (a slice has the
+    full run's widths): they are added as measured, scaled only by what the full run does more
+    of them."""
+    research = load_run_config("gemma-2-2b")
+    tokens = costs.asset_work(research)["interpretation"].units
+    vocab = 256_000
+    full_width = costs.width_flops(research, 2304, vocab)
+    # 100 s of tokens-linear work and 300 s of alignments and pages, at an 8th of the tokens
+    measured = [
+        costs.Measured(
+            "interpretation", 400.0, 2**30, 0, tokens / 8, "tokens", width_seconds=300.0, width_flops=full_width
+        )
+    ]
+    (estimate,) = costs.estimate([measured], research, 2304, vocab=vocab)
+    assert estimate.seconds == pytest.approx(8 * 100 + 300)
+    # a rehearsal's 64 logit effects per dictionary: the rest at the rate the slice did its share
+    rehearsed = load_run_config("gemma-2-2b", ["evaluation.logit_effect_features=64"])
+    share = costs.width_flops(rehearsed, 2304, vocab)
+    assert share < full_width / 10  # logit effects of every feature through 256k tokens dominate
+    measured = [
+        costs.Measured("interpretation", 400.0, 2**30, 0, tokens / 8, "tokens", width_seconds=300.0, width_flops=share)
+    ]
+    (estimate,) = costs.estimate([measured], research, 2304, vocab=vocab)
+    assert estimate.seconds == pytest.approx(8 * 100 + 300 * full_width / share)
+    assert "dictionaries' widths" in estimate.assumption
+
+
+def test_the_width_set_work_counts_cosines_refits_and_logit_effects():
+    run = load_run_config("demo", ["clustering.ks=[64, 256]", "seeds=3", "evaluation.logit_effect_features=10"])
+    sae_widths = [costs.sae_width(s) for s in run.sae_specs]
+    trained = [costs.sae_width(s) for s in run.sae_specs if s.is_trained]
+    cosines = 320 * sum(sae_widths) + 2 * (64**2 + 256**2 + sum(w * w for w in trained))
+    directions = sum(min(10, w) for w in [64, 256, *sae_widths])
+    assert costs.width_flops(run, 640, 1000) == 2 * 640 * (cosines + directions * 1000)
+    assert costs.width_flops(run, 640, None) == 2 * 640 * cosines
+
+
+def test_the_meter_keeps_the_wall_time_of_a_steps_tasks_by_unit():
+    now = [0.0]
+    meter = preflight.Meter()
+    with meter("run-1"), progress.reporting(lambda _: None, step="interpretation"):
+        for name, unit, seconds in (("encoding", "tokens", 10), ("alignment", "cosines", 20), ("pages", "features", 5)):
+            task = progress.Task(name, 1, unit, clock=lambda: now[0]).start()
+            now[0] += seconds
+            task.finish()
+    with progress.reporting(lambda _: None, step="interpretation"):  # outside the meter: not kept
+        late = progress.Task("late", 1, "cosines", clock=lambda: now[0]).start()
+        now[0] += 100
+        late.finish()
+    assert meter.seconds_in("interpretation", ("cosines", "features")) == 25.0
+    assert meter.seconds_in("interpretation", ("tokens",)) == 10.0
+    assert meter.seconds_in("activations", ("cosines",)) == 0.0

@@ -66,6 +66,11 @@ def test_gemma_2_2b_rehearses_offline_at_its_true_shapes(tmp_path):
     assert math.isfinite(dictionaries["gemma-scope-65k-canonical"]["delta_ce"])
     assert measured["report"] and os.path.exists(measured["report"])
 
+    # the alignments and feature pages are measured apart: the estimate keeps them out of the token line
+    interpretation = {row["asset"]: row for row in measured["assets"]}["interpretation"]
+    assert 0 < interpretation["width_seconds"] < interpretation["seconds"]
+    assert interpretation["width_flops"] > 0
+
     estimated = {row["asset"] for row in document["estimate"]["assets"]}
     assert {"activations", "activation_stats", "cluster_models", "sae_evaluation", "downstream_loss"} <= estimated
     assert document["estimate"]["store_bytes"] > 0

@@ -28,6 +28,9 @@ class Scaling:
     units: float
     unit: str
     assumption: str
+    # the progress units of the asset's tasks whose work the dictionaries' widths set, not `units`:
+    # a slice has the full run's widths, so their time is kept as measured (see `estimate`)
+    width_units: tuple[str, ...] = ()
 
 
 def asset_work(run: RunConfig) -> dict[str, Scaling]:
@@ -76,7 +79,11 @@ def asset_work(run: RunConfig) -> dict[str, Scaling]:
             "linear in spliced windows: one forward past the block per dictionary",
         ),
         "interpretation": Scaling(
-            min(run.evaluation.interpret_tokens, heldout_tokens), "tokens", "linear in interpreted tokens"
+            min(run.evaluation.interpret_tokens, heldout_tokens),
+            "tokens",
+            "linear in interpreted tokens, but for the alignments and the feature pages: set by the dictionaries' "
+            "widths, they are kept as measured (scaled by their FLOPs where the full run's k or logit effects differ)",
+            width_units=("cosines", "features"),
         ),
         "quantisation_shift": Scaling(
             min(run.evaluation.ce_windows, heldout_windows),
@@ -99,6 +106,10 @@ class Measured:
     unit: str
     # the process's RSS when the asset started: the peak minus it is what the asset itself added
     start_rss_bytes: int = field(default=0, kw_only=True)
+    # of `seconds`, those of the tasks whose work the widths set (Scaling.width_units), and that
+    # work's FLOPs at the slice's shapes (`width_flops`)
+    width_seconds: float = field(default=0.0, kw_only=True)
+    width_flops: float = field(default=0.0, kw_only=True)
 
     @property
     def growth_bytes(self) -> int:
@@ -148,12 +159,21 @@ def kmeans_fits(run: RunConfig) -> int:
 
 
 def estimate(
-    slices: list[list[Measured]], full: RunConfig, d_model: int, sliced_streams: bool = False
+    slices: list[list[Measured]],
+    full: RunConfig,
+    d_model: int,
+    sliced_streams: bool = False,
+    vocab: int | None = None,
 ) -> list[Estimate]:
     """The full run's per-asset time and memory from one or more measured slices.
 
     Time: fixed + slope x units, fitted through the slices (one slice: through the origin, an
-    upper bound, since fixed costs such as model loads are scaled too). Where the full run's
+    upper bound, since fixed costs such as model loads are scaled too). The tasks whose work the
+    dictionaries' widths set (the alignments of 16k centroids with 65k latents, whatever the
+    tokens) are left out of that line and added as the last slice measured them, times the ratio
+    of the full run's `width_flops` to the slice's: where a slice clipped a k or rehearses fewer
+    logit effects, the rest of that work runs at the rate the slice achieved on it (the feature
+    pages' writing lowers that rate: conservative). Where the full run's
     train split is too large for clustering.in_memory_mb and the slices' was not, k-means
     streams it from the store on every Lloyd iteration: each of those reads is added at the
     read rate the statistics pass measured (max_iter per fit, an upper bound). Memory: with
@@ -166,7 +186,11 @@ def estimate(
         runs = [m for measured in slices for m in measured if m.asset == asset]
         if not runs:
             continue
-        seconds = extrapolate([(m.units, m.seconds) for m in runs], scaling.units)
+        seconds = extrapolate([(m.units, m.seconds - m.width_seconds) for m in runs], scaling.units)
+        last = runs[-1]
+        if last.width_seconds:
+            ratio = width_flops(full, d_model, vocab) / last.width_flops if last.width_flops else 1.0
+            seconds += last.width_seconds * ratio
         assumption = scaling.assumption
         if asset == "cluster_models" and streamed_train(full, d_model) and not sliced_streams and read_rates:
             reads = kmeans_fits(full) * full.clustering.max_iter
@@ -515,20 +539,35 @@ def stage_work(run: RunConfig, d_model: int, vocab: int | None) -> list[StageWor
         ),
     ]
     if vocab is not None:
-        sae_widths = [sae_width(sae) for sae in run.sae_specs]
-        widths = [*spec.ks, *sae_widths]
-        per_dictionary = run.evaluation.logit_effect_features
-        features = sum(min(per_dictionary, w) if per_dictionary else w for w in widths)
-        alignment = sum(k * width * d * 2 for k in spec.ks for width in sae_widths)
+        features = logit_effect_directions(run)
         work.append(
             StageWork(
                 "interpretation",
-                features * vocab * d * 2 + alignment,
+                width_flops(run, d, vocab),
                 0.0,
                 f"logit effects of {features:,} feature directions through a {vocab:,}-token unembedding",
             )
         )
     return work
+
+
+def logit_effect_directions(run: RunConfig) -> int:
+    """Feature directions whose logit effects the feature pages show, over every dictionary."""
+    per_dictionary = run.evaluation.logit_effect_features
+    widths = [*run.clustering.ks, *(sae_width(sae) for sae in run.sae_specs)]
+    return sum(min(per_dictionary, w) if per_dictionary else w for w in widths)
+
+
+def width_flops(run: RunConfig, d_model: int, vocab: int | None) -> float:
+    """FLOPs of interpretation's work that the dictionaries' widths set, not the tokens: every
+    k-means centroid against every SAE latent, each refit against its seed-0 dictionary, and
+    (with `vocab`) the logit effects through the unembedding."""
+    sae_widths = [sae_width(sae) for sae in run.sae_specs]
+    trained = [sae_width(sae) for sae in run.sae_specs if sae.is_trained]
+    cosines = sum(k * width for k in run.clustering.ks for width in sae_widths)
+    cosines += (run.seeds - 1) * sum(w * w for w in [*run.clustering.ks, *trained])
+    logit_effects = logit_effect_directions(run) * vocab if vocab else 0
+    return 2.0 * d_model * (cosines + logit_effects)
 
 
 def sae_width(spec: SaeSpec) -> int:
