@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -171,6 +172,32 @@ def test_worker_killed_mid_fit_gives_the_same_centroids(tmp_path):
     result = fitted["result"]
     assert torch.equal(result.centroids, here.centroids)
     assert result.inertia_curve == pytest.approx(here.inertia_curve, rel=FIT_RELATIVE)
+
+
+def _linger_at_exit() -> bool:
+    """A thread that is not a daemon: the worker's interpreter waits 8 s for it before it exits."""
+    threading.Thread(target=time.sleep, args=(8,)).start()
+    return True
+
+
+def test_a_worker_killed_at_close_is_not_a_warning():
+    """A worker slower to exit than the nanny's 4 s is killed when the cluster closes, as it
+    should be; the nanny's warning of it is not shown (its INFO lines never are)."""
+    logged: list[logging.LogRecord] = []
+    keep = logging.Handler()
+    keep.emit = logged.append  # type: ignore[method-assign]
+    nanny = logging.getLogger("distributed.nanny")
+    nanny.addHandler(keep)
+    try:
+        with open_engine("local", workers=2) as engine:
+            assert isinstance(engine, DaskEngine)
+            assert all(engine.client.run(_linger_at_exit).values())
+    finally:
+        nanny.removeHandler(keep)
+    messages = [record.getMessage() for record in logged]
+    assert sum("was killed by signal 9" in m for m in messages) == 2, messages  # the kills happened
+    assert not [record for record in logged if record.levelno >= logging.WARNING], messages
+    assert not nanny.filters  # the filter goes with the cluster
 
 
 def test_a_partition_a_worker_cannot_read_is_the_same_storage_error(tmp_path):
