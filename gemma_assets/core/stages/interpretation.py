@@ -138,7 +138,8 @@ def _agreement(
 ) -> list[dict]:
     """One row per refit of a dictionary with directions `a`: how many of its features have a
     twin among the refit's directions (`others`: name and directions, on the device to align on),
-    and, for a clustering, how many of its clusters a matching member set (`matched`: their F1s)."""
+    and, for a clustering, how many of its clusters have a matching member set in the refit
+    (`matched`: per refit, each cluster's best F1)."""
     if not others:  # a one-seed run, or a pretrained dictionary
         return []
     # counted in cosines, as the comparison of the families is: one 16k-wide refit at d 2304 is
