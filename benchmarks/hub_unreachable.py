@@ -69,6 +69,9 @@ class DroppingHub:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
 
+    def close(self) -> None:
+        self.listener.close()
+
     def _drop(self) -> None:
         while True:
             try:
@@ -116,7 +119,7 @@ def main() -> None:
             before = len(hub.requests)
             arms["unset, hub unreachable"].append(load_seconds(cache, hub.endpoint, offline=False))
             requests_per_process.append(hub.requests[before:])
-        hub.listener.close()
+        hub.close()
     medians = {arm: statistics.median(seconds) for arm, seconds in arms.items()}
     ratio = medians["unset, hub unreachable"] / medians["HF_HUB_OFFLINE=1"]
     print("| HF_HUB_OFFLINE | median s | runs (s) |\n|---|---|---|")

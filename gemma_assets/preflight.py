@@ -207,7 +207,7 @@ def run_slice(
             work[asset].units,
             work[asset].unit,
             start_rss_bytes=int(row[3]),
-            width_seconds=meter.seconds_in(asset, work[asset].width_units) if work[asset].width_units else 0.0,
+            width_seconds=meter.seconds_in(asset, work[asset].width_units),
             width_flops=width_flops if work[asset].width_units else 0.0,
         )
         for asset, row in totals.items()

@@ -6,16 +6,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 import zstandard
 from offline import offline_cache
 
+from benchmarks.hub_unreachable import DroppingHub
 from gemma_assets.cli import main
 from gemma_assets.core import model
 from gemma_assets.core.config import ConfigError, load_run_config
@@ -83,28 +82,15 @@ def test_an_unreachable_hub_is_asked_once_then_the_cache_alone_is_read(tiny_run,
     backoff (140 s for the tokenizer here) before reading the cache, and as long before an
     optional SAE the cache lacks is skipped. The loaders probe the hub once per process and then
     read the cache alone. The 'hub' is a loopback port that reads each request's first line and
-    closes the connection unanswered."""
+    closes the connection unanswered (the benchmark's DroppingHub)."""
     revision = "0" * 40
     repo = tmp_path / "hub" / "models--google--gemma-2-2b"
     shutil.copytree(tiny_run.layout.models_dir / "tiny-gemma2", repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    listener = socket.create_server(("127.0.0.1", 0))
-    requests = []
-
-    def refuse() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:  # closed at the end of the test
-                return
-            with connection:
-                connection.settimeout(5)
-                requests.append(connection.recv(4096).decode(errors="replace").split("\r\n")[0])
-
-    threading.Thread(target=refuse, daemon=True).start()
+    hub = DroppingHub()
     env = {name: value for name, value in os.environ.items() if not name.startswith("HF_")}
-    env |= {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+    env |= {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": hub.endpoint}
     script = (
         "import torch\n"
         "from gemma_assets.core import model, sae\n"
@@ -123,7 +109,8 @@ def test_an_unreachable_hub_is_asked_once_then_the_cache_alone_is_read(tiny_run,
     try:
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     finally:
-        listener.close()
+        hub.close()
+    requests = hub.requests
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() + lines[1].split() == [str(model.TINY_VOCAB), "64", "64"]
