@@ -19,11 +19,13 @@ import dagster as dg
 import fsspec
 import pytest
 from moto.server import ThreadedMotoServer
-from quick import quick_flags
+from quick import QUICK_OVERRIDES, quick_flags
 
+from gemma_assets.core.config import load_run_config
 from gemma_assets.core.layout import WORKING_COPY_ENV_VAR, MissingArtefact, RunLayout
 from gemma_assets.core.remote import ARTEFACTS, committed_assets, crc32_of, pull, push
 from gemma_assets.core.storage import COMMIT_FILE, StorageError
+from gemma_assets.defs.graph import build_definitions
 from gemma_assets.defs.recovery import PID_TAG
 from gemma_assets.runner.errors import EXIT_CONFIG
 from gemma_assets.runner.lock import LOCK_FILE
@@ -134,6 +136,26 @@ def test_the_tiny_run_materialises_on_s3_and_a_second_run_recomputes_nothing(rem
     with dg.DagsterInstance.from_config(str(remote_run.home)) as instance:
         pids = {run.tags.get(PID_TAG) for run in instance.get_runs()}
     assert pids == {str(remote_run.first_pid)}  # the second run started none
+
+
+def test_the_checks_run_alone_on_another_machine_read_the_committed_artefacts(remote_run, tmp_path, monkeypatch):
+    """The statistics checks run without their asset (the UI's "Execute" of a check, a run pod of
+    its own) in an empty working copy: each pulls what the asset's step committed."""
+    assert remote_run.first.returncode == 0, remote_run.first.stdout
+    monkeypatch.setenv(WORKING_COPY_ENV_VAR, str(tmp_path / "elsewhere"))
+    defs = build_definitions(load_run_config("tiny", list(QUICK_OVERRIDES)), data_root=DATA_ROOT)
+    checks = dg.define_asset_job("statistics_checks", selection=dg.AssetSelection.checks_for_assets("activation_stats"))
+    job = dg.Definitions.merge(defs, dg.Definitions(jobs=[checks])).resolve_job_def("statistics_checks")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success, [event.message for event in result.all_events if event.is_failure]
+    assert not result.get_asset_materialization_events()  # the checks alone: the asset was not run again
+    evaluations = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+    assert evaluations == dict.fromkeys(
+        ("inputs_intact", "no_duplicate_windows", "token_norms_in_bounds", "partition_drift", "stats_expectations"),
+        True,
+    )
+    assert (_layout(tmp_path / "elsewhere").root / "stats" / "part-0000.moments.npz").is_file()
 
 
 def test_a_fresh_working_copy_gets_every_artefact_back_and_a_deleted_object_is_named(remote_run, tmp_path):

@@ -1,5 +1,5 @@
 """What every asset module shares: the graph being built, versions, metadata and the wrappers of
-asset bodies (progress reporting, artefacts kept on a remote data root)."""
+asset and check bodies (progress reporting, artefacts kept on a remote data root)."""
 
 from __future__ import annotations
 
@@ -142,3 +142,24 @@ def keeps_artefacts(
         return result
 
     return kept
+
+
+def reads_artefacts(
+    check: Callable[Concatenate[dg.AssetCheckExecutionContext, P], dg.AssetCheckResult],
+) -> Callable[Concatenate[dg.AssetCheckExecutionContext, P], dg.AssetCheckResult]:
+    """A check body (taking the `storage` resource) that, on a URL data root, first pulls the
+    committed artefacts of the asset it checks and of that asset's inputs into the run's working
+    copy: a check run alone (the UI's "Execute", a run pod of its own) reads what the asset's step
+    committed, not a working copy another process filled. On a local data root: the body alone."""
+
+    @functools.wraps(check)
+    def pulled(context: dg.AssetCheckExecutionContext, *args: P.args, **kwargs: P.kwargs) -> dg.AssetCheckResult:
+        storage = kwargs["storage"]
+        if not isinstance(storage, StorageResource):
+            raise TypeError(f"{check.__name__} takes no storage resource: it cannot read artefacts")
+        if is_url(storage.data_root):
+            layout = storage.layout(context)
+            remote.pull(layout, layout.declared)
+        return check(context, *args, **kwargs)
+
+    return pulled

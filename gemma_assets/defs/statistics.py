@@ -16,6 +16,7 @@ from gemma_assets.defs.common import (
     image_md,
     keeps_artefacts,
     md,
+    reads_artefacts,
     reports_progress,
 )
 from gemma_assets.defs.resources import ComputeResource, RunResource, StorageResource
@@ -52,6 +53,7 @@ def activation_stats(
     )
 
 
+@reads_artefacts
 def inputs_intact(
     context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -59,6 +61,7 @@ def inputs_intact(
     return check_result(statistics.inputs_intact(storage.layout(context), run.config))
 
 
+@reads_artefacts
 def no_duplicate_windows(
     context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -66,6 +69,7 @@ def no_duplicate_windows(
     return check_result(statistics.no_duplicate_windows(storage.layout(context), run.config))
 
 
+@reads_artefacts
 def token_norms_in_bounds(
     context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -74,6 +78,7 @@ def token_norms_in_bounds(
     return check_result(statistics.token_norms_in_bounds(storage.layout(context), run.config), WARN)
 
 
+@reads_artefacts
 def partition_drift(
     context: dg.AssetCheckExecutionContext, run: RunResource, storage: StorageResource
 ) -> dg.AssetCheckResult:
@@ -81,6 +86,7 @@ def partition_drift(
     return check_result(statistics.partition_drift(storage.layout(context), run.config), WARN)
 
 
+@reads_artefacts
 def stats_expectations(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     """Great Expectations suite over the per-dimension and summary tables."""
     return check_result(statistics.stats_expectations(storage.layout(context)), WARN)
