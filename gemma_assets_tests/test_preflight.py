@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import dagster as dg
 import pytest
 from offline import offline_cache
 
@@ -246,13 +247,29 @@ def test_interpretation_keeps_its_width_set_work_out_of_the_token_line():
 
 
 def test_the_width_set_work_counts_cosines_refits_and_logit_effects():
-    run = load_run_config("demo", ["clustering.ks=[64, 256]", "seeds=3", "evaluation.logit_effect_features=10"])
+    overrides = ["clustering.ks=[64, 256]", "seeds=3", "evaluation.logit_effect_features=10", "itda.l0s=[1, 8]"]
+    run = load_run_config("demo", overrides)
     sae_widths = [costs.sae_width(s) for s in run.sae_specs]
     trained = [costs.sae_width(s) for s in run.sae_specs if s.is_trained]
-    cosines = 320 * sum(sae_widths) + 2 * (64**2 + 256**2 + sum(w * w for w in trained))
-    directions = sum(min(10, w) for w in [64, 256, *sae_widths])
+    itda_widths = [width for width in sorted(set(trained)) for m in (1, 8) if m < width]  # ITDA beside the trained SAEs
+    assert itda_widths
+    latents = [*sae_widths, *itda_widths]  # aligned with each k's centroids, given pages beside them
+    cosines = 320 * sum(latents) + 2 * (64**2 + 256**2 + sum(w * w for w in trained))
+    directions = sum(min(10, w) for w in [64, 256, *latents])
     assert costs.width_flops(run, 640, 1000) == 2 * 640 * (cosines + directions * 1000)
     assert costs.width_flops(run, 640, None) == 2 * 640 * cosines
+
+
+def test_the_width_count_is_what_the_tiny_runs_interpretation_aligned_and_paged(tiny_run):
+    """The estimate's count of the dictionaries set beside the clusters, against what the stage
+    itself counted in its progress (its metadata): cosines aligned, features given pages."""
+    run = tiny_run.profile
+    event = tiny_run.instance.get_latest_materialization_event(dg.AssetKey("interpretation"))
+    tasks = event.asset_materialization.metadata["progress"].value
+    latents = costs.interpreted_latent_widths(run)
+    assert run.itda_widths and len(latents) > len(run.sae_specs)  # ITDA dictionaries among them
+    assert tasks["alignment and activation F1"]["done"] == sum(k * w for k in run.clustering.ks for w in latents)
+    assert tasks["feature pages"]["done"] == sum(run.clustering.ks) + sum(latents)
 
 
 def test_the_meter_keeps_the_wall_time_of_a_steps_tasks_by_unit():

@@ -551,20 +551,25 @@ def stage_work(run: RunConfig, d_model: int, vocab: int | None) -> list[StageWor
     return work
 
 
+def interpreted_latent_widths(run: RunConfig) -> list[int]:
+    """Widths of the dictionaries interpretation sets beside the k-means clusters (aligns with each
+    k's centroids, writes feature pages for): every SAE and every ITDA dictionary."""
+    return [*(sae_width(sae) for sae in run.sae_specs), *(width for width, _ in itda.itda_shapes(run))]
+
+
 def logit_effect_directions(run: RunConfig) -> int:
     """Feature directions whose logit effects the feature pages show, over every dictionary."""
     per_dictionary = run.evaluation.logit_effect_features
-    widths = [*run.clustering.ks, *(sae_width(sae) for sae in run.sae_specs)]
+    widths = [*run.clustering.ks, *interpreted_latent_widths(run)]
     return sum(min(per_dictionary, w) if per_dictionary else w for w in widths)
 
 
 def width_flops(run: RunConfig, d_model: int, vocab: int | None) -> float:
     """FLOPs of interpretation's work that the dictionaries' widths set, not the tokens: every
-    k-means centroid against every SAE latent, each refit against its seed-0 dictionary, and
-    (with `vocab`) the logit effects through the unembedding."""
-    sae_widths = [sae_width(sae) for sae in run.sae_specs]
+    k-means centroid against every SAE latent and ITDA atom, each refit against its seed-0
+    dictionary, and (with `vocab`) the logit effects through the unembedding."""
     trained = [sae_width(sae) for sae in run.sae_specs if sae.is_trained]
-    cosines = sum(k * width for k in run.clustering.ks for width in sae_widths)
+    cosines = sum(k * width for k in run.clustering.ks for width in interpreted_latent_widths(run))
     cosines += (run.seeds - 1) * sum(w * w for w in [*run.clustering.ks, *trained])
     logit_effects = logit_effect_directions(run) * vocab if vocab else 0
     return 2.0 * d_model * (cosines + logit_effects)
