@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from quick import quick_flags
 
 from gemma_assets.core import progress
-from gemma_assets.core.config import load_run_config
+from gemma_assets.core.config import ConfigError, load_run_config
 from gemma_assets.preflight import long_stage_warning, slice_of
 from gemma_assets.runner import terminal
 
@@ -117,6 +118,67 @@ def test_without_a_terminal_a_command_prints_plain_lines(monkeypatch):
     lines = captured.getvalue().splitlines()
     assert lines[0] == "spliced CE: 0/4 windows, started"
     assert lines[-1].startswith("spliced CE: 4/4 windows, ") and "done in" in lines[-1]
+
+
+def test_a_heartbeat_repeats_the_running_tasks_line_through_one_long_call_and_stops_when_closed():
+    said: list[tuple[float, str]] = []
+    started = time.monotonic()
+    with progress.Heartbeat(lambda line: said.append((time.monotonic() - started, line)), every_s=0.3) as heartbeat:
+        time.sleep(0.45)  # before any task: the step is working
+        with progress.reporting(heartbeat, step="interpretation"):
+            task = progress.task("alignment", 100, "cosines").start()
+            time.sleep(progress.Task.EVERY_S)
+            task.update(40)  # the last report before one long call
+            time.sleep(1.5)
+            task.finish()
+        time.sleep(0.45)  # after the task: how long without one
+    closed = len(said)
+    time.sleep(0.45)
+    assert len(said) == closed  # the thread ended with the context
+    lines = [line for _, line in said]
+    assert lines[0].startswith("working, ") and lines[0].endswith(" in, no progress reported yet"), lines
+    during = [line for line in lines if line.startswith("alignment: ")]
+    assert len(during) >= 2, lines  # 1.5 s of silence, a line per 0.3 s of it
+    # the running task's latest position, its elapsed time brought up to now (the rate falls with it)
+    assert all(line.startswith("alignment: 40/100 cosines, ") for line in during), during
+    assert all("still running, no report for " in line for line in during)
+    assert lines[-1].startswith("working, no task reported for "), lines
+    beats = [at for at, _ in said]
+    assert all(later - earlier >= 0.25 for earlier, later in zip(beats, beats[1:], strict=False))
+
+
+def test_a_silent_step_logs_heartbeats_to_its_run_log(monkeypatch):
+    """One 3.5 s call inside a task of a real Dagster step, progress every 1 s: the run log gets
+    the task's line again while the call runs."""
+    from gemma_assets.defs.common import reports_progress
+
+    monkeypatch.setenv("GEMMA_ASSETS_PROGRESS_EVERY_S", "1")
+
+    @dg.asset
+    @reports_progress
+    def slow(context):  # unannotated: Dagster reads the annotation, a string in this module
+        with progress.task("one long call", 1, "calls"):
+            time.sleep(3.5)
+        return dg.MaterializeResult()
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([slow], instance=instance)
+        assert result.success
+        messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    beats = [m for m in messages if m.startswith("one long call: 0/1 calls, ") and "still running" in m]
+    assert len(beats) >= 2, messages
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "nan", "inf"])
+def test_a_progress_interval_that_is_not_a_number_of_seconds_names_the_fix(monkeypatch, value):
+    from gemma_assets.defs.common import progress_every_s
+
+    monkeypatch.setenv("GEMMA_ASSETS_PROGRESS_EVERY_S", value)
+    with pytest.raises(ConfigError) as error:
+        progress_every_s()
+    assert (
+        str(error.value) == f"GEMMA_ASSETS_PROGRESS_EVERY_S={value!r} is not a number of seconds -> set it to e.g. 10"
+    )
 
 
 SLOW_FIT = textwrap.dedent(

@@ -10,11 +10,12 @@ report reads no clock and builds nothing.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -221,6 +222,62 @@ class Throttled:
             if not update.final:
                 self._shown.add(update.task)
         self._listener(update)
+
+
+class Heartbeat:
+    """A listener that remembers each running task's latest report and, while open (a context
+    manager), a thread that tells `say` again where the latest of them stands, its elapsed time
+    brought up to now, once `every_s` pass with no report at all: a single call longer than the
+    interval (a model load, one large product) still shows that its step is alive. With no task
+    running it says how long the step has gone without one. Lines leave out the step (a run log
+    names it itself)."""
+
+    def __init__(self, say: Callable[[str], None], every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._say, self.every_s, self._clock = say, every_s, clock
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[Update, float]] = {}  # task -> its latest update, when heard; latest last
+        self._opened = self._heard = self._said = clock()
+        self._anything_heard = False
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="progress heartbeat", daemon=True)
+
+    def __call__(self, update: Update) -> None:
+        with self._lock:
+            self._heard, self._anything_heard = self._clock(), True
+            self._running.pop(update.task, None)
+            if not update.final:
+                self._running[update.task] = (update, self._heard)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._closing.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while True:
+            with self._lock:
+                now = self._clock()
+                wait = max(self._heard, self._said) + self.every_s - now
+                line = self._line(now) if wait <= 0 else None
+                if line is not None:
+                    self._said, wait = now, self.every_s
+            if line is not None:
+                self._say(line)
+            if self._closing.wait(wait):
+                return
+
+    def _line(self, now: float) -> str:
+        silent = format_duration(now - self._heard)
+        if self._running:
+            update, heard = next(reversed(self._running.values()))
+            brought = replace(update, elapsed_s=update.elapsed_s + now - heard, figures={}, first=False)
+            return f"{brought.line(with_step=False)}, still running, no report for {silent}"
+        if not self._anything_heard:
+            return f"working, {format_duration(now - self._opened)} in, no progress reported yet"
+        return f"working, no task reported for {silent}"
 
 
 @dataclass

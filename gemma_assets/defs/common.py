@@ -7,6 +7,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ P = ParamSpec("P")
 # seconds between two progress lines of a step in the run log (its first line and the end of
 # every task it reported pass regardless); the command line prints what the run log gets
 PROGRESS_EVERY_ENV = "GEMMA_ASSETS_PROGRESS_EVERY_S"
+# a step's heartbeat repeats its latest line at most this often, even when every update is logged (0 s)
+HEARTBEAT_MIN_S = 1.0
 
 # downstream stages recompute by themselves (automation daemon) once their inputs change
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
@@ -85,24 +88,34 @@ def image_md(path: Path) -> dg.MetadataValue:
 def progress_every_s() -> float:
     value = os.environ.get(PROGRESS_EVERY_ENV, "10")
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise ConfigError(f"{PROGRESS_EVERY_ENV}={value!r} is not a number of seconds -> set it to e.g. 10") from None
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise ConfigError(f"{PROGRESS_EVERY_ENV}={value!r} is not a number of seconds -> set it to e.g. 10")
+    return seconds
 
 
 def reports_progress(
     body: Callable[Concatenate[dg.AssetExecutionContext, P], dg.MaterializeResult],
 ) -> Callable[Concatenate[dg.AssetExecutionContext, P], dg.MaterializeResult]:
     """An asset body whose long loops report to the run log (at most a line per
-    $GEMMA_ASSETS_PROGRESS_EVERY_S seconds, default 10) and whose materialisation metadata
-    gains `progress`: per task its units done, wall time and throughput."""
+    $GEMMA_ASSETS_PROGRESS_EVERY_S seconds, default 10; a heartbeat line when that long passes
+    with no report at all) and whose materialisation metadata gains `progress`: per task its
+    units done, wall time and throughput."""
 
     @functools.wraps(body)
     def with_progress(context: dg.AssetExecutionContext, *args: P.args, **kwargs: P.kwargs) -> dg.MaterializeResult:
         summary = progress.Summary()
+        every_s = progress_every_s()
         # the run log names the step of each line itself
-        to_log = progress.Throttled(lambda update: context.log.info(update.line(with_step=False)), progress_every_s())
-        with progress.reporting(to_log, step=context.op_def.name), progress.reporting(summary):
+        to_log = progress.Throttled(lambda update: context.log.info(update.line(with_step=False)), every_s)
+        with (
+            progress.Heartbeat(context.log.info, max(every_s, HEARTBEAT_MIN_S)) as heartbeat,
+            progress.reporting(to_log, step=context.op_def.name),
+            progress.reporting(heartbeat),
+            progress.reporting(summary),
+        ):
             result = body(context, *args, **kwargs)
         if not summary.tasks:
             return result
