@@ -236,17 +236,17 @@ class Heartbeat:
         self._say, self.every_s, self._clock = say, every_s, clock
         self._lock = threading.Lock()
         self._running: dict[str, tuple[Update, float]] = {}  # task -> its latest update, when heard; latest last
-        self._opened = self._heard = self._said = clock()
-        self._anything_heard = False
+        self._opened = self._said = clock()
+        self._heard: float | None = None  # when the last report came (None: none yet)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="progress heartbeat", daemon=True)
 
     def __call__(self, update: Update) -> None:
         with self._lock:
-            self._heard, self._anything_heard = self._clock(), True
+            self._heard = heard = self._clock()
             self._running.pop(update.task, None)
             if not update.final:
-                self._running[update.task] = (update, self._heard)
+                self._running[update.task] = (update, heard)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -260,7 +260,8 @@ class Heartbeat:
         while True:
             with self._lock:
                 now = self._clock()
-                wait = max(self._heard, self._said) + self.every_s - now
+                last = self._said if self._heard is None else max(self._said, self._heard)  # _said: opened, at first
+                wait = last + self.every_s - now
                 line = self._line(now) if wait <= 0 else None
                 if line is not None:
                     self._said, wait = now, self.every_s
@@ -270,13 +271,13 @@ class Heartbeat:
                 return
 
     def _line(self, now: float) -> str:
+        if self._heard is None:
+            return f"working, {format_duration(now - self._opened)} in, no progress reported yet"
         silent = format_duration(now - self._heard)
         if self._running:
             update, heard = next(reversed(self._running.values()))
             brought = replace(update, elapsed_s=update.elapsed_s + now - heard, figures={}, first=False)
             return f"{brought.line(with_step=False)}, still running, no report for {silent}"
-        if not self._anything_heard:
-            return f"working, {format_duration(now - self._opened)} in, no progress reported yet"
         return f"working, no task reported for {silent}"
 
 

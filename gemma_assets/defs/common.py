@@ -18,7 +18,7 @@ import dagster as dg
 
 from gemma_assets.core import progress, remote
 from gemma_assets.core.config import ConfigError, RunConfig
-from gemma_assets.core.layout import claims_of, is_url
+from gemma_assets.core.layout import RunLayout, claims_of, is_url
 from gemma_assets.core.records import Markdown
 from gemma_assets.defs.resources import StorageResource
 
@@ -141,12 +141,9 @@ def keeps_artefacts(
 
     @functools.wraps(body)
     def kept(context: dg.AssetExecutionContext, *args: P.args, **kwargs: P.kwargs) -> dg.MaterializeResult:
-        storage = kwargs["storage"]
-        if not isinstance(storage, StorageResource):
-            raise TypeError(f"{body.__name__} takes no storage resource: it cannot keep artefacts")
-        if not is_url(storage.data_root):  # checked before building a layout: no cost on a local root
+        layout = _remote_layout(body, "keep", context, kwargs)
+        if layout is None:
             return body(context, *args, **kwargs)
-        layout = storage.layout(context)
         owner = context.asset_key.to_user_string()
         remote.pull(layout, layout.declared - {owner})
         with claims_of(owner) as claimed:
@@ -167,12 +164,23 @@ def reads_artefacts(
 
     @functools.wraps(check)
     def pulled(context: dg.AssetCheckExecutionContext, *args: P.args, **kwargs: P.kwargs) -> dg.AssetCheckResult:
-        storage = kwargs["storage"]
-        if not isinstance(storage, StorageResource):
-            raise TypeError(f"{check.__name__} takes no storage resource: it cannot read artefacts")
-        if is_url(storage.data_root):
-            layout = storage.layout(context)
+        if (layout := _remote_layout(check, "read", context, kwargs)) is not None:
             remote.pull(layout, layout.declared)
         return check(context, *args, **kwargs)
 
     return pulled
+
+
+def _remote_layout(
+    body: Callable[..., object],
+    purpose: str,
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    kwargs: dict[str, object],
+) -> RunLayout | None:
+    """The layout `body` reads and writes through when the data root is a URL; None on a local
+    root (checked before building a layout: no cost there). `purpose` names what a body without
+    the `storage` resource cannot do, in the error."""
+    storage = kwargs["storage"]
+    if not isinstance(storage, StorageResource):
+        raise TypeError(f"{body.__name__} takes no storage resource: it cannot {purpose} artefacts")
+    return storage.layout(context) if is_url(storage.data_root) else None
