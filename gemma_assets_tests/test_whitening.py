@@ -8,7 +8,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from gemma_assets.core.stats import COMOMENT_BLOCK_ROWS, PRECISIONS, ActivationMoments, batch_comoment
+from gemma_assets.core.stats import COMOMENT_BLOCK_ROWS, PRECISIONS, ActivationMoments, Scratch, batch_comoment
 from gemma_assets.core.whitening import PREPROCESSINGS, Preprocessor, Whitening, identity_deviation
 
 
@@ -106,3 +106,27 @@ def test_comoment_is_the_same_whatever_the_threads(precision):
     finally:
         torch.set_num_threads(threads)
     assert all(np.array_equal(products[0], other) for other in products[1:])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_pass_reusing_its_scratch_arrays_adds_up_what_fresh_ones_do(precision):
+    """One Scratch serves a whole partition's batches: shrinking, growing and two block products
+    in flight at once must not let one batch's arrays leak into another's moments."""
+    rows = torch.from_numpy(np.random.default_rng(4).standard_normal((8 * COMOMENT_BLOCK_ROWS, 64)) * 3 + 7).float()
+    sizes = [3 * COMOMENT_BLOCK_ROWS + 5, 100, 2 * COMOMENT_BLOCK_ROWS, 3 * COMOMENT_BLOCK_ROWS - 105]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shared, fresh, scratch = ActivationMoments(64), ActivationMoments(64), Scratch()
+        start = 0
+        for size in sizes:
+            shared.update(rows[start : start + size], precision=precision, scratch=scratch)
+            fresh.update(rows[start : start + size], precision=precision)
+            start += size
+    finally:
+        torch.set_num_threads(threads)
+    assert start == len(rows) and shared.count == len(rows)
+    for name, value in vars(fresh).items():
+        assert np.array_equal(vars(shared)[name], value), name
+    exact = np.cov(rows.double().numpy(), rowvar=False)
+    assert np.abs(shared.covariance - exact).max() < 1e-5 * np.abs(exact).max()

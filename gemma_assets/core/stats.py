@@ -40,9 +40,39 @@ def column_sums(x: torch.Tensor) -> torch.Tensor:
     return x.sum(0, dtype=torch.float64)
 
 
-def batch_comoment(x: torch.Tensor, mean: torch.Tensor, precision: str) -> np.ndarray:
+class Scratch:
+    """Work arrays that one pass reuses from batch to batch.
+
+    A batch's large temporaries (its rows as float32, 75 MB at 8,192 x 2304; a d x d float64,
+    42 MB) are past the 32 MiB ceiling of glibc's mmap threshold, so each fresh one is mapped
+    from the kernel and zeroed page by page: 300k page faults per 32,768-token partition, a
+    quarter of its time. An array stays the same object until a request needs it larger or of
+    another shape or dtype, so a result held in one is valid only until that name's next use."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: type = np.float64) -> np.ndarray:
+        """Array `name` of at least `shape[0]` rows, viewed as exactly `shape` (uninitialised)."""
+        found = self._arrays.get(name)
+        if found is None or found.shape[1:] != shape[1:] or found.dtype != dtype or len(found) < shape[0]:
+            found = self._arrays[name] = np.empty(shape, dtype)
+        return found[: shape[0]]
+
+    def tensor(self, name: str, like: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """A tensor of `like`'s dtype, device and shape, or of `rows` rows (on the host, array
+        `name`; a device's caching allocator already reuses its memory)."""
+        shape = (len(like) if rows is None else rows, *like.shape[1:])
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return torch.from_numpy(self.array(name, shape, torch.empty((), dtype=like.dtype).numpy().dtype.type))
+
+
+def batch_comoment(x: torch.Tensor, mean: torch.Tensor, precision: str, scratch: Scratch | None = None) -> np.ndarray:
     """sum of (x - mean)(x - mean)^T over the rows of x [n, d] float32 (any device), as float64
-    [d, d] on the host; `mean` [d] float64 is the rows' mean."""
+    [d, d] on the host; `mean` [d] float64 is the rows' mean. The result may be an array of
+    `scratch`: valid until the next call with it."""
+    scratch = scratch or Scratch()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown co-moment precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if precision == "float64":
@@ -56,15 +86,19 @@ def batch_comoment(x: torch.Tensor, mean: torch.Tensor, precision: str) -> np.nd
     # centred on the float32-rounded mean; n * delta delta^T (delta = mean - that) restores the
     # co-moment about the exact mean, since the rows' deviations from it sum to zero
     shift = mean.float()
-    centred = (x - shift).cpu().numpy()
-    total = np.zeros((x.shape[1], x.shape[1]))
-    for product in _block_products(centred):
+    centred = torch.sub(x, shift, out=scratch.tensor("centred", x)).cpu().numpy()
+    total = scratch.array("comoment", (x.shape[1], x.shape[1]))
+    total.fill(0)
+    for product in _block_products(centred, scratch):
         total += product  # float32 syrk, summed in float64 in block order
     delta = (mean - shift.double()).cpu().numpy()
-    return total - len(centred) * np.outer(delta, delta)
+    correction = np.multiply.outer(delta, delta, out=scratch.array("outer", total.shape))
+    correction *= len(centred)
+    total -= correction
+    return total
 
 
-def _block_products(rows: np.ndarray) -> Iterator[np.ndarray]:
+def _block_products(rows: np.ndarray, scratch: Scratch) -> Iterator[np.ndarray]:
     """block^T block, float32, for each COMOMENT_BLOCK_ROWS-row block of `rows`, in order.
 
     Each product is one single-threaded BLAS call: a threaded float32 syrk splits its sums by
@@ -74,9 +108,15 @@ def _block_products(rows: np.ndarray) -> Iterator[np.ndarray]:
     at once as torch has threads, each block's product the same whatever the count."""
     blocks = [rows[start : start + COMOMENT_BLOCK_ROWS] for start in range(0, len(rows), COMOMENT_BLOCK_ROWS)]
     threads = torch.get_num_threads()
+    products = [
+        scratch.array(f"product {thread}", (rows.shape[1], rows.shape[1]), rows.dtype.type) for thread in range(threads)
+    ]
     with _blas_libraries().limit(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         for first in range(0, len(blocks), threads):
-            yield from pool.map(lambda block: block.T @ block, blocks[first : first + threads])
+            # each product is consumed before the next round overwrites its array
+            yield from pool.map(
+                lambda block, out: np.matmul(block.T, block, out=out), blocks[first : first + threads], products
+            )
 
 
 @cache
@@ -107,7 +147,13 @@ class ActivationMoments:
         self.maximum = np.full(self.d_model, -np.inf)
         self.norm_histogram = np.zeros(len(NORM_BIN_EDGES) - 1, np.int64)
 
-    def update(self, x: torch.Tensor, norms: torch.Tensor | None = None, precision: str = "float64") -> None:
+    def update(
+        self,
+        x: torch.Tensor,
+        norms: torch.Tensor | None = None,
+        precision: str = "float64",
+        scratch: Scratch | None = None,
+    ) -> None:
         """Add a batch x [n, d] float32 on any device (row norms optional, if already computed);
         rows with NaN/Inf are counted, not accumulated. `precision` of the co-moment: float64
         or mixed (see the module's docstring)."""
@@ -123,20 +169,24 @@ class ActivationMoments:
         mean = column_sums(x) / len(x)
         # float64 sums: a float32 co-moment accumulated over a whole partition loses the
         # low-variance directions whitening needs (condition numbers of residual streams reach 1e6)
-        other.comoment = batch_comoment(x, mean, precision)
+        scratch = scratch or Scratch()
+        other.comoment = batch_comoment(x, mean, precision, scratch)
         other.mean = mean.cpu().numpy()
         other.minimum, other.maximum = x.amin(0).double().cpu().numpy(), x.amax(0).double().cpu().numpy()
         row_norms = (x.norm(dim=1) if norms is None else norms).double().cpu().numpy()
         other.norm_sum = float(row_norms.sum())
         other.norm_histogram = np.histogram(row_norms, NORM_BIN_EDGES)[0]
-        self.merge(other)
+        self.merge(other, scratch)
 
-    def merge(self, other: ActivationMoments) -> None:
+    def merge(self, other: ActivationMoments, scratch: Scratch | None = None) -> None:
         """Fold another accumulator in; exact, so partitions can be combined in any order."""
         total = self.count + other.count
         if other.count:
             delta = other.mean - self.mean
-            self.comoment += other.comoment + np.outer(delta, delta) * (self.count * other.count / total)
+            correction = np.multiply.outer(delta, delta, out=(scratch or Scratch()).array("outer", self.comoment.shape))
+            correction *= self.count * other.count / total
+            correction += other.comoment
+            self.comoment += correction
             self.mean = self.mean + delta * (other.count / total)
             self.minimum = np.minimum(self.minimum, other.minimum)
             self.maximum = np.maximum(self.maximum, other.maximum)
@@ -199,6 +249,7 @@ class PartitionStats:
         non_bos = np.flatnonzero(np.arange(part.n_tokens) % context_len != 0)
         rng = np.random.default_rng([seed, int(key)])
         chosen = rng.choice(non_bos, min(sample_size, len(non_bos)), replace=False)
+        scratch = Scratch()
         columns: dict[str, list] = {
             name: [] for name in ("norms", "positions", "strata", "doc_ids", "doc_offsets", "sample", "massive")
         }
@@ -207,12 +258,14 @@ class PartitionStats:
             bos = torch.from_numpy(info["positions"] == 0).to(device)
             norms = acts.norm(dim=1)
             moments.nonfinite += int((~torch.isfinite(norms[bos])).sum())
-            moments.update(acts[~bos], norms[~bos], precision)
+            kept = (~bos).nonzero().squeeze(1)
+            rows_without_bos = torch.index_select(acts, 0, kept, out=scratch.tensor("non-BOS rows", acts, len(kept)))
+            moments.update(rows_without_bos, norms[kept], precision, scratch)
             columns["norms"].append(norms.cpu().numpy())
             for name in ("positions", "strata", "doc_ids", "doc_offsets"):
                 columns[name].append(info[name])
             columns["sample"].append(acts[torch.from_numpy(np.isin(info["row"], chosen)).to(device)].cpu().numpy())
-            peak, dim = acts.abs().nan_to_num_(0).max(1)
+            peak, dim = torch.abs(acts, out=scratch.tensor("magnitudes", acts)).nan_to_num_(0).max(1)
             top = peak.topk(min(MASSIVE_TOKENS_KEPT, len(peak))).indices
             peak_values = acts[top, dim[top]].cpu().numpy()
             columns["massive"].append(
