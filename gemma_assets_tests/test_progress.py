@@ -16,6 +16,7 @@ import termios
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -84,29 +85,46 @@ def test_a_loop_that_reports_every_iteration_sends_five_a_second_at_most():
     assert len(seen) <= 1 + 1 / progress.Task.EVERY_S + 1
 
 
-def test_a_terminal_gets_a_bar_with_other_output_printed_above_it(monkeypatch):
+def _on_a_terminal(monkeypatch, body: Callable[[], None]) -> str:
+    """What `body`, run under the command line's progress, writes on a 160-column terminal."""
     controller, terminal_end = pty.openpty()
-    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a 160-column terminal
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
     with os.fdopen(terminal_end, "w", buffering=1) as tty:
         monkeypatch.setattr(sys, "stderr", tty)
         monkeypatch.setattr(sys, "stdout", tty)
         with terminal.command_line_progress(lines=False):
-            with progress.reporting(lambda _: None, step="cluster_models"):
-                task = progress.task("k-means k=64 seed 0: Lloyd", 10, "iterations").start()
-                for i in range(1, 4):
-                    time.sleep(progress.Task.EVERY_S)
-                    task.update(i, inertia=42.0)
-                print("a log line above the bar")
-                task.finish()
+            body()
         tty.flush()
         chunks = []
         while select.select([controller], [], [], 0.5)[0]:  # everything written, in as many reads as it takes
             chunks.append(os.read(controller, 1 << 16))
-        written = b"".join(chunks).decode(errors="replace")
     os.close(controller)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_terminal_gets_a_bar_with_other_output_printed_above_it(monkeypatch):
+    def body() -> None:
+        with progress.reporting(lambda _: None, step="cluster_models"):
+            task = progress.task("k-means k=64 seed 0: Lloyd", 10, "iterations").start()
+            for i in range(1, 4):
+                time.sleep(progress.Task.EVERY_S)
+                task.update(i, inertia=42.0)
+            print("a log line above the bar")
+            task.finish()
+
+    written = _on_a_terminal(monkeypatch, body)
     assert "cluster_models: k-means k=64 seed 0: Lloyd" in written
     assert "3/10" in written and "inertia=42" in written
     assert "a log line above the bar\n" in written.replace("\r\n", "\n")
+
+
+def test_the_bars_clock_keeps_time_through_a_long_silent_call(monkeypatch):
+    def body() -> None:
+        with progress.task("converting the demo model from GGUF", 4, "steps"):
+            time.sleep(2.5)  # one call, no report after the task's start
+
+    written = _on_a_terminal(monkeypatch, body)
+    assert "0/4 [00:02<" in written, written[-400:]
 
 
 def test_without_a_terminal_a_command_prints_plain_lines(monkeypatch):

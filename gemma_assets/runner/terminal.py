@@ -4,6 +4,7 @@ terminal, with every other line of output printed above it; plain lines otherwis
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TextIO
@@ -14,17 +15,43 @@ from gemma_assets.core import progress
 
 
 class ProgressBar:
-    """One bar on `stream`, redrawn for whichever task reported last (tqdm limits the redraws)."""
+    """One bar on `stream`, redrawn for whichever task reported last (tqdm limits the redraws).
+    While open (a context manager), a thread also redraws it every TICK_S, so its clock keeps
+    time through a single long call instead of standing still as if hung."""
+
+    TICK_S = 1.0
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._bar: tqdm | None = None
         self._task = ""
+        self._lock = threading.Lock()  # the ticking thread's redraws against reports and close
+        self._closing = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="progress bar clock", daemon=True)
+
+    def __enter__(self) -> ProgressBar:
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._closing.set()
+        self._ticker.join()
+        self.close()
+
+    def _tick(self) -> None:
+        while not self._closing.wait(self.TICK_S):
+            with self._lock:
+                if self._bar is not None:
+                    self._bar.refresh()  # tqdm measures the elapsed time at each redraw
 
     def __call__(self, update: progress.Update) -> None:
+        with self._lock:
+            self._report(update)
+
+    def _report(self, update: progress.Update) -> None:
         label = f"{update.step}: {update.task}" if update.step else update.task
         if self._bar is None or label != self._task:
-            self.close()
+            self._close()
             self._task = label
             self._bar = tqdm(
                 total=update.total,
@@ -36,13 +63,17 @@ class ProgressBar:
                 disable=False,  # drawn even where tqdm would guess otherwise: we checked for a terminal
             )
         if update.final:
-            self.close()
+            self._close()
             return
         self._bar.n = int(update.position) if float(update.position).is_integer() else update.position
         self._bar.set_postfix({name: f"{value:.4g}" for name, value in update.figures.items()}, refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -83,8 +114,7 @@ def command_line_progress(lines: bool, every_s: float = 10.0) -> Iterator[None]:
     terminal = sys.stderr
     with ExitStack() as stack:
         if terminal.isatty():
-            bar = ProgressBar(terminal)
-            stack.callback(bar.close)
+            bar = stack.enter_context(ProgressBar(terminal))
             out, err = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = _AboveTheBar(out, terminal), _AboveTheBar(err, terminal)
 
