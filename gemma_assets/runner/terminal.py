@@ -36,7 +36,8 @@ class ProgressBar:
     def __exit__(self, *_: object) -> None:
         self._closing.set()
         self._ticker.join()
-        self.close()
+        with self._lock:
+            self._close()
 
     def _tick(self) -> None:
         while not self._closing.wait(self.TICK_S):
@@ -68,10 +69,6 @@ class ProgressBar:
         self._bar.n = int(update.position) if float(update.position).is_integer() else update.position
         self._bar.set_postfix({name: f"{value:.4g}" for name, value in update.figures.items()}, refresh=False)
         self._bar.refresh()
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
 
     def _close(self) -> None:
         if self._bar is not None:
