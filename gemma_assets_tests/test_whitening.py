@@ -8,7 +8,15 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from gemma_assets.core.stats import COMOMENT_BLOCK_ROWS, PRECISIONS, ActivationMoments, Scratch, batch_comoment
+from gemma_assets.core.stats import (
+    COMOMENT_BLOCK_ROWS,
+    PRECISIONS,
+    ActivationMoments,
+    Scratch,
+    batch_comoment,
+    largest_magnitudes,
+    peak_magnitudes,
+)
 from gemma_assets.core.whitening import PREPROCESSINGS, Preprocessor, Whitening, identity_deviation
 
 
@@ -130,3 +138,25 @@ def test_a_pass_reusing_its_scratch_arrays_adds_up_what_fresh_ones_do(precision)
         assert np.array_equal(vars(shared)[name], value), name
     exact = np.cov(rows.double().numpy(), rowvar=False)
     assert np.abs(shared.covariance - exact).max() < 1e-5 * np.abs(exact).max()
+
+
+def test_the_massive_tokens_are_the_rows_a_full_argmax_of_magnitudes_finds():
+    """The pass finds its massive tokens from two row reductions, not |x| and an argmax over all
+    of it: the rows and dimensions must be the full computation's, NaN, +-inf and ties included."""
+    generator = torch.Generator().manual_seed(5)
+    # bf16 values: few distinct magnitudes, so rows tie for their peak (the first dimension wins)
+    x = (torch.randn(4096, 96, generator=generator) * 4).bfloat16().float()
+    x[7, 3], x[7, 50] = -900.0, 900.0  # a tie between a negative and a positive peak
+    x[11, 9], x[12, 2] = float("nan"), float("inf")  # a NaN beside a large value, an infinite peak
+    x[11, 40] = 1000.0
+    x[13] = float("nan")  # a row of nothing but NaN: peak 0
+    x[14, 5] = -float("inf")
+    x[20, 1], x[21, 2] = 500.0, -500.0  # two rows tied
+    peak, dim = peak_magnitudes(x)
+    for count in (1, 4, 16, 4096):
+        top, top_dim = largest_magnitudes(x, count)
+        assert torch.equal(top, peak.topk(count).indices), count
+        assert torch.equal(top_dim, dim[top]), count
+    top, top_dim = largest_magnitudes(x, 5)
+    assert sorted(top[:2].tolist()) == [12, 14] and top[2:4].tolist() == [11, 7] and int(top[4]) in (20, 21)
+    assert top_dim[2:4].tolist() == [40, 3]
