@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from gemma_assets.core.storage import COMMIT_FILE, StorageError
 from gemma_assets.defs.graph import build_definitions
 from gemma_assets.defs.recovery import PID_TAG
 from gemma_assets.runner.errors import EXIT_CONFIG
-from gemma_assets.runner.lock import LOCK_FILE
+from gemma_assets.runner.lock import LOCK_FILE, RunBusy, remote_run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "gemma-runs"
@@ -136,6 +137,7 @@ def test_the_tiny_run_materialises_on_s3_and_a_second_run_recomputes_nothing(rem
     with dg.DagsterInstance.from_config(str(remote_run.home)) as instance:
         pids = {run.tags.get(PID_TAG) for run in instance.get_runs()}
     assert pids == {str(remote_run.first_pid)}  # the second run started none
+    assert not fs.exists(f"{run_url}/{LOCK_FILE}")  # each command gave the run's lock back
 
 
 def test_the_checks_run_alone_on_another_machine_read_the_committed_artefacts(remote_run, tmp_path, monkeypatch):
@@ -187,6 +189,59 @@ def test_a_fresh_working_copy_gets_every_artefact_back_and_a_deleted_object_is_n
         f"whitening/whitening.npz of whitening is gone (s3://{whitening}) -> materialise it again: dagster asset "
         "materialize -m gemma_assets.definitions --select whitening (with $GEMMA_ASSETS_CONFIG naming this run's config)"
     )
+
+
+LEASE_SECONDS = 3.0  # of the lock in the test below (a command's is a minute)
+
+
+def _holder_elsewhere(run_url: str) -> subprocess.Popen:
+    """Another process holding the run's lock on S3 until killed: on another machine it would
+    share nothing else with this one."""
+    code = (
+        "import time; from gemma_assets.runner.lock import remote_run_lock\n"
+        f"with remote_run_lock({run_url!r}, 'tiny', wait=False, say=print, lease_seconds={LEASE_SECONDS}):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_the_run_lock_on_s3_keeps_commands_apart_and_passes_on_from_a_killed_holder(s3_env):
+    run_url = f"s3://{BUCKET}/locks/tiny"
+    lock = f"{run_url}/{LOCK_FILE}"
+    fs = fsspec.filesystem("s3")
+    said: list[str] = []
+    held: list[bytes] = []  # the lock object while the waiter holds it
+    taken, release = threading.Event(), threading.Event()
+
+    def wait_for_the_lock() -> None:
+        with remote_run_lock(run_url, "tiny", wait=True, say=said.append, lease_seconds=LEASE_SECONDS):
+            fs.invalidate_cache(lock)
+            held.append(fs.cat_file(lock))
+            taken.set()
+            release.wait(60)
+
+    holder = _holder_elsewhere(run_url)
+    waiter = threading.Thread(target=wait_for_the_lock)
+    try:
+        with pytest.raises(RunBusy, match=rf"run tiny is being materialised by pid {holder.pid} on .* \(lock {lock}\)"):
+            with remote_run_lock(run_url, "tiny", wait=False, say=print, lease_seconds=LEASE_SECONDS):
+                pass
+        waiter.start()
+        assert not taken.wait(2 * LEASE_SECONDS)  # a live holder renews its lease: never taken over
+        holder.kill()  # SIGKILL: nothing gives the lock back
+        holder.wait()
+        assert taken.wait(2 * LEASE_SECONDS + 30)  # one lease after the holder's last renewal
+    finally:
+        holder.kill()
+        release.set()
+        waiter.join()
+    assert said[0].startswith(f"run tiny is being materialised by pid {holder.pid} on "), said
+    assert said[1].startswith(f"run tiny: took over the lock of pid {holder.pid} on "), said
+    assert f'"pid": {os.getpid()}' in held[0].decode()
+    fs.invalidate_cache(lock)
+    assert not fs.exists(lock)  # given back at the end of the block
 
 
 def test_a_missing_bucket_or_missing_credentials_is_one_line_naming_the_fix(s3_env, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import dagster as dg
@@ -17,7 +18,7 @@ from gemma_assets.defs.resources import require_writable, run_layout
 from gemma_assets.runner.errors import DiskFull, disk_full, is_enospc, short_of_space
 from gemma_assets.runner.execution import ensure_dagster_home, materialize_all
 from gemma_assets.runner.interrupts import Interrupts
-from gemma_assets.runner.lock import run_lock
+from gemma_assets.runner.lock import remote_run_lock, run_lock
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ def materialize(run_config: RunConfig, data_root: str, options: MaterializeOptio
         require_writable(data_root, run_config)  # first: an unwritable data root is a bad option (2), not a full disk
         if not options.ignore_free_space and not layout.remote and (refusal := short_of_space(disk, need())):
             raise refusal  # before the lock: a refused command writes nothing
-        with run_lock(layout.root, run_config.name, options.wait, lambda line: print(line, flush=True)):
+        with (
+            run_lock(layout.root, run_config.name, options.wait, _say),
+            remote_run_lock(layout.remote, run_config.name, options.wait, _say) if layout.remote else nullcontext(),
+        ):
             _run_stages(run_config, data_root, options)
     except DiskFull as error:  # a step's ENOSPC: say where, how much is free and what the run needs
         raise disk_full(error.cause, disk, need(), error.details) from None
@@ -54,6 +58,10 @@ def materialize(run_config: RunConfig, data_root: str, options: MaterializeOptio
         if not is_enospc(error):
             raise
         raise disk_full(f"{type(error).__name__}: {error}", disk, need(), traceback.format_exc()) from None
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _run_stages(run_config: RunConfig, data_root: str, options: MaterializeOptions) -> None:

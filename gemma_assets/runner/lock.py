@@ -9,22 +9,36 @@ what is left, usually nothing; with --no-wait it stops at once, naming the live 
 
 `flock` holds across processes of one machine on a local file system; a data root shared over
 NFS by several machines needs the lock of its server (NFSv4 forwards flock as a byte-range lock).
+
+On an s3:// data root, commands on several machines share no file system, so the run's lock is
+also an object beside its artefacts, held as a lease (`remote_run_lock`): created only if absent
+(a conditional PUT, If-None-Match), renewed by its holder every tenth of LEASE_SECONDS (a PUT
+conditional on the ETag it last wrote), and taken over by a waiter that has seen it unchanged for
+LEASE_SECONDS: no process outlives SIGKILL to release it, so a killed holder blocks the next
+command for one lease at most. S3 decides each conditional PUT alone, so two waiters never both
+take it over.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+import fsspec
 
 LOCK_FILE = ".materialize.lock"
 POLL_SECONDS = 1.0
+LEASE_SECONDS = 60.0  # a remote lock unchanged this long is a dead holder's
 
 
 class RunBusy(RuntimeError):
@@ -34,10 +48,26 @@ class RunBusy(RuntimeError):
 def holder_of(lock: Path) -> str:
     """Who holds `lock`, as its holder recorded it."""
     try:
-        holder = json.loads(lock.read_text())
+        return _holder_named(lock.read_bytes())
+    except OSError:
+        return _holder_named(b"")
+
+
+def _holder_named(record: bytes) -> str:
+    try:
+        holder = json.loads(record)
         return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return "a command that has not recorded itself yet"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _record(since: str, **extra: Any) -> str:
+    """What a holder records of itself in its lock, for the next command to name it."""
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since, **extra})
 
 
 @contextmanager
@@ -62,11 +92,125 @@ def run_lock(run_folder: Path, run_name: str, wait: bool, say: Callable[[str], N
                     say(f"run {run_name} is being materialised by {holder_of(lock)}: waiting for it to end")
                     waited = True
                 time.sleep(POLL_SECONDS)
-        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        handle.write(_record(_now()))
         handle.flush()
         if waited:
             say(f"run {run_name}: the other command ended; planning what is left")
         yield
+
+
+@contextmanager
+def remote_run_lock(
+    run_url: str, run_name: str, wait: bool, say: Callable[[str], None], lease_seconds: float = LEASE_SECONDS
+) -> Iterator[None]:
+    """Hold the lease on the run's lock object at `run_url` (an s3:// URL) for the block, as
+    `run_lock` holds its file (see the module's docstring). On another protocol, nothing: fsspec
+    has no conditional write for it, and the lock stays each machine's."""
+    fs, path = fsspec.core.url_to_fs(f"{run_url.rstrip('/')}/{LOCK_FILE}")
+    if "s3" not in fs.protocol:
+        yield
+        return
+    lease = _Lease(fs, path, lease_seconds, say)
+    lease.take(run_name, wait)
+    try:
+        yield
+    finally:
+        lease.give_back()
+
+
+def _lost_race(error: OSError) -> bool:
+    """A conditional S3 request refused (412): s3fs raises FileExistsError for If-None-Match, EINVAL
+    for If-Match, FileNotFoundError when the object is gone."""
+    return isinstance(error, (FileExistsError, FileNotFoundError)) or error.errno == errno.EINVAL
+
+
+class _Lease:
+    """The run's lock object on S3 while this process holds it: every write changes its ETag
+    (the record counts renewals), which is what waiters watch."""
+
+    def __init__(self, fs: Any, path: str, lease_seconds: float, say: Callable[[str], None]) -> None:
+        self.fs, self.path, self.lease_seconds, self.say = fs, path, lease_seconds, say
+        self.url = fs.unstrip_protocol(path)
+        self.etag = ""
+        self.since = _now()
+        self.renewals = 0
+        self.lost = False
+        self._closing = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name="gemma-assets-run-lease")
+
+    def _write(self, **condition: str) -> None:
+        record = _record(self.since, renewals=self.renewals, lease_seconds=self.lease_seconds)
+        self.etag = self.fs.pipe_file(self.path, record.encode(), **condition)["ETag"]
+
+    def take(self, run_name: str, wait: bool) -> None:
+        seen, seen_since, waited = "", 0.0, False
+        while True:
+            try:
+                self._write(mode="create")
+                break
+            except OSError as error:
+                if not _lost_race(error):
+                    raise
+            self.fs.invalidate_cache(self.path)
+            try:
+                etag, holder = self.fs.info(self.path)["ETag"], _holder_named(self.fs.cat_file(self.path))
+            except FileNotFoundError:
+                continue  # given back between the two requests: create it
+            if etag != seen:
+                seen, seen_since = etag, time.monotonic()
+            elif time.monotonic() - seen_since >= self.lease_seconds:
+                try:
+                    self._write(IfMatch=etag)
+                except OSError as error:
+                    if not _lost_race(error):
+                        raise
+                    continue  # another waiter took it over first, or its holder gave it back
+                self.say(
+                    f"run {run_name}: took over the lock of {holder} on {self.url}, unrenewed for "
+                    f"{self.lease_seconds:.0f} s (that command ended without giving it back)"
+                )
+                break
+            if not wait:
+                raise RunBusy(
+                    f"run {run_name} is being materialised by {holder} (lock {self.url}) -> wait for it, or run "
+                    f"the same command without --no-wait to start when it ends (a lock unrenewed for "
+                    f"{self.lease_seconds:.0f} s, its command killed, is then taken over)"
+                )
+            if not waited:
+                self.say(f"run {run_name} is being materialised by {holder} (lock {self.url}): waiting for it to end")
+                waited = True
+            time.sleep(min(POLL_SECONDS, self.lease_seconds / 10))
+        if waited:
+            self.say(f"run {run_name}: the other command ended; planning what is left")
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._closing.wait(self.lease_seconds / 10):
+            self.renewals += 1
+            try:
+                self._write(IfMatch=self.etag)
+            except OSError as error:
+                if _lost_race(error):
+                    self.lost = True
+                    self.say(
+                        f"the run's lock {self.url} was taken over by another command while this one "
+                        f"could not renew it for {self.lease_seconds:.0f} s: both may now write the run"
+                    )
+                    return
+                # a network error: the next renewal, a tenth of the lease later, tries again
+
+    def give_back(self) -> None:
+        self._closing.set()
+        if self._renewer.is_alive():
+            self._renewer.join()
+        if self.lost:
+            return
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
+        except OSError as error:  # taken over meanwhile: not this command's to remove
+            if not _lost_race(error):
+                raise
+        self.fs.invalidate_cache(self.path)
