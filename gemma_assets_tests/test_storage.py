@@ -99,3 +99,16 @@ def test_reader_streams_bounded_batches_and_applies_a_transform(tmp_path):
     plain, _ = store.load_tokens(["0001"])
     shifted, info = store.load_tokens(["0001"], transform=lambda x: 2 * x - 1)
     assert torch.equal(shifted, 2 * plain - 1) and set(info["partition"]) == {1}
+
+
+@pytest.mark.parametrize("exclude_bos", [True, False])
+def test_batches_read_as_stored_are_the_bf16_of_the_float32_ones(tmp_path, exclude_bos):
+    store = ActivationStore(str(tmp_path))
+    store.write_partition("0000", _arrays(), {"bos_token_id": 2})
+    read = store.iter_tokens(["0000"], batch_tokens=128, exclude_bos=exclude_bos)
+    stored = store.iter_tokens(["0000"], batch_tokens=128, exclude_bos=exclude_bos, as_stored=True)
+    pairs = list(zip(read, stored, strict=True))
+    assert len(pairs) == 5
+    for (float32, info), (bf16, stored_info) in pairs:
+        assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.float(), float32)
+        assert all(np.array_equal(info[name], stored_info[name]) for name in info)

@@ -13,4 +13,9 @@ def bf16_to_bits(tensor: torch.Tensor) -> np.ndarray:
 
 def bits_to_float(bits: np.ndarray) -> torch.Tensor:
     """bf16 bit patterns back to a float32 tensor (exact: bf16 is a prefix of float32)."""
-    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
+    return bits_as_bf16(bits).float()
+
+
+def bits_as_bf16(bits: np.ndarray) -> torch.Tensor:
+    """bf16 bit patterns as a bfloat16 tensor over the same memory."""
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)

@@ -253,8 +253,8 @@ class PartitionStats:
         columns: dict[str, list] = {
             name: [] for name in ("norms", "positions", "strata", "doc_ids", "doc_offsets", "sample", "massive")
         }
-        for acts, info in prefetched(store.iter_tokens([key], exclude_bos=False)):
-            acts = acts.to(device)
+        for stored, info in prefetched(store.iter_tokens([key], exclude_bos=False, as_stored=True)):
+            acts = _float32_batch(stored, device, scratch)
             bos = torch.from_numpy(info["positions"] == 0).to(device)
             norms = acts.norm(dim=1)
             moments.nonfinite += int((~torch.isfinite(norms[bos])).sum())
@@ -296,6 +296,15 @@ class PartitionStats:
         key, version = str(arrays.pop("key")), str(arrays.pop("version"))
         precision = str(arrays.pop("precision", ""))
         return cls(key, version, ActivationMoments.load(moments_path(path)), **arrays, precision=precision)
+
+
+def _float32_batch(stored: torch.Tensor, device: str, scratch: Scratch) -> torch.Tensor:
+    """A bfloat16 batch as float32 on `device`: on the host into the one batch array of `scratch`
+    (a fresh 75 MB batch per 8,192 rows at d 2304 cost 18,000 page faults, 7% of a pass's CPU
+    time), on a GPU converted there (half the bytes to move)."""
+    if device == "cpu":
+        return torch.from_numpy(scratch.array("batch", tuple(stored.shape), np.float32)).copy_(stored)
+    return stored.to(device).float()
 
 
 def peak_magnitudes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

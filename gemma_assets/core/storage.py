@@ -39,7 +39,7 @@ from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from gemma_assets.core.batches import Batches, WindowBatches
-from gemma_assets.core.bf16 import bits_to_float
+from gemma_assets.core.bf16 import bits_as_bf16, bits_to_float
 
 COMMIT_FILE = "COMMIT.json"
 CHUNK_BYTES = 2 * 2**20  # 2 MiB chunks: measured faster to write than 4 MiB, same ratio
@@ -165,8 +165,11 @@ class Partition:
             raise KeyError(f"partition {self.key}: {name} is a group, not an array")
         return found
 
-    def activations(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return bits_to_float(self.array(ACTIVATIONS, start, stop))
+    def activations(self, start: int = 0, stop: int | None = None, as_stored: bool = False) -> torch.Tensor:
+        """Rows start:stop as float32, or `as_stored` as bfloat16 (for a caller that converts them
+        into memory of its own)."""
+        bits = self.array(ACTIVATIONS, start, stop)
+        return bits_as_bf16(bits) if as_stored else bits_to_float(bits)
 
     def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return np.asarray(self.zarr_array(name)[start:stop])
@@ -374,12 +377,15 @@ class ActivationStore:
         batch_tokens: int = 8192,
         exclude_bos: bool = True,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        as_stored: bool = False,
     ) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
         """Stream (activations [n, d] float32, per-token arrays) in batches of bounded size.
 
         With exclude_bos, position 0 and any BOS token are dropped: their norm is ~10x
         the others' (massive activations) and would dominate every statistic. `transform`
-        (e.g. a whitening Preprocessor's forward) is applied to each batch.
+        (e.g. a whitening Preprocessor's forward) is applied to each batch. With `as_stored` the
+        activations are bfloat16, as stored, for a reader that converts them into memory of its
+        own (then `transform` sees them as bfloat16).
         """
         for key in keys:
             part = self.open(key)
@@ -390,7 +396,7 @@ class ActivationStore:
                 info = {name: part.array(name, start, stop) for name in per_token}
                 info["partition"] = np.full(stop - start, int(key), np.int32)
                 info["row"] = np.arange(start, stop)
-                acts = part.activations(start, stop)
+                acts = part.activations(start, stop, as_stored)
                 if exclude_bos:
                     keep = (info["positions"] != 0) & (info["token_ids"] != bos)
                     acts = acts[torch.from_numpy(keep)]
