@@ -199,7 +199,8 @@ class _Lease:
                         f"could not renew it for {self.lease_seconds:.0f} s: both may now write the run"
                     )
                     return
-                # a network error: the next renewal, a tenth of the lease later, tries again
+            except Exception:  # botocore's connection errors are not OSErrors
+                pass  # a network error: the next renewal, a tenth of the lease later, tries again
 
     def give_back(self) -> None:
         self._closing.set()
@@ -210,7 +211,11 @@ class _Lease:
         bucket, key, _ = self.fs.split_path(self.path)
         try:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
-        except OSError as error:  # taken over meanwhile: not this command's to remove
-            if not _lost_race(error):
-                raise
+        except Exception as error:  # the run's own outcome must not be masked by its lock
+            # taken over meanwhile (not this command's to remove), or the store out of reach
+            if not (isinstance(error, OSError) and _lost_race(error)):
+                self.say(
+                    f"could not remove the run's lock {self.url} ({error}): the next command takes it "
+                    f"over once it has stood {self.lease_seconds:.0f} s unrenewed"
+                )
         self.fs.invalidate_cache(self.path)
