@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import fsspec
 import pytest
+from lock_holder import process_holding
 from moto.server import ThreadedMotoServer
 from quick import QUICK_OVERRIDES, quick_flags
 
@@ -197,14 +198,10 @@ LEASE_SECONDS = 3.0  # of the lock in the test below (a command's is a minute)
 def _holder_elsewhere(run_url: str) -> subprocess.Popen:
     """Another process holding the run's lock on S3 until killed: on another machine it would
     share nothing else with this one."""
-    code = (
-        "import time; from gemma_assets.runner.lock import remote_run_lock\n"
-        f"with remote_run_lock({run_url!r}, 'tiny', wait=False, say=print, lease_seconds={LEASE_SECONDS}):\n"
-        "    print('held', flush=True); time.sleep(600)\n"
+    return process_holding(
+        "from gemma_assets.runner.lock import remote_run_lock",
+        f"remote_run_lock({run_url!r}, 'tiny', wait=False, say=print, lease_seconds={LEASE_SECONDS})",
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_the_run_lock_on_s3_keeps_commands_apart_and_passes_on_from_a_killed_holder(s3_env):

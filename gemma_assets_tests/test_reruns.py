@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from lock_holder import process_holding
 from quick import quick_flags
 
 from gemma_assets.defs.recovery import PID_TAG
@@ -25,14 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _holder(folder: Path) -> subprocess.Popen:
     """Another process holding the run's lock until killed."""
-    code = (
-        "import sys, time; from pathlib import Path; from gemma_assets.runner.lock import run_lock\n"
-        f"with run_lock(Path({str(folder)!r}), 'tiny', wait=False, say=print):\n"
-        "    print('held', flush=True); time.sleep(600)\n"
+    return process_holding(
+        "from pathlib import Path; from gemma_assets.runner.lock import run_lock",
+        f"run_lock(Path({str(folder)!r}), 'tiny', wait=False, say=print)",
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
