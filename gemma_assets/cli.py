@@ -176,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when another materialize of the run is live, stop at once instead of waiting for it",
     )
+    materialize.add_argument(
+        "--no-bucket-lock",
+        action="store_true",
+        help="on an s3:// data root, hold the run's lock on this machine only, not also on the bucket (for stores "
+        "without S3's conditional writes): start one materialize of the run at a time yourself",
+    )
     for command, level in ((materialize, "INFO"), (preflight, "WARNING")):
         command.add_argument(
             "--log-level",
@@ -213,7 +219,13 @@ def _materialize(args: argparse.Namespace) -> None:
             raise ConfigError(f"--cluster-workers is {args.cluster_workers}: pass 1 or more, or 0 for one per core")
         os.environ[DASK_WORKERS_ENV_VAR] = str(args.cluster_workers)
     options = MaterializeOptions(
-        args.log_level, args.force, args.wait_timeout, args.debug, args.ignore_free_space, not args.no_wait
+        args.log_level,
+        args.force,
+        args.wait_timeout,
+        args.debug,
+        args.ignore_free_space,
+        wait=not args.no_wait,
+        bucket_lock=not args.no_bucket_lock,
     )
     materialize(run_config, data_root, options)
 

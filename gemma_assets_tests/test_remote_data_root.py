@@ -6,6 +6,7 @@ a commit cut short leaves the previous one in force, and a damaged commit is nam
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
@@ -23,7 +26,7 @@ from lock_holder import process_holding
 from moto.server import ThreadedMotoServer
 from quick import QUICK_OVERRIDES, quick_flags
 
-from gemma_assets.core.config import load_run_config
+from gemma_assets.core.config import ConfigError, load_run_config
 from gemma_assets.core.layout import WORKING_COPY_ENV_VAR, MissingArtefact, RunLayout
 from gemma_assets.core.remote import ARTEFACTS, committed_assets, crc32_of, pull, push
 from gemma_assets.core.storage import COMMIT_FILE, StorageError
@@ -239,6 +242,107 @@ def test_the_run_lock_on_s3_keeps_commands_apart_and_passes_on_from_a_killed_hol
     assert f'"pid": {os.getpid()}' in held[0].decode()
     fs.invalidate_cache(lock)
     assert not fs.exists(lock)  # given back at the end of the block
+
+
+def test_no_bucket_lock_leaves_the_bucket_lock_to_others_and_runs(remote_run):
+    """--no-bucket-lock: the command takes this machine's lock alone, so a holder of the bucket's
+    lock elsewhere does not keep it out (with --no-wait it would stop at once, exit 10)."""
+    holder = _holder_elsewhere(f"{DATA_ROOT}/tiny")
+    try:
+        result, _ = _materialize(remote_run.env, "--data-root", DATA_ROOT, "--no-wait", "--no-bucket-lock")
+    finally:
+        holder.kill()
+        holder.wait()
+        fsspec.filesystem("s3").rm_file(f"{DATA_ROOT}/tiny/{LOCK_FILE}")  # killed, it left its lock
+    assert result.returncode == 0, result.stdout
+    assert "nothing to do" in result.stdout, result.stdout
+
+
+class _RelayDroppingConditions(BaseHTTPRequestHandler):
+    """An S3-compatible store that ignores conditional writes, as some do: the loopback S3 server
+    behind a relay that drops the `dropped` conditions (and its own hop's headers) from every request."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = ("127.0.0.1", 0)
+    dropped: frozenset[str] = frozenset()
+
+    def _relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        hop = self.dropped | {"host", "connection"}
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in hop}
+        upstream = http.client.HTTPConnection(*self.upstream, timeout=30)
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        response = upstream.getresponse()
+        payload = response.read()
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(name, value)
+        length = response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(payload))
+        self.send_header("Content-Length", length)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@contextmanager
+def _store_ignoring(s3_env: dict[str, str], *conditions: str) -> Iterator[str]:
+    """The endpoint URL of a store that ignores the named conditional headers, while the block runs."""
+    host, port = s3_env["AWS_ENDPOINT_URL"].removeprefix("http://").split(":")
+    handler = type(
+        "Relay", (_RelayDroppingConditions,), {"upstream": (host, int(port)), "dropped": frozenset(conditions)}
+    )
+    relay = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{relay.server_address[1]}"
+    finally:
+        relay.shutdown()
+        relay.server_close()
+
+
+def _refusal(lock: str, header: str) -> str:
+    return (
+        f"the object store of {lock} ignores S3's conditional writes (it accepted a PUT that {header} should have "
+        "refused), so a lock there cannot keep the commands of several machines apart -> use a store that honours "
+        "them (AWS S3 does), or pass --no-bucket-lock and start one materialize of the run at a time yourself"
+    )
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_naming_the_fix(s3_env, tmp_path):
+    lock = f"s3://{BUCKET}/unconditional/tiny/{LOCK_FILE}"
+    env = {**os.environ, **s3_env, "DAGSTER_HOME": str(tmp_path), WORKING_COPY_ENV_VAR: str(tmp_path / "cache")}
+    with _store_ignoring(s3_env, "if-none-match", "if-match") as endpoint:
+        refused, _ = _materialize({**env, "AWS_ENDPOINT_URL": endpoint}, "--data-root", f"s3://{BUCKET}/unconditional")
+    assert refused.returncode == EXIT_CONFIG, refused.stdout
+    assert refused.stdout.strip().splitlines()[-1] == f"gemma-assets: error: {_refusal(lock, 'If-None-Match')}"
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert not fs.exists(lock)  # what it wrote is no lock: removed
+
+
+def test_a_store_that_ignores_if_match_alone_is_refused_too(s3_env, monkeypatch):
+    """Without If-Match, two waiters could both take over a dead holder's lock."""
+    run_url = f"s3://{BUCKET}/if-match-ignored/tiny"
+    fs = fsspec.filesystem("s3")
+    with _store_ignoring(s3_env, "if-match") as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        fs.clear_instance_cache()  # s3fs instances are cached by their arguments, not the environment
+        try:
+            with pytest.raises(ConfigError) as refused:
+                with remote_run_lock(run_url, "tiny", wait=False, say=print):
+                    pass
+        finally:
+            fs.clear_instance_cache()
+    assert str(refused.value) == _refusal(f"{run_url}/{LOCK_FILE}", "If-Match")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env["AWS_ENDPOINT_URL"])
+    assert not fsspec.filesystem("s3", skip_instance_cache=True).exists(f"{run_url}/{LOCK_FILE}")
 
 
 def test_a_missing_bucket_or_missing_credentials_is_one_line_naming_the_fix(s3_env, tmp_path):

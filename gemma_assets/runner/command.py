@@ -29,6 +29,7 @@ class MaterializeOptions:
     debug: bool
     ignore_free_space: bool  # start even when the free space is below the estimate
     wait: bool  # for another live materialize of the run (False: stop, naming it)
+    bucket_lock: bool  # on an s3:// data root, also hold the run's lock on the bucket
 
 
 def materialize(run_config: RunConfig, data_root: str, options: MaterializeOptions) -> None:
@@ -49,7 +50,9 @@ def materialize(run_config: RunConfig, data_root: str, options: MaterializeOptio
             raise refusal  # before the lock: a refused command writes nothing
         with (
             run_lock(layout.root, run_config.name, options.wait, _say),
-            remote_run_lock(layout.remote, run_config.name, options.wait, _say) if layout.remote else nullcontext(),
+            remote_run_lock(layout.remote, run_config.name, options.wait, _say)
+            if layout.remote and options.bucket_lock
+            else nullcontext(),
         ):
             _run_stages(run_config, data_root, options)
     except DiskFull as error:  # a step's ENOSPC: say where, how much is free and what the run needs

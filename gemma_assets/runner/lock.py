@@ -16,7 +16,9 @@ also an object beside its artefacts, held as a lease (`remote_run_lock`): create
 conditional on the ETag it last wrote), and taken over by a waiter that has seen it unchanged for
 LEASE_SECONDS: no process outlives SIGKILL to release it, so a killed holder blocks the next
 command for one lease at most. S3 decides each conditional PUT alone, so two waiters never both
-take it over.
+take it over. A store that ignores those conditions would let two commands both hold the lock, so
+each take first checks that the store refuses a second create and a write to a stale ETag, and
+stops with a ConfigError naming the fix when it does not.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from typing import Any
 
 import fsspec
 
+from gemma_assets.core.config import ConfigError
+
 LOCK_FILE = ".materialize.lock"
 POLL_SECONDS = 1.0
 LEASE_SECONDS = 60.0  # a remote lock unchanged this long is a dead holder's
+STALE_ETAG = '"00000000000000000000000000000000"'  # an ETag no object has: a write conditional on it must fail
 
 
 class RunBusy(RuntimeError):
@@ -182,9 +187,29 @@ class _Lease:
                 self.say(f"run {run_name} is being materialised by {holder} (lock {self.url}): waiting for it to end")
                 waited = True
             time.sleep(min(POLL_SECONDS, self.lease_seconds / 10))
+        self._refuse_a_store_without_conditional_writes()
         if waited:
             self.say(f"run {run_name}: the other command ended; planning what is left")
         self._renewer.start()
+
+    def _refuse_a_store_without_conditional_writes(self) -> None:
+        """The lock object exists and is this process's: a create of it and a write conditional on
+        a stale ETag must both be refused (412). A store that accepts either ignores S3's conditional
+        writes, and its lock would keep no command out."""
+        for condition, header in (({"mode": "create"}, "If-None-Match"), ({"IfMatch": STALE_ETAG}, "If-Match")):
+            try:
+                self._write(**condition)
+            except OSError as error:
+                if _lost_race(error):
+                    continue
+                raise
+            self.fs.rm_file(self.path)  # not a lock: each command that wrote it stops here
+            raise ConfigError(
+                f"the object store of {self.url} ignores S3's conditional writes (it accepted a PUT that "
+                f"{header} should have refused), so a lock there cannot keep the commands of several machines "
+                f"apart -> use a store that honours them (AWS S3 does), or pass --no-bucket-lock and "
+                f"start one materialize of the run at a time yourself"
+            )
 
     def _renew(self) -> None:
         while not self._closing.wait(self.lease_seconds / 10):
