@@ -226,6 +226,24 @@ def test_compute_settings_from_the_environment(monkeypatch):
         ComputeResource.from_environment()
 
 
+def _worker_environment(*names: str) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_a_local_cluster_leaves_this_process_environment_as_it_found_it(monkeypatch):
+    """The workers get Dask's pre-spawn environment; this process, once the cluster has closed,
+    has its own back (its later subprocesses would otherwise run with one BLAS thread)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own setting, which Dask passes on
+    with open_engine("local", workers=1) as engine:
+        assert isinstance(engine, DaskEngine)
+        (seen,) = engine.client.run(_worker_environment, "OMP_NUM_THREADS", "MKL_NUM_THREADS").values()
+    assert seen == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3"}
+    assert "OMP_NUM_THREADS" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "3"
+
+
 def test_a_scheduler_that_does_not_answer_is_a_clear_error():
     with pytest.raises(ConfigError, match="no Dask scheduler answers at compute cluster 'tcp://127.0.0.1:9'"):
         with open_engine("tcp://127.0.0.1:9", connect_timeout_s=1):

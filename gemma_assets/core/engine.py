@@ -330,9 +330,33 @@ def _local_cluster(local_cluster: type, workers: int, threads_per_worker: int) -
     nanny, expected = logging.getLogger("distributed.nanny"), _ExpectedKills()
     nanny.addFilter(expected)
     try:
-        with cluster_type(
-            threads_per_worker=threads_per_worker, silence_logs=logging.WARNING, dashboard_address=None, **options
-        ) as cluster:
+        with (
+            _environment_kept(),
+            cluster_type(
+                threads_per_worker=threads_per_worker, silence_logs=logging.WARNING, dashboard_address=None, **options
+            ) as cluster,
+        ):
             yield cluster
     finally:
         nanny.removeFilter(expected)
+
+
+@contextmanager
+def _environment_kept() -> Iterator[None]:
+    """A nanny passes its worker Dask's pre-spawn environment (OMP_NUM_THREADS=1,
+    MALLOC_TRIM_THRESHOLD_=65536, ...) by writing it into this process's os.environ, and leaves it
+    there. Those variables are put back as they were once the cluster has closed: otherwise the
+    processes this one starts afterwards (the tests' commands, for one) would run with one BLAS
+    thread and Dask's malloc settings."""
+    import dask
+
+    names = {*dask.config.get("distributed.nanny.pre-spawn-environ"), "PYTHONHASHSEED"}
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
