@@ -244,6 +244,26 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_found_it(monkeypa
     assert os.environ["MKL_NUM_THREADS"] == "3"
 
 
+def _malloc_settings_and_profiler(dask_worker) -> dict[str, object]:
+    return {
+        **_worker_environment("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"),
+        "profiling": "profile" in dask_worker.periodic_callbacks,
+    }
+
+
+def test_local_cluster_workers_keep_small_buffers_on_the_heap_and_run_no_profiler(monkeypatch):
+    """A LocalCluster's workers get heap-friendly malloc thresholds in place of Dask's (whose
+    65536-byte trim threshold maps every decoded chunk afresh), where this process's environment
+    does not set its own, and no profiler for a dashboard that is not served."""
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")  # the user's own, which wins
+    with open_engine("local", workers=1) as engine:
+        assert isinstance(engine, DaskEngine)
+        (seen,) = engine.client.run(_malloc_settings_and_profiler).values()
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": "1048576", "profiling": False}
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ and os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+
+
 def test_a_scheduler_that_does_not_answer_is_a_clear_error():
     with pytest.raises(ConfigError, match="no Dask scheduler answers at compute cluster 'tcp://127.0.0.1:9'"):
         with open_engine("tcp://127.0.0.1:9", connect_timeout_s=1):
