@@ -3,6 +3,8 @@ CPU's mixed-precision co-moment), exact inverses, every preprocessing."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,22 @@ def test_the_massive_tokens_are_the_rows_a_full_argmax_of_magnitudes_finds():
     top, top_dim = largest_magnitudes(x, 5)
     assert sorted(top[:2].tolist()) == [12, 14] and top[2:4].tolist() == [11, 7] and int(top[4]) in (20, 21)
     assert top_dim[2:4].tolist() == [40, 3]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_moments_cross_a_pickle_as_they_are_with_half_the_comoment(precision):
+    """The co-moment of batches and merges is exactly symmetric, so a pickle (a Dask result) can
+    carry its upper triangle alone and still give back every entry bit for bit."""
+    rows = torch.from_numpy(
+        np.random.default_rng(5).standard_normal((2 * COMOMENT_BLOCK_ROWS + 9, 200)) * 5 + 3
+    ).float()
+    moments = ActivationMoments(200)
+    for start in range(0, len(rows), 1500):
+        moments.update(rows[start : start + 1500], precision=precision)
+    assert np.array_equal(moments.comoment, moments.comoment.T)
+    pickled = pickle.dumps(moments, protocol=5)
+    assert len(pickled) < 0.6 * moments.comoment.nbytes
+    back = pickle.loads(pickled)
+    assert vars(back).keys() == vars(moments).keys()
+    for name, value in vars(moments).items():
+        assert np.array_equal(vars(back)[name], value), name
