@@ -264,6 +264,23 @@ def test_local_cluster_workers_keep_small_buffers_on_the_heap_and_run_no_profile
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ and os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
 
 
+def _log_two_worker_errors() -> None:
+    log = logging.getLogger("distributed.worker")
+    log.error("Failed to communicate with scheduler during heartbeat.")
+    log.error("a worker error that is shown")
+
+
+def test_local_cluster_workers_do_not_log_a_heartbeat_cut_by_the_close(capfd):
+    """The traceback a LocalCluster's close can leave in a worker's log (its heartbeat's comm
+    closed by the scheduler, dask/distributed#7105) is dropped; the workers' other errors are not."""
+    with open_engine("local", workers=1) as engine:
+        assert isinstance(engine, DaskEngine)
+        engine.client.run(_log_two_worker_errors)
+    errors = capfd.readouterr().err
+    assert "a worker error that is shown" in errors
+    assert "Failed to communicate with scheduler" not in errors
+
+
 def test_a_scheduler_that_does_not_answer_is_a_clear_error():
     with pytest.raises(ConfigError, match="no Dask scheduler answers at compute cluster 'tcp://127.0.0.1:9'"):
         with open_engine("tcp://127.0.0.1:9", connect_timeout_s=1):

@@ -350,18 +350,24 @@ def _local_cluster(local_cluster: type, workers: int, threads_per_worker: int) -
 # Buffers under 32 MiB from the heap, and 64 MiB of it kept: 62k faults, half the system CPU,
 # and each worker's peak RSS ~110 MB higher (benchmarks/dask_cluster.py's Lloyd: 578 -> 690 MB).
 WORKER_MALLOC_ENVIRONMENT = {"MALLOC_TRIM_THRESHOLD_": 64 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+WORKER_LOGGING_PRELOAD = "gemma_assets.core.worker_logging"  # a module Dask's preload protocol runs
 
 
 def _worker_settings() -> dict[str, Any]:
     """Dask settings for the workers of a LocalCluster: the malloc thresholds above in their
     pre-spawn environment (a variable set in this process's environment still wins, as Dask's
-    nanny gives it precedence), and no statistical profiler: it samples every thread's stack
+    nanny gives it precedence); no statistical profiler: it samples every thread's stack
     each 10 ms on the worker's event loop (0.4 s of a 20 s statistics pass) for a dashboard a
-    LocalCluster here does not serve."""
+    LocalCluster here does not serve; and `core/worker_logging.py` as a preload, which keeps
+    a spurious error out of the workers' logs at a close."""
     import dask
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENVIRONMENT}
-    return {"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}
+    return {
+        "distributed.nanny.pre-spawn-environ": environ,
+        "distributed.worker.profile.enabled": False,
+        "distributed.worker.preload": [*dask.config.get("distributed.worker.preload"), WORKER_LOGGING_PRELOAD],
+    }
 
 
 @contextmanager
