@@ -181,3 +181,19 @@ def test_moments_cross_a_pickle_as_they_are_with_half_the_comoment(precision):
     assert vars(back).keys() == vars(moments).keys()
     for name, value in vars(moments).items():
         assert np.array_equal(vars(back)[name], value), name
+
+
+def test_moments_saved_with_an_asymmetric_comoment_load_symmetric(tmp_path):
+    """A file from before the GPU's product was symmetrised loads as that branch now computes it,
+    so what a pickle's upper triangle carries is all there is; a pickle of the whole matrix (a
+    version before the packing) still loads."""
+    moments = ActivationMoments(3)
+    moments.update(torch.tensor([[1.0, 2.0, 4.0], [3.0, 1.0, 0.5], [0.0, 5.0, 2.0]]), precision="float64")
+    moments.comoment[0, 1] += 1e-9
+    moments.save(tmp_path / "moments.npz")
+    loaded = ActivationMoments.load(tmp_path / "moments.npz")
+    assert np.array_equal(loaded.comoment, loaded.comoment.T)
+    assert loaded.comoment[0, 1] == (moments.comoment[0, 1] + moments.comoment[1, 0]) / 2
+    whole = ActivationMoments.__new__(ActivationMoments)
+    whole.__setstate__(dict(vars(moments)))
+    assert np.array_equal(whole.comoment, moments.comoment)

@@ -202,13 +202,18 @@ class ActivationMoments:
 
     def __getstate__(self) -> dict:
         """Pickled (a task's result crossing a Dask cluster's network) with the co-moment's upper
-        triangle alone: it is exactly symmetric (syrk products and symmetric corrections), and
-        the 21 MB this saves at d 2304 are a third of a statistics task's result, whose sending
-        and receiving cost the worker and the driver CPU beside the computing (benchmarks/dask_cluster.py)."""
+        triangle alone. It is exactly symmetric however it was made: syrk products (numpy copies
+        one triangle to the other), the GPU's product averaged with its transpose, symmetric
+        corrections and merges, and `load`. The 21 MB this saves at d 2304 are a third of a
+        statistics task's result, whose sending and receiving cost the worker and the driver CPU
+        beside the computing (benchmarks/dask_cluster.py)."""
         return {**vars(self), "comoment": _upper_triangle(self.comoment)}
 
     def __setstate__(self, state: dict) -> None:
-        vars(self).update(state, comoment=_symmetric_from_upper(state["comoment"], state["d_model"]))
+        comoment = state["comoment"]
+        if comoment.ndim == 1:  # packed; a version before the packing sent the whole matrix
+            comoment = _symmetric_from_upper(comoment, state["d_model"])
+        vars(self).update(state, comoment=comoment)
 
     @property
     def covariance(self) -> np.ndarray:
@@ -230,6 +235,9 @@ class ActivationMoments:
         moments.count, moments.nonfinite = int(arrays.pop("count")), int(arrays.pop("nonfinite"))
         moments.norm_sum = float(arrays.pop("norm_sum"))
         vars(moments).update(arrays)
+        if not np.array_equal(moments.comoment, moments.comoment.T):
+            # saved before the GPU's product was made symmetric: as that branch now computes it
+            moments.comoment = (moments.comoment + moments.comoment.T) / 2
         return moments
 
 
