@@ -334,9 +334,15 @@ def _local_cluster(local_cluster: type, workers: int, threads_per_worker: int) -
     try:
         with (
             dask.config.set(_worker_settings()),
-            _environment_kept(),
+            _environment_kept(),  # after the settings: it restores the variables they name
             cluster_type(
-                threads_per_worker=threads_per_worker, silence_logs=logging.WARNING, dashboard_address=None, **options
+                threads_per_worker=threads_per_worker,
+                silence_logs=logging.WARNING,
+                dashboard_address=None,
+                # an argument, not Dask's config: dask-cuda passes its own preload, and a nanny
+                # given one reads no preload from the config
+                preload=[*_configured_preloads(), WORKER_LOGGING_PRELOAD],
+                **options,
             ) as cluster,
         ):
             yield cluster
@@ -350,33 +356,37 @@ def _local_cluster(local_cluster: type, workers: int, threads_per_worker: int) -
 # Buffers under 32 MiB from the heap, and 64 MiB of it kept: 62k faults, half the system CPU,
 # and each worker's peak RSS ~110 MB higher (benchmarks/dask_cluster.py's Lloyd: 578 -> 690 MB).
 WORKER_MALLOC_ENVIRONMENT = {"MALLOC_TRIM_THRESHOLD_": 64 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
-WORKER_LOGGING_PRELOAD = "gemma_assets.core.worker_logging"  # a module Dask's preload protocol runs
+# run in each worker as it starts (Dask's preload protocol): keeps a spurious error out of its log
+WORKER_LOGGING_PRELOAD = "gemma_assets.core.worker_logging"
 
 
 def _worker_settings() -> dict[str, Any]:
     """Dask settings for the workers of a LocalCluster: the malloc thresholds above in their
     pre-spawn environment (a variable set in this process's environment still wins, as Dask's
-    nanny gives it precedence); no statistical profiler: it samples every thread's stack
+    nanny gives it precedence), and no statistical profiler: it samples every thread's stack
     each 10 ms on the worker's event loop (0.4 s of a 20 s statistics pass) for a dashboard a
-    LocalCluster here does not serve; and `core/worker_logging.py` as a preload, which keeps
-    a spurious error out of the workers' logs at a close."""
+    LocalCluster here does not serve."""
     import dask
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENVIRONMENT}
-    return {
-        "distributed.nanny.pre-spawn-environ": environ,
-        "distributed.worker.profile.enabled": False,
-        "distributed.worker.preload": [*dask.config.get("distributed.worker.preload"), WORKER_LOGGING_PRELOAD],
-    }
+    return {"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}
+
+
+def _configured_preloads() -> list[str]:
+    """The worker preloads of Dask's config, which may be one module as a string or a list."""
+    import dask
+
+    configured = dask.config.get("distributed.worker.preload")
+    return [configured] if isinstance(configured, str) else list(configured)
 
 
 @contextmanager
 def _environment_kept() -> Iterator[None]:
-    """A nanny passes its worker Dask's pre-spawn environment (OMP_NUM_THREADS=1,
-    MALLOC_TRIM_THRESHOLD_=65536, ...) by writing it into this process's os.environ, and leaves it
-    there. Those variables are put back as they were once the cluster has closed: otherwise the
-    processes this one starts afterwards (the tests' commands, for one) would run with one BLAS
-    thread and Dask's malloc settings."""
+    """A nanny passes its worker the pre-spawn environment (OMP_NUM_THREADS=1, the malloc
+    thresholds, ...) by writing it into this process's os.environ, and leaves it there. Those
+    variables are put back as they were once the cluster has closed: otherwise the processes this
+    one starts afterwards (the tests' commands, for one) would run with one BLAS thread and the
+    workers' malloc settings."""
     import dask
 
     names = {*dask.config.get("distributed.nanny.pre-spawn-environ"), "PYTHONHASHSEED"}
