@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     # partitions of the research profile hold 262,144 tokens; a quarter of a million here would
     # take this 2-core machine half an hour, so smaller ones, big enough that a partition's work
-    # outweighs moving its result (a statistics result is a d x d float64 co-moment, 42 MB)
+    # outweighs moving its result (a statistics result holds the upper triangle of a d x d float64
+    # co-moment, 21 MB)
     parser.add_argument("--tokens-per-partition", type=int, default=32768)
     parser.add_argument("--partitions", type=int, default=8, help="N: the small store's partitions (4N: the large)")
     parser.add_argument("--k", type=int, default=512)
