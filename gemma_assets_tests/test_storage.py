@@ -112,3 +112,58 @@ def test_batches_read_as_stored_are_the_bf16_of_the_float32_ones(tmp_path, exclu
     for (float32, info), (bf16, stored_info) in pairs:
         assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.float(), float32)
         assert all(np.array_equal(info[name], stored_info[name]) for name in info)
+
+
+def _wide_partition(store: ActivationStore, key: str, n: int = 1300, d: int = 2048) -> np.ndarray:
+    """A partition of several activation chunks (512 rows each at d 2048), the last one cut short."""
+    arrays = _arrays(n, d)
+    arrays["token_ids"], arrays["positions"] = arrays["token_ids"][:n], np.arange(n, dtype=np.int32) % 30
+    arrays["doc_ids"] = np.arange(n) // 30
+    store.write_partition(key, arrays, {})
+    return arrays["activations"]
+
+
+@pytest.mark.parametrize(
+    "rows", [(0, 1300), (0, 512), (100, 700), (511, 513), (1024, 1300), (1299, 1300), (7, 7), (900, 5000)]
+)
+def test_rows_decoded_from_their_chunks_equal_what_zarr_reads(tmp_path, rows):
+    store = ActivationStore(str(tmp_path))
+    written = _wide_partition(store, "0000")
+    part = store.open("0000")
+    assert part.zarr_array("activations").chunks == (512, 2048)
+    read = part.array("activations", *rows)
+    assert read.dtype == np.uint16 and np.array_equal(read, written[slice(*rows)])
+    assert np.array_equal(read, np.asarray(part.zarr_array("activations")[slice(*rows)]))
+
+
+def test_partitions_in_the_codec_before_blosc_still_read(tmp_path, monkeypatch):
+    from zarr.codecs import ZstdCodec
+
+    from gemma_assets.core import storage
+
+    monkeypatch.setattr(storage, "ACTIVATION_CODEC", ZstdCodec(level=1))
+    store = ActivationStore(str(tmp_path))
+    written = _wide_partition(store, "0000")
+    part = store.open("0000")
+    assert not storage._is_blosc_row_chunks(part.zarr_array("activations"))
+    assert np.array_equal(part.array("activations", 100, 1200), written[100:1200])
+
+
+@pytest.mark.parametrize("damage", ["deleted", "flipped"])
+def test_a_chunk_damaged_after_the_partition_was_opened_is_named(tmp_path, damage):
+    store = ActivationStore(str(tmp_path))
+    _wide_partition(store, "0005")
+    part = store.open("0005")
+    chunk = tmp_path / "activations" / "part-0005" / part.manifest["version"] / "activations" / "c" / "1" / "0"
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    assert np.array_equal(part.array("activations", 0, 512), part.array("activations", 0, 512))  # chunk 0 is intact
+    problem = "is missing" if damage == "deleted" else "fails its CRC32 checksum"
+    with pytest.raises(
+        StorageError, match=f"activation partition 0005: file activations/c/1/0 {problem}.*--partition 0005"
+    ):
+        part.array("activations", 500, 600)

@@ -183,6 +183,31 @@ def test_moments_cross_a_pickle_as_they_are_with_half_the_comoment(precision):
         assert np.array_equal(vars(back)[name], value), name
 
 
+def test_a_partitions_statistics_cross_a_pickle_with_the_sample_as_bf16(tmp_path):
+    """The quantile sample is stored activations widened to float32, so it travels as bfloat16
+    bits and comes back bit for bit; a sample that is not bf16 travels as it is."""
+    from gemma_assets.core.bf16 import bf16_to_bits
+    from gemma_assets.core.stats import PartitionStats
+    from gemma_assets.core.storage import ActivationStore
+
+    n, d = 600, 64
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((n, d)) * 30).float()
+    positions = np.arange(n, dtype=np.int32) % 30
+    arrays = {"activations": bf16_to_bits(x), "positions": positions, "strata": np.zeros(n, np.int16)}
+    arrays |= {"doc_ids": np.arange(n) // 30, "doc_offsets": positions.astype(np.int64) - 1}
+    store = ActivationStore(str(tmp_path))
+    store.write_partition("0000", arrays, {"context_len": 30})
+    stats = PartitionStats.compute(store, "0000", sample_size=400, precision="mixed")
+    assert stats.sample.shape == (400, d) and stats.sample.dtype == np.float32
+    pickled = pickle.dumps(stats, protocol=5)
+    assert len(pickled) < len(pickle.dumps(vars(stats), protocol=5)) - stats.sample.nbytes / 2 + 1000
+    for sample in (stats.sample, stats.sample + np.float32(1e-3)):
+        stats.sample = sample
+        back = pickle.loads(pickle.dumps(stats, protocol=5))
+        assert back.sample.dtype == np.float32 and np.array_equal(back.sample, sample)
+        assert vars(back).keys() == vars(stats).keys() and np.array_equal(back.norms, stats.norms)
+
+
 def test_moments_saved_with_an_asymmetric_comoment_load_symmetric(tmp_path):
     """A file from before the GPU's product was symmetrised loads as that branch now computes it,
     so what a pickle's upper triangle carries is all there is; a pickle of the whole matrix (a

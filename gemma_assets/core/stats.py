@@ -23,6 +23,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from gemma_assets.core.batches import prefetched
+from gemma_assets.core.bf16 import bf16_to_bits, bits_to_float
 from gemma_assets.core.engine import Shard
 from gemma_assets.core.files import load_arrays, save_arrays
 from gemma_assets.core.storage import ActivationStore
@@ -328,6 +329,20 @@ class PartitionStats:
             windows,
             precision,
         )
+
+    def __getstate__(self) -> dict:
+        """Pickled (a statistics task's result on Dask) with the quantile sample as bfloat16 bits
+        when that is exact, as it is for rows of stored activations widened to float32: 9.4 MB
+        less to send at d 2304 and 2,048 rows."""
+        state = dict(vars(self))
+        if self.sample.dtype == np.float32 and not (self.sample.view(np.uint32) & 0xFFFF).any():
+            state["sample"] = bf16_to_bits(torch.from_numpy(self.sample))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["sample"].dtype == np.uint16:
+            state = {**state, "sample": bits_to_float(state["sample"]).numpy()}
+        vars(self).update(state)
 
     def save(self, path: Path) -> None:
         self.moments.save(moments_path(path))

@@ -24,19 +24,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
+import numcodecs
 import numpy as np
 import torch
 import zarr
 import zarr.storage
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Endian, ZstdCodec
 
 from gemma_assets.core.batches import Batches, WindowBatches
 from gemma_assets.core.bf16 import bits_as_bf16, bits_to_float
@@ -153,17 +156,23 @@ class Partition:
     key: str
     group: zarr.Group
     manifest: dict
+    fs: AbstractFileSystem
+    version_path: str
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
         return self.manifest["n_tokens"]
 
     def zarr_array(self, name: str) -> zarr.Array:
-        """The partition's array `name` (KeyError if it holds none of that name)."""
-        found = self.group[name]
-        if not isinstance(found, zarr.Array):
-            raise KeyError(f"partition {self.key}: {name} is a group, not an array")
-        return found
+        """The partition's array `name` (KeyError if it holds none of that name), opened once: a
+        reader of many batches would otherwise read its metadata file again for each."""
+        if name not in self._arrays:
+            found = self.group[name]
+            if not isinstance(found, zarr.Array):
+                raise KeyError(f"partition {self.key}: {name} is a group, not an array")
+            self._arrays[name] = found
+        return self._arrays[name]
 
     def activations(self, start: int = 0, stop: int | None = None, as_stored: bool = False) -> torch.Tensor:
         """Rows start:stop as float32, or `as_stored` as bfloat16 (for a caller that converts them
@@ -172,7 +181,69 @@ class Partition:
         return bits_as_bf16(bits) if as_stored else bits_to_float(bits)
 
     def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self.zarr_array(name)[start:stop])
+        array = self.zarr_array(name)
+        if name == ACTIVATIONS and _is_blosc_row_chunks(array):
+            return self._decoded_rows(array, *slice(start, stop).indices(array.shape[0])[:2])
+        return np.asarray(array[start:stop])
+
+    def _decoded_rows(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of `array` (chunks of whole rows, Blosc frames), each chunk fetched
+        (concurrently, from object storage), checked against its CRC32 once per process, and
+        decoded straight into the result. zarr's read decodes each chunk into a buffer of its
+        own and copies it into place: 1.4x the CPU time of this at d 2304."""
+        rows_per_chunk, width = array.chunks
+        rows = np.empty((max(stop - start, 0), width), np.uint16)
+        chunks = range(start // rows_per_chunk, -(-stop // rows_per_chunk)) if stop > start else range(0)
+        names = [f"{ACTIVATIONS}/{array.metadata.encode_chunk_key((chunk, 0))}" for chunk in chunks]
+        paths = [f"{self.version_path}/{name}" for name in names]
+        fetched = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+        for chunk, name, frame in zip(chunks, names, fetched, strict=True):
+            if isinstance(frame, FileNotFoundError):
+                raise StorageError(
+                    f"activation partition {self.key}: file {name} is missing -> {rematerialise_hint(self.key)}"
+                )
+            if isinstance(frame, BaseException):
+                raise frame
+            self._verify(name, frame)
+            first = chunk * rows_per_chunk
+            lo, hi = max(first, start), min(first + rows_per_chunk, stop)
+            if (lo, hi) == (first, first + rows_per_chunk):
+                _BLOSC.decode(frame, out=rows[lo - start : hi - start].reshape(-1))
+            else:  # a chunk the range cuts (an array's last chunk is stored whole, padded)
+                whole = np.frombuffer(_BLOSC.decode(frame), np.uint16).reshape(rows_per_chunk, width)
+                rows[lo - start : hi - start] = whole[lo - first : hi - first]
+        return rows
+
+    def _verify(self, name: str, frame: bytes) -> None:
+        expected = self.manifest["checksums"].get(name)
+        if expected is None or (self.version_path, name) in _VERIFIED:
+            return
+        if zlib.crc32(frame) != expected:
+            raise StorageError(
+                f"activation partition {self.key}: file {name} fails its CRC32 checksum (corrupt) -> "
+                f"{rematerialise_hint(self.key)}"
+            )
+        _VERIFIED.add((self.version_path, name))
+
+
+_BLOSC = numcodecs.Blosc()  # decoding reads the frame's own header: any Blosc settings decode
+
+
+def _is_blosc_row_chunks(array: zarr.Array) -> bool:
+    """Whether `array` is laid out as PartitionWriter writes activations since Blosc became their
+    codec: uint16, chunks of whole rows, little-endian bytes then Blosc and nothing else. Older
+    partitions (numcodecs' Shuffle then zstd) are read through zarr."""
+    serializer = array.serializer
+    return (
+        array.dtype == np.uint16
+        and array.ndim == 2
+        and array.chunks[1] == array.shape[1]
+        and not array.filters
+        and isinstance(serializer, BytesCodec)
+        and (serializer.endian or Endian.little).value == sys.byteorder
+        and len(array.compressors) == 1
+        and isinstance(array.compressors[0], BloscCodec)
+    )
 
 
 def window_ids(key: str, rows: np.ndarray, context_len: int) -> np.ndarray:
@@ -358,7 +429,7 @@ class ActivationStore:
             raise StorageError(f"activation partition {key}: file {listed} is missing -> {rematerialise_hint(key)}")
         version_path = self._path(f"part-{key}", manifest["version"])
         store = VerifiedStore(self._zarr_store(version_path, read_only=True), key, version_path, manifest["checksums"])
-        return Partition(key, zarr.open_group(store, mode="r"), manifest)
+        return Partition(key, zarr.open_group(store, mode="r"), manifest, self.fs, version_path)
 
     def verify(self, key: str) -> list[str]:
         """Problems found in a committed partition's files (empty list: intact), each naming the file."""
