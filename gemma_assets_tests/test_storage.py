@@ -138,10 +138,12 @@ def test_rows_decoded_from_their_chunks_equal_what_zarr_reads(tmp_path, rows):
 
 def test_partitions_in_the_codec_before_blosc_still_read(tmp_path, monkeypatch):
     from zarr.codecs import ZstdCodec
+    from zarr.codecs.numcodecs import Shuffle
 
     from gemma_assets.core import storage
 
-    monkeypatch.setattr(storage, "ACTIVATION_CODEC", ZstdCodec(level=1))
+    # what PartitionWriter wrote before cd9dfe7
+    monkeypatch.setattr(storage, "ACTIVATION_CODEC", [Shuffle(elementsize=2), ZstdCodec(level=1)])
     store = ActivationStore(str(tmp_path))
     written = _wide_partition(store, "0000")
     part = store.open("0000")
@@ -167,3 +169,24 @@ def test_a_chunk_damaged_after_the_partition_was_opened_is_named(tmp_path, damag
         StorageError, match=f"activation partition 0005: file activations/c/1/0 {problem}.*--partition 0005"
     ):
         part.array("activations", 500, 600)
+
+
+def test_a_chunk_never_written_reads_as_zeros_and_one_deleted_on_object_storage_is_named():
+    """Partitions written before every chunk was (297a331) leave a chunk equal to the fill value
+    unwritten and out of the manifest: zarr reads it as zeros, and so does the store's reader. A
+    listed chunk gone from an fsspec store after the partition was opened is named."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://chunks-{uuid.uuid4().hex}"
+    store = ActivationStore(root)
+    _wide_partition(store, "0003")
+    part = store.open("0003")
+    chunk = f"{part.version_path}/activations/c/1/0"
+    fsspec.filesystem("memory").rm(chunk)
+    with pytest.raises(StorageError, match="activation partition 0003: file activations/c/1/0 is missing"):
+        part.array("activations", 600, 700)
+    del part.manifest["checksums"]["activations/c/1/0"]  # as if zarr had skipped writing it
+    rows = part.array("activations", 500, 1100)
+    assert not rows[12:524].any() and np.array_equal(rows, np.asarray(part.zarr_array("activations")[500:1100]))

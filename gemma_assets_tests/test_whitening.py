@@ -185,7 +185,7 @@ def test_moments_cross_a_pickle_as_they_are_with_half_the_comoment(precision):
 
 def test_a_partitions_statistics_cross_a_pickle_with_the_sample_as_bf16(tmp_path):
     """The quantile sample is stored activations widened to float32, so it travels as bfloat16
-    bits and comes back bit for bit; a sample that is not bf16 travels as it is."""
+    bits and comes back bit for bit, NaNs included; a sample that is not bf16 travels as it is."""
     from gemma_assets.core.bf16 import bf16_to_bits
     from gemma_assets.core.stats import PartitionStats
     from gemma_assets.core.storage import ActivationStore
@@ -201,10 +201,12 @@ def test_a_partitions_statistics_cross_a_pickle_with_the_sample_as_bf16(tmp_path
     assert stats.sample.shape == (400, d) and stats.sample.dtype == np.float32
     pickled = pickle.dumps(stats, protocol=5)
     assert len(pickled) < len(pickle.dumps(vars(stats), protocol=5)) - stats.sample.nbytes / 2 + 1000
-    for sample in (stats.sample, stats.sample + np.float32(1e-3)):
+    with_nan = stats.sample.copy()
+    with_nan.view(np.uint32)[0, :2] = [0xFFC10000, 0x7F810000]  # NaNs with a sign and payloads
+    for sample in (stats.sample, with_nan, stats.sample + np.float32(1e-3)):
         stats.sample = sample
         back = pickle.loads(pickle.dumps(stats, protocol=5))
-        assert back.sample.dtype == np.float32 and np.array_equal(back.sample, sample)
+        assert back.sample.dtype == np.float32 and np.array_equal(back.sample.view(np.uint32), sample.view(np.uint32))
         assert vars(back).keys() == vars(stats).keys() and np.array_equal(back.norms, stats.norms)
 
 

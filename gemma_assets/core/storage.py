@@ -17,6 +17,12 @@ then zstd level 1) was chosen by measurement: see docs/experimental_setup.md.
 Writes are parallel: zarr encodes the chunks of one assignment concurrently on its thread pool
 (Blosc releases the GIL), and the CRC32 of every file is taken from the bytes as they are
 written, so a commit never reads the partition back.
+
+Reads of activations skip zarr's assembly: each chunk of a batch is fetched through fsspec,
+checked against its CRC32 once per process, and Blosc-decoded straight into the batch
+(`Partition.array`), for 0.7x the CPU time of zarr's read, which decodes every chunk into a
+buffer of its own and copies it into place. Per-token arrays, and activations in the codec
+before Blosc, are read through zarr, which `VerifiedStore` checks the same way.
 """
 
 from __future__ import annotations
@@ -196,8 +202,17 @@ class Partition:
         chunks = range(start // rows_per_chunk, -(-stop // rows_per_chunk)) if stop > start else range(0)
         names = [f"{ACTIVATIONS}/{array.metadata.encode_chunk_key((chunk, 0))}" for chunk in chunks]
         paths = [f"{self.version_path}/{name}" for name in names]
-        fetched = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+        # from byte 0 rather than None: s3fs asks an object's size (a HEAD request) before a GET
+        # without a range
+        fetched = self.fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
         for chunk, name, frame in zip(chunks, names, fetched, strict=True):
+            first = chunk * rows_per_chunk
+            lo, hi = max(first, start), min(first + rows_per_chunk, stop)
+            if isinstance(frame, FileNotFoundError) and name not in self.manifest["checksums"]:
+                # never written, so never listed: zarr skipped chunks equal to the fill value in
+                # partitions written before every chunk was (297a331)
+                rows[lo - start : hi - start] = array.fill_value
+                continue
             if isinstance(frame, FileNotFoundError):
                 raise StorageError(
                     f"activation partition {self.key}: file {name} is missing -> {rematerialise_hint(self.key)}"
@@ -205,8 +220,6 @@ class Partition:
             if isinstance(frame, BaseException):
                 raise frame
             self._verify(name, frame)
-            first = chunk * rows_per_chunk
-            lo, hi = max(first, start), min(first + rows_per_chunk, stop)
             if (lo, hi) == (first, first + rows_per_chunk):
                 _BLOSC.decode(frame, out=rows[lo - start : hi - start].reshape(-1))
             else:  # a chunk the range cuts (an array's last chunk is stored whole, padded)
@@ -231,12 +244,13 @@ _BLOSC = numcodecs.Blosc()  # decoding reads the frame's own header: any Blosc s
 
 def _is_blosc_row_chunks(array: zarr.Array) -> bool:
     """Whether `array` is laid out as PartitionWriter writes activations since Blosc became their
-    codec: uint16, chunks of whole rows, little-endian bytes then Blosc and nothing else. Older
+    codec: uint16, unsharded chunks of whole rows, little-endian bytes then Blosc alone. Older
     partitions (numcodecs' Shuffle then zstd) are read through zarr."""
     serializer = array.serializer
     return (
         array.dtype == np.uint16
         and array.ndim == 2
+        and array.shards is None  # a shard's file holds many chunks, in a format of its own
         and array.chunks[1] == array.shape[1]
         and not array.filters
         and isinstance(serializer, BytesCodec)
