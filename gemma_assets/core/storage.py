@@ -475,10 +475,11 @@ class ActivationStore:
         for key in keys:
             part = self.open(key)
             bos = part.manifest["attrs"].get("bos_token_id")
-            per_token = sorted(name for name in part.group.array_keys() if name != "activations")
+            # whole, once: a batch's slice of them would decode their 65,536-row chunks once a batch
+            per_token = {name: part.array(name) for name in sorted(part.group.array_keys()) if name != ACTIVATIONS}
             for start in range(0, part.n_tokens, batch_tokens):
                 stop = min(start + batch_tokens, part.n_tokens)
-                info = {name: part.array(name, start, stop) for name in per_token}
+                info = {name: values[start:stop].copy() for name, values in per_token.items()}
                 info["partition"] = np.full(stop - start, int(key), np.int32)
                 info["row"] = np.arange(start, stop)
                 acts = part.activations(start, stop, as_stored)
