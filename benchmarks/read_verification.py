@@ -1,5 +1,4 @@
-"""The store's reads against zarr's: CRC32 of every chunk before its first use, chunks decoded
-straight into the result.
+"""Cost of verified reads: CRC32 of every chunk against the manifest before its first use.
 
     python benchmarks/read_verification.py --json benchmarks/results/read_verification_cpu.json
 
@@ -8,9 +7,9 @@ d 2304 and reads every activation chunk three ways in one process: through plain
 check: the baseline), through the store's verified reader with an empty verification cache
 (every chunk checksummed: a first read), and again with the cache warm (later reads in the
 same process). Each figure is the median of 3 passes, in wall-clock seconds and in the
-process's CPU seconds (zarr decodes chunks on a pool of threads, the store's reader on the
-calling thread, so on a busy machine the CPU is what a read costs). Ratios are the store's
-reader / plain zarr (1.0: as fast; under 1: faster).
+process's CPU seconds (zarr decodes on a pool of threads, so the wall clock hides a cost that
+a busy machine, or a Dask worker of one thread, pays). Ratios are verified / unverified (1.0 =
+free).
 """
 
 from __future__ import annotations

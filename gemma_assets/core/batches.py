@@ -44,9 +44,8 @@ def map_data(data: torch.Tensor | Batches, fn: Callable[[torch.Tensor], torch.Te
 
 def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """`items`, produced on a background thread up to `depth` ahead of the consumer: reading and
-    decoding the next batch (file reads, CRC32, Blosc and zstd release the GIL) overlaps the work
-    on this one. The producer's exception is raised here, in order; a consumer that stops early
-    stops it."""
+    decoding the next batch (zarr, zstd and torch release the GIL) overlaps the work on this one.
+    The producer's exception is raised here, in order; a consumer that stops early stops it."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     done = object()

@@ -17,12 +17,6 @@ then zstd level 1) was chosen by measurement: see docs/experimental_setup.md.
 Writes are parallel: zarr encodes the chunks of one assignment concurrently on its thread pool
 (Blosc releases the GIL), and the CRC32 of every file is taken from the bytes as they are
 written, so a commit never reads the partition back.
-
-Reads of activations skip zarr's assembly: each chunk of a batch is fetched through fsspec,
-checked against its CRC32 once per process, and Blosc-decoded straight into the batch
-(`Partition.array`), for 0.7x the CPU time of zarr's read, which decodes every chunk into a
-buffer of its own and copies it into place. Per-token arrays, and activations in the codec
-before Blosc, are read through zarr, which `VerifiedStore` checks the same way.
 """
 
 from __future__ import annotations
@@ -30,22 +24,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
-import numcodecs
 import numpy as np
 import torch
 import zarr
 import zarr.storage
-from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, BytesCodec, Endian, ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from gemma_assets.core.batches import Batches, WindowBatches
 from gemma_assets.core.bf16 import bits_as_bf16, bits_to_float
@@ -162,8 +153,6 @@ class Partition:
     key: str
     group: zarr.Group
     manifest: dict
-    fs: AbstractFileSystem
-    version_path: str
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -187,77 +176,7 @@ class Partition:
         return bits_as_bf16(bits) if as_stored else bits_to_float(bits)
 
     def array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        array = self.zarr_array(name)
-        if name == ACTIVATIONS and _is_blosc_row_chunks(array):
-            return self._decoded_rows(array, *slice(start, stop).indices(array.shape[0])[:2])
-        return np.asarray(array[start:stop])
-
-    def _decoded_rows(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
-        """Rows start:stop of `array` (chunks of whole rows, Blosc frames), each chunk fetched
-        (concurrently, from object storage), checked against its CRC32 once per process, and
-        decoded straight into the result. zarr's read decodes each chunk into a buffer of its
-        own and copies it into place: 1.4x the CPU time of this at d 2304."""
-        rows_per_chunk, width = array.chunks
-        rows = np.empty((max(stop - start, 0), width), np.uint16)
-        chunks = range(start // rows_per_chunk, -(-stop // rows_per_chunk)) if stop > start else range(0)
-        names = [f"{ACTIVATIONS}/{array.metadata.encode_chunk_key((chunk, 0))}" for chunk in chunks]
-        paths = [f"{self.version_path}/{name}" for name in names]
-        # from byte 0 rather than None: s3fs asks an object's size (a HEAD request) before a GET
-        # without a range
-        fetched = self.fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
-        for chunk, name, frame in zip(chunks, names, fetched, strict=True):
-            first = chunk * rows_per_chunk
-            lo, hi = max(first, start), min(first + rows_per_chunk, stop)
-            if isinstance(frame, FileNotFoundError) and name not in self.manifest["checksums"]:
-                # never written, so never listed: zarr skipped chunks equal to the fill value in
-                # partitions written before every chunk was (297a331)
-                rows[lo - start : hi - start] = array.fill_value
-                continue
-            if isinstance(frame, FileNotFoundError):
-                raise StorageError(
-                    f"activation partition {self.key}: file {name} is missing -> {rematerialise_hint(self.key)}"
-                )
-            if isinstance(frame, BaseException):
-                raise frame
-            self._verify(name, frame)
-            if (lo, hi) == (first, first + rows_per_chunk):
-                _BLOSC.decode(frame, out=rows[lo - start : hi - start].reshape(-1))
-            else:  # a chunk the range cuts (an array's last chunk is stored whole, padded)
-                whole = np.frombuffer(_BLOSC.decode(frame), np.uint16).reshape(rows_per_chunk, width)
-                rows[lo - start : hi - start] = whole[lo - first : hi - first]
-        return rows
-
-    def _verify(self, name: str, frame: bytes) -> None:
-        expected = self.manifest["checksums"].get(name)
-        if expected is None or (self.version_path, name) in _VERIFIED:
-            return
-        if zlib.crc32(frame) != expected:
-            raise StorageError(
-                f"activation partition {self.key}: file {name} fails its CRC32 checksum (corrupt) -> "
-                f"{rematerialise_hint(self.key)}"
-            )
-        _VERIFIED.add((self.version_path, name))
-
-
-_BLOSC = numcodecs.Blosc()  # decoding reads the frame's own header: any Blosc settings decode
-
-
-def _is_blosc_row_chunks(array: zarr.Array) -> bool:
-    """Whether `array` is laid out as PartitionWriter writes activations since Blosc became their
-    codec: uint16, unsharded chunks of whole rows, little-endian bytes then Blosc alone. Older
-    partitions (numcodecs' Shuffle then zstd) are read through zarr."""
-    serializer = array.serializer
-    return (
-        array.dtype == np.uint16
-        and array.ndim == 2
-        and array.shards is None  # a shard's file holds many chunks, in a format of its own
-        and array.chunks[1] == array.shape[1]
-        and not array.filters
-        and isinstance(serializer, BytesCodec)
-        and (serializer.endian or Endian.little).value == sys.byteorder
-        and len(array.compressors) == 1
-        and isinstance(array.compressors[0], BloscCodec)
-    )
+        return np.asarray(self.zarr_array(name)[start:stop])
 
 
 def window_ids(key: str, rows: np.ndarray, context_len: int) -> np.ndarray:
@@ -443,7 +362,7 @@ class ActivationStore:
             raise StorageError(f"activation partition {key}: file {listed} is missing -> {rematerialise_hint(key)}")
         version_path = self._path(f"part-{key}", manifest["version"])
         store = VerifiedStore(self._zarr_store(version_path, read_only=True), key, version_path, manifest["checksums"])
-        return Partition(key, zarr.open_group(store, mode="r"), manifest, self.fs, version_path)
+        return Partition(key, zarr.open_group(store, mode="r"), manifest)
 
     def verify(self, key: str) -> list[str]:
         """Problems found in a committed partition's files (empty list: intact), each naming the file."""
