@@ -334,7 +334,7 @@ class PartitionStats:
         when that is exact, as it is for rows of stored activations widened to float32: 9.4 MB
         less to send at d 2304 and 2,048 rows."""
         state = dict(vars(self))
-        bits = self.sample.view(np.uint32) if self.sample.dtype == np.float32 else None
+        bits = np.ascontiguousarray(self.sample).view(np.uint32) if self.sample.dtype == np.float32 else None
         if bits is not None and not (bits & 0xFFFF).any():
             # the high half of each float32, every bit kept (a NaN's sign and payload too)
             state["sample"] = (bits >> 16).astype(np.uint16)
