@@ -18,6 +18,11 @@ one and in two plain single-threaded processes, their results not moved. That ra
 this machine's cores allow (memory bandwidth, cache and the reading thread, which one busy
 process leaves a core free for, share them), printed beside Dask's.
 
+And the CPU an idle 2-worker LocalCluster burns (fraction of a core over 10 s: this process's
+scheduler, nannies and client, and the workers) with Dask's default housekeeping and with the
+engine's settings (core/engine.py, `_local_cluster_settings`): on two cores, what two busy
+workers lose to it.
+
 The statistics pass runs --repeats times for each worker count, alternating 1 and 2 (one pass
 varies by ~7% from run to run here); its speed-up is the median of the paired ratios.
 
@@ -30,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import resource
 import sys
 import tempfile
 import time
@@ -115,6 +122,40 @@ def statistics(store: ActivationStore, keys: list[str], workers: int) -> dict:
         return {"workers": workers, "tokens": total.count, "seconds": time.perf_counter() - started}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _idle_cores(client, seconds: float) -> float:
+    """Cores busy in this process and the client's workers while no task runs."""
+
+    def total() -> float:
+        return _cpu_seconds() + sum(client.run(_cpu_seconds).values())
+
+    time.sleep(2)  # past the workers' start
+    before, started = total(), time.perf_counter()
+    time.sleep(seconds)
+    return (total() - before) / (time.perf_counter() - started)
+
+
+def idle_cluster_cores(seconds: float) -> dict:
+    """An idle 2-worker LocalCluster's CPU, with Dask's defaults and with the engine's settings."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.WARNING
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        defaults = _idle_cores(client, seconds)
+    with open_engine("local", 2) as engine:
+        assert isinstance(engine, DaskEngine)
+        settings = _idle_cores(engine.client, seconds)
+    return {"dask defaults": defaults, "engine settings": settings}
+
+
 def _plain_process(barrier) -> None:
     """A process of the no-Dask baseline: one thread for torch and BLAS, as a Dask worker's."""
     from threadpoolctl import threadpool_limits
@@ -173,6 +214,7 @@ def main() -> None:
         # alternated, so that a slow spell of the machine weighs on both sides of a ratio
         repeats = [[statistics(store, small, workers) for workers in (1, 2)] for _ in range(args.repeats)]
         plain_one, plain_two = (plain_statistics(store, small[: args.partitions // 2], n) for n in (1, 2))
+    idle = idle_cluster_cores(10)
     figures = {
         "d_model": 2304,
         "tokens_per_partition": args.tokens_per_partition,
@@ -182,6 +224,8 @@ def main() -> None:
         "statistics_speedups_2_workers": [one["seconds"] / two["seconds"] for one, two in repeats],
         "statistics_without_dask": {"1 process": plain_one, "2 processes": plain_two},
         "statistics_speedup_2_processes_without_dask": plain_one["seconds"] / plain_two["seconds"],
+        "idle_cluster_cores": idle,
+        "idle_cluster_cpu_ratio_to_dask_defaults": idle["engine settings"] / idle["dask defaults"],
         "worker_rss_growth_4n": large["worker_peak_rss_mb"] / two["worker_peak_rss_mb"],
         "bytes_per_pass_growth_4n": large["bytes_per_pass"] / two["bytes_per_pass"],
         "bytes_per_pass_growth_2k": wider["bytes_per_pass"] / two["bytes_per_pass"],
@@ -216,6 +260,11 @@ def main() -> None:
         f"{plain_one['seconds']:.2f} s, 2 processes {plain_two['seconds']:.2f} s "
         f"({plain_one['tokens']:,d} tokens): "
         f"{figures['statistics_speedup_2_processes_without_dask']:.2f}x, what this machine's cores allow"
+    )
+    print(
+        f"  idle 2-worker cluster: {idle['dask defaults']:.1%} of a core with Dask's defaults, "
+        f"{idle['engine settings']:.1%} with the engine's settings "
+        f"({figures['idle_cluster_cpu_ratio_to_dask_defaults']:.2f}x)"
     )
     print(
         f"  4N tokens: worker peak RSS {figures['worker_rss_growth_4n']:.2f}x (target <= {TARGET_RSS_GROWTH}x), "

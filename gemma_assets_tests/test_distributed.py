@@ -247,23 +247,38 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_found_it(monkeypa
     assert os.environ["MKL_NUM_THREADS"] == "3"
 
 
-def _malloc_settings_and_profiler(dask_worker) -> dict[str, object]:
+def _malloc_settings_and_housekeeping(dask_worker) -> dict[str, object]:
     return {
         **_worker_environment("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"),
         "profiling": "profile" in dask_worker.periodic_callbacks,
+        "every ms": _housekeeping_intervals(dask_worker, ("tick", "monitor", "memory_monitor")),
     }
 
 
-def test_local_cluster_workers_keep_small_buffers_on_the_heap_and_run_no_profiler(monkeypatch):
+def _housekeeping_intervals(server, names: tuple[str, ...]) -> dict[str, float]:
+    return {name: server.periodic_callbacks[name].callback_time for name in names}
+
+
+def test_local_cluster_workers_keep_small_buffers_on_the_heap_and_run_less_housekeeping(monkeypatch):
     """A LocalCluster's workers get heap-friendly malloc thresholds in place of Dask's (whose
     65536-byte trim threshold maps every decoded chunk afresh), where this process's environment
-    does not set its own, and no profiler for a dashboard that is not served."""
+    does not set its own; no profiler for a dashboard that is not served; and Dask's periodic
+    checks at intervals that leave the tasks their CPU, on the scheduler too."""
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")  # the user's own, which wins
     with open_engine("local", workers=1) as engine:
         assert isinstance(engine, DaskEngine)
-        (seen,) = engine.client.run(_malloc_settings_and_profiler).values()
-    assert seen == {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": "1048576", "profiling": False}
+        (seen,) = engine.client.run(_malloc_settings_and_housekeeping).values()
+        scheduler = engine.client.run_on_scheduler(
+            lambda dask_scheduler: _housekeeping_intervals(dask_scheduler, ("tick", "stealing"))
+        )
+    assert seen == {
+        "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
+        "MALLOC_MMAP_THRESHOLD_": "1048576",
+        "profiling": False,
+        "every ms": {"tick": 1000, "monitor": 5000, "memory_monitor": 500},
+    }
+    assert scheduler == {"tick": 1000, "stealing": 500}
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ and os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
 
 
