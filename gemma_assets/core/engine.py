@@ -370,9 +370,9 @@ def _local_cluster_settings() -> dict[str, Any]:
       loop (0.4 s of a 20 s statistics pass) for a dashboard a LocalCluster here does not serve;
     - Dask's periodic housekeeping less often (the event-loop health tick every 1 s, not 20 ms;
       the dashboard's system samples every 5 s, not 500 ms; the memory monitor and work stealing
-      every 500 ms, not 100 ms). At the defaults a 2-worker cluster with nothing to do kept 8% of
-      a core busy, CPU the workers' tasks want on a small machine; now 1.5%. A blocked event loop
-      is still reported past 3 s."""
+      every 500 ms, not 100 ms). At Dask's intervals (the profiler off) an idle 2-worker cluster
+      kept 8% of a core busy, CPU the workers' tasks want on a small machine; now 1.5%. A
+      blocked event loop is still reported past 3 s."""
     import dask
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENVIRONMENT}
