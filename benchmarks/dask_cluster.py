@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import tempfile
 import time
@@ -122,16 +121,11 @@ def statistics(store: ActivationStore, keys: list[str], workers: int) -> dict:
         return {"workers": workers, "tokens": total.count, "seconds": time.perf_counter() - started}
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _idle_cores(client, seconds: float) -> float:
     """Cores busy in this process and the client's workers while no task runs."""
 
     def total() -> float:
-        return _cpu_seconds() + sum(client.run(_cpu_seconds).values())
+        return time.process_time() + sum(client.run(time.process_time).values())
 
     time.sleep(2)  # past the workers' start
     before, started = total(), time.perf_counter()

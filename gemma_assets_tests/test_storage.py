@@ -116,7 +116,8 @@ def test_batches_read_as_stored_are_the_bf16_of_the_float32_ones(tmp_path, exclu
 
 def _wide_partition(store: ActivationStore, key: str, n: int = 1300, d: int = 2048) -> np.ndarray:
     """A partition of several activation chunks (512 rows each at d 2048), the last one cut short."""
-    arrays = _arrays(n, d)  # its positions and doc ids cover whole 30-token documents: 1290 of them
+    # `_arrays` lays out whole 30-token documents only (1,290 of 1,300 tokens): here the last is cut short
+    arrays = _arrays(n, d)
     arrays["positions"], arrays["doc_ids"] = np.arange(n, dtype=np.int32) % 30, np.arange(n) // 30
     store.write_partition(key, arrays, {})
     return arrays["activations"]
